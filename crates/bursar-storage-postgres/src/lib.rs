@@ -1,0 +1,634 @@
+//! PostgreSQL backend of the Bursar storage port.
+//!
+//! One pool; writes are READ COMMITTED transactions whose compare-and-set `UPDATE`s re-check
+//! their `WHERE` clause against the newest row version after waiting on a row lock, so two
+//! racing writers with the same expected version cannot both win. Queries mirror the SQLite
+//! backend statement for statement (same file layout, so the two diff cleanly).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bursar_domain::{AccountId, OrderAction, Timestamp};
+use bursar_storage::decode;
+use bursar_storage::*;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, FromRow, Postgres, Row, Transaction};
+use std::str::FromStr;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Tunables for [`PostgresStore::open`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before answering 503.
+    pub acquire_timeout: Duration,
+    /// Schema to create (if missing) and use via `search_path`. Lets several Bursar
+    /// deployments — or parallel tests — share one database without seeing each other.
+    pub schema: Option<String>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            schema: None,
+        }
+    }
+}
+
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+fn err(e: sqlx::Error) -> StorageError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StorageError::Conflict,
+        // Serialization failure, deadlock, too many connections, shutting down, cannot connect.
+        sqlx::Error::Database(db)
+            if db.code().is_some_and(|c| {
+                matches!(&*c, "40001" | "40P01" | "53300" | "57P01" | "57P03")
+            }) =>
+        {
+            StorageError::Unavailable(Box::new(e))
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StorageError::Unavailable(Box::new(e))
+        }
+        _ => StorageError::Internal(Box::new(e)),
+    }
+}
+
+/// A schema name is spliced into DDL, so only plain identifiers are accepted.
+fn valid_schema(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://…`) and runs the migrations.
+    pub async fn open(url: &str, opts: &PostgresOptions) -> Result<PostgresStore> {
+        let mut connect = PgConnectOptions::from_str(url).map_err(err)?;
+        if let Some(schema) = &opts.schema {
+            if !valid_schema(schema) {
+                return Err(StorageError::Internal(
+                    format!("invalid schema name {schema:?}").into(),
+                ));
+            }
+            let mut conn = sqlx::PgConnection::connect_with(&connect)
+                .await
+                .map_err(err)?;
+            let ddl = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
+                .execute(&mut conn)
+                .await
+                .map_err(err)?;
+            conn.close().await.map_err(err)?;
+            connect = connect.options([("search_path", schema.as_str())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(err)?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StorageError::Internal(Box::new(e)))?;
+        Ok(PostgresStore { pool })
+    }
+
+    async fn write_tx(&self) -> Result<Transaction<'static, Postgres>> {
+        self.pool.begin().await.map_err(err)
+    }
+}
+
+macro_rules! customer_cols {
+    () => {
+        "id, account_id, name, email, metadata::text AS metadata, version, created_at, updated_at"
+    };
+}
+macro_rules! order_cols {
+    () => {
+        "id, account_id, customer_id, amount_minor, currency, status, description, \
+         metadata::text AS metadata, version, created_at, updated_at"
+    };
+}
+
+#[derive(FromRow)]
+struct CustomerRow {
+    id: i64,
+    account_id: i64,
+    name: Option<String>,
+    email: Option<String>,
+    metadata: String,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl CustomerRow {
+    fn into_record(self) -> Result<Customer> {
+        Ok(Customer {
+            id: self.id,
+            account_id: self.account_id,
+            name: self.name,
+            email: self.email,
+            metadata: decode::metadata(&self.metadata)?,
+            version: self.version,
+            created_at: Timestamp(self.created_at),
+            updated_at: Timestamp(self.updated_at),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct OrderRow {
+    id: i64,
+    account_id: i64,
+    customer_id: i64,
+    amount_minor: i64,
+    currency: String,
+    status: String,
+    description: Option<String>,
+    metadata: String,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl OrderRow {
+    fn into_record(self) -> Result<Order> {
+        Ok(Order {
+            id: self.id,
+            account_id: self.account_id,
+            customer_id: self.customer_id,
+            amount: decode::money(self.amount_minor, &self.currency)?,
+            status: decode::status(&self.status)?,
+            description: self.description,
+            metadata: decode::metadata(&self.metadata)?,
+            version: self.version,
+            created_at: Timestamp(self.created_at),
+            updated_at: Timestamp(self.updated_at),
+        })
+    }
+}
+
+async fn append_event(
+    tx: &mut Transaction<'static, Postgres>,
+    meta: &WriteMeta,
+    ev: NewEvent,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
+         aggregate_version, payload, request_id, trace_id, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
+    )
+    .bind(meta.account_id)
+    .bind(ev.event_type)
+    .bind(ev.aggregate_type)
+    .bind(ev.aggregate_id)
+    .bind(ev.aggregate_version)
+    .bind(ev.payload)
+    .bind(&meta.request_id)
+    .bind(&meta.trace_id)
+    .bind(meta.at.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
+/// After a conditional UPDATE matched nothing: tell "gone" from "stale" from "wrong state".
+async fn explain_miss(
+    tx: &mut Transaction<'static, Postgres>,
+    table_is_orders: bool,
+    account: AccountId,
+    id: i64,
+    expected: Precondition,
+) -> StorageError {
+    let row = if table_is_orders {
+        sqlx::query("SELECT version, status FROM orders WHERE account_id = $1 AND id = $2")
+    } else {
+        sqlx::query(
+            "SELECT version, NULL::TEXT AS status FROM customers WHERE account_id = $1 AND id = $2",
+        )
+    }
+    .bind(account)
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await;
+    match row {
+        Err(e) => err(e),
+        Ok(None) => StorageError::NotFound,
+        Ok(Some(r)) => {
+            let current: i64 = r.get("version");
+            if expected.version().is_some_and(|v| v != current) {
+                return StorageError::VersionMismatch { current };
+            }
+            match r
+                .get::<Option<String>, _>("status")
+                .map(|s| decode::status(&s))
+            {
+                Some(Ok(current)) => StorageError::InvalidState { current },
+                Some(Err(e)) => e,
+                None => StorageError::VersionMismatch { current },
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AccountStore for PostgresStore {
+    async fn create_account(&self, name: &str, at: Timestamp) -> Result<Account> {
+        let mut tx = self.write_tx().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO accounts (name, created_at) VALUES ($1, $2) RETURNING id",
+        )
+        .bind(name)
+        .bind(at.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Account {
+            id,
+            name: name.to_owned(),
+            created_at: at,
+        })
+    }
+
+    async fn find_account(&self, name_or_id: &str) -> Result<Option<Account>> {
+        let id = name_or_id.parse::<i64>().ok();
+        let row = sqlx::query(
+            "SELECT id, name, created_at FROM accounts WHERE id = $1::BIGINT OR name = $2 \
+             ORDER BY (id = $3) DESC LIMIT 1",
+        )
+        .bind(id)
+        .bind(name_or_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        Ok(row.map(|r: PgRow| Account {
+            id: r.get("id"),
+            name: r.get("name"),
+            created_at: Timestamp(r.get("created_at")),
+        }))
+    }
+
+    async fn count_accounts(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err)
+    }
+
+    async fn create_api_key(&self, key: NewApiKey, at: Timestamp) -> Result<i64> {
+        let mut tx = self.write_tx().await?;
+        let id = sqlx::query_scalar(
+            "INSERT INTO api_keys (account_id, mode, key_hash, start, last4, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(key.account_id)
+        .bind(key.mode.as_str())
+        .bind(&key.key_hash)
+        .bind(&key.start)
+        .bind(&key.last4)
+        .bind(at.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(id)
+    }
+
+    async fn find_api_key(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>> {
+        let row = sqlx::query(
+            "SELECT id, account_id, mode, revoked_at IS NOT NULL AS revoked \
+             FROM api_keys WHERE key_hash = $1",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.map(|r| {
+            Ok(ApiKeyRecord {
+                id: r.get("id"),
+                account_id: r.get("account_id"),
+                mode: decode::key_mode(r.get("mode"))?,
+                revoked: r.get("revoked"),
+            })
+        })
+        .transpose()
+    }
+}
+
+#[async_trait]
+impl CustomerStore for PostgresStore {
+    async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
+        let mut tx = self.write_tx().await?;
+        let row: CustomerRow = sqlx::query_as(concat!(
+            "INSERT INTO customers (account_id, name, email, metadata, version, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4::jsonb, 1, $5, $6) RETURNING ",
+            customer_cols!()
+        ))
+        .bind(meta.account_id)
+        .bind(&new.name)
+        .bind(&new.email)
+        .bind(decode::metadata_json(&new.metadata))
+        .bind(meta.at.0)
+        .bind(meta.at.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        let c = row.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_customer("created", &c)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(c)
+    }
+
+    async fn get_customer(&self, account: AccountId, id: i64) -> Result<Option<Customer>> {
+        let row: Option<CustomerRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            customer_cols!(),
+            " FROM customers WHERE account_id = $1 AND id = $2"
+        ))
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.map(CustomerRow::into_record).transpose()
+    }
+
+    async fn list_customers(
+        &self,
+        account: AccountId,
+        page: PageRequest,
+    ) -> Result<Page<Customer>> {
+        let rows: Vec<CustomerRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            customer_cols!(),
+            " FROM customers WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(account)
+        .bind(page.before_id())
+        .bind(page.fetch_limit())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        let items = rows
+            .into_iter()
+            .map(CustomerRow::into_record)
+            .collect::<Result<_>>()?;
+        Ok(Page::from_lookahead(items, page))
+    }
+
+    async fn update_customer(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        patch: CustomerPatch,
+    ) -> Result<Customer> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<CustomerRow> = sqlx::query_as(concat!(
+            "UPDATE customers SET name = COALESCE($1, name), email = COALESCE($2, email), \
+             metadata = COALESCE($3::jsonb, metadata), version = version + 1, updated_at = $4 \
+             WHERE account_id = $5 AND id = $6 AND ($7::BIGINT IS NULL OR version = $8) RETURNING ",
+            customer_cols!()
+        ))
+        .bind(&patch.name)
+        .bind(&patch.email)
+        .bind(patch.metadata.as_ref().map(decode::metadata_json))
+        .bind(meta.at.0)
+        .bind(meta.account_id)
+        .bind(id)
+        .bind(expected.version())
+        .bind(expected.version())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(row) = row else {
+            return Err(explain_miss(&mut tx, false, meta.account_id, id, expected).await);
+        };
+        let c = row.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_customer("updated", &c)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(c)
+    }
+}
+
+#[async_trait]
+impl OrderStore for PostgresStore {
+    async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
+             description, metadata, version, created_at, updated_at) \
+             SELECT $1, $2, $3, $4, 'pending', $5, $6::jsonb, 1, $7, $8 \
+             WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = $9 AND id = $10) RETURNING ",
+            order_cols!()
+        ))
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .bind(new.amount.minor)
+        .bind(new.amount.currency.code())
+        .bind(&new.description)
+        .bind(decode::metadata_json(&new.metadata))
+        .bind(meta.at.0)
+        .bind(meta.at.0)
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let o = row.ok_or(StorageError::UnknownCustomer)?.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_order("created", &o)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(o)
+    }
+
+    async fn get_order(&self, account: AccountId, id: i64) -> Result<Option<Order>> {
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            order_cols!(),
+            " FROM orders WHERE account_id = $1 AND id = $2"
+        ))
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.map(OrderRow::into_record).transpose()
+    }
+
+    async fn list_orders(&self, account: AccountId, f: OrderFilter) -> Result<Page<Order>> {
+        let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            order_cols!(),
+            " FROM orders WHERE account_id = $1 AND id < $2 \
+             AND ($3::BIGINT IS NULL OR customer_id = $4) AND ($5::TEXT IS NULL OR status = $6) \
+             AND ($7::BIGINT IS NULL OR created_at >= $8) AND ($9::BIGINT IS NULL OR created_at < $10) \
+             ORDER BY id DESC LIMIT $11"
+        ))
+        .bind(account)
+        .bind(f.page.before_id())
+        .bind(f.customer_id)
+        .bind(f.customer_id)
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(f.created_gte.map(|t| t.0))
+        .bind(f.created_gte.map(|t| t.0))
+        .bind(f.created_lt.map(|t| t.0))
+        .bind(f.created_lt.map(|t| t.0))
+        .bind(f.page.fetch_limit())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        let items = rows
+            .into_iter()
+            .map(OrderRow::into_record)
+            .collect::<Result<_>>()?;
+        Ok(Page::from_lookahead(items, f.page))
+    }
+
+    async fn update_order(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        patch: OrderPatch,
+    ) -> Result<Order> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "UPDATE orders SET description = COALESCE($1, description), \
+             metadata = COALESCE($2::jsonb, metadata), version = version + 1, updated_at = $3 \
+             WHERE account_id = $4 AND id = $5 AND ($6::BIGINT IS NULL OR version = $7) RETURNING ",
+            order_cols!()
+        ))
+        .bind(&patch.description)
+        .bind(patch.metadata.as_ref().map(decode::metadata_json))
+        .bind(meta.at.0)
+        .bind(meta.account_id)
+        .bind(id)
+        .bind(expected.version())
+        .bind(expected.version())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(row) = row else {
+            let miss = explain_miss(&mut tx, true, meta.account_id, id, expected).await;
+            // An update has no state precondition: a miss on an existing row is a stale version.
+            return Err(match miss {
+                StorageError::InvalidState { .. } => StorageError::Internal(
+                    "conditional update matched no row although the version matched".into(),
+                ),
+                other => other,
+            });
+        };
+        let o = row.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_order("updated", &o)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(o)
+    }
+
+    async fn transition_order(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        action: OrderAction,
+    ) -> Result<Order> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "UPDATE orders SET status = $1, version = version + 1, updated_at = $2 \
+             WHERE account_id = $3 AND id = $4 AND ($5::BIGINT IS NULL OR version = $6) \
+             AND strpos($7, ',' || status || ',') > 0 RETURNING ",
+            order_cols!()
+        ))
+        .bind(action.target().as_str())
+        .bind(meta.at.0)
+        .bind(meta.account_id)
+        .bind(id)
+        .bind(expected.version())
+        .bind(expected.version())
+        .bind(decode::status_set(&action.sources()))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(row) = row else {
+            return Err(explain_miss(&mut tx, true, meta.account_id, id, expected).await);
+        };
+        let o = row.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_order(o.status.as_str(), &o)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(o)
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn events_for(
+        &self,
+        account: AccountId,
+        aggregate_type: &str,
+        aggregate_id: i64,
+    ) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT id, account_id, event_type, aggregate_type, aggregate_id, aggregate_version, \
+             payload::text AS payload, request_id, trace_id, created_at FROM outbox_events \
+             WHERE account_id = $1 AND aggregate_type = $2 AND aggregate_id = $3 ORDER BY id",
+        )
+        .bind(account)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.into_iter()
+            .map(|r| {
+                let payload: String = r.get("payload");
+                Ok(Event {
+                    id: r.get("id"),
+                    account_id: r.get("account_id"),
+                    event_type: r.get("event_type"),
+                    aggregate_type: r.get("aggregate_type"),
+                    aggregate_id: r.get("aggregate_id"),
+                    aggregate_version: r.get("aggregate_version"),
+                    payload: serde_json::from_str(&payload)
+                        .map_err(|e| StorageError::Internal(Box::new(e)))?,
+                    request_id: r.get("request_id"),
+                    trace_id: r.get("trace_id"),
+                    created_at: Timestamp(r.get("created_at")),
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Storage for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

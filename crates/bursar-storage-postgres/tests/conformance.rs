@@ -1,0 +1,28 @@
+//! The shared storage conformance suite, on PostgreSQL. Each test gets its own schema in the
+//! database named by `BURSAR_TEST_DATABASE_URL`; without it the tests pass vacuously and say
+//! so on stderr (CI always sets it, and sets `BURSAR_TEST_REQUIRE_POSTGRES=1`).
+
+use std::sync::Arc;
+
+use bursar_storage::Storage;
+use bursar_storage_postgres::{PostgresOptions, PostgresStore};
+
+async fn fresh() -> Option<Arc<dyn Storage>> {
+    let Ok(url) = std::env::var("BURSAR_TEST_DATABASE_URL") else {
+        assert!(
+            std::env::var_os("BURSAR_TEST_REQUIRE_POSTGRES").is_none(),
+            "BURSAR_TEST_REQUIRE_POSTGRES is set but BURSAR_TEST_DATABASE_URL is not"
+        );
+        eprintln!("skipped: BURSAR_TEST_DATABASE_URL is not set");
+        return None;
+    };
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let opts = PostgresOptions {
+        max_connections: 8,
+        schema: Some(schema),
+        ..Default::default()
+    };
+    Some(Arc::new(PostgresStore::open(&url, &opts).await.unwrap()))
+}
+
+bursar_storage::conformance_tests!(fresh());

@@ -1,0 +1,626 @@
+//! SQLite backend of the Bursar storage port.
+//!
+//! One writer connection and a small read pool: SQLite serialises writers anyway, and a single
+//! writer avoids lock hand-offs (measured faster than a pool of writers). WAL lets readers run
+//! beside the writer; every write transaction opens with `BEGIN IMMEDIATE` so it takes the write
+//! lock up front and waits in `busy_timeout` instead of failing with `SQLITE_BUSY` mid-way
+//! (which also keeps two `bursar` processes on one file safe).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bursar_domain::{AccountId, OrderAction, Timestamp};
+use bursar_storage::decode;
+use bursar_storage::*;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{FromRow, Row, Sqlite, Transaction};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Tunables for [`SqliteStore::open`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// How long a writer waits for the lock before giving up.
+    pub busy_timeout: Duration,
+    /// Connections of the read pool.
+    pub readers: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            busy_timeout: Duration::from_secs(5),
+            readers: 4,
+        }
+    }
+}
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+fn err(e: sqlx::Error) -> StorageError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StorageError::Conflict,
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .and_then(|c| c.parse::<i32>().ok())
+                .is_some_and(|c| matches!(c & 0xff, 5 | 6)) =>
+        {
+            StorageError::Unavailable(Box::new(e))
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StorageError::Unavailable(Box::new(e))
+        }
+        _ => StorageError::Internal(Box::new(e)),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://path` or a plain path)
+    /// and runs the migrations.
+    pub async fn open(url: &str, opts: &SqliteOptions) -> Result<SqliteStore> {
+        let connect = if url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url).map_err(err)?
+        } else {
+            SqliteConnectOptions::new().filename(Path::new(url))
+        };
+        let connect = connect
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(opts.busy_timeout);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(opts.busy_timeout * 2)
+            .connect_with(connect.clone())
+            .await
+            .map_err(err)?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|e| StorageError::Internal(Box::new(e)))?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(opts.readers.max(1))
+            .connect_with(connect.read_only(true))
+            .await
+            .map_err(err)?;
+        Ok(SqliteStore { writer, readers })
+    }
+
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(err)
+    }
+}
+
+macro_rules! customer_cols {
+    () => {
+        "id, account_id, name, email, metadata, version, created_at, updated_at"
+    };
+}
+macro_rules! order_cols {
+    () => {
+        "id, account_id, customer_id, amount_minor, currency, status, description, metadata, \
+         version, created_at, updated_at"
+    };
+}
+
+#[derive(FromRow)]
+struct CustomerRow {
+    id: i64,
+    account_id: i64,
+    name: Option<String>,
+    email: Option<String>,
+    metadata: String,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl CustomerRow {
+    fn into_record(self) -> Result<Customer> {
+        Ok(Customer {
+            id: self.id,
+            account_id: self.account_id,
+            name: self.name,
+            email: self.email,
+            metadata: decode::metadata(&self.metadata)?,
+            version: self.version,
+            created_at: Timestamp(self.created_at),
+            updated_at: Timestamp(self.updated_at),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct OrderRow {
+    id: i64,
+    account_id: i64,
+    customer_id: i64,
+    amount_minor: i64,
+    currency: String,
+    status: String,
+    description: Option<String>,
+    metadata: String,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl OrderRow {
+    fn into_record(self) -> Result<Order> {
+        Ok(Order {
+            id: self.id,
+            account_id: self.account_id,
+            customer_id: self.customer_id,
+            amount: decode::money(self.amount_minor, &self.currency)?,
+            status: decode::status(&self.status)?,
+            description: self.description,
+            metadata: decode::metadata(&self.metadata)?,
+            version: self.version,
+            created_at: Timestamp(self.created_at),
+            updated_at: Timestamp(self.updated_at),
+        })
+    }
+}
+
+async fn append_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    meta: &WriteMeta,
+    ev: NewEvent,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
+         aggregate_version, payload, request_id, trace_id, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(meta.account_id)
+    .bind(ev.event_type)
+    .bind(ev.aggregate_type)
+    .bind(ev.aggregate_id)
+    .bind(ev.aggregate_version)
+    .bind(ev.payload)
+    .bind(&meta.request_id)
+    .bind(&meta.trace_id)
+    .bind(meta.at.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
+/// After a conditional UPDATE matched nothing: tell "gone" from "stale" from "wrong state".
+async fn explain_miss(
+    tx: &mut Transaction<'static, Sqlite>,
+    table_is_orders: bool,
+    account: AccountId,
+    id: i64,
+    expected: Precondition,
+) -> StorageError {
+    let row = if table_is_orders {
+        sqlx::query("SELECT version, status FROM orders WHERE account_id = ? AND id = ?")
+    } else {
+        sqlx::query("SELECT version, NULL AS status FROM customers WHERE account_id = ? AND id = ?")
+    }
+    .bind(account)
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await;
+    match row {
+        Err(e) => err(e),
+        Ok(None) => StorageError::NotFound,
+        Ok(Some(r)) => {
+            let current: i64 = r.get("version");
+            if expected.version().is_some_and(|v| v != current) {
+                return StorageError::VersionMismatch { current };
+            }
+            match r
+                .get::<Option<String>, _>("status")
+                .map(|s| decode::status(&s))
+            {
+                Some(Ok(current)) => StorageError::InvalidState { current },
+                Some(Err(e)) => e,
+                None => StorageError::VersionMismatch { current },
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AccountStore for SqliteStore {
+    async fn create_account(&self, name: &str, at: Timestamp) -> Result<Account> {
+        let mut tx = self.write_tx().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO accounts (name, created_at) VALUES (?, ?) RETURNING id",
+        )
+        .bind(name)
+        .bind(at.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Account {
+            id,
+            name: name.to_owned(),
+            created_at: at,
+        })
+    }
+
+    async fn find_account(&self, name_or_id: &str) -> Result<Option<Account>> {
+        let id = name_or_id.parse::<i64>().ok();
+        let row = sqlx::query(
+            "SELECT id, name, created_at FROM accounts WHERE id = ? OR name = ? \
+             ORDER BY (id = ?) DESC LIMIT 1",
+        )
+        .bind(id)
+        .bind(name_or_id)
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(err)?;
+        Ok(row.map(|r: SqliteRow| Account {
+            id: r.get("id"),
+            name: r.get("name"),
+            created_at: Timestamp(r.get("created_at")),
+        }))
+    }
+
+    async fn count_accounts(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM accounts")
+            .fetch_one(&self.readers)
+            .await
+            .map_err(err)
+    }
+
+    async fn create_api_key(&self, key: NewApiKey, at: Timestamp) -> Result<i64> {
+        let mut tx = self.write_tx().await?;
+        let id = sqlx::query_scalar(
+            "INSERT INTO api_keys (account_id, mode, key_hash, start, last4, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(key.account_id)
+        .bind(key.mode.as_str())
+        .bind(&key.key_hash)
+        .bind(&key.start)
+        .bind(&key.last4)
+        .bind(at.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(id)
+    }
+
+    async fn find_api_key(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>> {
+        let row = sqlx::query(
+            "SELECT id, account_id, mode, revoked_at IS NOT NULL AS revoked \
+             FROM api_keys WHERE key_hash = ?",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(err)?;
+        row.map(|r| {
+            Ok(ApiKeyRecord {
+                id: r.get("id"),
+                account_id: r.get("account_id"),
+                mode: decode::key_mode(r.get("mode"))?,
+                revoked: r.get("revoked"),
+            })
+        })
+        .transpose()
+    }
+}
+
+#[async_trait]
+impl CustomerStore for SqliteStore {
+    async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
+        let mut tx = self.write_tx().await?;
+        let row: CustomerRow = sqlx::query_as(concat!(
+            "INSERT INTO customers (account_id, name, email, metadata, version, created_at, \
+             updated_at) VALUES (?, ?, ?, ?, 1, ?, ?) RETURNING ",
+            customer_cols!()
+        ))
+        .bind(meta.account_id)
+        .bind(&new.name)
+        .bind(&new.email)
+        .bind(decode::metadata_json(&new.metadata))
+        .bind(meta.at.0)
+        .bind(meta.at.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        let c = row.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_customer("created", &c)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(c)
+    }
+
+    async fn get_customer(&self, account: AccountId, id: i64) -> Result<Option<Customer>> {
+        let row: Option<CustomerRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            customer_cols!(),
+            " FROM customers WHERE account_id = ? AND id = ?"
+        ))
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(err)?;
+        row.map(CustomerRow::into_record).transpose()
+    }
+
+    async fn list_customers(
+        &self,
+        account: AccountId,
+        page: PageRequest,
+    ) -> Result<Page<Customer>> {
+        let rows: Vec<CustomerRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            customer_cols!(),
+            " FROM customers WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(account)
+        .bind(page.before_id())
+        .bind(page.fetch_limit())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        let items = rows
+            .into_iter()
+            .map(CustomerRow::into_record)
+            .collect::<Result<_>>()?;
+        Ok(Page::from_lookahead(items, page))
+    }
+
+    async fn update_customer(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        patch: CustomerPatch,
+    ) -> Result<Customer> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<CustomerRow> = sqlx::query_as(concat!(
+            "UPDATE customers SET name = COALESCE(?, name), email = COALESCE(?, email), \
+             metadata = COALESCE(?, metadata), version = version + 1, updated_at = ? \
+             WHERE account_id = ? AND id = ? AND (? IS NULL OR version = ?) RETURNING ",
+            customer_cols!()
+        ))
+        .bind(&patch.name)
+        .bind(&patch.email)
+        .bind(patch.metadata.as_ref().map(decode::metadata_json))
+        .bind(meta.at.0)
+        .bind(meta.account_id)
+        .bind(id)
+        .bind(expected.version())
+        .bind(expected.version())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(row) = row else {
+            return Err(explain_miss(&mut tx, false, meta.account_id, id, expected).await);
+        };
+        let c = row.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_customer("updated", &c)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(c)
+    }
+}
+
+#[async_trait]
+impl OrderStore for SqliteStore {
+    async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
+             description, metadata, version, created_at, updated_at) \
+             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ? \
+             WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) RETURNING ",
+            order_cols!()
+        ))
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .bind(new.amount.minor)
+        .bind(new.amount.currency.code())
+        .bind(&new.description)
+        .bind(decode::metadata_json(&new.metadata))
+        .bind(meta.at.0)
+        .bind(meta.at.0)
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let o = row.ok_or(StorageError::UnknownCustomer)?.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_order("created", &o)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(o)
+    }
+
+    async fn get_order(&self, account: AccountId, id: i64) -> Result<Option<Order>> {
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            order_cols!(),
+            " FROM orders WHERE account_id = ? AND id = ?"
+        ))
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(err)?;
+        row.map(OrderRow::into_record).transpose()
+    }
+
+    async fn list_orders(&self, account: AccountId, f: OrderFilter) -> Result<Page<Order>> {
+        let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            order_cols!(),
+            " FROM orders WHERE account_id = ? AND id < ? \
+             AND (? IS NULL OR customer_id = ?) AND (? IS NULL OR status = ?) \
+             AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?) \
+             ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(account)
+        .bind(f.page.before_id())
+        .bind(f.customer_id)
+        .bind(f.customer_id)
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(f.created_gte.map(|t| t.0))
+        .bind(f.created_gte.map(|t| t.0))
+        .bind(f.created_lt.map(|t| t.0))
+        .bind(f.created_lt.map(|t| t.0))
+        .bind(f.page.fetch_limit())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        let items = rows
+            .into_iter()
+            .map(OrderRow::into_record)
+            .collect::<Result<_>>()?;
+        Ok(Page::from_lookahead(items, f.page))
+    }
+
+    async fn update_order(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        patch: OrderPatch,
+    ) -> Result<Order> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "UPDATE orders SET description = COALESCE(?, description), \
+             metadata = COALESCE(?, metadata), version = version + 1, updated_at = ? \
+             WHERE account_id = ? AND id = ? AND (? IS NULL OR version = ?) RETURNING ",
+            order_cols!()
+        ))
+        .bind(&patch.description)
+        .bind(patch.metadata.as_ref().map(decode::metadata_json))
+        .bind(meta.at.0)
+        .bind(meta.account_id)
+        .bind(id)
+        .bind(expected.version())
+        .bind(expected.version())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(row) = row else {
+            let miss = explain_miss(&mut tx, true, meta.account_id, id, expected).await;
+            // An update has no state precondition: a miss on an existing row is a stale version.
+            return Err(match miss {
+                StorageError::InvalidState { .. } => StorageError::Internal(
+                    "conditional update matched no row although the version matched".into(),
+                ),
+                other => other,
+            });
+        };
+        let o = row.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_order("updated", &o)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(o)
+    }
+
+    async fn transition_order(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        action: OrderAction,
+    ) -> Result<Order> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "UPDATE orders SET status = ?, version = version + 1, updated_at = ? \
+             WHERE account_id = ? AND id = ? AND (? IS NULL OR version = ?) \
+             AND instr(?, ',' || status || ',') > 0 RETURNING ",
+            order_cols!()
+        ))
+        .bind(action.target().as_str())
+        .bind(meta.at.0)
+        .bind(meta.account_id)
+        .bind(id)
+        .bind(expected.version())
+        .bind(expected.version())
+        .bind(decode::status_set(&action.sources()))
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(row) = row else {
+            return Err(explain_miss(&mut tx, true, meta.account_id, id, expected).await);
+        };
+        let o = row.into_record()?;
+        append_event(&mut tx, meta, NewEvent::for_order(o.status.as_str(), &o)).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(o)
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn events_for(
+        &self,
+        account: AccountId,
+        aggregate_type: &str,
+        aggregate_id: i64,
+    ) -> Result<Vec<Event>> {
+        let rows = sqlx::query(
+            "SELECT id, account_id, event_type, aggregate_type, aggregate_id, aggregate_version, \
+             payload, request_id, trace_id, created_at FROM outbox_events \
+             WHERE account_id = ? AND aggregate_type = ? AND aggregate_id = ? ORDER BY id",
+        )
+        .bind(account)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        rows.into_iter()
+            .map(|r| {
+                let payload: String = r.get("payload");
+                Ok(Event {
+                    id: r.get("id"),
+                    account_id: r.get("account_id"),
+                    event_type: r.get("event_type"),
+                    aggregate_type: r.get("aggregate_type"),
+                    aggregate_id: r.get("aggregate_id"),
+                    aggregate_version: r.get("aggregate_version"),
+                    payload: serde_json::from_str(&payload)
+                        .map_err(|e| StorageError::Internal(Box::new(e)))?,
+                    request_id: r.get("request_id"),
+                    trace_id: r.get("trace_id"),
+                    created_at: Timestamp(r.get("created_at")),
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.readers)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.readers.close().await;
+        self.writer.close().await;
+    }
+}

@@ -1,0 +1,517 @@
+//! One conformance suite for every backend. Each case is a plain async function over
+//! `Arc<dyn Storage>`; [`conformance_tests!`](crate::conformance_tests) expands one named
+//! `#[tokio::test]` per case in the backend's test crate, so SQLite and PostgreSQL run the
+//! same cases under the same names.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bursar_domain::apikey::KeyMode;
+use bursar_domain::{Currency, Metadata, Money, OrderAction, OrderStatus, Timestamp};
+
+use crate::*;
+
+/// Expands the suite for one backend. `$make` is an expression evaluating to a future of a
+/// fresh, migrated, isolated `Option<Arc<dyn Storage>>`; `None` skips the case (a backend whose
+/// server is not configured in this environment).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            accounts_and_keys,
+            customers_are_scoped_to_their_account,
+            customer_update_is_compare_and_set,
+            order_needs_a_customer_of_the_same_account,
+            order_amounts_round_trip_exactly,
+            order_list_filters_and_pages,
+            pages_are_stable_under_concurrent_inserts,
+            order_transitions_follow_the_state_machine,
+            concurrent_updates_with_one_version_have_one_winner,
+            concurrent_cancels_have_one_winner,
+            every_write_appends_one_event
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(store) = $make.await else { return };
+                $crate::conformance::$case(store.clone()).await;
+                store.close().await;
+            }
+        )*
+    };
+}
+
+pub type Store = Arc<dyn Storage>;
+
+fn meta(account: i64) -> WriteMeta {
+    WriteMeta {
+        account_id: account,
+        at: Timestamp(1_700_000_000_000),
+        request_id: "req_conformance".into(),
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+    }
+}
+
+fn meta_at(account: i64, ms: i64) -> WriteMeta {
+    WriteMeta {
+        at: Timestamp(ms),
+        ..meta(account)
+    }
+}
+
+fn usd(minor: i64) -> Money {
+    Money::from_minor(minor, Currency::from_code("USD").unwrap()).unwrap()
+}
+
+fn page(limit: u32, starting_after: Option<i64>) -> PageRequest {
+    PageRequest {
+        limit,
+        starting_after,
+    }
+}
+
+fn all_orders(limit: u32) -> OrderFilter {
+    OrderFilter {
+        page: page(limit, None),
+        customer_id: None,
+        status: None,
+        created_gte: None,
+        created_lt: None,
+    }
+}
+
+async fn account(s: &Store, name: &str) -> i64 {
+    s.create_account(name, Timestamp(1)).await.unwrap().id
+}
+
+async fn customer(s: &Store, account: i64) -> Customer {
+    s.create_customer(&meta(account), NewCustomer::default())
+        .await
+        .unwrap()
+}
+
+async fn order(s: &Store, account: i64, customer_id: i64, minor: i64) -> Order {
+    order_at(s, account, customer_id, minor, 1_700_000_000_000).await
+}
+
+async fn order_at(s: &Store, account: i64, customer_id: i64, minor: i64, at: i64) -> Order {
+    let new = NewOrder {
+        customer_id,
+        amount: usd(minor),
+        description: None,
+        metadata: Metadata::default(),
+    };
+    s.create_order(&meta_at(account, at), new).await.unwrap()
+}
+
+pub async fn accounts_and_keys(s: Store) {
+    assert_eq!(s.count_accounts().await.unwrap(), 0);
+    let a = s.create_account("acme", Timestamp(5)).await.unwrap();
+    assert!(matches!(
+        s.create_account("acme", Timestamp(6)).await,
+        Err(StorageError::Conflict)
+    ));
+    assert_eq!(s.find_account("acme").await.unwrap(), Some(a.clone()));
+    assert_eq!(
+        s.find_account(&a.id.to_string()).await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(s.find_account("nope").await.unwrap(), None);
+    assert_eq!(s.count_accounts().await.unwrap(), 1);
+
+    let hash = "ab".repeat(32);
+    let key = NewApiKey {
+        account_id: a.id,
+        mode: KeyMode::Test,
+        key_hash: hash.clone(),
+        start: "bsr_test_abcd".into(),
+        last4: "wxyz".into(),
+    };
+    let id = s.create_api_key(key.clone(), Timestamp(7)).await.unwrap();
+    let found = s.find_api_key(&hash).await.unwrap().unwrap();
+    assert_eq!(
+        found,
+        ApiKeyRecord {
+            id,
+            account_id: a.id,
+            mode: KeyMode::Test,
+            revoked: false
+        }
+    );
+    assert!(s.find_api_key(&"cd".repeat(32)).await.unwrap().is_none());
+    assert!(matches!(
+        s.create_api_key(key, Timestamp(8)).await,
+        Err(StorageError::Conflict)
+    ));
+}
+
+pub async fn customers_are_scoped_to_their_account(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let new = NewCustomer {
+        name: Some("Ada".into()),
+        email: Some("ada@example.com".into()),
+        metadata: Metadata::new(BTreeMap::from([("tier".into(), "gold".into())])).unwrap(),
+    };
+    let c = s.create_customer(&meta(a), new).await.unwrap();
+    assert_eq!(c.version, 1);
+    assert_eq!(c.account_id, a);
+    assert_eq!(c.metadata.as_map()["tier"], "gold");
+    assert_eq!(s.get_customer(a, c.id).await.unwrap(), Some(c.clone()));
+    assert_eq!(s.get_customer(b, c.id).await.unwrap(), None);
+    assert!(
+        s.list_customers(b, page(10, None))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let c2 = customer(&s, a).await;
+    let c3 = customer(&s, a).await;
+    let first = s.list_customers(a, page(2, None)).await.unwrap();
+    assert_eq!(
+        first.items.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [c3.id, c2.id]
+    );
+    assert!(first.has_more);
+    let second = s.list_customers(a, page(2, Some(c2.id))).await.unwrap();
+    assert_eq!(
+        second.items.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [c.id]
+    );
+    assert!(!second.has_more);
+}
+
+pub async fn customer_update_is_compare_and_set(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let c = customer(&s, a).await;
+    let patch = CustomerPatch {
+        name: Some("Grace".into()),
+        ..Default::default()
+    };
+    let u = s
+        .update_customer(&meta(a), c.id, Precondition::Version(1), patch.clone())
+        .await
+        .unwrap();
+    assert_eq!((u.version, u.name.as_deref()), (2, Some("Grace")));
+    let stale = s
+        .update_customer(&meta(a), c.id, Precondition::Version(1), patch.clone())
+        .await;
+    assert!(matches!(
+        stale,
+        Err(StorageError::VersionMismatch { current: 2 })
+    ));
+    let any = s
+        .update_customer(&meta(a), c.id, Precondition::Any, CustomerPatch::default())
+        .await
+        .unwrap();
+    assert_eq!((any.version, any.name.as_deref()), (3, Some("Grace")));
+    for (acct, id) in [(b, c.id), (a, c.id + 1000)] {
+        let r = s
+            .update_customer(&meta(acct), id, Precondition::Version(3), patch.clone())
+            .await;
+        assert!(matches!(r, Err(StorageError::NotFound)), "{r:?}");
+    }
+    assert_eq!(s.get_customer(a, c.id).await.unwrap().unwrap().version, 3);
+}
+
+pub async fn order_needs_a_customer_of_the_same_account(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let cb = customer(&s, b).await;
+    for customer_id in [cb.id, cb.id + 1000] {
+        let new = NewOrder {
+            customer_id,
+            amount: usd(100),
+            description: None,
+            metadata: Metadata::default(),
+        };
+        let r = s.create_order(&meta(a), new).await;
+        assert!(matches!(r, Err(StorageError::UnknownCustomer)), "{r:?}");
+    }
+    assert!(
+        s.list_orders(a, all_orders(10))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(s.events_for(a, "order", 1).await.unwrap().is_empty());
+}
+
+pub async fn order_amounts_round_trip_exactly(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    for (code, minor) in [
+        ("USD", 19900),
+        ("JPY", 500),
+        ("KWD", 1500),
+        ("USD", 999_999_999_999_999),
+    ] {
+        let amount = Money::from_minor(minor, Currency::from_code(code).unwrap()).unwrap();
+        let new = NewOrder {
+            customer_id: c.id,
+            amount,
+            description: Some("naïve café ☕".into()),
+            metadata: Metadata::default(),
+        };
+        let o = s.create_order(&meta(a), new).await.unwrap();
+        assert_eq!(o.amount, amount);
+        assert_eq!(o.status, OrderStatus::Pending);
+        let back = s.get_order(a, o.id).await.unwrap().unwrap();
+        assert_eq!(back, o);
+        assert_eq!(back.description.as_deref(), Some("naïve café ☕"));
+    }
+}
+
+pub async fn order_list_filters_and_pages(s: Store) {
+    let a = account(&s, "a").await;
+    let c1 = customer(&s, a).await;
+    let c2 = customer(&s, a).await;
+    let o1 = order_at(&s, a, c1.id, 100, 1000).await;
+    let o2 = order_at(&s, a, c2.id, 200, 2000).await;
+    let o3 = order_at(&s, a, c1.id, 300, 3000).await;
+    s.transition_order(&meta(a), o3.id, Precondition::Any, OrderAction::Cancel)
+        .await
+        .unwrap();
+    let ids = |p: Page<Order>| p.items.iter().map(|o| o.id).collect::<Vec<_>>();
+    let f = all_orders(10);
+    assert_eq!(
+        ids(s.list_orders(a, f).await.unwrap()),
+        [o3.id, o2.id, o1.id]
+    );
+    let by_customer = OrderFilter {
+        customer_id: Some(c1.id),
+        ..f
+    };
+    assert_eq!(
+        ids(s.list_orders(a, by_customer).await.unwrap()),
+        [o3.id, o1.id]
+    );
+    let by_status = OrderFilter {
+        status: Some(OrderStatus::Pending),
+        ..f
+    };
+    assert_eq!(
+        ids(s.list_orders(a, by_status).await.unwrap()),
+        [o2.id, o1.id]
+    );
+    let by_range = OrderFilter {
+        created_gte: Some(Timestamp(2000)),
+        created_lt: Some(Timestamp(3000)),
+        ..f
+    };
+    assert_eq!(ids(s.list_orders(a, by_range).await.unwrap()), [o2.id]);
+    let p1 = s.list_orders(a, all_orders(2)).await.unwrap();
+    assert!(p1.has_more);
+    let next = OrderFilter {
+        page: page(2, Some(o2.id)),
+        ..f
+    };
+    let p2 = s.list_orders(a, next).await.unwrap();
+    assert!(!p2.has_more);
+    assert_eq!(ids(p2), [o1.id]);
+}
+
+pub async fn pages_are_stable_under_concurrent_inserts(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let mut made = Vec::new();
+    for i in 0..6 {
+        made.push(order(&s, a, c.id, 100 + i).await.id);
+    }
+    let first = s.list_orders(a, all_orders(3)).await.unwrap();
+    let last_seen = first.items.last().unwrap().id;
+    // Rows inserted between two page requests land before the cursor and never shift the rest.
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { order(&s, a, c.id, 1000 + i).await })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let rest = OrderFilter {
+        page: page(3, Some(last_seen)),
+        ..all_orders(3)
+    };
+    let second = s.list_orders(a, rest).await.unwrap();
+    let mut seen: Vec<i64> = first
+        .items
+        .iter()
+        .chain(&second.items)
+        .map(|o| o.id)
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, made);
+    assert!(!second.has_more);
+}
+
+pub async fn order_transitions_follow_the_state_machine(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 100).await;
+    let r = s
+        .transition_order(&meta(b), o.id, Precondition::Any, OrderAction::Cancel)
+        .await;
+    assert!(matches!(r, Err(StorageError::NotFound)));
+    let r = s
+        .transition_order(
+            &meta(a),
+            o.id,
+            Precondition::Version(7),
+            OrderAction::Cancel,
+        )
+        .await;
+    assert!(matches!(
+        r,
+        Err(StorageError::VersionMismatch { current: 1 })
+    ));
+    let canceled = s
+        .transition_order(
+            &meta(a),
+            o.id,
+            Precondition::Version(1),
+            OrderAction::Cancel,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (canceled.status, canceled.version),
+        (OrderStatus::Canceled, 2)
+    );
+    for action in [OrderAction::Cancel, OrderAction::Pay, OrderAction::Refund] {
+        let r = s
+            .transition_order(&meta(a), o.id, Precondition::Any, action)
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(StorageError::InvalidState {
+                    current: OrderStatus::Canceled
+                })
+            ),
+            "{r:?}"
+        );
+    }
+    let o2 = order(&s, a, c.id, 100).await;
+    let paid = s
+        .transition_order(&meta(a), o2.id, Precondition::Any, OrderAction::Pay)
+        .await
+        .unwrap();
+    assert_eq!(paid.status, OrderStatus::Paid);
+    let r = s
+        .transition_order(&meta(a), o2.id, Precondition::Any, OrderAction::Cancel)
+        .await;
+    assert!(matches!(
+        r,
+        Err(StorageError::InvalidState {
+            current: OrderStatus::Paid
+        })
+    ));
+}
+
+pub async fn concurrent_updates_with_one_version_have_one_winner(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 100).await;
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let patch = OrderPatch {
+                    description: Some(format!("writer {i}")),
+                    metadata: None,
+                };
+                s.update_order(&meta(a), o.id, Precondition::Version(1), patch)
+                    .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(u) => {
+                wins += 1;
+                assert_eq!(u.version, 2);
+            }
+            Err(StorageError::VersionMismatch { current: 2 }) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(s.get_order(a, o.id).await.unwrap().unwrap().version, 2);
+    assert_eq!(s.events_for(a, "order", o.id).await.unwrap().len(), 2);
+}
+
+pub async fn concurrent_cancels_have_one_winner(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 100).await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.transition_order(&meta(a), o.id, Precondition::Any, OrderAction::Cancel)
+                    .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => wins += 1,
+            Err(StorageError::InvalidState {
+                current: OrderStatus::Canceled,
+            }) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(wins, 1);
+    let events = s.events_for(a, "order", o.id).await.unwrap();
+    let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["order.created", "order.canceled"]);
+}
+
+pub async fn every_write_appends_one_event(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let c = customer(&s, a).await;
+    s.update_customer(&meta(a), c.id, Precondition::Any, CustomerPatch::default())
+        .await
+        .unwrap();
+    let ce = s.events_for(a, "customer", c.id).await.unwrap();
+    assert_eq!(
+        ce.iter()
+            .map(|e| (e.event_type.as_str(), e.aggregate_version))
+            .collect::<Vec<_>>(),
+        [("customer.created", 1), ("customer.updated", 2)]
+    );
+    let o = order(&s, a, c.id, 19900).await;
+    let oe = s.events_for(a, "order", o.id).await.unwrap();
+    assert_eq!(oe.len(), 1);
+    let e = &oe[0];
+    assert_eq!((e.account_id, e.aggregate_id), (a, o.id));
+    assert_eq!(e.request_id, "req_conformance");
+    assert_eq!(e.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(e.payload["amount"]["minor"], 19900);
+    assert_eq!(e.payload["amount"]["currency"], "USD");
+    assert_eq!(e.payload["status"], "pending");
+    // Another account sees none of these events.
+    assert!(s.events_for(b, "order", o.id).await.unwrap().is_empty());
+    // A refused write appends nothing.
+    let _ = s
+        .update_order(
+            &meta(a),
+            o.id,
+            Precondition::Version(9),
+            OrderPatch::default(),
+        )
+        .await;
+    assert_eq!(s.events_for(a, "order", o.id).await.unwrap().len(), 1);
+}

@@ -1,0 +1,116 @@
+//! The storage port: a few per-aggregate traits whose methods are atomic commands.
+//!
+//! Each write method is one database transaction that changes the aggregate *and* appends its
+//! outbox event (and, once idempotency lands, stores the idempotency record) — so a caller can
+//! never commit one without the other. Transactions never leak through the traits.
+//! Both backends (`bursar-storage-sqlite`, `bursar-storage-postgres`) run the same
+//! [`conformance`] suite.
+
+pub mod conformance;
+mod records;
+
+pub use records::*;
+
+use async_trait::async_trait;
+use bursar_domain::{AccountId, OrderAction, OrderStatus, Timestamp};
+
+/// What a storage command can fail with. Business outcomes (`VersionMismatch`, `InvalidState`,
+/// `UnknownCustomer`) are distinct variants so the service maps them to stable error codes.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("not found")]
+    NotFound,
+    #[error("version mismatch, current version is {current}")]
+    VersionMismatch { current: i64 },
+    #[error("order is {current:?}, the action is not allowed")]
+    InvalidState { current: OrderStatus },
+    #[error("customer does not exist in this account")]
+    UnknownCustomer,
+    #[error("unique constraint violated")]
+    Conflict,
+    /// The database could not be reached or is overloaded; the request may be retried.
+    #[error("database unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("storage failure")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+#[async_trait]
+pub trait AccountStore: Send + Sync {
+    /// Creates an account; `Conflict` if the name is taken.
+    async fn create_account(&self, name: &str, at: Timestamp) -> Result<Account>;
+    /// Finds an account by numeric id or, failing that, by name.
+    async fn find_account(&self, name_or_id: &str) -> Result<Option<Account>>;
+    async fn count_accounts(&self) -> Result<i64>;
+    /// Stores a key by its hash; the plaintext never reaches storage.
+    async fn create_api_key(&self, key: NewApiKey, at: Timestamp) -> Result<i64>;
+    /// Looks a key up by the SHA-256 of its secret.
+    async fn find_api_key(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>>;
+}
+
+#[async_trait]
+pub trait CustomerStore: Send + Sync {
+    /// Inserts the customer and its `customer.created` event in one transaction.
+    async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer>;
+    async fn get_customer(&self, account: AccountId, id: i64) -> Result<Option<Customer>>;
+    async fn list_customers(&self, account: AccountId, page: PageRequest)
+    -> Result<Page<Customer>>;
+    /// Compare-and-set on `version` in one statement, plus the `customer.updated` event.
+    async fn update_customer(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        patch: CustomerPatch,
+    ) -> Result<Customer>;
+}
+
+#[async_trait]
+pub trait OrderStore: Send + Sync {
+    /// Inserts the order (if the customer belongs to the same account, else `UnknownCustomer`)
+    /// and its `order.created` event in one transaction.
+    async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order>;
+    async fn get_order(&self, account: AccountId, id: i64) -> Result<Option<Order>>;
+    async fn list_orders(&self, account: AccountId, filter: OrderFilter) -> Result<Page<Order>>;
+    /// Compare-and-set on `version` in one statement, plus the `order.updated` event.
+    async fn update_order(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        patch: OrderPatch,
+    ) -> Result<Order>;
+    /// Applies a state-machine action with `WHERE status IN (action.sources())`, so two racing
+    /// actions cannot both succeed; emits `order.<target status>`.
+    async fn transition_order(
+        &self,
+        meta: &WriteMeta,
+        id: i64,
+        expected: Precondition,
+        action: OrderAction,
+    ) -> Result<Order>;
+}
+
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// Outbox events of one aggregate, oldest first. The events API and dispatcher build on it.
+    async fn events_for(
+        &self,
+        account: AccountId,
+        aggregate_type: &str,
+        aggregate_id: i64,
+    ) -> Result<Vec<Event>>;
+}
+
+/// The whole port, as the server holds it (`Arc<dyn Storage>`).
+#[async_trait]
+pub trait Storage: AccountStore + CustomerStore + OrderStore + EventStore {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+    /// Cheap round trip for `/readyz`.
+    async fn ping(&self) -> Result<()>;
+    /// Waits for checked-out connections and closes the pools.
+    async fn close(&self);
+}

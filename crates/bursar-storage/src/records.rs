@@ -1,0 +1,256 @@
+//! Plain records passed through the port. They carry domain types, never wire types.
+
+use bursar_domain::apikey::KeyMode;
+use bursar_domain::{AccountId, Metadata, Money, OrderStatus, Timestamp};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub id: AccountId,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub account_id: AccountId,
+    pub mode: KeyMode,
+    pub key_hash: String,
+    pub start: String,
+    pub last4: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub id: i64,
+    pub account_id: AccountId,
+    pub mode: KeyMode,
+    pub revoked: bool,
+}
+
+/// Who is writing, when, and for which request: copied onto the outbox event so every
+/// downstream delivery can be traced back to the call that caused it.
+#[derive(Debug, Clone)]
+pub struct WriteMeta {
+    pub account_id: AccountId,
+    pub at: Timestamp,
+    pub request_id: String,
+    pub trace_id: String,
+}
+
+/// What an update expects the current version to be (`If-Match`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// `If-Match: *`: any existing version.
+    Any,
+    /// A strong `If-Match: "<n>"` or a body `version`.
+    Version(i64),
+}
+
+impl Precondition {
+    /// The version to compare against in SQL; `None` means no comparison.
+    pub fn version(self) -> Option<i64> {
+        match self {
+            Precondition::Any => None,
+            Precondition::Version(v) => Some(v),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Customer {
+    pub id: i64,
+    pub account_id: AccountId,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub metadata: Metadata,
+    pub version: i64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewCustomer {
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub metadata: Metadata,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CustomerPatch {
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub metadata: Option<Metadata>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Order {
+    pub id: i64,
+    pub account_id: AccountId,
+    pub customer_id: i64,
+    pub amount: Money,
+    pub status: OrderStatus,
+    pub description: Option<String>,
+    pub metadata: Metadata,
+    pub version: i64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub customer_id: i64,
+    pub amount: Money,
+    pub description: Option<String>,
+    pub metadata: Metadata,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct OrderPatch {
+    pub description: Option<String>,
+    pub metadata: Option<Metadata>,
+}
+
+/// Cursor page request: newest first, rows with `id < starting_after`.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest {
+    pub limit: u32,
+    pub starting_after: Option<i64>,
+}
+
+impl PageRequest {
+    /// The backends fetch one row more than asked to learn `has_more` without a COUNT.
+    pub fn fetch_limit(&self) -> i64 {
+        i64::from(self.limit) + 1
+    }
+
+    /// The id bound, `i64::MAX` when paging from the start.
+    pub fn before_id(&self) -> i64 {
+        self.starting_after.unwrap_or(i64::MAX)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct OrderFilter {
+    pub page: PageRequest,
+    pub customer_id: Option<i64>,
+    pub status: Option<OrderStatus>,
+    /// Inclusive lower bound on `created_at`.
+    pub created_gte: Option<Timestamp>,
+    /// Exclusive upper bound on `created_at`.
+    pub created_lt: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub has_more: bool,
+}
+
+impl<T> Page<T> {
+    /// Trims the extra look-ahead row fetched by the backend.
+    pub fn from_lookahead(mut items: Vec<T>, page: PageRequest) -> Page<T> {
+        let limit = page.limit as usize;
+        let has_more = items.len() > limit;
+        items.truncate(limit);
+        Page { items, has_more }
+    }
+}
+
+/// An outbox event as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: i64,
+    pub account_id: AccountId,
+    pub event_type: String,
+    pub aggregate_type: String,
+    pub aggregate_id: i64,
+    pub aggregate_version: i64,
+    pub payload: serde_json::Value,
+    pub request_id: String,
+    pub trace_id: String,
+    pub created_at: Timestamp,
+}
+
+/// An event about to be appended, built from the record it describes so both backends emit
+/// exactly the same events.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub aggregate_type: &'static str,
+    pub aggregate_id: i64,
+    pub aggregate_version: i64,
+    pub payload: String,
+}
+
+impl NewEvent {
+    pub fn for_customer(kind: &str, c: &Customer) -> NewEvent {
+        NewEvent::snapshot(format!("customer.{kind}"), "customer", c.id, c.version, c)
+    }
+
+    pub fn for_order(kind: &str, o: &Order) -> NewEvent {
+        NewEvent::snapshot(format!("order.{kind}"), "order", o.id, o.version, o)
+    }
+
+    fn snapshot<T: Serialize>(
+        event_type: String,
+        aggregate_type: &'static str,
+        aggregate_id: i64,
+        aggregate_version: i64,
+        record: &T,
+    ) -> NewEvent {
+        NewEvent {
+            event_type,
+            aggregate_type,
+            aggregate_id,
+            aggregate_version,
+            payload: serde_json::to_string(record)
+                .expect("records are plain data and always serialise"),
+        }
+    }
+}
+
+/// Rebuilds records from the column values both backends store, so decoding rules (and
+/// their failure modes) are written once.
+pub mod decode {
+    use super::*;
+    use crate::StorageError;
+    use bursar_domain::Currency;
+
+    fn corrupt(what: String) -> StorageError {
+        StorageError::Internal(what.into())
+    }
+
+    pub fn metadata(json: &str) -> Result<Metadata, StorageError> {
+        serde_json::from_str(json).map_err(|e| corrupt(format!("stored metadata: {e}")))
+    }
+
+    pub fn metadata_json(m: &Metadata) -> String {
+        serde_json::to_string(m).expect("a string map always serialises")
+    }
+
+    pub fn key_mode(s: &str) -> Result<KeyMode, StorageError> {
+        KeyMode::parse(s).ok_or_else(|| corrupt(format!("stored key mode {s:?}")))
+    }
+
+    pub fn status(s: &str) -> Result<OrderStatus, StorageError> {
+        OrderStatus::parse(s).ok_or_else(|| corrupt(format!("stored order status {s:?}")))
+    }
+
+    pub fn money(minor: i64, currency: &str) -> Result<Money, StorageError> {
+        let c = Currency::from_code(currency)
+            .ok_or_else(|| corrupt(format!("stored currency {currency:?}")))?;
+        Money::from_minor(minor, c).map_err(|e| corrupt(format!("stored amount {minor}: {e}")))
+    }
+
+    /// `,pending,paid,`: the legal source statuses of an action as one bindable string, for
+    /// backends that match membership with a string search instead of an array parameter.
+    pub fn status_set(statuses: &[OrderStatus]) -> String {
+        let mut s = String::from(",");
+        for st in statuses {
+            s.push_str(st.as_str());
+            s.push(',');
+        }
+        s
+    }
+}
