@@ -22,14 +22,27 @@ pub enum MetadataError {
     BadKey(String),
     #[error("metadata values may be at most 500 characters")]
     ValueTooLong(String),
+    #[error("metadata values must not contain NUL characters")]
+    BadValue(String),
 }
 
 impl MetadataError {
+    /// The offending key, if the problem is with one entry.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            MetadataError::TooManyKeys => None,
+            MetadataError::BadKey(k)
+            | MetadataError::ValueTooLong(k)
+            | MetadataError::BadValue(k) => Some(k),
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             MetadataError::TooManyKeys => "too_many_keys",
             MetadataError::BadKey(_) => "invalid_key",
             MetadataError::ValueTooLong(_) => "value_too_long",
+            MetadataError::BadValue(_) => "invalid_characters",
         }
     }
 }
@@ -46,6 +59,10 @@ impl Metadata {
             }
             if v.chars().count() > MAX_VALUE_CHARS {
                 return Err(MetadataError::ValueTooLong(k.clone()));
+            }
+            // NUL cannot be stored in PostgreSQL text or jsonb, nor safely shown anywhere.
+            if v.contains('\0') {
+                return Err(MetadataError::BadValue(k.clone()));
             }
         }
         Ok(Metadata(map))

@@ -1,1 +1,56 @@
-//! placeholder
+//! The Bursar server: HTTP layers and handlers (`http`), use cases (`services`), and the wiring
+//! of a storage backend. Transports stay thin — parse, authenticate, call a service, render —
+//! so the rules live once, in `bursar-domain` and the services.
+
+pub mod config;
+pub mod http;
+pub mod services;
+pub mod state;
+pub mod store;
+pub mod trace;
+
+pub use config::Config;
+pub use state::{AppState, SystemClock};
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+/// Serves the API on `listener` until `shutdown` resolves, then stops accepting, lets in-flight
+/// requests finish for at most `config.shutdown_grace`, and closes the storage pools.
+/// Taking the listener (not an address) lets tests bind port 0 and read the port first.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = state.config.shutdown_grace();
+    let store = state.store.clone();
+    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested; draining in-flight requests");
+        let _ = stopping_tx.send(());
+    });
+    let drained = async move {
+        // Only starts counting once shutdown began; a dropped sender means the server ended.
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        () = drained => tracing::warn!(grace_ms = self::millis(grace), "grace period over; abandoning in-flight requests"),
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,1 +1,312 @@
-fn main() {}
+//! `bursar`: the one binary. `serve` runs the API; `migrate`, `config` and `admin` are the
+//! operator's tools. Admin commands print only what they created on stdout, so scripts can
+//! capture it: `KEY=$(bursar admin keys create --account acme)`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bursar_server::config::{DEFAULT_TOML, LogFormat};
+use bursar_server::services::accounts;
+use bursar_server::{AppState, Config, SystemClock};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(
+    name = "bursar",
+    version,
+    about = "Orders, payments and currency conversions API server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API server (embedded SQLite under ./bursar-data unless told otherwise).
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on [env: BURSAR_LISTEN] [default: 127.0.0.1:8080]
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Create or upgrade the database schema, then exit.
+    Migrate {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Accounts and API keys.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print every configuration key with its default and documentation.
+    PrintDefault,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Manage accounts.
+    Accounts {
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    /// Create an account; prints its id.
+    Create {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an API key; prints the key (shown only this once).
+    Create {
+        /// Account name or id.
+        #[arg(long)]
+        account: String,
+        #[arg(long, value_enum, default_value_t = Mode::Test)]
+        mode: Mode,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Test,
+    Live,
+}
+
+/// Flags shared by every command that touches the database.
+#[derive(Args, Serialize)]
+struct Common {
+    /// TOML configuration file [env: BURSAR_CONFIG]
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Directory of the embedded SQLite database [env: BURSAR_DATA_DIR]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// postgres://… or sqlite:… (default: SQLite in the data dir) [env: BURSAR_DATABASE_URL]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database_url: Option<String>,
+}
+
+/// Top-level keys that may come from `BURSAR_*` variables; others (BURSAR_CONFIG, variables of
+/// the test suites) are not configuration keys.
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "database_url",
+    "http",
+    "database",
+    "log",
+];
+
+fn load_config(common: &Common, listen: Option<SocketAddr>) -> anyhow::Result<Config> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    let file = common
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("BURSAR_CONFIG").map(PathBuf::from));
+    if let Some(path) = file {
+        if !path.exists() {
+            bail!("configuration file {} does not exist", path.display());
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    figment = figment
+        .merge(Env::prefixed("BURSAR_").split("__").filter(|k| {
+            let top = k.as_str().split('.').next().unwrap_or_default();
+            ENV_KEYS.contains(&top)
+        }))
+        .merge(Serialized::defaults(common));
+    if let Some(listen) = listen {
+        figment = figment.merge(Serialized::default("listen", listen));
+    }
+    let config: Config = figment.extract().context("invalid configuration")?;
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    Ok(config)
+}
+
+fn init_logging(config: &Config, quiet: bool) {
+    let level = if quiet {
+        "warn"
+    } else {
+        config.log.level.as_str()
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let clock = Arc::new(SystemClock);
+    let store = bursar_server::store::open(&config)
+        .await
+        .with_context(|| format!("opening database {}", config.redacted_database_url()))?;
+    let first_key = accounts::bootstrap(store.as_ref(), clock.as_ref()).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let host = if addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    println!("Bursar {} is running.", env!("CARGO_PKG_VERSION"));
+    println!("  API:      http://{host}/api");
+    println!("  Docs:     http://{host}/docs");
+    println!("  Database: {}", config.redacted_database_url());
+    if let Some(key) = first_key {
+        println!(
+            "First API key for account \"{}\" (shown only this once; store it now):",
+            accounts::DEFAULT_ACCOUNT
+        );
+        println!("  {key}");
+    }
+    tracing::info!(listen = %addr, backend = store.backend(), "serving");
+    let state = AppState::new(store, clock, config);
+    bursar_server::serve(listener, state, shutdown_signal()).await
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::PrintDefault,
+        } => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        Command::Serve { common, listen } => {
+            let config = load_config(&common, listen)?;
+            init_logging(&config, false);
+            serve(config).await
+        }
+        Command::Migrate { common } => {
+            let config = load_config(&common, None)?;
+            init_logging(&config, false);
+            let store = bursar_server::store::open(&config).await?;
+            store.close().await;
+            eprintln!("migrated {}", config.redacted_database_url());
+            Ok(())
+        }
+        Command::Admin { command } => {
+            let clock = SystemClock;
+            match command {
+                AdminCommand::Accounts {
+                    command: AccountsCommand::Create { name, common },
+                } => {
+                    let config = load_config(&common, None)?;
+                    init_logging(&config, true);
+                    let store = bursar_server::store::open(&config).await?;
+                    let account = accounts::create_account(store.as_ref(), &clock, &name).await;
+                    store.close().await;
+                    println!("{}", account?.id);
+                }
+                AdminCommand::Keys {
+                    command:
+                        KeysCommand::Create {
+                            account,
+                            mode,
+                            common,
+                        },
+                } => {
+                    let config = load_config(&common, None)?;
+                    init_logging(&config, true);
+                    let store = bursar_server::store::open(&config).await?;
+                    let mode = match mode {
+                        Mode::Test => bursar_domain::apikey::KeyMode::Test,
+                        Mode::Live => bursar_domain::apikey::KeyMode::Live,
+                    };
+                    let key = accounts::create_key(store.as_ref(), &clock, &account, mode).await;
+                    store.close().await;
+                    println!("{}", key?);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    // reqwest and sqlx both reach rustls; exactly one crypto provider must be installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

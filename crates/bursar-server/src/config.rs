@@ -1,0 +1,257 @@
+//! Configuration: documented defaults (below, printed by `bursar config print-default`) →
+//! optional TOML file → `BURSAR_*` environment → command-line flags. Loaded and validated once
+//! at start; the binary does the layering, this module owns the shape and the rules.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Every key with its default and what it is for. A unit test checks it parses to
+/// `Config::default()`, so the documentation cannot drift from the code.
+pub const DEFAULT_TOML: &str = r#"# Bursar configuration. Every key is optional; these are the defaults.
+# Environment variables override the file: BURSAR_LISTEN, BURSAR_DATA_DIR, BURSAR_DATABASE_URL,
+# and for nested keys a double underscore, e.g. BURSAR_HTTP__BODY_LIMIT_BYTES.
+
+# Address the HTTP API listens on.
+listen = "127.0.0.1:8080"
+
+# Directory of the embedded SQLite database, used when database_url is empty.
+data_dir = "./bursar-data"
+
+# Empty: embedded SQLite file <data_dir>/bursar.db.
+# "postgres://user:password@host:5432/db": PostgreSQL (shared by many Bursar processes).
+# "sqlite:///path/to/file.db": a SQLite file elsewhere.
+database_url = ""
+
+[http]
+# Largest accepted request body in bytes; larger bodies get 413 payload_too_large.
+body_limit_bytes = 1048576
+# Time limit for one request; past it the answer is 503 request_timeout.
+request_timeout_ms = 30000
+# On SIGTERM / Ctrl-C, how long in-flight requests may take to finish.
+shutdown_grace_ms = 10000
+
+[database]
+# Pool size (PostgreSQL) or read-pool size capped at 8 (SQLite, which always has one writer).
+max_connections = 16
+# How long a request waits for a pooled connection before 503 service_unavailable.
+acquire_timeout_ms = 5000
+# SQLite: how long a writer waits for the file lock.
+busy_timeout_ms = 5000
+# PostgreSQL: schema to use (created if missing); empty means the server's search_path.
+schema = ""
+
+[log]
+# "json": one JSON object per line on stderr. "pretty": human-readable.
+format = "json"
+# A tracing filter directive, e.g. "info" or "bursar_server=debug,info".
+level = "info"
+"#;
+
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub body_limit_bytes: usize,
+    pub request_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub busy_timeout_ms: u64,
+    #[serde(deserialize_with = "empty_as_none")]
+    pub schema: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./bursar-data"),
+            database_url: String::new(),
+            http: HttpConfig::default(),
+            database: DatabaseConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            body_limit_bytes: 1024 * 1024,
+            request_timeout_ms: 30_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            max_connections: 16,
+            acquire_timeout_ms: 5_000,
+            busy_timeout_ms: 5_000,
+            schema: None,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The database URL may carry a password, so `Debug` shows it redacted.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &self.redacted_database_url())
+            .field("http", &self.http)
+            .field("database", &self.database)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Rejects values that would only fail later, at an awkward moment.
+    pub fn validate(&self) -> Result<(), String> {
+        let url = &self.database_url;
+        if !(url.is_empty()
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("sqlite:"))
+        {
+            return Err("database_url must be empty, postgres://… or sqlite:…".into());
+        }
+        if self.http.body_limit_bytes < 1024 {
+            return Err("http.body_limit_bytes must be at least 1024".into());
+        }
+        if self.http.request_timeout_ms == 0 || self.database.max_connections == 0 {
+            return Err("http.request_timeout_ms and database.max_connections must be > 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn default_sqlite_url(&self) -> String {
+        format!("sqlite://{}", self.data_dir.join("bursar.db").display())
+    }
+
+    pub fn effective_database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            self.default_sqlite_url()
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// The database URL with any password replaced, for logs and start-up messages.
+    pub fn redacted_database_url(&self) -> String {
+        let url = self.effective_database_url();
+        match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let creds = &url[scheme + 3..at];
+                match creds.split_once(':') {
+                    Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                    None => url,
+                }
+            }
+            _ => url,
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.http.request_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.http.shutdown_grace_ms)
+    }
+}
+
+impl DatabaseConfig {
+    pub fn acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.acquire_timeout_ms)
+    }
+
+    pub fn busy_timeout(&self) -> Duration {
+        Duration::from_millis(self.busy_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_defaults_are_the_real_defaults() {
+        let parsed: Config = toml::from_str(DEFAULT_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_urls_are_refused() {
+        assert!(toml::from_str::<Config>("lisen = \"x\"").is_err());
+        let c = Config {
+            database_url: "mysql://x".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        let c = Config {
+            database_url: "postgres://app:s3cret@db:5432/bursar".into(),
+            ..Config::default()
+        };
+        assert_eq!(
+            c.redacted_database_url(),
+            "postgres://app:***@db:5432/bursar"
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

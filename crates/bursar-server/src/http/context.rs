@@ -1,0 +1,276 @@
+//! The outermost layer: gives each request its id and trace context, times it, renders every
+//! error body (so all errors — from handlers, extractors, the router, timeouts, panics — share
+//! one envelope), sets `X-Request-Id` and `Server-Timing`, and writes the access log line.
+
+use std::convert::Infallible;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, MatchedPath, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bursar_api::{ErrorBody, ErrorCode};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::error::{ApiError, ErrorSlot};
+use crate::trace::{TraceContext, accept_request_id, new_request_id};
+
+/// Per-request facts shared by the middleware, extractors and handlers.
+#[derive(Debug)]
+pub struct RequestInfo {
+    pub request_id: String,
+    pub trace: TraceContext,
+    pub started: Instant,
+    wants_problem: bool,
+    /// Set by the auth extractor, for the access log.
+    pub account_id: OnceLock<i64>,
+    /// The matched route template (`/api/orders/{id}`), for the access log.
+    pub route: OnceLock<String>,
+}
+
+/// Extractor handing the request's [`RequestInfo`] to a handler.
+pub struct Ctx(pub Arc<RequestInfo>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Ctx(parts
+            .extensions
+            .get::<Arc<RequestInfo>>()
+            .cloned()
+            .expect("the request-context layer wraps every route")))
+    }
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub async fn request_context(mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let h = req.headers();
+    let info = Arc::new(RequestInfo {
+        request_id: accept_request_id(header_str(h, "x-request-id")).unwrap_or_else(new_request_id),
+        trace: TraceContext::from_headers(
+            header_str(h, "traceparent"),
+            header_str(h, "tracestate"),
+        ),
+        started,
+        wants_problem: header_str(h, "accept")
+            .is_some_and(|a| a.to_ascii_lowercase().contains("application/problem+json")),
+        account_id: OnceLock::new(),
+        route: OnceLock::new(),
+    });
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    req.extensions_mut().insert(info.clone());
+
+    let mut resp = next.run(req).await;
+
+    let error = resp
+        .extensions_mut()
+        .remove::<ErrorSlot>()
+        .map(|slot| slot.0)
+        .or_else(|| fallback_error(&method, &path, resp.status()).map(Arc::new));
+    let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if let Some(err) = &error {
+        resp = render_error(err, &info, &path, latency_ms, resp);
+    }
+    let headers = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&info.request_id) {
+        headers.insert("x-request-id", v);
+    }
+    let timing = format!(
+        "app;dur={:.1}, trace;desc={}",
+        started.elapsed().as_secs_f64() * 1000.0,
+        info.trace.traceparent()
+    );
+    if let Ok(v) = HeaderValue::from_str(&timing) {
+        headers.insert("server-timing", v);
+    }
+    access_log(
+        &info,
+        &method,
+        &path,
+        resp.status(),
+        latency_ms,
+        error.as_deref(),
+    );
+    resp
+}
+
+/// Records the matched route template; runs inside the router, where it is known.
+pub async fn record_route(req: Request, next: Next) -> Response {
+    if let (Some(info), Some(route)) = (
+        req.extensions().get::<Arc<RequestInfo>>(),
+        req.extensions().get::<MatchedPath>(),
+    ) {
+        let _ = info.route.set(route.as_str().to_owned());
+    }
+    next.run(req).await
+}
+
+/// Error responses produced outside Bursar's handlers (router, body limit, timeout, panic).
+fn fallback_error(method: &Method, path: &str, status: StatusCode) -> Option<ApiError> {
+    if status.as_u16() < 400 {
+        return None;
+    }
+    let e = match status {
+        StatusCode::NOT_FOUND => ApiError::new(
+            ErrorCode::RouteNotFound,
+            format!("No route for {method} {path}."),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("{method} is not allowed on {path}; see the Allow header."),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "Send the body as Content-Type: application/json.",
+        ),
+        StatusCode::REQUEST_TIMEOUT | StatusCode::SERVICE_UNAVAILABLE => {
+            let mut e = ApiError::new(
+                ErrorCode::RequestTimeout,
+                "The request took too long and was abandoned; it may be retried.",
+            );
+            e.retry_after = Some(1);
+            e
+        }
+        s if s.is_client_error() => ApiError::new(
+            ErrorCode::InvalidParameter,
+            "The request could not be processed.",
+        ),
+        _ => ApiError::internal(format!("unhandled {status} response")),
+    };
+    Some(e)
+}
+
+pub fn payload_too_large() -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        "The request body exceeds the size limit.",
+    )
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'static str,
+    detail: &'a str,
+    instance: &'a str,
+    #[serde(flatten)]
+    body: &'a ErrorBody,
+}
+
+fn render_error(
+    err: &ApiError,
+    info: &RequestInfo,
+    path: &str,
+    latency_ms: u64,
+    original: Response,
+) -> Response {
+    let status = err.status();
+    let mut body = ErrorBody {
+        status: Value::from("error"),
+        error_code: err.code.as_str().to_owned(),
+        message: err.message.clone(),
+        request_id: info.request_id.clone(),
+        trace_id: info.trace.trace_id.clone(),
+        latency_ms,
+        details: err.details.clone(),
+        extra: err.extra.clone(),
+    };
+    let (content_type, bytes) = if info.wants_problem {
+        body.status = Value::from(status.as_u16());
+        let problem = Problem {
+            kind: err.code.problem_type(),
+            title: err.code.title(),
+            detail: &err.message,
+            instance: path,
+            body: &body,
+        };
+        ("application/problem+json", serde_json::to_vec(&problem))
+    } else {
+        ("application/json", serde_json::to_vec(&body))
+    };
+    let bytes = bytes.expect("error bodies are plain data");
+    // Keep headers the producer set on purpose (Allow, Retry-After); drop stale body headers.
+    let (mut parts, _) = original.into_parts();
+    parts.status = status;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Some(secs) = err.retry_after {
+        parts
+            .headers
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+fn access_log(
+    info: &RequestInfo,
+    method: &Method,
+    path: &str,
+    status: StatusCode,
+    latency_ms: u64,
+    error: Option<&ApiError>,
+) {
+    let route = info.route.get().map(String::as_str).unwrap_or(path);
+    let account = info.account_id.get().copied();
+    let error_code = error.map(|e| e.code.as_str());
+    match error.and_then(|e| e.source.as_ref()) {
+        Some(source) if status.is_server_error() => tracing::error!(
+            request_id = %info.request_id,
+            trace_id = %info.trace.trace_id,
+            method = %method,
+            route,
+            status = status.as_u16(),
+            latency_ms,
+            account_id = account,
+            error_code,
+            error = %error_chain(source.as_ref()),
+            "request failed"
+        ),
+        _ => tracing::info!(
+            request_id = %info.request_id,
+            trace_id = %info.trace.trace_id,
+            method = %method,
+            route,
+            status = status.as_u16(),
+            latency_ms,
+            account_id = account,
+            error_code,
+            "request"
+        ),
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Turns a handler panic into a rendered `internal_error` instead of a dropped connection.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into());
+    ApiError::internal(format!("handler panicked: {what}")).into_response()
+}

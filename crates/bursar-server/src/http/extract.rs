@@ -1,0 +1,259 @@
+//! Extractors that turn a request into validated inputs, answering with `ApiError` (never a
+//! bare framework rejection) when they cannot.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use bursar_api::ErrorCode;
+use bursar_domain::AccountId;
+use bursar_domain::apikey::{KeyMode, ParsedKey};
+use serde::de::DeserializeOwned;
+
+use super::context::{RequestInfo, payload_too_large};
+use super::error::{ApiError, issue};
+use crate::AppState;
+
+/// The authenticated caller. Extracting it verifies the bearer key: shape and checksum first,
+/// with no I/O, then a lookup by SHA-256 hash.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub account_id: AccountId,
+    pub key_id: i64,
+    pub mode: KeyMode,
+}
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Auth, ApiError> {
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::new(
+                ErrorCode::AuthenticationRequired,
+                "Send your API key as Authorization: Bearer <key>.",
+            ));
+        };
+        let invalid = || ApiError::new(ErrorCode::InvalidApiKey, "The API key is not valid.");
+        let text = value.to_str().map_err(|_| invalid())?;
+        let (scheme, key) = text.split_once(' ').ok_or_else(invalid)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(invalid());
+        }
+        let parsed = ParsedKey::parse(key.trim()).map_err(|_| invalid())?;
+        let record = state
+            .store
+            .find_api_key(&parsed.hash())
+            .await?
+            .filter(|k| !k.revoked)
+            .ok_or_else(invalid)?;
+        if let Some(info) = parts.extensions.get::<Arc<RequestInfo>>() {
+            let _ = info.account_id.set(record.account_id);
+        }
+        Ok(Auth {
+            account_id: record.account_id,
+            key_id: record.id,
+            mode: record.mode,
+        })
+    }
+}
+
+/// A JSON request body: `Content-Type: application/json` (415 otherwise), within the body
+/// limit (413), syntactically valid (400 `malformed_json`), and of the right shape — unknown
+/// fields, missing fields and wrong types are 422 `validation_failed` naming the field.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Json<T>, ApiError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            });
+        if !is_json {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "Send the body as Content-Type: application/json.",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                payload_too_large()
+            } else {
+                ApiError::new(
+                    ErrorCode::MalformedJson,
+                    "The request body could not be read.",
+                )
+            }
+        })?;
+        parse_json(&bytes).map(Json)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let malformed = |e: serde_json::Error| {
+        ApiError::new(
+            ErrorCode::MalformedJson,
+            format!("The body is not valid JSON: {e}."),
+        )
+    };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = match serde_path_to_error::deserialize(&mut de) {
+        Ok(v) => v,
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if !inner.is_data() {
+                return Err(malformed(inner));
+            }
+            return Err(shape_error(&path, &inner));
+        }
+    };
+    // Trailing bytes after the value are a syntax error, not a shape error.
+    de.end().map_err(malformed)?;
+    Ok(value)
+}
+
+/// 422 naming the field of a well-formed body of the wrong shape.
+fn shape_error(path: &str, inner: &serde_json::Error) -> ApiError {
+    let msg = inner.to_string();
+    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
+    let prefix = if path == "." {
+        String::new()
+    } else {
+        format!("{path}.")
+    };
+    let (field, code) = if let Some(name) = between_backticks(&msg, "unknown field `") {
+        (format!("{prefix}{name}"), "unknown_field")
+    } else if let Some(name) = between_backticks(&msg, "missing field `") {
+        (format!("{prefix}{name}"), "required")
+    } else if path == "." {
+        ("body".to_owned(), "invalid_type")
+    } else {
+        (path.to_owned(), "invalid_type")
+    };
+    ApiError::validation(vec![issue(field, code, msg)])
+}
+
+fn between_backticks<'a>(msg: &'a str, start: &str) -> Option<&'a str> {
+    let rest = msg.strip_prefix(start)?;
+    rest.split('`').next()
+}
+
+/// An integer resource id from the path. Anything that is not a positive integer cannot name
+/// a resource, so it is a 404 like any other unknown id.
+pub struct Id(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Id, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found("resource"))?;
+        match raw.parse::<i64>() {
+            Ok(id) if id > 0 => Ok(Id(id)),
+            _ => Err(ApiError::not_found("resource")),
+        }
+    }
+}
+
+/// Query parameters into a struct with `deny_unknown_fields`; problems are 400
+/// `invalid_parameter` naming the parameter.
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Params<T>, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| Params(v))
+            .map_err(|e| {
+                let text = e.body_text();
+                let text = text.trim_start_matches("Failed to deserialize query string: ");
+                let field = between_backticks(text, "unknown field `").unwrap_or("query");
+                ApiError::new(
+                    ErrorCode::InvalidParameter,
+                    format!("Invalid query: {text}."),
+                )
+                .with_details(vec![issue(field, "invalid", text.to_owned())])
+            })
+    }
+}
+
+/// A parsed `If-Match` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    Absent,
+    /// `*`: any current version.
+    Any,
+    /// Entity tags. `strong` holds the versions of the strong tags; weak tags never match
+    /// (RFC 9110 strong comparison) and are only remembered so the answer can be 412.
+    Tags {
+        strong: Vec<i64>,
+        weak: bool,
+    },
+}
+
+impl IfMatch {
+    pub fn from_headers(h: &HeaderMap) -> Result<IfMatch, ApiError> {
+        let mut values = h.get_all(header::IF_MATCH).iter().peekable();
+        if values.peek().is_none() {
+            return Ok(IfMatch::Absent);
+        }
+        let mut strong = Vec::new();
+        let mut weak = false;
+        for v in values {
+            let text = v.to_str().map_err(|_| bad_tag())?;
+            for tag in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if tag == "*" {
+                    return Ok(IfMatch::Any);
+                }
+                if tag.starts_with("W/") {
+                    weak = true;
+                    continue;
+                }
+                // A well-formed tag that is not one of ours can never match: treat as stale.
+                match parse_etag(tag) {
+                    Some(n) => strong.push(n),
+                    None if tag.starts_with('"') && tag.ends_with('"') && tag.len() >= 2 => {
+                        weak = true
+                    }
+                    None => return Err(bad_tag()),
+                }
+            }
+        }
+        Ok(IfMatch::Tags { strong, weak })
+    }
+}
+
+fn bad_tag() -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidParameter,
+        "If-Match must be * or a list of entity tags such as \"3\".",
+    )
+    .with_details(vec![issue("If-Match", "invalid", "malformed entity tag")])
+}
+
+/// `"12"` → 12.
+pub fn parse_etag(tag: &str) -> Option<i64> {
+    tag.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+}
+
+/// Whether `If-None-Match` (weak comparison) matches `version`, making a GET a 304.
+pub fn if_none_match_hits(h: &HeaderMap, version: i64) -> bool {
+    h.get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || parse_etag(t.strip_prefix("W/").unwrap_or(t)) == Some(version))
+}

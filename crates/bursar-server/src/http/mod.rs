@@ -1,0 +1,56 @@
+//! The HTTP transport: layers, extractors, handlers, rendering and the OpenAPI document.
+
+pub mod context;
+pub mod error;
+pub mod extract;
+pub mod openapi;
+pub mod render;
+pub mod routes;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::middleware::from_fn;
+use axum::routing::{get, post};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::AppState;
+use routes::{customers, orders, system};
+
+/// The whole application. Layer order, outermost first: request context (id, trace, error
+/// rendering, access log) → panic guard → timeout (innermost, so a timed-out request is still
+/// rendered and logged) → body limit → routing → auth and body extractors in the handlers.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.http.body_limit_bytes;
+    let timeout = state.config.request_timeout();
+    Router::new()
+        .route(
+            "/api/customers",
+            post(customers::create).get(customers::list),
+        )
+        .route(
+            "/api/customers/{id}",
+            get(customers::get).patch(customers::update),
+        )
+        .route("/api/orders", post(orders::create).get(orders::list))
+        .route("/api/orders/{id}", get(orders::get).patch(orders::update))
+        .route("/api/orders/{id}/cancel", post(orders::cancel))
+        .route("/healthz", get(system::healthz))
+        .route("/readyz", get(system::readyz))
+        .route_layer(from_fn(context::record_route))
+        .with_state(state)
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(
+            ServiceBuilder::new()
+                .layer(from_fn(context::request_context))
+                .layer(CatchPanicLayer::custom(context::panic_response))
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    timeout,
+                )),
+        )
+}

@@ -1,0 +1,68 @@
+//! Handlers: parse, authenticate, call a service, render. Nothing else.
+
+pub mod customers;
+pub mod orders;
+pub mod system;
+
+use bursar_domain::Timestamp;
+use bursar_storage::PageRequest;
+
+use super::error::{ApiError, issue};
+use bursar_api::ErrorCode;
+
+pub const DEFAULT_LIMIT: u32 = 10;
+pub const MAX_LIMIT: u32 = 100;
+
+fn bad_param(field: &str, message: String) -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidParameter,
+        format!("Invalid query parameter `{field}`: {message}."),
+    )
+    .with_details(vec![issue(field, "invalid", message)])
+}
+
+/// A positive integer id given as a query parameter.
+pub fn parse_id(field: &str, raw: Option<&str>) -> Result<Option<i64>, ApiError> {
+    raw.map(|r| match r.parse::<i64>() {
+        Ok(v) if v > 0 => Ok(v),
+        _ => Err(bad_param(field, "must be a positive integer id".into())),
+    })
+    .transpose()
+}
+
+/// `limit` (1–100, default 10) and `starting_after` (an id from the previous page).
+pub fn parse_page(
+    limit: Option<&str>,
+    starting_after: Option<&str>,
+) -> Result<PageRequest, ApiError> {
+    let limit = match limit {
+        None => DEFAULT_LIMIT,
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(v) if (1..=MAX_LIMIT).contains(&v) => v,
+            _ => {
+                return Err(bad_param(
+                    "limit",
+                    format!("must be an integer from 1 to {MAX_LIMIT}"),
+                ));
+            }
+        },
+    };
+    Ok(PageRequest {
+        limit,
+        starting_after: parse_id("starting_after", starting_after)?,
+    })
+}
+
+/// A time bound given as RFC 3339 (`2026-03-25T00:00:00Z`) or Unix seconds.
+pub fn parse_time(field: &str, raw: Option<&str>) -> Result<Option<Timestamp>, ApiError> {
+    let Some(raw) = raw else { return Ok(None) };
+    if let Ok(secs) = raw.parse::<i64>() {
+        return secs
+            .checked_mul(1000)
+            .map(|ms| Some(Timestamp(ms)))
+            .ok_or_else(|| bad_param(field, "out of range".into()));
+    }
+    chrono::DateTime::parse_from_rfc3339(raw)
+        .map(|d| Some(Timestamp(d.timestamp_millis())))
+        .map_err(|_| bad_param(field, "must be RFC 3339 or Unix seconds".into()))
+}

@@ -1,0 +1,204 @@
+//! `/api/orders`.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use bursar_api::{CreateOrder, ErrorBody, List, Order, UpdateOrder};
+use bursar_domain::OrderStatus;
+use bursar_storage::OrderFilter;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::{parse_id, parse_page, parse_time};
+use crate::AppState;
+use crate::http::context::Ctx;
+use crate::http::error::{ApiError, issue};
+use crate::http::extract::{Auth, Id, IfMatch, Json, Params, if_none_match_hits};
+use crate::http::render;
+use crate::services::{Call, orders};
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListOrdersQuery {
+    /// Page size, 1–100 (default 10).
+    #[param(value_type = Option<u32>)]
+    pub limit: Option<String>,
+    /// Return orders created before this id (the last id of the previous page).
+    #[param(value_type = Option<i64>)]
+    pub starting_after: Option<String>,
+    /// Only orders of this customer.
+    #[param(value_type = Option<i64>)]
+    pub customer_id: Option<String>,
+    /// Only orders in this status.
+    #[param(value_type = Option<bursar_api::OrderStatus>)]
+    pub status: Option<String>,
+    /// Created at or after (RFC 3339 or Unix seconds).
+    #[serde(rename = "created[gte]")]
+    #[param(rename = "created[gte]")]
+    pub created_gte: Option<String>,
+    /// Created before (RFC 3339 or Unix seconds).
+    #[serde(rename = "created[lt]")]
+    #[param(rename = "created[lt]")]
+    pub created_lt: Option<String>,
+}
+
+impl ListOrdersQuery {
+    fn filter(&self) -> Result<OrderFilter, ApiError> {
+        let status = match self.status.as_deref() {
+            None => None,
+            Some(s) => Some(OrderStatus::parse(s).ok_or_else(|| {
+                ApiError::new(
+                    bursar_api::ErrorCode::InvalidParameter,
+                    "Invalid query parameter `status`: use pending, paid, refunded or canceled.",
+                )
+                .with_details(vec![issue("status", "invalid", "unknown status")])
+            })?),
+        };
+        Ok(OrderFilter {
+            page: parse_page(self.limit.as_deref(), self.starting_after.as_deref())?,
+            customer_id: parse_id("customer_id", self.customer_id.as_deref())?,
+            status,
+            created_gte: parse_time("created[gte]", self.created_gte.as_deref())?,
+            created_lt: parse_time("created[lt]", self.created_lt.as_deref())?,
+        })
+    }
+}
+
+#[utoipa::path(post, path = "/api/orders", tag = "orders", request_body = CreateOrder,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Accepted; full idempotency semantics are being rolled out")),
+    responses(
+        (status = 201, description = "Created", body = Order,
+         headers(("ETag" = String), ("Location" = String))),
+        (status = 422, description = "validation_failed or unknown_customer", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    Ctx(info): Ctx,
+    Json(req): Json<CreateOrder>,
+) -> Result<Response, ApiError> {
+    let call = Call {
+        state: &state,
+        auth: &auth,
+        info: &info,
+    };
+    let o = orders::create(&call, req).await?;
+    Ok(render::created(
+        format!("/api/orders/{}", o.id),
+        o.version,
+        &render::order(&o),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/orders/{id}", tag = "orders",
+    params(("id" = i64, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The order", body = Order, headers(("ETag" = String))),
+        (status = 304, description = "Not modified (If-None-Match matched)"),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Ctx(info): Ctx,
+    Id(id): Id,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let call = Call {
+        state: &state,
+        auth: &auth,
+        info: &info,
+    };
+    let o = orders::get(&call, id).await?;
+    if if_none_match_hits(&headers, o.version) {
+        return Ok(render::not_modified(o.version));
+    }
+    Ok(render::with_etag(
+        StatusCode::OK,
+        o.version,
+        &render::order(&o),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/orders", tag = "orders", params(ListOrdersQuery),
+    responses(
+        (status = 200, description = "A page of orders, newest first", body = List<Order>),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    Ctx(info): Ctx,
+    Params(q): Params<ListOrdersQuery>,
+) -> Result<axum::Json<List<Order>>, ApiError> {
+    let call = Call {
+        state: &state,
+        auth: &auth,
+        info: &info,
+    };
+    let p = orders::list(&call, q.filter()?).await?;
+    Ok(axum::Json(List::new(
+        p.items.iter().map(render::order).collect(),
+        p.has_more,
+    )))
+}
+
+#[utoipa::path(patch, path = "/api/orders/{id}", tag = "orders", request_body = UpdateOrder,
+    params(("id" = i64, Path, description = "Order id"),
+           ("If-Match" = Option<String>, Header, description = "Strong entity tag, e.g. \"3\"; or send `version` in the body")),
+    responses(
+        (status = 200, description = "Updated", body = Order, headers(("ETag" = String))),
+        (status = 412, description = "version_mismatch", body = ErrorBody),
+        (status = 428, description = "precondition_required", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn update(
+    State(state): State<AppState>,
+    auth: Auth,
+    Ctx(info): Ctx,
+    Id(id): Id,
+    headers: HeaderMap,
+    Json(req): Json<UpdateOrder>,
+) -> Result<Response, ApiError> {
+    let call = Call {
+        state: &state,
+        auth: &auth,
+        info: &info,
+    };
+    let o = orders::update(&call, id, IfMatch::from_headers(&headers)?, req).await?;
+    Ok(render::with_etag(
+        StatusCode::OK,
+        o.version,
+        &render::order(&o),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/orders/{id}/cancel", tag = "orders",
+    params(("id" = i64, Path, description = "Order id"),
+           ("If-Match" = Option<String>, Header, description = "Optional strong entity tag")),
+    responses(
+        (status = 200, description = "Canceled", body = Order, headers(("ETag" = String))),
+        (status = 409, description = "invalid_state: only pending orders can be canceled", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    auth: Auth,
+    Ctx(info): Ctx,
+    Id(id): Id,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let call = Call {
+        state: &state,
+        auth: &auth,
+        info: &info,
+    };
+    let o = orders::cancel(&call, id, IfMatch::from_headers(&headers)?).await?;
+    Ok(render::with_etag(
+        StatusCode::OK,
+        o.version,
+        &render::order(&o),
+    ))
+}

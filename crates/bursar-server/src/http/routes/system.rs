@@ -1,0 +1,32 @@
+//! Liveness and readiness.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::http::error::ApiError;
+
+/// Alive: the process answers. Never touches the database.
+#[utoipa::path(get, path = "/healthz", tag = "system",
+    responses((status = 200, description = "The process is alive")))]
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready: the database answers within two seconds; otherwise 503 so a load balancer
+/// takes this instance out of rotation.
+#[utoipa::path(get, path = "/readyz", tag = "system",
+    responses((status = 200, description = "Ready to serve"),
+              (status = 503, description = "service_unavailable", body = bursar_api::ErrorBody)))]
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => Ok(Json(
+            json!({"status": "ready", "database": state.store.backend()}),
+        )),
+        Ok(Err(e)) => Err(ApiError::unavailable(Box::new(e))),
+        Err(elapsed) => Err(ApiError::unavailable(Box::new(elapsed))),
+    }
+}
