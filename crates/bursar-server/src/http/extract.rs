@@ -125,15 +125,21 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 fn shape_error(path: &str, inner: &serde_json::Error) -> ApiError {
     let msg = inner.to_string();
     let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
-    let prefix = if path == "." {
-        String::new()
-    } else {
-        format!("{path}.")
+    // serde_path_to_error already ends the path with an unknown field's name, but not with
+    // a missing one's; join without doubling.
+    let join = |name: &str| {
+        if path == "." {
+            name.to_owned()
+        } else if path == name || path.ends_with(&format!(".{name}")) {
+            path.to_owned()
+        } else {
+            format!("{path}.{name}")
+        }
     };
     let (field, code) = if let Some(name) = between_backticks(&msg, "unknown field `") {
-        (format!("{prefix}{name}"), "unknown_field")
+        (join(name), "unknown_field")
     } else if let Some(name) = between_backticks(&msg, "missing field `") {
-        (format!("{prefix}{name}"), "required")
+        (join(name), "required")
     } else if path == "." {
         ("body".to_owned(), "invalid_type")
     } else {
@@ -179,12 +185,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
             .map_err(|e| {
                 let text = e.body_text();
                 let text = text.trim_start_matches("Failed to deserialize query string: ");
-                let field = between_backticks(text, "unknown field `").unwrap_or("query");
+                // serde_urlencoded reports "<param>: <problem>".
+                let (field, problem) = text.split_once(": ").unwrap_or(("query", text));
                 ApiError::new(
                     ErrorCode::InvalidParameter,
                     format!("Invalid query: {text}."),
                 )
-                .with_details(vec![issue(field, "invalid", text.to_owned())])
+                .with_details(vec![issue(field, "invalid", problem.to_owned())])
             })
     }
 }

@@ -1,0 +1,157 @@
+//! Starts the real server on port 0, on a fresh SQLite file or a fresh PostgreSQL schema, with
+//! two accounts (A and B) and an SDK client for each.
+
+use std::sync::Arc;
+
+use bursar_domain::apikey::KeyMode;
+use bursar_sdk::Client;
+use bursar_server::services::accounts;
+use bursar_server::{AppState, Config, SystemClock};
+use bursar_storage::Storage;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub struct TestApp {
+    pub url: String,
+    pub a: Client,
+    pub b: Client,
+    pub key_a: String,
+    pub account_a: i64,
+    pub store: Arc<dyn Storage>,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The configuration of a test server; `None` when the backend is not available here.
+pub fn test_config(backend: Backend) -> Option<(Config, Option<tempfile::TempDir>)> {
+    let mut config = Config::default();
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            config.data_dir = dir.path().to_owned();
+            Some((config, Some(dir)))
+        }
+        Backend::Postgres => {
+            let Ok(url) = std::env::var("BURSAR_TEST_DATABASE_URL") else {
+                assert!(
+                    std::env::var_os("BURSAR_TEST_REQUIRE_POSTGRES").is_none(),
+                    "BURSAR_TEST_REQUIRE_POSTGRES is set but BURSAR_TEST_DATABASE_URL is not"
+                );
+                eprintln!("skipped: BURSAR_TEST_DATABASE_URL is not set");
+                return None;
+            };
+            config.database_url = url;
+            config.database.max_connections = 8;
+            config.database.schema = Some(format!("t_{}", uuid::Uuid::new_v4().simple()));
+            Some((config, None))
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn start(backend: Backend) -> Option<TestApp> {
+        let (config, dir) = test_config(backend)?;
+        Some(TestApp::start_with(config, dir).await)
+    }
+
+    pub async fn start_with(config: Config, dir: Option<tempfile::TempDir>) -> TestApp {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store = bursar_server::store::open(&config).await.unwrap();
+        let clock = SystemClock;
+        let mut keys = Vec::new();
+        let mut ids = Vec::new();
+        for name in ["a", "b"] {
+            let acct = accounts::create_account(store.as_ref(), &clock, name)
+                .await
+                .unwrap();
+            ids.push(acct.id);
+            keys.push(
+                accounts::create_key(store.as_ref(), &clock, name, KeyMode::Test)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let state = AppState::new(store.clone(), Arc::new(SystemClock), config);
+        let server = tokio::spawn(bursar_server::serve(listener, state, async {
+            let _ = rx.await;
+        }));
+        let http = reqwest::Client::new();
+        TestApp {
+            a: Client::with_http(http.clone(), &url, &keys[0]),
+            b: Client::with_http(http.clone(), &url, &keys[1]),
+            key_a: keys[0].clone(),
+            account_a: ids[0],
+            url,
+            store,
+            http,
+            shutdown: Some(tx),
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    /// Signals shutdown and waits for the server to drain and close its pools.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.server.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// A raw request without any credentials.
+    pub fn anon(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.url))
+    }
+
+    pub async fn customer(&self, client: &Client) -> i64 {
+        client
+            .create_customer(&Default::default())
+            .await
+            .unwrap()
+            .body
+            .id
+    }
+
+    /// Creates an order from a raw JSON body, returning the raw response.
+    pub async fn post_order_raw(&self, client: &Client, body: String) -> reqwest::Response {
+        client
+            .request(reqwest::Method::POST, "/api/orders")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// Decodes an error response, checking the envelope members every error must carry.
+pub async fn error_body(resp: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/json",
+        "error content type"
+    );
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "error", "{v}");
+    assert_eq!(v["error_code"], code, "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert_eq!(v["request_id"], request_id.as_str(), "{v}");
+    assert_eq!(v["trace_id"].as_str().map(str::len), Some(32), "{v}");
+    assert!(v["latency_ms"].is_u64(), "{v}");
+    assert!(v["details"].is_array(), "{v}");
+    v
+}

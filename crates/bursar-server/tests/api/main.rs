@@ -1,0 +1,46 @@
+//! The API suite: every case runs against the real server over HTTP, through the SDK, once on
+//! SQLite and once on PostgreSQL (`BURSAR_TEST_DATABASE_URL`).
+
+mod cases;
+mod harness;
+
+macro_rules! api_suite {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let app = crate::harness::TestApp::start(crate::harness::Backend::Sqlite).await.unwrap();
+                    crate::cases::$case(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(app) = crate::harness::TestApp::start(crate::harness::Backend::Postgres).await else { return };
+                    crate::cases::$case(&app).await;
+                    app.stop().await;
+                }
+            )*
+        }
+    };
+}
+
+api_suite!(
+    canonical_order_request,
+    amounts_render_with_the_currency_decimals,
+    bad_amounts_are_422_naming_the_field,
+    customers_crud_with_etags,
+    updates_need_a_current_version,
+    concurrent_patches_have_one_winner,
+    accounts_cannot_see_each_other,
+    cancel_follows_the_state_machine,
+    lists_page_and_filter,
+    every_error_class_has_the_envelope,
+    problem_json_has_the_same_members,
+    request_ids_and_trace_context,
+    health_readiness_and_docs,
+);
