@@ -145,8 +145,9 @@ fn load_config(common: &Common, listen: Option<SocketAddr>) -> anyhow::Result<Co
     }
     figment = figment
         .merge(Env::prefixed("BURSAR_").split("__").filter(|k| {
+            // Keys arrive upper case, with `__` already mapped to `.`.
             let top = k.as_str().split('.').next().unwrap_or_default();
-            ENV_KEYS.contains(&top)
+            ENV_KEYS.iter().any(|known| top.eq_ignore_ascii_case(known))
         }))
         .merge(Serialized::defaults(common));
     if let Some(listen) = listen {
@@ -180,28 +181,31 @@ fn init_logging(config: &Config, quiet: bool) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Registers SIGTERM and SIGINT handlers *now* (before anything is printed, so a supervisor
+/// that signals as soon as it sees the banner is handled) and returns the future that
+/// resolves on the first of them.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     let clock = Arc::new(SystemClock);
     let store = bursar_server::store::open(&config)
         .await
@@ -229,7 +233,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(listen = %addr, backend = store.backend(), "serving");
     let state = AppState::new(store, clock, config);
-    bursar_server::serve(listener, state, shutdown_signal()).await
+    bursar_server::serve(listener, state, shutdown).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

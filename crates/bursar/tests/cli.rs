@@ -1,0 +1,386 @@
+//! The `bursar` binary as an operator meets it: first start, admin commands, configuration,
+//! and shutdown on SIGTERM with a request in flight. Each case runs on SQLite (a temp data dir)
+//! and on PostgreSQL (a fresh schema via `BURSAR_DATABASE__SCHEMA`) when configured.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+/// Where a test's database lives, as `bursar` flags and environment.
+struct Db {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+fn sqlite() -> Db {
+    let dir = tempfile::tempdir().unwrap();
+    Db {
+        args: vec!["--data-dir".into(), dir.path().display().to_string()],
+        env: vec![],
+        _dir: dir,
+    }
+}
+
+fn postgres() -> Option<Db> {
+    let Ok(url) = std::env::var("BURSAR_TEST_DATABASE_URL") else {
+        assert!(std::env::var_os("BURSAR_TEST_REQUIRE_POSTGRES").is_none());
+        eprintln!("skipped: BURSAR_TEST_DATABASE_URL is not set");
+        return None;
+    };
+    Some(Db {
+        args: vec!["--database-url".into(), url],
+        env: vec![(
+            "BURSAR_DATABASE__SCHEMA".into(),
+            format!("t_{}", uuid::Uuid::new_v4().simple()),
+        )],
+        _dir: tempfile::tempdir().unwrap(),
+    })
+}
+
+fn bursar(db: &Db, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bursar"));
+    cmd.args(args).args(&db.args).envs(db.env.iter().cloned());
+    cmd.env_remove("BURSAR_DATABASE_URL")
+        .env_remove("BURSAR_DATA_DIR");
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+async fn run(db: &Db, args: &[&str]) -> (bool, String, String) {
+    let out = bursar(db, args).output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// A running `bursar serve`, with what it printed on stdout before serving.
+struct Server {
+    child: Child,
+    base: String,
+    banner: Vec<String>,
+}
+
+async fn serve(db: &Db, extra_env: &[(&str, &str)]) -> Server {
+    let mut cmd = bursar(db, &["serve", "--listen", "127.0.0.1:0"]);
+    cmd.envs(extra_env.iter().map(|(k, v)| (*k, *v)));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = Vec::new();
+    let read_banner = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let done = line.contains("Database:");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+        // The key, if any, follows within the same write burst.
+        if let Ok(Ok(Some(l))) =
+            tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+        {
+            banner.push(l);
+            if let Some(Ok(Some(k))) =
+                tokio::time::timeout(Duration::from_millis(500), lines.next_line())
+                    .await
+                    .ok()
+            {
+                banner.push(k);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read_banner)
+        .await
+        .expect("server start");
+    let api = banner
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("API:"))
+        .expect("API url printed")
+        .trim()
+        .to_owned();
+    Server {
+        child,
+        base: api.trim_end_matches("/api").to_owned(),
+        banner,
+    }
+}
+
+impl Server {
+    fn key(&self) -> Option<String> {
+        self.banner
+            .iter()
+            .map(|l| l.trim())
+            .find(|l| l.starts_with("bsr_test_"))
+            .map(str::to_owned)
+    }
+
+    fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_owned()
+    }
+
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(killed.success());
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits after SIGTERM")
+            .unwrap()
+    }
+}
+
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+async fn first_start(db: Db) {
+    let server = serve(&db, &[]).await;
+    let text = server.banner.join("\n");
+    assert!(text.contains("/docs"), "{text}");
+    let key = server
+        .key()
+        .unwrap_or_else(|| panic!("first start prints a key: {text}"));
+    let http = client();
+    let customer: serde_json::Value = http
+        .post(format!("{}/api/customers", server.base))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"name": "first"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let body = format!(
+        r#"{{"customer_id": {}, "amount": 199.00, "currency": "USD"}}"#,
+        customer["id"]
+    );
+    let resp = http
+        .post(format!("{}/api/orders", server.base))
+        .header("Idempotency-Key", "order-20260325-00091")
+        .header("Content-Type", "application/json")
+        .bearer_auth(&key)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains(r#""amount":199.00"#) && text.contains(r#""currency":"USD""#),
+        "{text}"
+    );
+    assert!(server.terminate().await.success());
+
+    // The second start finds the account: no new key, and the first one still works.
+    let again = serve(&db, &[]).await;
+    assert_eq!(again.key(), None, "{:?}", again.banner);
+    let resp = http
+        .get(format!("{}/api/orders", again.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(again.terminate().await.success());
+}
+
+async fn admin_commands(db: Db) {
+    let (ok, out, err) = run(&db, &["migrate"]).await;
+    assert!(ok, "{err}");
+    assert!(out.is_empty());
+    let (ok, id, err) = run(&db, &["admin", "accounts", "create", "acme"]).await;
+    assert!(ok, "{err}");
+    let id: i64 = id
+        .trim_end_matches('\n')
+        .parse()
+        .expect("only the id on stdout");
+    for account in ["acme".to_owned(), id.to_string()] {
+        let (ok, key, err) = run(&db, &["admin", "keys", "create", "--account", &account]).await;
+        assert!(ok, "{err}");
+        let key = key.strip_suffix('\n').unwrap();
+        assert!(
+            key.starts_with("bsr_test_") && key.len() == 45 && !key.contains('\n'),
+            "{key}"
+        );
+    }
+    let (ok, key, _) = run(
+        &db,
+        &[
+            "admin",
+            "keys",
+            "create",
+            "--account",
+            "acme",
+            "--mode",
+            "live",
+        ],
+    )
+    .await;
+    assert!(ok && key.starts_with("bsr_live_"));
+    let (ok, out, err) = run(&db, &["admin", "accounts", "create", "acme"]).await;
+    assert!(
+        !ok && out.is_empty() && err.contains("already exists"),
+        "{err}"
+    );
+    let (ok, out, err) = run(&db, &["admin", "keys", "create", "--account", "nobody"]).await;
+    assert!(!ok && out.is_empty() && err.contains("no account"), "{err}");
+    // A server started on a database that already has accounts creates none.
+    let server = serve(&db, &[]).await;
+    assert_eq!(server.key(), None);
+    assert!(server.terminate().await.success());
+}
+
+async fn sigterm_lets_in_flight_requests_finish(db: Db) {
+    let server = serve(&db, &[]).await;
+    let key = server
+        .key()
+        .unwrap_or_else(|| panic!("no key in {:?}", server.banner));
+    // A request whose body is still arriving when the signal comes. `Expect: 100-continue`
+    // makes the server say when the handler has started reading the body, so the signal
+    // provably lands while the request is in flight.
+    let body = br#"{"name":"in flight"}"#;
+    let conn = TcpStream::connect(server.addr()).await.unwrap();
+    let mut conn = BufReader::new(conn);
+    let head = format!(
+        "POST /api/customers HTTP/1.1\r\nHost: bursar\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    conn.get_mut().write_all(head.as_bytes()).await.unwrap();
+    let mut status_line = String::new();
+    conn.read_line(&mut status_line).await.unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 100"), "{status_line}");
+    let addr = server.addr();
+    let pid = server.child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    // Wait until the listener is closed: shutdown has begun.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while TcpStream::connect(&addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("stops accepting after SIGTERM");
+    conn.get_mut().write_all(body).await.unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.contains("HTTP/1.1 201"), "{answer}");
+    let mut child = server.child;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn shutdown_is_bounded(db: Db) {
+    let server = serve(&db, &[("BURSAR_HTTP__SHUTDOWN_GRACE_MS", "300")]).await;
+    let key = server
+        .key()
+        .unwrap_or_else(|| panic!("no key in {:?}", server.banner));
+    // This client never finishes its body; the grace period must end the wait.
+    let mut conn = TcpStream::connect(server.addr()).await.unwrap();
+    let head = format!(
+        "POST /api/customers HTTP/1.1\r\nHost: bursar\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    assert!(server.terminate().await.success());
+    drop(conn);
+}
+
+async fn configuration(db: Db) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bursar"))
+        .args(["config", "print-default"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let out = String::from_utf8(out.stdout).unwrap();
+    let parsed: toml::Table = toml::from_str(&out).expect("valid TOML");
+    for key in [
+        "listen",
+        "data_dir",
+        "database_url",
+        "http",
+        "database",
+        "log",
+    ] {
+        assert!(parsed.contains_key(key), "{key}");
+    }
+    for (var, value) in [
+        ("BURSAR_HTTP__BODY_LIMIT_BYTES", "lots"),
+        ("BURSAR_LISTEN", "not-an-address"),
+    ] {
+        let out = bursar(&db, &["migrate"])
+            .env(var, value)
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("invalid configuration"),
+            "{var}: {err}"
+        );
+    }
+    let cfg = db._dir.path().join("bursar.toml");
+    std::fs::write(&cfg, "[http]\nbody_limt_bytes = 5\n").unwrap();
+    let out = bursar(&db, &["migrate", "--config", cfg.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "a typo in the file is refused");
+    // Test-suite variables that merely share the prefix are not configuration.
+    let out = bursar(&db, &["migrate"])
+        .env("BURSAR_TEST_SOMETHING", "x")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[tokio::test] async fn $case() { super::$case(super::sqlite()).await } )*
+        }
+        mod postgres {
+            $( #[tokio::test] async fn $case() { if let Some(db) = super::postgres() { super::$case(db).await } } )*
+        }
+    };
+}
+
+on_both_backends!(
+    first_start,
+    admin_commands,
+    sigterm_lets_in_flight_requests_finish,
+    shutdown_is_bounded,
+    configuration,
+);
