@@ -231,6 +231,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
         println!("  {key}");
     }
+    println!("Press Ctrl-C to stop.");
     tracing::info!(listen = %addr, backend = store.backend(), "serving");
     let state = AppState::new(store, clock, config);
     bursar_server::serve(listener, state, shutdown).await

@@ -69,32 +69,17 @@ struct Server {
 async fn serve(db: &Db, extra_env: &[(&str, &str)]) -> Server {
     let mut cmd = bursar(db, &["serve", "--listen", "127.0.0.1:0"]);
     cmd.envs(extra_env.iter().map(|(k, v)| (*k, *v)));
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // Each start truncates the log file, so it holds this run's lines only.
+    let log = std::fs::File::create(db._dir.path().join("stderr.log")).unwrap();
+    let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut banner = Vec::new();
     let read_banner = async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            let done = line.contains("Database:");
+            let done = line.starts_with("Press Ctrl-C");
             banner.push(line);
             if done {
                 break;
-            }
-        }
-        // The key, if any, follows within the same write burst.
-        if let Ok(Ok(Some(l))) =
-            tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
-        {
-            banner.push(l);
-            if let Some(Ok(Some(k))) =
-                tokio::time::timeout(Duration::from_millis(500), lines.next_line())
-                    .await
-                    .ok()
-            {
-                banner.push(k);
             }
         }
     };
@@ -185,6 +170,23 @@ async fn first_start(db: Db) {
         "{text}"
     );
     assert!(server.terminate().await.success());
+
+    // The log is one JSON object per line, with what a request is debugged by.
+    let log = std::fs::read_to_string(db._dir.path().join("stderr.log")).unwrap();
+    let line: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON log line"))
+        .find(|v| v["route"] == "/api/orders")
+        .expect("an access log line for the order");
+    assert_eq!(line["status"], 201);
+    assert_eq!(line["method"], "POST");
+    assert!(line["request_id"].as_str().unwrap().starts_with("req_"));
+    assert_eq!(line["trace_id"].as_str().map(str::len), Some(32));
+    assert!(
+        line["account_id"].is_i64() && line["latency_ms"].is_u64(),
+        "{line}"
+    );
+    assert!(!log.contains(&key), "the API key never reaches the log");
 
     // The second start finds the account: no new key, and the first one still works.
     let again = serve(&db, &[]).await;
