@@ -1,1 +1,220 @@
-fn main() {}
+//! `bursar-bench`: measures Bursar against a bare axum + sqlx baseline in the same run and
+//! prints the ratio. Absolute numbers depend on the machine; the ratio is what compares across
+//! machines and commits, and interleaving the targets (A B A B) keeps drift from favouring one.
+
+mod baseline;
+mod bursar;
+mod load;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, ensure};
+use clap::{Parser, ValueEnum};
+use reqwest::Client;
+use sqlx::{AssertSqlSafe, Connection};
+
+use load::{Op, Sample, Target};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Parser)]
+#[command(about = "Load-test Bursar against a bare axum + sqlx baseline")]
+struct Args {
+    /// The `bursar` binary to measure.
+    #[arg(long, required_unless_present = "baseline_only")]
+    bursar_bin: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    backend: Backend,
+    /// PostgreSQL server (for `--backend postgres`); the bench creates and drops its own
+    /// schema and database there.
+    #[arg(long, required_if_eq("backend", "postgres"))]
+    database_url: Option<String>,
+    /// Concurrent closed-loop clients.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Measured seconds per phase and round.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Unrecorded seconds before each measured phase.
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// Rounds of baseline-then-Bursar; the samples of all rounds are pooled.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Measure only the baseline (no `bursar` binary needed).
+    #[arg(long)]
+    baseline_only: bool,
+}
+
+/// Per target: name, pooled create sample, pooled get sample.
+type Results = Vec<(&'static str, Sample, Sample)>;
+
+fn main() -> Result<ExitCode> {
+    // reqwest is built without a default rustls provider and panics if none is installed.
+    let provider = rustls::crypto::ring::default_provider();
+    provider
+        .install_default()
+        .map_err(|_| anyhow!("rustls provider already installed"))?;
+    let args = Args::parse();
+    let positive = args.concurrency > 0 && args.duration_secs > 0 && args.rounds > 0;
+    ensure!(
+        positive,
+        "--concurrency, --duration-secs and --rounds must be at least 1"
+    );
+    // The load generator's runtime; the baseline server gets a runtime of its own.
+    let rt = tokio::runtime::Runtime::new().context("building the tokio runtime")?;
+    let results = rt.block_on(run(&args))?;
+    Ok(report(&args, results))
+}
+
+/// Starts the targets, measures, and tears everything down again on every path.
+async fn run(args: &Args) -> Result<Results> {
+    // One client for everything: HTTP/1.1 with keep-alive, as a typical API client uses.
+    let client = Client::builder().http1_only().no_proxy();
+    let client = client.timeout(Duration::from_secs(10)).build()?;
+    let url = args.database_url.as_deref();
+    let baseline = baseline::Baseline::start(args.backend, url).await?;
+    let base = Arc::new(baseline.target(&client));
+    let results = match args.bursar_bin.as_deref() {
+        Some(bin) if !args.baseline_only => with_bursar(args, bin, &client, base).await,
+        _ => measure(args, &[base]).await,
+    };
+    finish(results, baseline.stop().await)
+}
+
+/// Adds Bursar beside the baseline; its process and store go away on every path.
+async fn with_bursar(
+    args: &Args,
+    bin: &Path,
+    client: &Client,
+    base: Arc<Target>,
+) -> Result<Results> {
+    let (scratch, flags) = bursar::store(args.backend, args.database_url.as_deref()).await?;
+    let results = async {
+        let (mut child, target) = bursar::start(bin, &flags, client).await?;
+        let results = measure(args, &[base, Arc::new(target)]).await;
+        finish(results, child.kill().await.context("killing bursar"))
+    };
+    let results = results.await;
+    finish(results, scratch.remove().await)
+}
+
+/// The work's error wins; a cleanup error fails an otherwise good run.
+fn finish<T>(work: Result<T>, cleanup: Result<()>) -> Result<T> {
+    if let (Err(_), Err(e)) = (&work, &cleanup) {
+        eprintln!("cleanup failed too: {e:#}");
+    }
+    let value = work?;
+    cleanup.map(|()| value)
+}
+
+/// Runs the rounds, each target create-then-get in turn, and pools the samples per target.
+async fn measure(args: &Args, targets: &[Arc<Target>]) -> Result<Results> {
+    let settings = load::Settings {
+        concurrency: args.concurrency,
+        warmup: Duration::from_secs(args.warmup_secs),
+        duration: Duration::from_secs(args.duration_secs),
+    };
+    let empty = |t: &Arc<Target>| (t.name, Sample::default(), Sample::default());
+    let mut results: Results = targets.iter().map(empty).collect();
+    for round in 1..=args.rounds {
+        for (t, (_, creates, gets)) in targets.iter().zip(&mut results) {
+            eprintln!("round {round}/{}: {} create, then get", args.rounds, t.name);
+            let mut created = load::run_phase(t, Op::Create, vec![], settings).await?;
+            let ids = std::mem::take(&mut created.ids);
+            creates.absorb(created);
+            gets.absorb(load::run_phase(t, Op::Get, ids, settings).await?);
+        }
+    }
+    Ok(results)
+}
+
+/// Prints the markdown table; the exit status is non-zero if any request failed.
+fn report(args: &Args, mut results: Results) -> ExitCode {
+    let backend = format!("{:?}", args.backend).to_lowercase();
+    let (c, d, r, w) = (
+        args.concurrency,
+        args.duration_secs,
+        args.rounds,
+        args.warmup_secs,
+    );
+    println!("backend: {backend}  concurrency: {c}  duration: {d}s x {r} rounds  warmup: {w}s");
+    println!("| target   | op     |  req/s | p50 ms | p99 ms | errors |");
+    println!("|----------|--------|-------:|-------:|-------:|-------:|");
+    let mut errors = 0;
+    for op in [Op::Create, Op::Get] {
+        for (name, creates, gets) in &mut results {
+            let s = if op == Op::Create { creates } else { gets };
+            let (p50, p99) = (ms(s.percentile_us(50)), ms(s.percentile_us(99)));
+            let (op, rate, e) = (op.name(), s.rate(), s.errors);
+            println!("| {name:<8} | {op:<6} | {rate:>6} | {p50:>6} | {p99:>6} | {e:>6} |");
+            errors += e;
+        }
+    }
+    if let [(_, base_c, base_g), (_, bursar_c, bursar_g)] = &results[..] {
+        let ratio = |a: &Sample, b: &Sample| a.rate() as f64 / b.rate().max(1) as f64;
+        let (c, g) = (ratio(bursar_c, base_c), ratio(bursar_g, base_g));
+        println!("ratio bursar/baseline: create {c:.2}  get {g:.2}   (req/s)");
+    }
+    if errors > 0 {
+        eprintln!("{errors} requests failed");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Microseconds as milliseconds with two decimals, in integer math.
+fn ms(us: u64) -> String {
+    format!("{}.{:02}", us / 1000, us % 1000 / 10)
+}
+
+/// Scratch storage made for one run and removed at its end.
+pub enum Scratch {
+    Dir(tempfile::TempDir),
+    /// A PostgreSQL schema or database: the server URL and the statement that drops it.
+    Postgres(String, String),
+}
+
+impl Scratch {
+    /// Creates a `SCHEMA` or `DATABASE` with a random name on `url`; returns it and its name.
+    async fn postgres(url: &str, kind: &str) -> Result<(Scratch, String)> {
+        use std::hash::{BuildHasher, RandomState};
+        // `RandomState` is randomly seeded by std, which saves a dependency.
+        let random = RandomState::new().hash_one(0u8);
+        let (prefix, how) = match kind {
+            "SCHEMA" => ("bench", "CASCADE"),
+            _ => ("bursar_bench", "WITH (FORCE)"),
+        };
+        let name = format!("{prefix}_{random:016x}");
+        pg_admin(url, format!("CREATE {kind} {name}")).await?;
+        let drop = format!("DROP {kind} {name} {how}");
+        Ok((Scratch::Postgres(url.to_owned(), drop), name))
+    }
+
+    async fn remove(self) -> Result<()> {
+        match self {
+            Scratch::Dir(dir) => dir.close().context("removing a temp dir"),
+            Scratch::Postgres(url, drop) => pg_admin(&url, drop).await,
+        }
+    }
+}
+
+/// Runs one statement on a fresh connection. Only for DDL on names made by
+/// [`Scratch::postgres`], hence safe to splice.
+async fn pg_admin(url: &str, sql: String) -> Result<()> {
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let done = sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+        .execute(&mut conn)
+        .await;
+    done.with_context(|| format!("running {sql}"))?;
+    Ok(conn.close().await?)
+}

@@ -1,0 +1,229 @@
+//! The bare baseline: axum + sqlx doing one statement per request and nothing else (no auth,
+//! transaction, outbox or logging). The ratio against it is Bursar's overhead.
+//!
+//! It runs on a tokio runtime of its own so that, like the separate `bursar` process, it does
+//! not share worker threads with the load generator.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use reqwest::Client;
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+use crate::load::Target;
+use crate::{Backend, Scratch};
+
+// Same columns as Bursar's `orders` (migrations/0001_init.sql), minus foreign keys and indexes.
+const SQLITE_DDL: &str = "CREATE TABLE bench_orders (id INTEGER PRIMARY KEY AUTOINCREMENT, \
+    account_id INTEGER NOT NULL, customer_id INTEGER NOT NULL, \
+    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0), currency TEXT NOT NULL, \
+    status TEXT NOT NULL, description TEXT, metadata TEXT NOT NULL DEFAULT '{}', \
+    version INTEGER NOT NULL DEFAULT 1, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)";
+const PG_DDL: &str = "CREATE TABLE bench_orders (\
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+    account_id BIGINT NOT NULL, customer_id BIGINT NOT NULL, \
+    amount_minor BIGINT NOT NULL CHECK (amount_minor > 0), currency TEXT NOT NULL, \
+    status TEXT NOT NULL, description TEXT, metadata JSONB NOT NULL DEFAULT '{}', \
+    version BIGINT NOT NULL DEFAULT 1, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)";
+// Wall-clock milliseconds come from the database: the workspace bans `SystemTime::now`.
+const SQLITE_INSERT: &str = "INSERT INTO bench_orders (account_id, customer_id, amount_minor, \
+    currency, status, created_at, updated_at) VALUES (1, ?, ?, ?, 'pending', \
+    CAST(unixepoch('subsec') * 1000 AS INTEGER), CAST(unixepoch('subsec') * 1000 AS INTEGER)) \
+    RETURNING id";
+const PG_INSERT: &str = "INSERT INTO bench_orders (account_id, customer_id, amount_minor, \
+    currency, status, created_at, updated_at) VALUES (1, $1, $2, $3, 'pending', \
+    (extract(epoch FROM now()) * 1000)::bigint, (extract(epoch FROM now()) * 1000)::bigint) \
+    RETURNING id";
+// The whole row, as a real GET would read it.
+const SQLITE_SELECT: &str = "SELECT id, account_id, customer_id, amount_minor, currency, status, \
+    description, metadata, version, created_at, updated_at FROM bench_orders WHERE id = ?";
+const PG_SELECT: &str = "SELECT id, account_id, customer_id, amount_minor, currency, status, \
+    description, metadata::text AS metadata, version, created_at, updated_at \
+    FROM bench_orders WHERE id = $1";
+
+/// The axum state: the pools.
+#[derive(Clone)]
+enum Db {
+    Sqlite {
+        writer: SqlitePool,
+        readers: SqlitePool,
+    },
+    Postgres(PgPool),
+}
+
+pub struct Baseline {
+    addr: SocketAddr,
+    rt: tokio::runtime::Runtime,
+    db: Db,
+    scratch: Scratch,
+}
+
+impl Baseline {
+    pub async fn start(backend: Backend, database_url: Option<&str>) -> Result<Baseline> {
+        let rt = tokio::runtime::Runtime::new()?;
+        let url = database_url.map(str::to_owned);
+        // Pools and the listener belong to the runtime they are created on, so set up there.
+        let setup = rt.spawn(async move {
+            let (db, scratch) = match backend {
+                Backend::Sqlite => open_sqlite().await?,
+                Backend::Postgres => open_postgres(&url.context("no --database-url")?).await?,
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let app = Router::new().route("/orders", post(create));
+            let app = app.route("/orders/{id}", get(fetch)).with_state(db.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            anyhow::Ok((addr, db, scratch))
+        });
+        match setup.await.context("baseline setup panicked") {
+            Ok(Ok((addr, db, scratch))) => Ok(Baseline {
+                addr,
+                rt,
+                db,
+                scratch,
+            }),
+            // A runtime must not be dropped inside another one; shut it down explicitly.
+            Ok(Err(e)) | Err(e) => {
+                rt.shutdown_background();
+                Err(e)
+            }
+        }
+    }
+
+    /// The baseline as the load generator sees it.
+    pub fn target(&self, client: &Client) -> Target {
+        let body = r#"{"customer_id":1,"amount_minor":19900,"currency":"USD"}"#;
+        let orders = format!("http://{}/orders", self.addr);
+        Target::new("baseline", client, orders, None, body.into())
+    }
+
+    /// Closes the pools and the runtime, then removes the temp dir or the schema.
+    pub async fn stop(self) -> Result<()> {
+        let db = self.db;
+        let closed = self.rt.spawn(async move {
+            match db {
+                Db::Sqlite { writer, readers } => {
+                    readers.close().await;
+                    writer.close().await;
+                }
+                Db::Postgres(pool) => pool.close().await,
+            }
+        });
+        let closed = closed.await.context("closing the baseline pools");
+        self.rt.shutdown_background();
+        closed.and(self.scratch.remove().await)
+    }
+}
+
+/// Bursar's SQLite setup (`SqliteStore::open`): WAL, synchronous=NORMAL, busy_timeout, one
+/// writer connection, a read pool of 4.
+async fn open_sqlite() -> Result<(Db, Scratch)> {
+    let dir = tempfile::tempdir().context("creating the baseline temp dir")?;
+    let connect = SqliteConnectOptions::new()
+        .filename(dir.path().join("baseline.db"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(5));
+    let pool = SqlitePoolOptions::new().max_connections(1);
+    let writer = pool.connect_with(connect.clone()).await?;
+    sqlx::query(SQLITE_DDL).execute(&writer).await?;
+    let pool = SqlitePoolOptions::new().max_connections(4);
+    let readers = pool.connect_with(connect.read_only(true)).await?;
+    Ok((Db::Sqlite { writer, readers }, Scratch::Dir(dir)))
+}
+
+/// A pool of 16 (Bursar's default) on a fresh schema of its own.
+async fn open_postgres(url: &str) -> Result<(Db, Scratch)> {
+    let (scratch, schema) = Scratch::postgres(url, "SCHEMA").await?;
+    let made = async {
+        let connect: PgConnectOptions = url.parse()?;
+        let connect = connect.options([("search_path", &schema)]);
+        let pool = PgPoolOptions::new().max_connections(16);
+        let pool = pool.connect_with(connect).await?;
+        sqlx::query(PG_DDL).execute(&pool).await?;
+        anyhow::Ok(pool)
+    };
+    match made.await {
+        Ok(pool) => Ok((Db::Postgres(pool), scratch)),
+        Err(e) => {
+            // Best effort: the first error is the one worth reporting.
+            let _ = scratch.remove().await;
+            Err(e.context("setting up the PostgreSQL baseline"))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct NewOrder {
+    customer_id: i64,
+    amount_minor: i64,
+    currency: String,
+}
+
+#[derive(Serialize, sqlx::FromRow)]
+struct OrderView {
+    id: i64,
+    account_id: i64,
+    customer_id: i64,
+    amount_minor: i64,
+    currency: String,
+    status: String,
+    description: Option<String>,
+    metadata: String,
+    version: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+type Reply = Result<Response, (StatusCode, String)>;
+
+fn internal(e: sqlx::Error) -> (StatusCode, String) {
+    (StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// One autocommitted INSERT (the table's CHECK rejects a non-positive amount).
+async fn create(State(db): State<Db>, Json(o): Json<NewOrder>) -> Reply {
+    macro_rules! insert {
+        ($sql:expr, $pool:expr) => {
+            sqlx::query_scalar($sql)
+                .bind(o.customer_id)
+                .bind(o.amount_minor)
+                .bind(&o.currency)
+                .fetch_one($pool)
+                .await
+        };
+    }
+    let id: i64 = match &db {
+        Db::Sqlite { writer, .. } => insert!(SQLITE_INSERT, writer),
+        Db::Postgres(pool) => insert!(PG_INSERT, pool),
+    }
+    .map_err(internal)?;
+    let body = serde_json::json!({ "id": id, "status": "pending" });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn fetch(State(db): State<Db>, Path(id): Path<i64>) -> Reply {
+    macro_rules! select {
+        ($sql:expr, $pool:expr) => {
+            sqlx::query_as($sql).bind(id).fetch_optional($pool).await
+        };
+    }
+    let row: Option<OrderView> = match &db {
+        Db::Sqlite { readers, .. } => select!(SQLITE_SELECT, readers),
+        Db::Postgres(pool) => select!(PG_SELECT, pool),
+    }
+    .map_err(internal)?;
+    match row {
+        Some(order) => Ok(Json(order).into_response()),
+        None => Err((StatusCode::NOT_FOUND, format!("no order {id}"))),
+    }
+}
