@@ -22,32 +22,31 @@ use crate::load::Target;
 use crate::{Backend, Scratch};
 
 // Same columns as Bursar's `orders` (migrations/0001_init.sql), minus foreign keys and indexes.
-const SQLITE_DDL: &str = "CREATE TABLE bench_orders (id INTEGER PRIMARY KEY AUTOINCREMENT, \
-    account_id INTEGER NOT NULL, customer_id INTEGER NOT NULL, \
-    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0), currency TEXT NOT NULL, \
-    status TEXT NOT NULL, description TEXT, metadata TEXT NOT NULL DEFAULT '{}', \
-    version INTEGER NOT NULL DEFAULT 1, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL)";
-const PG_DDL: &str = "CREATE TABLE bench_orders (\
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
-    account_id BIGINT NOT NULL, customer_id BIGINT NOT NULL, \
-    amount_minor BIGINT NOT NULL CHECK (amount_minor > 0), currency TEXT NOT NULL, \
-    status TEXT NOT NULL, description TEXT, metadata JSONB NOT NULL DEFAULT '{}', \
-    version BIGINT NOT NULL DEFAULT 1, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)";
+// The baseline's schema is Bursar's own (same tables, indexes and foreign keys), seeded with
+// one account and one customer, so its INSERT is the very statement Bursar runs for an order —
+// minus everything Bursar adds around it (auth, validation, the outbox event, rendering, logs).
+const SQLITE_SCHEMA: &str = include_str!("../../bursar-storage-sqlite/migrations/0001_init.sql");
+const PG_SCHEMA: &str = include_str!("../../bursar-storage-postgres/migrations/0001_init.sql");
+const SEED: &str = "INSERT INTO accounts (name, created_at) VALUES ('bench', 0); \
+    INSERT INTO customers (account_id, name, email, metadata, version, created_at, updated_at) \
+    VALUES (1, 'bench', NULL, '{}', 1, 0, 0)";
 // Wall-clock milliseconds come from the database: the workspace bans `SystemTime::now`.
-const SQLITE_INSERT: &str = "INSERT INTO bench_orders (account_id, customer_id, amount_minor, \
-    currency, status, created_at, updated_at) VALUES (1, ?, ?, ?, 'pending', \
-    CAST(unixepoch('subsec') * 1000 AS INTEGER), CAST(unixepoch('subsec') * 1000 AS INTEGER)) \
-    RETURNING id";
-const PG_INSERT: &str = "INSERT INTO bench_orders (account_id, customer_id, amount_minor, \
-    currency, status, created_at, updated_at) VALUES (1, $1, $2, $3, 'pending', \
-    (extract(epoch FROM now()) * 1000)::bigint, (extract(epoch FROM now()) * 1000)::bigint) \
-    RETURNING id";
+const SQLITE_INSERT: &str = "INSERT INTO orders (account_id, customer_id, amount_minor, \
+    currency, status, description, metadata, version, created_at, updated_at) \
+    SELECT 1, ?, ?, ?, 'pending', NULL, '{}', 1, CAST(unixepoch('subsec') * 1000 AS INTEGER), \
+    CAST(unixepoch('subsec') * 1000 AS INTEGER) \
+    WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = 1 AND id = ?1) RETURNING id";
+const PG_INSERT: &str = "INSERT INTO orders (account_id, customer_id, amount_minor, \
+    currency, status, description, metadata, version, created_at, updated_at) \
+    SELECT 1, $1, $2, $3, 'pending', NULL, '{}'::jsonb, 1, \
+    (extract(epoch FROM now()) * 1000)::bigint, (extract(epoch FROM now()) * 1000)::bigint \
+    WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = 1 AND id = $1) RETURNING id";
 // The whole row, as a real GET would read it.
 const SQLITE_SELECT: &str = "SELECT id, account_id, customer_id, amount_minor, currency, status, \
-    description, metadata, version, created_at, updated_at FROM bench_orders WHERE id = ?";
+    description, metadata, version, created_at, updated_at FROM orders WHERE id = ?";
 const PG_SELECT: &str = "SELECT id, account_id, customer_id, amount_minor, currency, status, \
     description, metadata::text AS metadata, version, created_at, updated_at \
-    FROM bench_orders WHERE id = $1";
+    FROM orders WHERE id = $1";
 
 /// The axum state: the pools.
 #[derive(Clone)]
@@ -132,11 +131,18 @@ async fn open_sqlite() -> Result<(Db, Scratch)> {
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(5));
-    let pool = SqlitePoolOptions::new().max_connections(1);
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true);
+    // Same pool settings as Bursar: no ping on every acquire.
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false);
     let writer = pool.connect_with(connect.clone()).await?;
-    sqlx::query(SQLITE_DDL).execute(&writer).await?;
-    let pool = SqlitePoolOptions::new().max_connections(4);
+    sqlx::raw_sql(SQLITE_SCHEMA).execute(&writer).await?;
+    sqlx::raw_sql(SEED).execute(&writer).await?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .test_before_acquire(false);
     let readers = pool.connect_with(connect.read_only(true)).await?;
     Ok((Db::Sqlite { writer, readers }, Scratch::Dir(dir)))
 }
@@ -147,9 +153,12 @@ async fn open_postgres(url: &str) -> Result<(Db, Scratch)> {
     let made = async {
         let connect: PgConnectOptions = url.parse()?;
         let connect = connect.options([("search_path", &schema)]);
-        let pool = PgPoolOptions::new().max_connections(16);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .test_before_acquire(false);
         let pool = pool.connect_with(connect).await?;
-        sqlx::query(PG_DDL).execute(&pool).await?;
+        sqlx::raw_sql(PG_SCHEMA).execute(&pool).await?;
+        sqlx::raw_sql(SEED).execute(&pool).await?;
         anyhow::Ok(pool)
     };
     match made.await {

@@ -1,9 +1,10 @@
 //! Shared state handed to every handler.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bursar_domain::{Clock, Timestamp};
-use bursar_storage::Storage;
+use bursar_storage::{ApiKeyRecord, Storage};
 
 use crate::Config;
 
@@ -12,6 +13,42 @@ pub struct AppState {
     pub store: Arc<dyn Storage>,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<Config>,
+    /// Verified keys by hash, so most requests authenticate without a database read.
+    pub keys: KeyCache,
+}
+
+/// Per-instance cache of key lookups (spec `api-product.md`: parse → checksum → cache with a
+/// TTL of at most 5 s → database). Only keys that exist are cached, so a key created a moment
+/// ago is never refused; a revoked key stays usable here for at most the TTL, until revocation
+/// (which does not exist yet) adds an explicit invalidation.
+#[derive(Clone)]
+pub struct KeyCache(moka::sync::Cache<String, ApiKeyRecord>);
+
+impl KeyCache {
+    pub const TTL: Duration = Duration::from_secs(5);
+
+    pub fn new() -> KeyCache {
+        KeyCache(
+            moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Self::TTL)
+                .build(),
+        )
+    }
+
+    pub fn get(&self, key_hash: &str) -> Option<ApiKeyRecord> {
+        self.0.get(key_hash)
+    }
+
+    pub fn insert(&self, key_hash: String, record: ApiKeyRecord) {
+        self.0.insert(key_hash, record);
+    }
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        KeyCache::new()
+    }
 }
 
 impl AppState {
@@ -20,6 +57,7 @@ impl AppState {
             store,
             clock,
             config: Arc::new(config),
+            keys: KeyCache::new(),
         }
     }
 }

@@ -91,8 +91,12 @@ impl PostgresStore {
             conn.close().await.map_err(err)?;
             connect = connect.options([("search_path", schema.as_str())]);
         }
+        // No ping before each acquire (a round trip per request). A connection that died
+        // with a server restart fails its next statement instead, which surfaces as a
+        // retryable 503 and is dropped from the pool.
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
+            .test_before_acquire(false)
             .acquire_timeout(opts.acquire_timeout)
             .connect_with(connect)
             .await
@@ -107,6 +111,25 @@ impl PostgresStore {
     async fn write_tx(&self) -> Result<Transaction<'static, Postgres>> {
         self.pool.begin().await.map_err(err)
     }
+}
+
+/// The event payload of a customer, built by SQL from the inserted row. The conformance suite
+/// checks it equals the serde form of `bursar_storage::Customer` that updates emit.
+macro_rules! customer_json {
+    () => {
+        "jsonb_build_object('id', id, 'account_id', account_id, 'name', name, 'email', email, \
+         'metadata', metadata, 'version', version, 'created_at', created_at, \
+         'updated_at', updated_at)"
+    };
+}
+/// The event payload of an order (see `customer_json!`).
+macro_rules! order_json {
+    () => {
+        "jsonb_build_object('id', id, 'account_id', account_id, 'customer_id', customer_id, \
+         'amount', jsonb_build_object('minor', amount_minor, 'currency', currency), \
+         'status', status, 'description', description, 'metadata', metadata, \
+         'version', version, 'created_at', created_at, 'updated_at', updated_at)"
+    };
 }
 
 macro_rules! customer_cols {
@@ -333,11 +356,19 @@ impl AccountStore for PostgresStore {
 #[async_trait]
 impl CustomerStore for PostgresStore {
     async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
-        let mut tx = self.write_tx().await?;
+        // One statement, so one round trip and one implicit transaction: the row and its
+        // event commit together or not at all.
         let row: CustomerRow = sqlx::query_as(concat!(
-            "INSERT INTO customers (account_id, name, email, metadata, version, created_at, \
-             updated_at) VALUES ($1, $2, $3, $4::jsonb, 1, $5, $6) RETURNING ",
-            customer_cols!()
+            "WITH c AS (INSERT INTO customers (account_id, name, email, metadata, version, \
+             created_at, updated_at) VALUES ($1, $2, $3, $4::jsonb, 1, $5, $6) \
+             RETURNING *), \
+             e AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+             SELECT account_id, 'customer.created', 'customer', id, version, ",
+            customer_json!(),
+            ", $7, $8, created_at FROM c) SELECT ",
+            customer_cols!(),
+            " FROM c"
         ))
         .bind(meta.account_id)
         .bind(&new.name)
@@ -345,13 +376,12 @@ impl CustomerStore for PostgresStore {
         .bind(decode::metadata_json(&new.metadata))
         .bind(meta.at.0)
         .bind(meta.at.0)
-        .fetch_one(&mut *tx)
+        .bind(&meta.request_id)
+        .bind(&meta.trace_id)
+        .fetch_one(&self.pool)
         .await
         .map_err(err)?;
-        let c = row.into_record()?;
-        append_event(&mut tx, meta, NewEvent::for_customer("created", &c)).await?;
-        tx.commit().await.map_err(err)?;
-        Ok(c)
+        row.into_record()
     }
 
     async fn get_customer(&self, account: AccountId, id: i64) -> Result<Option<Customer>> {
@@ -429,13 +459,19 @@ impl CustomerStore for PostgresStore {
 #[async_trait]
 impl OrderStore for PostgresStore {
     async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
-        let mut tx = self.write_tx().await?;
+        // One statement (see create_customer); no row when the customer is not the account's.
         let row: Option<OrderRow> = sqlx::query_as(concat!(
-            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
-             description, metadata, version, created_at, updated_at) \
-             SELECT $1, $2, $3, $4, 'pending', $5, $6::jsonb, 1, $7, $8 \
-             WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = $9 AND id = $10) RETURNING ",
-            order_cols!()
+            "WITH o AS (INSERT INTO orders (account_id, customer_id, amount_minor, currency, \
+             status, description, metadata, version, created_at, updated_at) \
+             SELECT $1, $2, $3, $4, 'pending', $5, $6::jsonb, 1, $7, $8 WHERE EXISTS \
+             (SELECT 1 FROM customers WHERE account_id = $1 AND id = $2) RETURNING *), \
+             e AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+             SELECT account_id, 'order.created', 'order', id, version, ",
+            order_json!(),
+            ", $9, $10, created_at FROM o) SELECT ",
+            order_cols!(),
+            " FROM o"
         ))
         .bind(meta.account_id)
         .bind(new.customer_id)
@@ -445,15 +481,12 @@ impl OrderStore for PostgresStore {
         .bind(decode::metadata_json(&new.metadata))
         .bind(meta.at.0)
         .bind(meta.at.0)
-        .bind(meta.account_id)
-        .bind(new.customer_id)
-        .fetch_optional(&mut *tx)
+        .bind(&meta.request_id)
+        .bind(&meta.trace_id)
+        .fetch_optional(&self.pool)
         .await
         .map_err(err)?;
-        let o = row.ok_or(StorageError::UnknownCustomer)?.into_record()?;
-        append_event(&mut tx, meta, NewEvent::for_order("created", &o)).await?;
-        tx.commit().await.map_err(err)?;
-        Ok(o)
+        row.ok_or(StorageError::UnknownCustomer)?.into_record()
     }
 
     async fn get_order(&self, account: AccountId, id: i64) -> Result<Option<Order>> {

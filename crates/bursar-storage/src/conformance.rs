@@ -240,6 +240,10 @@ pub async fn order_needs_a_customer_of_the_same_account(s: Store) {
             .is_empty()
     );
     assert!(s.events_for(a, "order", 1).await.unwrap().is_empty());
+    // The refused write left nothing open behind it: the next one commits.
+    let ca = customer(&s, a).await;
+    let o = order(&s, a, ca.id, 100).await;
+    assert_eq!(s.events_for(a, "order", o.id).await.unwrap().len(), 1);
 }
 
 pub async fn order_amounts_round_trip_exactly(s: Store) {
@@ -492,9 +496,20 @@ pub async fn every_write_appends_one_event(s: Store) {
             .collect::<Vec<_>>(),
         [("customer.created", 1), ("customer.updated", 2)]
     );
-    let o = order(&s, a, c.id, 19900).await;
+    // Payloads are the record as it was written, whichever code path built them.
+    assert_eq!(ce[0].payload, serde_json::to_value(&c).unwrap());
+    let c2 = s.get_customer(a, c.id).await.unwrap().unwrap();
+    assert_eq!(ce[1].payload, serde_json::to_value(&c2).unwrap());
+    let new = NewOrder {
+        customer_id: c.id,
+        amount: usd(19900),
+        description: Some("a \"quoted\" café".into()),
+        metadata: Metadata::new(BTreeMap::from([("k".into(), "v".into())])).unwrap(),
+    };
+    let o = s.create_order(&meta(a), new).await.unwrap();
     let oe = s.events_for(a, "order", o.id).await.unwrap();
     assert_eq!(oe.len(), 1);
+    assert_eq!(oe[0].payload, serde_json::to_value(&o).unwrap());
     let e = &oe[0];
     assert_eq!((e.account_id, e.aggregate_id), (a, o.id));
     assert_eq!(e.request_id, "req_conformance");

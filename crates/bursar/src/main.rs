@@ -160,7 +160,10 @@ fn load_config(common: &Common, listen: Option<SocketAddr>) -> anyhow::Result<Co
     Ok(config)
 }
 
-fn init_logging(config: &Config, quiet: bool) {
+/// JSON (or pretty) lines on stderr, written by a background thread so a request never waits
+/// on the terminal or pipe. Not lossy: when the buffer is full, logging applies backpressure
+/// rather than dropping access lines. Keep the returned guard alive: dropping it flushes.
+fn init_logging(config: &Config, quiet: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let level = if quiet {
         "warn"
     } else {
@@ -168,9 +171,12 @@ fn init_logging(config: &Config, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match config.log.format {
         LogFormat::Json => builder
             .json()
@@ -179,6 +185,7 @@ fn init_logging(config: &Config, quiet: bool) {
             .init(),
         LogFormat::Pretty => builder.init(),
     }
+    guard
 }
 
 /// Registers SIGTERM and SIGINT handlers *now* (before anything is printed, so a supervisor
@@ -247,12 +254,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve { common, listen } => {
             let config = load_config(&common, listen)?;
-            init_logging(&config, false);
+            let _log = init_logging(&config, false);
             serve(config).await
         }
         Command::Migrate { common } => {
             let config = load_config(&common, None)?;
-            init_logging(&config, false);
+            let _log = init_logging(&config, false);
             let store = bursar_server::store::open(&config).await?;
             store.close().await;
             eprintln!("migrated {}", config.redacted_database_url());
@@ -265,7 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     command: AccountsCommand::Create { name, common },
                 } => {
                     let config = load_config(&common, None)?;
-                    init_logging(&config, true);
+                    let _log = init_logging(&config, true);
                     let store = bursar_server::store::open(&config).await?;
                     let account = accounts::create_account(store.as_ref(), &clock, &name).await;
                     store.close().await;
@@ -280,7 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         },
                 } => {
                     let config = load_config(&common, None)?;
-                    init_logging(&config, true);
+                    let _log = init_logging(&config, true);
                     let store = bursar_server::store::open(&config).await?;
                     let mode = match mode {
                         Mode::Test => bursar_domain::apikey::KeyMode::Test,

@@ -42,12 +42,16 @@ impl FromRequestParts<AppState> for Auth {
             return Err(invalid());
         }
         let parsed = ParsedKey::parse(key.trim()).map_err(|_| invalid())?;
-        let record = state
-            .store
-            .find_api_key(&parsed.hash())
-            .await?
-            .filter(|k| !k.revoked)
-            .ok_or_else(invalid)?;
+        let hash = parsed.hash();
+        let record = match state.keys.get(&hash) {
+            Some(hit) => hit,
+            None => {
+                let found = state.store.find_api_key(&hash).await?;
+                let record = found.filter(|k| !k.revoked).ok_or_else(invalid)?;
+                state.keys.insert(hash, record.clone());
+                record
+            }
+        };
         if let Some(info) = parts.extensions.get::<Arc<RequestInfo>>() {
             let _ = info.account_id.set(record.account_id);
         }
