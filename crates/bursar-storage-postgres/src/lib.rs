@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
 use bursar_storage::decode;
+use bursar_storage::group_commit::GroupCommit;
 use bursar_storage::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, FromRow, Postgres, Row, Transaction};
@@ -40,6 +41,8 @@ impl Default for PostgresOptions {
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// Creates go through group commit (see `batch`).
+    creates: GroupCommit<batch::PgCreates>,
 }
 
 fn err(e: sqlx::Error) -> StorageError {
@@ -105,7 +108,13 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|e| StorageError::Internal(Box::new(e)))?;
-        Ok(PostgresStore { pool })
+        // Half the pool may write batches at once; the rest stays free for reads.
+        let creates = GroupCommit::spawn(
+            batch::PgCreates { pool: pool.clone() },
+            batch::MAX_BATCH,
+            (opts.max_connections / 2).max(1) as usize,
+        );
+        Ok(PostgresStore { pool, creates })
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Postgres>> {
@@ -143,6 +152,9 @@ macro_rules! order_cols {
          metadata::text AS metadata, version, created_at, updated_at"
     };
 }
+
+// Declared after the SQL macros above, which it uses.
+mod batch;
 
 #[derive(FromRow)]
 struct CustomerRow {
@@ -356,32 +368,13 @@ impl AccountStore for PostgresStore {
 #[async_trait]
 impl CustomerStore for PostgresStore {
     async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
-        // One statement, so one round trip and one implicit transaction: the row and its
-        // event commit together or not at all.
-        let row: CustomerRow = sqlx::query_as(concat!(
-            "WITH c AS (INSERT INTO customers (account_id, name, email, metadata, version, \
-             created_at, updated_at) VALUES ($1, $2, $3, $4::jsonb, 1, $5, $6) \
-             RETURNING *), \
-             e AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-             SELECT account_id, 'customer.created', 'customer', id, version, ",
-            customer_json!(),
-            ", $7, $8, created_at FROM c) SELECT ",
-            customer_cols!(),
-            " FROM c"
-        ))
-        .bind(meta.account_id)
-        .bind(&new.name)
-        .bind(&new.email)
-        .bind(decode::metadata_json(&new.metadata))
-        .bind(meta.at.0)
-        .bind(meta.at.0)
-        .bind(&meta.request_id)
-        .bind(&meta.trace_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(err)?;
-        row.into_record()
+        let write = batch::Write::Customer {
+            name: new.name,
+            email: new.email,
+            metadata_json: decode::metadata_json(&new.metadata),
+        };
+        let row = self.creates.submit(meta.clone(), write).await?;
+        CustomerRow::from_row(&row).map_err(err)?.into_record()
     }
 
     async fn get_customer(&self, account: AccountId, id: i64) -> Result<Option<Customer>> {
@@ -459,34 +452,15 @@ impl CustomerStore for PostgresStore {
 #[async_trait]
 impl OrderStore for PostgresStore {
     async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
-        // One statement (see create_customer); no row when the customer is not the account's.
-        let row: Option<OrderRow> = sqlx::query_as(concat!(
-            "WITH o AS (INSERT INTO orders (account_id, customer_id, amount_minor, currency, \
-             status, description, metadata, version, created_at, updated_at) \
-             SELECT $1, $2, $3, $4, 'pending', $5, $6::jsonb, 1, $7, $8 WHERE EXISTS \
-             (SELECT 1 FROM customers WHERE account_id = $1 AND id = $2) RETURNING *), \
-             e AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-             SELECT account_id, 'order.created', 'order', id, version, ",
-            order_json!(),
-            ", $9, $10, created_at FROM o) SELECT ",
-            order_cols!(),
-            " FROM o"
-        ))
-        .bind(meta.account_id)
-        .bind(new.customer_id)
-        .bind(new.amount.minor)
-        .bind(new.amount.currency.code())
-        .bind(&new.description)
-        .bind(decode::metadata_json(&new.metadata))
-        .bind(meta.at.0)
-        .bind(meta.at.0)
-        .bind(&meta.request_id)
-        .bind(&meta.trace_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(err)?;
-        row.ok_or(StorageError::UnknownCustomer)?.into_record()
+        let write = batch::Write::Order {
+            customer_id: new.customer_id,
+            amount_minor: new.amount.minor,
+            currency: new.amount.currency.code(),
+            description: new.description,
+            metadata_json: decode::metadata_json(&new.metadata),
+        };
+        let row = self.creates.submit(meta.clone(), write).await?;
+        OrderRow::from_row(&row).map_err(err)?.into_record()
     }
 
     async fn get_order(&self, account: AccountId, id: i64) -> Result<Option<Order>> {

@@ -4,15 +4,20 @@
 //! writer avoids lock hand-offs (measured faster than a pool of writers). WAL lets readers run
 //! beside the writer; every write transaction opens with `BEGIN IMMEDIATE` so it takes the write
 //! lock up front and waits in `busy_timeout` instead of failing with `SQLITE_BUSY` mid-way
-//! (which also keeps two `bursar` processes on one file safe).
+//! (which also keeps two `bursar` processes on one file safe). Creates, the hot path, go
+//! through a group-commit writer task (`batch`) that writes every waiting create in one
+//! transaction.
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
 use bursar_storage::decode;
+use bursar_storage::group_commit::GroupCommit;
 use bursar_storage::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -43,6 +48,9 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     writer: SqlitePool,
     readers: SqlitePool,
+    /// Creates go through group commit (see `batch`).
+    creates: Arc<GroupCommit<batch::SqliteCreates>>,
+    create_commits: Arc<AtomicU64>,
 }
 
 fn err(e: sqlx::Error) -> StorageError {
@@ -81,11 +89,15 @@ impl SqliteStore {
             .busy_timeout(opts.busy_timeout);
         // No ping before each acquire: a SQLite connection cannot go stale, and the ping is
         // one more hop to the connection's worker thread on every request.
+        // Batched creates produce one statement text per batch size and kind; keep them all.
+        let writer_connect = connect
+            .clone()
+            .statement_cache_capacity(4 * batch::MAX_BATCH);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
             .acquire_timeout(opts.busy_timeout * 2)
-            .connect_with(connect.clone())
+            .connect_with(writer_connect)
             .await
             .map_err(err)?;
         MIGRATOR
@@ -98,38 +110,30 @@ impl SqliteStore {
             .connect_with(connect.read_only(true))
             .await
             .map_err(err)?;
-        Ok(SqliteStore { writer, readers })
+        let create_commits = Arc::new(AtomicU64::new(0));
+        let creates = Arc::new(GroupCommit::spawn(
+            batch::SqliteCreates {
+                pool: writer.clone(),
+                commits: create_commits.clone(),
+            },
+            batch::MAX_BATCH,
+            1,
+        ));
+        Ok(SqliteStore {
+            writer,
+            readers,
+            creates,
+            create_commits,
+        })
+    }
+
+    /// Transactions the group-commit writer has committed (each carries one or more creates).
+    pub fn create_commits(&self) -> u64 {
+        self.create_commits.load(Ordering::Relaxed)
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>> {
         self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(err)
-    }
-
-    /// Runs a whole write transaction written as one SQL text (`BEGIN IMMEDIATE; …; COMMIT`)
-    /// in a single call to the writer connection's worker thread. Creates go this way: the
-    /// single writer is the throughput limit, and every extra round trip while it is held
-    /// costs a task wake-up on a busy runtime (measured: see docs/PERFORMANCE.md).
-    ///
-    /// The work runs in its own task so that a caller that goes away (client disconnect)
-    /// cannot stop it between `BEGIN` and `COMMIT`; `fetch_all` drives every statement; a
-    /// failed statement is followed by `ROLLBACK`, so the connection returns to the pool clean.
-    async fn one_trip(
-        &self,
-        query: sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>,
-    ) -> Result<Vec<SqliteRow>> {
-        let writer = self.writer.clone();
-        let work = tokio::spawn(async move {
-            let mut conn = writer.acquire().await.map_err(err)?;
-            match query.fetch_all(&mut *conn).await {
-                Ok(rows) => Ok(rows),
-                Err(e) => {
-                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                    Err(err(e))
-                }
-            }
-        });
-        work.await
-            .map_err(|e| StorageError::Internal(Box::new(e)))?
     }
 }
 
@@ -163,6 +167,9 @@ macro_rules! order_cols {
          version, created_at, updated_at"
     };
 }
+
+// Declared after the SQL macros above, which it uses.
+mod batch;
 
 #[derive(FromRow)]
 struct CustomerRow {
@@ -374,35 +381,13 @@ impl AccountStore for SqliteStore {
 #[async_trait]
 impl CustomerStore for SqliteStore {
     async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
-        let rows = self
-            .one_trip(
-                sqlx::query(concat!(
-                    "BEGIN IMMEDIATE; \
-                     INSERT INTO customers (account_id, name, email, metadata, version, \
-                     created_at, updated_at) VALUES (?, ?, ?, ?, 1, ?, ?) RETURNING ",
-                    customer_cols!(),
-                    "; INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-                     aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-                     SELECT account_id, 'customer.created', 'customer', id, version, ",
-                    customer_json!(),
-                    ", ?, ?, created_at FROM customers \
-                     WHERE id = last_insert_rowid() AND changes() = 1; \
-                     COMMIT;"
-                ))
-                .bind(meta.account_id)
-                .bind(new.name)
-                .bind(new.email)
-                .bind(decode::metadata_json(&new.metadata))
-                .bind(meta.at.0)
-                .bind(meta.at.0)
-                .bind(meta.request_id.clone())
-                .bind(meta.trace_id.clone()),
-            )
-            .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| StorageError::Internal("customer insert returned no row".into()))?;
-        CustomerRow::from_row(row).map_err(err)?.into_record()
+        let write = batch::Write::Customer {
+            name: new.name,
+            email: new.email,
+            metadata_json: decode::metadata_json(&new.metadata),
+        };
+        let row = self.creates.submit(meta.clone(), write).await?;
+        CustomerRow::from_row(&row).map_err(err)?.into_record()
     }
 
     async fn get_customer(&self, account: AccountId, id: i64) -> Result<Option<Customer>> {
@@ -480,41 +465,15 @@ impl CustomerStore for SqliteStore {
 #[async_trait]
 impl OrderStore for SqliteStore {
     async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
-        // The order row exists only if the customer belongs to the same account; the event
-        // insert is guarded by `changes() = 1`, so nothing is appended when it does not.
-        let rows = self
-            .one_trip(
-                sqlx::query(concat!(
-                    "BEGIN IMMEDIATE; \
-                     INSERT INTO orders (account_id, customer_id, amount_minor, currency, \
-                     status, description, metadata, version, created_at, updated_at) \
-                     SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ? WHERE EXISTS \
-                     (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) RETURNING ",
-                    order_cols!(),
-                    "; INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-                     aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-                     SELECT account_id, 'order.created', 'order', id, version, ",
-                    order_json!(),
-                    ", ?, ?, created_at FROM orders \
-                     WHERE id = last_insert_rowid() AND changes() = 1; \
-                     COMMIT;"
-                ))
-                .bind(meta.account_id)
-                .bind(new.customer_id)
-                .bind(new.amount.minor)
-                .bind(new.amount.currency.code())
-                .bind(new.description)
-                .bind(decode::metadata_json(&new.metadata))
-                .bind(meta.at.0)
-                .bind(meta.at.0)
-                .bind(meta.account_id)
-                .bind(new.customer_id)
-                .bind(meta.request_id.clone())
-                .bind(meta.trace_id.clone()),
-            )
-            .await?;
-        let row = rows.first().ok_or(StorageError::UnknownCustomer)?;
-        OrderRow::from_row(row).map_err(err)?.into_record()
+        let write = batch::Write::Order {
+            customer_id: new.customer_id,
+            amount_minor: new.amount.minor,
+            currency: new.amount.currency.code(),
+            description: new.description,
+            metadata_json: decode::metadata_json(&new.metadata),
+        };
+        let row = self.creates.submit(meta.clone(), write).await?;
+        OrderRow::from_row(&row).map_err(err)?.into_record()
     }
 
     async fn get_order(&self, account: AccountId, id: i64) -> Result<Option<Order>> {

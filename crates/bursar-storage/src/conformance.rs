@@ -28,6 +28,7 @@ macro_rules! conformance_tests {
             order_transitions_follow_the_state_machine,
             concurrent_updates_with_one_version_have_one_winner,
             concurrent_cancels_have_one_winner,
+            concurrent_creates_each_get_their_own_outcome,
             every_write_appends_one_event
         );
     };
@@ -480,6 +481,50 @@ pub async fn concurrent_cancels_have_one_winner(s: Store) {
     let events = s.events_for(a, "order", o.id).await.unwrap();
     let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["order.created", "order.canceled"]);
+}
+
+pub async fn concurrent_creates_each_get_their_own_outcome(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let mine = customer(&s, a).await.id;
+    let theirs = customer(&s, b).await.id;
+    let tasks: Vec<_> = (0..60_i64)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let customer_id = if i % 3 == 0 { theirs } else { mine };
+                let new = NewOrder {
+                    customer_id,
+                    amount: usd(100 + i),
+                    description: Some(format!("order {i}")),
+                    metadata: Metadata::default(),
+                };
+                (i, s.create_order(&meta(a), new).await)
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for t in tasks {
+        let (i, outcome) = t.await.unwrap();
+        match outcome {
+            Ok(o) => {
+                assert_ne!(i % 3, 0, "order {i} used another account's customer");
+                assert_eq!((o.amount.minor, o.customer_id), (100 + i, mine));
+                assert_eq!(o.description, Some(format!("order {i}")));
+                created.push(o);
+            }
+            Err(StorageError::UnknownCustomer) => assert_eq!(i % 3, 0),
+            Err(e) => panic!("order {i}: {e:?}"),
+        }
+    }
+    assert_eq!(created.len(), 40);
+    let listed = s.list_orders(a, all_orders(100)).await.unwrap().items;
+    assert_eq!(listed.len(), 40);
+    for o in &created {
+        let events = s.events_for(a, "order", o.id).await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].payload, serde_json::to_value(o).unwrap());
+    }
 }
 
 pub async fn every_write_appends_one_event(s: Store) {

@@ -7,6 +7,7 @@
 //! [`conformance`] suite.
 
 pub mod conformance;
+pub mod group_commit;
 mod records;
 
 pub use records::*;

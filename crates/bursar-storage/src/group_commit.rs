@@ -1,0 +1,147 @@
+//! Group commit for creates, shared by the backends.
+//!
+//! A create is queued; a collector takes every create waiting (up to `max_batch`, all of one
+//! kind) and hands them to the backend's [`GroupWriter`], which writes them — each with its
+//! outbox event — in one transaction and one round trip. Under light load a batch holds one
+//! create, so nothing ever waits for company; under heavy load the per-create cost of a
+//! transaction and of the hand-offs to the database is shared (docs/PERFORMANCE.md).
+//!
+//! Each caller still gets its own outcome: a create that matches no row (an unknown customer)
+//! is answered with [`BatchWrite::missing`], and if a batch fails as a whole, each of its
+//! creates is written again alone, so one bad create never fails its neighbours.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::{StorageError, WriteMeta};
+
+/// What one queued create writes.
+pub trait BatchWrite: Clone + Send + Sync + 'static {
+    /// Only creates of one kind share a batch (one statement shape per batch size).
+    fn same_kind(&self, other: &Self) -> bool;
+    /// The outcome of a create whose insert produced no row.
+    fn missing(&self) -> StorageError;
+}
+
+/// A backend's way of writing a batch in one transaction.
+#[async_trait]
+pub trait GroupWriter: Send + Sync + 'static {
+    type Write: BatchWrite;
+    type Row: Send + 'static;
+    /// Writes all creates in one transaction; `Ok` holds one entry per create, in order
+    /// (`None`: the insert produced no row). `Err` means nothing was committed.
+    async fn write(
+        &self,
+        batch: &[(WriteMeta, Self::Write)],
+    ) -> Result<Vec<Option<Self::Row>>, StorageError>;
+}
+
+struct Job<W: GroupWriter> {
+    meta: WriteMeta,
+    write: W::Write,
+    reply: oneshot::Sender<Result<W::Row, StorageError>>,
+}
+
+/// The queue in front of a [`GroupWriter`].
+pub struct GroupCommit<W: GroupWriter> {
+    jobs: mpsc::Sender<Job<W>>,
+}
+
+impl<W: GroupWriter> GroupCommit<W> {
+    /// Starts the collector. At most `concurrency` batches are written at once (1 for SQLite's
+    /// single writer; the pool size for PostgreSQL).
+    pub fn spawn(writer: W, max_batch: usize, concurrency: usize) -> GroupCommit<W> {
+        let (jobs, rx) = mpsc::channel(4 * max_batch.max(1));
+        tokio::spawn(collect(
+            Arc::new(writer),
+            rx,
+            max_batch.max(1),
+            concurrency.max(1),
+        ));
+        GroupCommit { jobs }
+    }
+
+    /// Queues one create and waits until it is committed (or refused).
+    pub async fn submit(&self, meta: WriteMeta, write: W::Write) -> Result<W::Row, StorageError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || StorageError::Unavailable("the writer has stopped".into());
+        self.jobs
+            .send(Job { meta, write, reply })
+            .await
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+async fn collect<W: GroupWriter>(
+    writer: Arc<W>,
+    mut rx: mpsc::Receiver<Job<W>>,
+    max_batch: usize,
+    concurrency: usize,
+) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut carry: Option<Job<W>> = None;
+    loop {
+        let first = match carry.take() {
+            Some(job) => job,
+            None => match rx.recv().await {
+                Some(job) => job,
+                None => return, // every sender is gone: the store was dropped
+            },
+        };
+        // Wait for a free writer before draining, so creates that arrive meanwhile join in.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) if job.write.same_kind(&batch[0].write) => batch.push(job),
+                Ok(job) => {
+                    carry = Some(job);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            run(writer.as_ref(), batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>) {
+    let inputs: Vec<_> = batch
+        .iter()
+        .map(|j| (j.meta.clone(), j.write.clone()))
+        .collect();
+    match writer.write(&inputs).await {
+        Ok(rows) => answer(batch, rows),
+        Err(e) if batch.len() == 1 => {
+            if let Some(job) = batch.into_iter().next() {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+        Err(_) => {
+            for (job, input) in batch.into_iter().zip(inputs) {
+                let outcome = match writer.write(std::slice::from_ref(&input)).await {
+                    Ok(mut rows) => rows.pop().flatten().ok_or_else(|| job.write.missing()),
+                    Err(e) => Err(e),
+                };
+                let _ = job.reply.send(outcome);
+            }
+        }
+    }
+}
+
+fn answer<W: GroupWriter>(batch: Vec<Job<W>>, rows: Vec<Option<W::Row>>) {
+    let mut rows = rows.into_iter();
+    for job in batch {
+        let outcome = rows.next().flatten().ok_or_else(|| job.write.missing());
+        let _ = job.reply.send(outcome);
+    }
+}
