@@ -187,6 +187,22 @@ async fn first_start(db: Db) {
         "{line}"
     );
     assert!(!log.contains(&key), "the API key never reaches the log");
+    // Nor the database: only its SHA-256 is stored (SQLite: scan the files byte for byte,
+    // including the WAL).
+    let mut scanned = 0;
+    for entry in std::fs::read_dir(db._dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().contains("bursar.db") {
+            scanned += 1;
+            let bytes = std::fs::read(&path).unwrap();
+            let found = bytes.windows(key.len()).any(|w| w == key.as_bytes());
+            assert!(!found, "the key is stored in clear in {}", path.display());
+        }
+    }
+    assert!(
+        db.args[0] != "--data-dir" || scanned >= 1,
+        "the database file was scanned (a clean shutdown folds the WAL into it)"
+    );
 
     // The second start finds the account: no new key, and the first one still works.
     let again = serve(&db, &[]).await;

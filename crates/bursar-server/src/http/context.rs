@@ -274,3 +274,87 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
         .unwrap_or_else(|| "non-string panic".into());
     ApiError::internal(format!("handler panicked: {what}")).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::body::{Body, to_bytes};
+    use axum::http::Request;
+    use axum::middleware::from_fn;
+    use axum::routing::get;
+    use tower::{ServiceBuilder, ServiceExt};
+    use tower_http::catch_panic::CatchPanicLayer;
+    use tower_http::timeout::TimeoutLayer;
+
+    use super::*;
+
+    async fn boom() -> &'static str {
+        panic!("db password is hunter2")
+    }
+
+    /// The production layer stack around test routes that fail in ways the API cannot be
+    /// made to fail on purpose.
+    fn app() -> Router {
+        Router::new()
+            .route("/panic", get(boom))
+            .route(
+                "/internal",
+                get(|| async {
+                    Err::<(), _>(ApiError::internal(
+                        "connection to 10.0.0.7 refused: hunter2",
+                    ))
+                }),
+            )
+            .route(
+                "/slow",
+                get(|| async { tokio::time::sleep(Duration::from_secs(60)).await }),
+            )
+            .layer(
+                ServiceBuilder::new()
+                    .layer(from_fn(request_context))
+                    .layer(CatchPanicLayer::custom(panic_response))
+                    .layer(TimeoutLayer::with_status_code(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Duration::from_millis(100),
+                    )),
+            )
+    }
+
+    async fn call(path: &str) -> (StatusCode, HeaderMap, serde_json::Value) {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        let resp = app().oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let bytes = to_bytes(body, 1 << 20).await.unwrap();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_500_says_internal_error_and_nothing_else() {
+        for path in ["/panic", "/internal"] {
+            let (status, headers, body) = call(path).await;
+            assert_eq!(status, 500, "{path}");
+            assert_eq!(body["error_code"], "internal_error");
+            assert_eq!(body["message"], "An unexpected error occurred.");
+            assert!(!body.to_string().contains("hunter2"), "{path}: {body}");
+            assert!(!body.to_string().contains("10.0.0.7"), "{path}: {body}");
+            assert_eq!(
+                body["request_id"],
+                headers["x-request-id"].to_str().unwrap()
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_over_the_time_limit_is_a_retryable_503() {
+        let (status, headers, body) = call("/slow").await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error_code"], "request_timeout");
+        assert_eq!(headers["retry-after"], "1");
+    }
+}
