@@ -6,7 +6,7 @@
 //! implicit transaction. Static SQL, so it is prepared once whatever the batch size.
 
 use async_trait::async_trait;
-use bursar_storage::group_commit::{BatchWrite, GroupWriter};
+use bursar_storage::group_commit::{Create, GroupWriter};
 use bursar_storage::{StorageError, WriteMeta};
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
@@ -15,38 +15,6 @@ use crate::err;
 
 /// Most creates one statement carries.
 pub const MAX_BATCH: usize = 64;
-
-/// What a create inserts.
-#[derive(Clone)]
-pub enum Write {
-    Customer {
-        name: Option<String>,
-        email: Option<String>,
-        metadata_json: String,
-    },
-    Order {
-        customer_id: i64,
-        amount_minor: i64,
-        currency: &'static str,
-        description: Option<String>,
-        metadata_json: String,
-    },
-}
-
-impl BatchWrite for Write {
-    fn same_kind(&self, other: &Write) -> bool {
-        std::mem::discriminant(self) == std::mem::discriminant(other)
-    }
-
-    fn missing(&self) -> StorageError {
-        match self {
-            Write::Order { .. } => StorageError::UnknownCustomer,
-            Write::Customer { .. } => {
-                StorageError::Internal("customer insert returned no row".into())
-            }
-        }
-    }
-}
 
 const CUSTOMERS: &str = concat!(
     "WITH input AS MATERIALIZED (\
@@ -104,12 +72,11 @@ pub struct PgCreates {
 
 #[async_trait]
 impl GroupWriter for PgCreates {
-    type Write = Write;
     type Row = PgRow;
 
     async fn write(
         &self,
-        batch: &[(WriteMeta, Write)],
+        batch: &[(WriteMeta, Create)],
     ) -> Result<Vec<Option<PgRow>>, StorageError> {
         let accounts: Vec<i64> = batch.iter().map(|(m, _)| m.account_id).collect();
         let at: Vec<i64> = batch.iter().map(|(m, _)| m.at.0).collect();
@@ -117,10 +84,10 @@ impl GroupWriter for PgCreates {
         let trace_ids: Vec<&str> = batch.iter().map(|(m, _)| m.trace_id.as_str()).collect();
         let rows = match batch.first().map(|(_, w)| w) {
             None => return Ok(Vec::new()),
-            Some(Write::Customer { .. }) => {
+            Some(Create::Customer { .. }) => {
                 let (mut names, mut emails, mut metadata) = (vec![], vec![], vec![]);
                 for (_, w) in batch {
-                    if let Write::Customer {
+                    if let Create::Customer {
                         name,
                         email,
                         metadata_json,
@@ -142,11 +109,11 @@ impl GroupWriter for PgCreates {
                     .fetch_all(&self.pool)
                     .await
             }
-            Some(Write::Order { .. }) => {
+            Some(Create::Order { .. }) => {
                 let (mut customers, mut amounts, mut currencies) = (vec![], vec![], vec![]);
                 let (mut descriptions, mut metadata) = (vec![], vec![]);
                 for (_, w) in batch {
-                    if let Write::Order {
+                    if let Create::Order {
                         customer_id,
                         amount_minor,
                         currency,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
 use bursar_storage::decode;
-use bursar_storage::group_commit::GroupCommit;
+use bursar_storage::group_commit::{Create, GroupCommit};
 use bursar_storage::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, FromRow, Postgres, Row, Transaction};
@@ -368,12 +368,10 @@ impl AccountStore for PostgresStore {
 #[async_trait]
 impl CustomerStore for PostgresStore {
     async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
-        let write = batch::Write::Customer {
-            name: new.name,
-            email: new.email,
-            metadata_json: decode::metadata_json(&new.metadata),
-        };
-        let row = self.creates.submit(meta.clone(), write).await?;
+        let row = self
+            .creates
+            .submit(meta.clone(), Create::customer(new))
+            .await?;
         CustomerRow::from_row(&row).map_err(err)?.into_record()
     }
 
@@ -452,14 +450,10 @@ impl CustomerStore for PostgresStore {
 #[async_trait]
 impl OrderStore for PostgresStore {
     async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
-        let write = batch::Write::Order {
-            customer_id: new.customer_id,
-            amount_minor: new.amount.minor,
-            currency: new.amount.currency.code(),
-            description: new.description,
-            metadata_json: decode::metadata_json(&new.metadata),
-        };
-        let row = self.creates.submit(meta.clone(), write).await?;
+        let row = self
+            .creates
+            .submit(meta.clone(), Create::order(new))
+            .await?;
         OrderRow::from_row(&row).map_err(err)?.into_record()
     }
 

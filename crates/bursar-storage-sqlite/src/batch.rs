@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
-use bursar_storage::group_commit::{BatchWrite, GroupWriter};
+use bursar_storage::group_commit::{Create, GroupWriter};
 use bursar_storage::{StorageError, WriteMeta};
 use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite};
@@ -21,105 +21,72 @@ pub const MAX_BATCH: usize = 64;
 
 type Query = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
 
-/// What a create inserts. Each variant knows its SQL and its bind order.
-#[derive(Clone)]
-pub enum Write {
-    Customer {
-        name: Option<String>,
-        email: Option<String>,
-        metadata_json: String,
-    },
-    Order {
-        customer_id: i64,
-        amount_minor: i64,
-        currency: &'static str,
-        description: Option<String>,
-        metadata_json: String,
-    },
+/// The statements of one create; `{slot}` tags its RETURNING row with its place in the batch.
+fn sql_of(create: &Create) -> &'static str {
+    match create {
+        Create::Customer { .. } => concat!(
+            "INSERT INTO customers (account_id, name, email, metadata, version, created_at, \
+             updated_at) VALUES (?, ?, ?, ?, 1, ?, ?) RETURNING {slot} AS slot, ",
+            customer_cols!(),
+            "; INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+             SELECT account_id, 'customer.created', 'customer', id, version, ",
+            customer_json!(),
+            ", ?, ?, created_at FROM customers WHERE id = last_insert_rowid() \
+             AND changes() = 1;"
+        ),
+        // The order row exists only if the customer belongs to the same account; the
+        // event insert is guarded by `changes() = 1`, so nothing is appended otherwise.
+        Create::Order { .. } => concat!(
+            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
+             description, metadata, version, created_at, updated_at) \
+             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ? WHERE EXISTS \
+             (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) \
+             RETURNING {slot} AS slot, ",
+            order_cols!(),
+            "; INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+             SELECT account_id, 'order.created', 'order', id, version, ",
+            order_json!(),
+            ", ?, ?, created_at FROM orders WHERE id = last_insert_rowid() \
+             AND changes() = 1;"
+        ),
+    }
 }
 
-impl BatchWrite for Write {
-    fn same_kind(&self, other: &Write) -> bool {
-        std::mem::discriminant(self) == std::mem::discriminant(other)
-    }
-
-    fn missing(&self) -> StorageError {
-        match self {
-            Write::Order { .. } => StorageError::UnknownCustomer,
-            Write::Customer { .. } => {
-                StorageError::Internal("customer insert returned no row".into())
-            }
-        }
-    }
-}
-
-impl Write {
-    /// The statements of one create; `{slot}` tags its RETURNING row with its place in the batch.
-    fn sql(&self) -> &'static str {
-        match self {
-            Write::Customer { .. } => concat!(
-                "INSERT INTO customers (account_id, name, email, metadata, version, created_at, \
-                 updated_at) VALUES (?, ?, ?, ?, 1, ?, ?) RETURNING {slot} AS slot, ",
-                customer_cols!(),
-                "; INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-                 aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-                 SELECT account_id, 'customer.created', 'customer', id, version, ",
-                customer_json!(),
-                ", ?, ?, created_at FROM customers WHERE id = last_insert_rowid() \
-                 AND changes() = 1;"
-            ),
-            // The order row exists only if the customer belongs to the same account; the
-            // event insert is guarded by `changes() = 1`, so nothing is appended otherwise.
-            Write::Order { .. } => concat!(
-                "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
-                 description, metadata, version, created_at, updated_at) \
-                 SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ? WHERE EXISTS \
-                 (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) \
-                 RETURNING {slot} AS slot, ",
-                order_cols!(),
-                "; INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-                 aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-                 SELECT account_id, 'order.created', 'order', id, version, ",
-                order_json!(),
-                ", ?, ?, created_at FROM orders WHERE id = last_insert_rowid() \
-                 AND changes() = 1;"
-            ),
-        }
-    }
-
-    fn bind(&self, meta: &WriteMeta, q: Query) -> Query {
-        let q = match self {
-            Write::Customer {
-                name,
-                email,
-                metadata_json,
-            } => q
-                .bind(meta.account_id)
-                .bind(name.clone())
-                .bind(email.clone())
-                .bind(metadata_json.clone())
-                .bind(meta.at.0)
-                .bind(meta.at.0),
-            Write::Order {
-                customer_id,
-                amount_minor,
-                currency,
-                description,
-                metadata_json,
-            } => q
-                .bind(meta.account_id)
-                .bind(*customer_id)
-                .bind(*amount_minor)
-                .bind(*currency)
-                .bind(description.clone())
-                .bind(metadata_json.clone())
-                .bind(meta.at.0)
-                .bind(meta.at.0)
-                .bind(meta.account_id)
-                .bind(*customer_id),
-        };
-        q.bind(meta.request_id.clone()).bind(meta.trace_id.clone())
-    }
+/// Binds one create's values in the order of its statements.
+fn bind(create: &Create, meta: &WriteMeta, q: Query) -> Query {
+    let q = match create {
+        Create::Customer {
+            name,
+            email,
+            metadata_json,
+        } => q
+            .bind(meta.account_id)
+            .bind(name.clone())
+            .bind(email.clone())
+            .bind(metadata_json.clone())
+            .bind(meta.at.0)
+            .bind(meta.at.0),
+        Create::Order {
+            customer_id,
+            amount_minor,
+            currency,
+            description,
+            metadata_json,
+        } => q
+            .bind(meta.account_id)
+            .bind(*customer_id)
+            .bind(*amount_minor)
+            .bind(*currency)
+            .bind(description.clone())
+            .bind(metadata_json.clone())
+            .bind(meta.at.0)
+            .bind(meta.at.0)
+            .bind(meta.account_id)
+            .bind(*customer_id),
+    };
+    q.bind(meta.request_id.clone()).bind(meta.trace_id.clone())
 }
 
 /// Writes batches on the single writer connection.
@@ -131,7 +98,6 @@ pub struct SqliteCreates {
 
 #[async_trait]
 impl GroupWriter for SqliteCreates {
-    type Write = Write;
     type Row = SqliteRow;
 
     /// One call to the writer connection: `BEGIN IMMEDIATE; <each create>; COMMIT`.
@@ -139,17 +105,17 @@ impl GroupWriter for SqliteCreates {
     /// connection clean for the next batch.
     async fn write(
         &self,
-        batch: &[(WriteMeta, Write)],
+        batch: &[(WriteMeta, Create)],
     ) -> Result<Vec<Option<SqliteRow>>, StorageError> {
         let mut sql = String::from("BEGIN IMMEDIATE; ");
         for (slot, (_, write)) in batch.iter().enumerate() {
-            sql.push_str(&write.sql().replace("{slot}", &slot.to_string()));
+            sql.push_str(&sql_of(write).replace("{slot}", &slot.to_string()));
         }
         sql.push_str(" COMMIT;");
         // The text is assembled only from the static statements above and slot numbers.
         let mut query: Query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (meta, write) in batch {
-            query = write.bind(meta, query);
+            query = bind(write, meta, query);
         }
         let mut conn = self.pool.acquire().await.map_err(err)?;
         let rows = match query.fetch_all(&mut *conn).await {
@@ -181,8 +147,8 @@ mod tests {
     use bursar_domain::Timestamp;
     use bursar_storage::{AccountStore, CustomerStore, EventStore, NewCustomer};
 
-    fn order(customer_id: i64, metadata_json: &str) -> Write {
-        Write::Order {
+    fn order(customer_id: i64, metadata_json: &str) -> Create {
+        Create::Order {
             customer_id,
             amount_minor: 100,
             currency: "USD",
@@ -196,7 +162,7 @@ mod tests {
     async fn submit_together(
         store: &SqliteStore,
         meta: &WriteMeta,
-        writes: Vec<Write>,
+        writes: Vec<Create>,
     ) -> Vec<Result<SqliteRow, StorageError>> {
         let tasks: Vec<_> = writes
             .into_iter()

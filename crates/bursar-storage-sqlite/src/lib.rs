@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
 use bursar_storage::decode;
-use bursar_storage::group_commit::GroupCommit;
+use bursar_storage::group_commit::{Create, GroupCommit};
 use bursar_storage::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -381,12 +381,10 @@ impl AccountStore for SqliteStore {
 #[async_trait]
 impl CustomerStore for SqliteStore {
     async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
-        let write = batch::Write::Customer {
-            name: new.name,
-            email: new.email,
-            metadata_json: decode::metadata_json(&new.metadata),
-        };
-        let row = self.creates.submit(meta.clone(), write).await?;
+        let row = self
+            .creates
+            .submit(meta.clone(), Create::customer(new))
+            .await?;
         CustomerRow::from_row(&row).map_err(err)?.into_record()
     }
 
@@ -465,14 +463,10 @@ impl CustomerStore for SqliteStore {
 #[async_trait]
 impl OrderStore for SqliteStore {
     async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
-        let write = batch::Write::Order {
-            customer_id: new.customer_id,
-            amount_minor: new.amount.minor,
-            currency: new.amount.currency.code(),
-            description: new.description,
-            metadata_json: decode::metadata_json(&new.metadata),
-        };
-        let row = self.creates.submit(meta.clone(), write).await?;
+        let row = self
+            .creates
+            .submit(meta.clone(), Create::order(new))
+            .await?;
         OrderRow::from_row(&row).map_err(err)?.into_record()
     }
 

@@ -7,40 +7,83 @@
 //! transaction and of the hand-offs to the database is shared (docs/PERFORMANCE.md).
 //!
 //! Each caller still gets its own outcome: a create that matches no row (an unknown customer)
-//! is answered with [`BatchWrite::missing`], and if a batch fails as a whole, each of its
-//! creates is written again alone, so one bad create never fails its neighbours.
+//! is answered with [`Create::missing`], and if a batch fails as a whole, each of its creates
+//! is written again alone, so one bad create never fails its neighbours.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::{StorageError, WriteMeta};
+use crate::{NewCustomer, NewOrder, StorageError, WriteMeta, decode};
 
-/// What one queued create writes.
-pub trait BatchWrite: Clone + Send + Sync + 'static {
-    /// Only creates of one kind share a batch (one statement shape per batch size).
-    fn same_kind(&self, other: &Self) -> bool;
+/// What one queued create inserts, in the form both backends bind.
+#[derive(Debug, Clone)]
+pub enum Create {
+    Customer {
+        name: Option<String>,
+        email: Option<String>,
+        metadata_json: String,
+    },
+    Order {
+        customer_id: i64,
+        amount_minor: i64,
+        currency: &'static str,
+        description: Option<String>,
+        metadata_json: String,
+    },
+}
+
+impl Create {
+    pub fn customer(new: NewCustomer) -> Create {
+        Create::Customer {
+            name: new.name,
+            email: new.email,
+            metadata_json: decode::metadata_json(&new.metadata),
+        }
+    }
+
+    pub fn order(new: NewOrder) -> Create {
+        Create::Order {
+            customer_id: new.customer_id,
+            amount_minor: new.amount.minor,
+            currency: new.amount.currency.code(),
+            description: new.description,
+            metadata_json: decode::metadata_json(&new.metadata),
+        }
+    }
+
+    /// Only creates of one kind share a batch (one statement shape per batch).
+    fn same_kind(&self, other: &Create) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+
     /// The outcome of a create whose insert produced no row.
-    fn missing(&self) -> StorageError;
+    pub fn missing(&self) -> StorageError {
+        match self {
+            Create::Order { .. } => StorageError::UnknownCustomer,
+            Create::Customer { .. } => {
+                StorageError::Internal("customer insert returned no row".into())
+            }
+        }
+    }
 }
 
 /// A backend's way of writing a batch in one transaction.
 #[async_trait]
 pub trait GroupWriter: Send + Sync + 'static {
-    type Write: BatchWrite;
     type Row: Send + 'static;
     /// Writes all creates in one transaction; `Ok` holds one entry per create, in order
     /// (`None`: the insert produced no row). `Err` means nothing was committed.
     async fn write(
         &self,
-        batch: &[(WriteMeta, Self::Write)],
+        batch: &[(WriteMeta, Create)],
     ) -> Result<Vec<Option<Self::Row>>, StorageError>;
 }
 
 struct Job<W: GroupWriter> {
     meta: WriteMeta,
-    write: W::Write,
+    write: Create,
     reply: oneshot::Sender<Result<W::Row, StorageError>>,
 }
 
@@ -64,7 +107,7 @@ impl<W: GroupWriter> GroupCommit<W> {
     }
 
     /// Queues one create and waits until it is committed (or refused).
-    pub async fn submit(&self, meta: WriteMeta, write: W::Write) -> Result<W::Row, StorageError> {
+    pub async fn submit(&self, meta: WriteMeta, write: Create) -> Result<W::Row, StorageError> {
         let (reply, answer) = oneshot::channel();
         let gone = || StorageError::Unavailable("the writer has stopped".into());
         self.jobs
