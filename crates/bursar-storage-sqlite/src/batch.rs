@@ -179,8 +179,8 @@ mod tests {
         out
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn one_failing_create_does_not_fail_its_batch() {
+    /// A fresh store with one account and one customer: (dir, store, write meta, customer id).
+    async fn fixture() -> (tempfile::TempDir, SqliteStore, WriteMeta, i64) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("b.db").display());
         let store = SqliteStore::open(&url, &SqliteOptions::default())
@@ -198,6 +198,13 @@ mod tests {
             .await
             .unwrap()
             .id;
+        (dir, store, meta, c)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_failing_create_does_not_fail_its_batch() {
+        let (_dir, store, meta, c) = fixture().await;
+        let a = meta.account_id;
         // Job 1 makes the event's json() fail, so the batch as a whole fails; job 2 names an
         // unknown customer. Each must still get its own answer.
         let writes = [
@@ -239,23 +246,8 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn waiting_creates_share_one_transaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("b.db").display());
-        let store = SqliteStore::open(&url, &SqliteOptions::default())
-            .await
-            .unwrap();
-        let a = store.create_account("a", Timestamp(1)).await.unwrap().id;
-        let meta = WriteMeta {
-            account_id: a,
-            at: Timestamp(2),
-            request_id: "req_batch".into(),
-            trace_id: "0".repeat(32),
-        };
-        let c = store
-            .create_customer(&meta, NewCustomer::default())
-            .await
-            .unwrap()
-            .id;
+        let (_dir, store, meta, c) = fixture().await;
+        let a = meta.account_id;
         let before = store.create_commits();
         let ids: Vec<i64> = submit_together(&store, &meta, vec![order(c, "{}"); 10])
             .await
