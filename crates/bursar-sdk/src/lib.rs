@@ -129,33 +129,7 @@ impl Client {
 
     /// Sends and decodes: 2xx bodies as `T`, error bodies as [`Error::Api`].
     pub async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<Reply<T>, Error> {
-        let resp = req.send().await?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.bytes().await?;
-        if status.is_success() {
-            return serde_json::from_slice(&bytes)
-                .map(|body| Reply {
-                    status,
-                    headers,
-                    body,
-                })
-                .map_err(|_| Error::Unexpected {
-                    status,
-                    text: String::from_utf8_lossy(&bytes).into_owned(),
-                });
-        }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(Error::Api {
-                status,
-                headers,
-                body: Box::new(body),
-            }),
-            Err(_) => Err(Error::Unexpected {
-                status,
-                text: String::from_utf8_lossy(&bytes).into_owned(),
-            }),
-        }
+        decode(req.send().await?).await
     }
 
     pub async fn create_customer(&self, req: &CreateCustomer) -> Result<Reply<Customer>, Error> {
@@ -215,28 +189,7 @@ impl Client {
         if resp.status() == StatusCode::NOT_MODIFIED {
             return Ok(None);
         }
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.bytes().await?;
-        if status.is_success() {
-            if let Ok(body) = serde_json::from_slice(&bytes) {
-                return Ok(Some(Reply {
-                    status,
-                    headers,
-                    body,
-                }));
-            }
-        } else if let Ok(body) = serde_json::from_slice::<ErrorBody>(&bytes) {
-            return Err(Error::Api {
-                status,
-                headers,
-                body: Box::new(body),
-            });
-        }
-        Err(Error::Unexpected {
-            status,
-            text: String::from_utf8_lossy(&bytes).into_owned(),
-        })
+        decode(resp).await.map(Some)
     }
 
     pub async fn list_orders(&self, filter: &ListOrders) -> Result<Reply<List<Order>>, Error> {
@@ -257,6 +210,35 @@ impl Client {
     pub async fn cancel_order(&self, id: i64) -> Result<Reply<Order>, Error> {
         self.send(self.request(Method::POST, &format!("/api/orders/{id}/cancel")))
             .await
+    }
+}
+
+/// 2xx bodies as `T`, documented error bodies as [`Error::Api`], anything else as
+/// [`Error::Unexpected`] with the raw text.
+async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<Reply<T>, Error> {
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await?;
+    let unexpected = || Error::Unexpected {
+        status,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    if status.is_success() {
+        return serde_json::from_slice(&bytes)
+            .map(|body| Reply {
+                status,
+                headers,
+                body,
+            })
+            .map_err(|_| unexpected());
+    }
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(body) => Err(Error::Api {
+            status,
+            headers,
+            body: Box::new(body),
+        }),
+        Err(_) => Err(unexpected()),
     }
 }
 

@@ -73,7 +73,12 @@ pub async fn update(
     let metadata = check_metadata(&mut issues, req.metadata);
     finish(issues)?;
     let expected = resolve_precondition(if_match, req.version, "customer", || async {
-        Ok(get(call, id).await.ok().map(|c| c.version))
+        let current = call
+            .state
+            .store
+            .get_customer(call.auth.account_id, id)
+            .await?;
+        Ok(current.map(|c| c.version))
     })
     .await?;
     let patch = CustomerPatch {

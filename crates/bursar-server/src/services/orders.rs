@@ -76,6 +76,13 @@ pub async fn create(call: &Call<'_>, req: CreateOrder) -> Result<Order, ApiError
         .await?)
 }
 
+/// The order's version, `None` if it does not exist here; a database failure stays an error
+/// (it must not turn into a 404).
+async fn current_version(call: &Call<'_>, id: i64) -> Result<Option<i64>, ApiError> {
+    let current = call.state.store.get_order(call.auth.account_id, id).await?;
+    Ok(current.map(|o| o.version))
+}
+
 pub async fn get(call: &Call<'_>, id: i64) -> Result<Order, ApiError> {
     call.state
         .store
@@ -108,7 +115,7 @@ pub async fn update(
     let metadata = check_metadata(&mut issues, req.metadata);
     finish(issues)?;
     let expected = resolve_precondition(if_match, req.version, "order", || async {
-        Ok(get(call, id).await.ok().map(|o| o.version))
+        current_version(call, id).await
     })
     .await?;
     let patch = OrderPatch {
@@ -129,7 +136,7 @@ pub async fn cancel(call: &Call<'_>, id: i64, if_match: IfMatch) -> Result<Order
         IfMatch::Absent => bursar_storage::Precondition::Any,
         other => {
             resolve_precondition(other, None, "order", || async {
-                Ok(get(call, id).await.ok().map(|o| o.version))
+                current_version(call, id).await
             })
             .await?
         }
