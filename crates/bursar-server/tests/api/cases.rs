@@ -272,8 +272,8 @@ pub async fn concurrent_patches_have_one_winner(app: &TestApp) {
         "the loser changed nothing"
     );
 
-    // Many writers on the same version: still exactly one.
-    let tasks: Vec<_> = (0..20)
+    // Fifty writers on the same version (spec item 40): still exactly one.
+    let tasks: Vec<_> = (0..50)
         .map(|i| {
             let client = app.a.clone();
             tokio::spawn(async move {
