@@ -554,6 +554,95 @@ impl OrderStore for SqliteStore {
         Ok(o)
     }
 
+    async fn create_order_idempotent(
+        &self,
+        meta: &WriteMeta,
+        claim: &IdempotencyClaim,
+        new: NewOrder,
+        respond: Respond<'_, Order>,
+    ) -> Result<Idempotent> {
+        let mut tx = self.write_tx().await?;
+        // An expired record counts as absent: clear it so the key can be claimed anew.
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
+             AND expires_at <= ?",
+        )
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(meta.at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let claimed: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
+             response_status, response_headers, response_body, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, 0, '[]', x'', ?, ?) \
+             ON CONFLICT (account_id, idem_key) DO NOTHING RETURNING id",
+        )
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(&claim.method)
+        .bind(&claim.route)
+        .bind(&claim.fingerprint)
+        .bind(meta.at.0)
+        .bind(claim.expires_at.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(key_id) = claimed else {
+            let existing = find_key(&mut *tx, meta.account_id, &claim.key).await?;
+            return existing
+                .map(Idempotent::Existing)
+                .ok_or_else(|| StorageError::Internal("claimed key vanished".into()));
+        };
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
+             description, metadata, version, created_at, updated_at, idempotency_key_id) \
+             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ?, ? \
+             WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) RETURNING ",
+            order_cols!()
+        ))
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .bind(new.amount.minor)
+        .bind(new.amount.currency.code())
+        .bind(&new.description)
+        .bind(decode::metadata_json(&new.metadata))
+        .bind(meta.at.0)
+        .bind(meta.at.0)
+        .bind(key_id)
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let outcome = row
+            .ok_or(StorageError::UnknownCustomer)
+            .and_then(OrderRow::into_record);
+        if let Ok(order) = &outcome {
+            append_event(&mut tx, meta, NewEvent::for_order("created", order)).await?;
+        }
+        let Some(response) = respond(outcome.as_ref()) else {
+            // Not a stored outcome: the transaction rolls back with the key claim.
+            return Err(outcome.err().unwrap_or_else(|| {
+                StorageError::Internal("no response rendered for a created order".into())
+            }));
+        };
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = ?, response_headers = ?, \
+             response_body = ? WHERE id = ?",
+        )
+        .bind(i64::from(response.status))
+        .bind(decode::headers_json(&response.headers))
+        .bind(&response.body)
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Idempotent::Fresh(response))
+    }
+
     async fn transition_order(
         &self,
         meta: &WriteMeta,
@@ -585,6 +674,71 @@ impl OrderStore for SqliteStore {
         append_event(&mut tx, meta, NewEvent::for_order(o.status.as_str(), &o)).await?;
         tx.commit().await.map_err(err)?;
         Ok(o)
+    }
+}
+
+/// Reads one idempotency record (expired or not) inside a transaction or on a pool.
+async fn find_key<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    executor: E,
+    account: AccountId,
+    key: &str,
+) -> Result<Option<IdempotencyRecord>> {
+    let row = sqlx::query(
+        "SELECT id, method, route, fingerprint, response_status, response_headers, \
+         response_body, created_at, expires_at FROM idempotency_keys \
+         WHERE account_id = ? AND idem_key = ?",
+    )
+    .bind(account)
+    .bind(key)
+    .fetch_optional(executor)
+    .await
+    .map_err(err)?;
+    row.map(|r| {
+        let status: i64 = r.get("response_status");
+        Ok(IdempotencyRecord {
+            id: r.get("id"),
+            method: r.get("method"),
+            route: r.get("route"),
+            fingerprint: r.get("fingerprint"),
+            response: StoredResponse {
+                status: u16::try_from(status)
+                    .map_err(|_| StorageError::Internal("stored status out of range".into()))?,
+                headers: decode::headers(r.get("response_headers"))?,
+                body: r.get("response_body"),
+            },
+            created_at: Timestamp(r.get("created_at")),
+            expires_at: Timestamp(r.get("expires_at")),
+        })
+    })
+    .transpose()
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    async fn find_idempotency(
+        &self,
+        account: AccountId,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<IdempotencyRecord>> {
+        let found = find_key(&self.readers, account, key).await?;
+        Ok(found.filter(|r| r.expires_at > now))
+    }
+
+    async fn sweep_idempotency(&self, now: Timestamp, limit: u32) -> Result<u64> {
+        // A bounded batch per transaction, so writers wait for at most one small delete.
+        let mut tx = self.write_tx().await?;
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE id IN \
+             (SELECT id FROM idempotency_keys WHERE expires_at <= ? LIMIT ?)",
+        )
+        .bind(now.0)
+        .bind(i64::from(limit))
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(done.rows_affected())
     }
 }
 

@@ -29,7 +29,12 @@ macro_rules! conformance_tests {
             concurrent_updates_with_one_version_have_one_winner,
             concurrent_cancels_have_one_winner,
             concurrent_creates_each_get_their_own_outcome,
-            every_write_appends_one_event
+            every_write_appends_one_event,
+            idempotent_create_runs_once_and_stores_its_response,
+            idempotency_keys_are_scoped_to_the_account,
+            business_refusals_are_stored_but_failures_roll_back,
+            expired_idempotency_records_are_absent_and_swept,
+            concurrent_claims_of_one_key_write_once
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -574,4 +579,243 @@ pub async fn every_write_appends_one_event(s: Store) {
         )
         .await;
     assert_eq!(s.events_for(a, "order", o.id).await.unwrap().len(), 1);
+}
+
+fn claim(key: &str, fingerprint: &str, expires_at: i64) -> IdempotencyClaim {
+    IdempotencyClaim {
+        key: key.into(),
+        method: "POST".into(),
+        route: "/api/orders".into(),
+        fingerprint: fingerprint.into(),
+        expires_at: Timestamp(expires_at),
+    }
+}
+
+fn new_order(customer_id: i64, minor: i64) -> NewOrder {
+    NewOrder {
+        customer_id,
+        amount: usd(minor),
+        description: None,
+        metadata: Metadata::default(),
+    }
+}
+
+/// What the server stores: 201 with the order id in the body, or 422 for an unknown customer.
+fn respond(outcome: Result<&Order, &StorageError>) -> Option<StoredResponse> {
+    match outcome {
+        Ok(o) => Some(StoredResponse {
+            status: 201,
+            headers: vec![("location".into(), format!("/api/orders/{}", o.id))],
+            body: o.id.to_string().into_bytes(),
+        }),
+        Err(StorageError::UnknownCustomer) => Some(StoredResponse {
+            status: 422,
+            headers: vec![],
+            body: b"unknown_customer".to_vec(),
+        }),
+        Err(_) => None,
+    }
+}
+
+const NOW: i64 = 1_700_000_000_000;
+const DAY: i64 = 86_400_000;
+
+pub async fn idempotent_create_runs_once_and_stores_its_response(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await.id;
+    let k = claim("order-20260325-00091", "fp1", NOW + DAY);
+    let first = s
+        .create_order_idempotent(&meta(a), &k, new_order(c, 19900), &respond)
+        .await
+        .unwrap();
+    let Idempotent::Fresh(stored) = first else {
+        panic!("a new key runs the create")
+    };
+    assert_eq!(stored.status, 201);
+    let id: i64 = String::from_utf8(stored.body.clone())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let again = s
+        .create_order_idempotent(&meta(a), &k, new_order(c, 19900), &respond)
+        .await
+        .unwrap();
+    let Idempotent::Existing(record) = again else {
+        panic!("a used key writes nothing")
+    };
+    assert_eq!(record.response, stored);
+    assert_eq!(
+        (record.method.as_str(), record.route.as_str()),
+        ("POST", "/api/orders")
+    );
+    assert_eq!(record.fingerprint, "fp1");
+    assert_eq!(
+        s.list_orders(a, all_orders(10)).await.unwrap().items.len(),
+        1
+    );
+    let events = s.events_for(a, "order", id).await.unwrap();
+    assert_eq!(events.len(), 1);
+    let order = s.get_order(a, id).await.unwrap().unwrap();
+    assert_eq!(events[0].payload, serde_json::to_value(&order).unwrap());
+    let found = s.find_idempotency(a, &k.key, Timestamp(NOW)).await.unwrap();
+    assert_eq!(found, Some(record));
+}
+
+pub async fn idempotency_keys_are_scoped_to_the_account(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let ca = customer(&s, a).await.id;
+    let cb = customer(&s, b).await.id;
+    let k = claim("same-key", "fp", NOW + DAY);
+    for (acct, c) in [(a, ca), (b, cb)] {
+        let out = s
+            .create_order_idempotent(&meta(acct), &k, new_order(c, 100), &respond)
+            .await
+            .unwrap();
+        assert!(matches!(out, Idempotent::Fresh(_)));
+    }
+    assert!(
+        s.find_idempotency(b, "same-key", Timestamp(NOW))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        s.list_orders(a, all_orders(10)).await.unwrap().items.len(),
+        1
+    );
+    assert_eq!(
+        s.list_orders(b, all_orders(10)).await.unwrap().items.len(),
+        1
+    );
+}
+
+pub async fn business_refusals_are_stored_but_failures_roll_back(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await.id;
+    let k = claim("k-unknown", "fp", NOW + DAY);
+    let out = s
+        .create_order_idempotent(&meta(a), &k, new_order(c + 1000, 100), &respond)
+        .await
+        .unwrap();
+    assert!(matches!(out, Idempotent::Fresh(ref r) if r.status == 422));
+    let again = s
+        .create_order_idempotent(&meta(a), &k, new_order(c + 1000, 100), &respond)
+        .await
+        .unwrap();
+    assert!(matches!(again, Idempotent::Existing(ref r) if r.response.status == 422));
+    // A failure with no stored answer takes its claim with it: the key stays free.
+    let refuse = |_: Result<&Order, &StorageError>| None;
+    let k2 = claim("k-rolled-back", "fp", NOW + DAY);
+    let failed = s
+        .create_order_idempotent(&meta(a), &k2, new_order(c + 1000, 100), &refuse)
+        .await;
+    assert!(matches!(failed, Err(StorageError::UnknownCustomer)));
+    assert!(
+        s.find_idempotency(a, &k2.key, Timestamp(NOW))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let retried = s
+        .create_order_idempotent(&meta(a), &k2, new_order(c, 100), &respond)
+        .await
+        .unwrap();
+    assert!(matches!(retried, Idempotent::Fresh(ref r) if r.status == 201));
+    assert_eq!(
+        s.list_orders(a, all_orders(10)).await.unwrap().items.len(),
+        1
+    );
+}
+
+pub async fn expired_idempotency_records_are_absent_and_swept(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await.id;
+    let short = claim("k-old", "fp-old", NOW + 1000);
+    s.create_order_idempotent(&meta_at(a, NOW), &short, new_order(c, 100), &respond)
+        .await
+        .unwrap();
+    assert!(
+        s.find_idempotency(a, "k-old", Timestamp(NOW + 999))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        s.find_idempotency(a, "k-old", Timestamp(NOW + 1000))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // After expiry the same key is a new request, even with another body.
+    let reused = claim("k-old", "fp-new", NOW + 2000 + DAY);
+    let out = s
+        .create_order_idempotent(
+            &meta_at(a, NOW + 2000),
+            &reused,
+            new_order(c, 200),
+            &respond,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(out, Idempotent::Fresh(_)));
+    for i in 0..5 {
+        let k = claim(&format!("k-{i}"), "fp", NOW + 10);
+        s.create_order_idempotent(&meta_at(a, NOW), &k, new_order(c, 100), &respond)
+            .await
+            .unwrap();
+    }
+    // Bounded batches: 2, 2, 1, then nothing; live records stay.
+    let later = Timestamp(NOW + 3000);
+    let swept: Vec<u64> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(s.sweep_idempotency(later, 2).await.unwrap());
+        }
+        v
+    };
+    assert_eq!(swept, [2, 2, 1, 0]);
+    assert!(
+        s.find_idempotency(a, "k-old", later)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // The orders keep their data.
+    assert_eq!(
+        s.list_orders(a, all_orders(100)).await.unwrap().items.len(),
+        7
+    );
+}
+
+pub async fn concurrent_claims_of_one_key_write_once(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await.id;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let k = claim("hot-key", "fp", NOW + DAY);
+                s.create_order_idempotent(&meta(a), &k, new_order(c, 100), &respond)
+                    .await
+            })
+        })
+        .collect();
+    let (mut fresh, mut existing) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Idempotent::Fresh(_) => fresh += 1,
+            Idempotent::Existing(r) => {
+                assert_eq!(r.response.status, 201);
+                existing += 1;
+            }
+        }
+    }
+    assert_eq!((fresh, existing), (1, 19));
+    let orders = s.list_orders(a, all_orders(10)).await.unwrap().items;
+    assert_eq!(orders.len(), 1);
+    assert_eq!(
+        s.events_for(a, "order", orders[0].id).await.unwrap().len(),
+        1
+    );
 }

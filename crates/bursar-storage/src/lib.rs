@@ -83,6 +83,17 @@ pub trait OrderStore: Send + Sync {
         expected: Precondition,
         patch: OrderPatch,
     ) -> Result<Order>;
+    /// Claims `claim` and, if it is new, inserts the order and its event, then stores the
+    /// response `respond` renders for the outcome — all in one transaction. A key already used
+    /// (and not expired) writes nothing and returns the stored record; an expired record is
+    /// replaced.
+    async fn create_order_idempotent(
+        &self,
+        meta: &WriteMeta,
+        claim: &IdempotencyClaim,
+        new: NewOrder,
+        respond: Respond<'_, Order>,
+    ) -> Result<Idempotent>;
     /// Applies a state-machine action with `WHERE status IN (action.sources())`, so two racing
     /// actions cannot both succeed; emits `order.<target status>`.
     async fn transition_order(
@@ -92,6 +103,20 @@ pub trait OrderStore: Send + Sync {
         expected: Precondition,
         action: OrderAction,
     ) -> Result<Order>;
+}
+
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync {
+    /// The live (unexpired at `now`) record of `key` in `account`.
+    async fn find_idempotency(
+        &self,
+        account: AccountId,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<Option<IdempotencyRecord>>;
+    /// Deletes up to `limit` records expired at `now`; returns how many. Resources that
+    /// pointed at them keep their data (`idempotency_key_id` becomes NULL).
+    async fn sweep_idempotency(&self, now: Timestamp, limit: u32) -> Result<u64>;
 }
 
 #[async_trait]
@@ -107,7 +132,9 @@ pub trait EventStore: Send + Sync {
 
 /// The whole port, as the server holds it (`Arc<dyn Storage>`).
 #[async_trait]
-pub trait Storage: AccountStore + CustomerStore + OrderStore + EventStore {
+pub trait Storage:
+    AccountStore + CustomerStore + OrderStore + IdempotencyStore + EventStore
+{
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
     /// Cheap round trip for `/readyz`.

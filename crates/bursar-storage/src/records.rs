@@ -229,6 +229,14 @@ pub mod decode {
         serde_json::to_string(m).expect("a string map always serialises")
     }
 
+    pub fn headers_json(h: &[(String, String)]) -> String {
+        serde_json::to_string(h).expect("string pairs always serialise")
+    }
+
+    pub fn headers(json: &str) -> Result<Vec<(String, String)>, StorageError> {
+        serde_json::from_str(json).map_err(|e| corrupt(format!("stored headers: {e}")))
+    }
+
     pub fn key_mode(s: &str) -> Result<KeyMode, StorageError> {
         KeyMode::parse(s).ok_or_else(|| corrupt(format!("stored key mode {s:?}")))
     }
@@ -254,3 +262,52 @@ pub mod decode {
         s
     }
 }
+
+/// The client's `Idempotency-Key` for one create, scoped to the writing account, with what the
+/// request looked like so a different request under the same key can be recognised.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    pub key: String,
+    pub method: String,
+    /// The route template (`/api/orders`), not the concrete path.
+    pub route: String,
+    /// Hex SHA-256 of method, route, sorted query and canonical JSON body.
+    pub fingerprint: String,
+    /// When the record stops counting (created + retention).
+    pub expires_at: Timestamp,
+}
+
+/// A response exactly as it was sent: replays return these bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    /// Only the replayable headers (Location, ETag, Content-Type, …).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A stored idempotency record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub id: i64,
+    pub method: String,
+    pub route: String,
+    pub fingerprint: String,
+    pub response: StoredResponse,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// The outcome of an idempotent create.
+#[derive(Debug)]
+pub enum Idempotent {
+    /// The key was new: the create ran, and this response was stored with it.
+    Fresh(StoredResponse),
+    /// The key was already used (and has not expired): nothing was written.
+    Existing(IdempotencyRecord),
+}
+
+/// Turns the outcome of the protected write into the response to store with it. `None` means
+/// "do not store; roll back" (failures that are not deterministic business answers).
+pub type Respond<'a, T> =
+    &'a (dyn Fn(Result<&T, &crate::StorageError>) -> Option<StoredResponse> + Sync);
