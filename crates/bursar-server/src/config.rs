@@ -43,6 +43,16 @@ busy_timeout_ms = 5000
 # PostgreSQL: schema to use (created if missing); empty means the server's search_path.
 schema = ""
 
+[idempotency]
+# How long a key's record (and the response stored with it) lasts; a retry after that runs as
+# a new request. Expired records count as absent at once and are deleted in the background.
+retention_hours = 24
+# How often expired records are deleted (in batches of 1000).
+sweep_interval_secs = 60
+# Routes that refuse requests without Idempotency-Key (400 idempotency_key_missing), written
+# as "METHOD /template", e.g. ["POST /api/orders"]. By default the key is optional.
+required_routes = []
+
 [log]
 # "json": one JSON object per line on stderr. "pretty": human-readable.
 format = "json"
@@ -58,7 +68,43 @@ pub struct Config {
     pub database_url: String,
     pub http: HttpConfig,
     pub database: DatabaseConfig,
+    pub idempotency: IdempotencyConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    pub retention_hours: u64,
+    pub sweep_interval_secs: u64,
+    pub required_routes: Vec<String>,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        IdempotencyConfig {
+            retention_hours: 24,
+            sweep_interval_secs: 60,
+            required_routes: Vec::new(),
+        }
+    }
+}
+
+impl IdempotencyConfig {
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_hours.saturating_mul(3600))
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_secs(self.sweep_interval_secs.max(1))
+    }
+
+    /// Whether `METHOD route` must carry a key.
+    pub fn requires(&self, method: &str, route: &str) -> bool {
+        self.required_routes
+            .iter()
+            .any(|r| r.split_once(' ') == Some((method, route)))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -106,6 +152,7 @@ impl Default for Config {
             database_url: String::new(),
             http: HttpConfig::default(),
             database: DatabaseConfig::default(),
+            idempotency: IdempotencyConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -150,6 +197,7 @@ impl std::fmt::Debug for Config {
             .field("database_url", &self.redacted_database_url())
             .field("http", &self.http)
             .field("database", &self.database)
+            .field("idempotency", &self.idempotency)
             .field("log", &self.log)
             .finish()
     }
@@ -168,6 +216,16 @@ impl Config {
         }
         if self.http.body_limit_bytes < 1024 {
             return Err("http.body_limit_bytes must be at least 1024".into());
+        }
+        if self.idempotency.retention_hours == 0 {
+            return Err("idempotency.retention_hours must be at least 1".into());
+        }
+        if let Some(bad) = self.idempotency.required_routes.iter().find(
+            |r| !matches!(r.split_once(' '), Some((m, t)) if !m.is_empty() && t.starts_with('/')),
+        ) {
+            return Err(format!(
+                "idempotency.required_routes: {bad:?} is not \"METHOD /route\""
+            ));
         }
         if self.http.request_timeout_ms == 0 || self.database.max_connections == 0 {
             return Err("http.request_timeout_ms and database.max_connections must be > 0".into());

@@ -27,6 +27,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let grace = state.config.shutdown_grace();
     let store = state.store.clone();
+    let sweeper = tokio::spawn(sweep_idempotency(state.clone()));
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -46,9 +47,39 @@ pub async fn serve(
         result = server => result?,
         () = drained => tracing::warn!(grace_ms = self::millis(grace), "grace period over; abandoning in-flight requests"),
     }
+    sweeper.abort();
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Deletes expired idempotency records in bounded batches, so no sweep holds the writer for
+/// long. Expired records already count as absent, so a late sweep never changes an answer.
+async fn sweep_idempotency(state: AppState) {
+    const BATCH: u32 = 1000;
+    let mut tick = tokio::time::interval(state.config.idempotency.sweep_interval());
+    loop {
+        tick.tick().await;
+        loop {
+            match state
+                .store
+                .sweep_idempotency(state.clock.now(), BATCH)
+                .await
+            {
+                Ok(n) if n == u64::from(BATCH) => continue,
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(deleted = n, "swept expired idempotency records");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "idempotency sweep failed; will retry");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 fn millis(d: std::time::Duration) -> u64 {

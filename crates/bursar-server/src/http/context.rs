@@ -25,6 +25,8 @@ pub struct RequestInfo {
     pub request_id: String,
     pub trace: TraceContext,
     pub started: Instant,
+    /// The request path, the problem form's `instance`.
+    pub path: String,
     wants_problem: bool,
     /// Set by the auth extractor, for the access log.
     pub account_id: OnceLock<i64>,
@@ -61,6 +63,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
             header_str(h, "tracestate"),
         ),
         started,
+        path: req.uri().path().to_owned(),
         wants_problem: header_str(h, "accept")
             .is_some_and(|a| a.to_ascii_lowercase().contains("application/problem+json")),
         account_id: OnceLock::new(),
@@ -72,15 +75,19 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
 
     let mut resp = next.run(req).await;
 
+    let final_body = resp.extensions_mut().remove::<Rendered>().is_some();
     let error = resp
         .extensions_mut()
         .remove::<ErrorSlot>()
         .map(|slot| slot.0)
-        .or_else(|| fallback_error(&method, &path, resp.status()).map(Arc::new));
-    let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        .or_else(|| {
+            let fallback = (!final_body).then(|| fallback_error(&method, &path, resp.status()));
+            fallback.flatten().map(Arc::new)
+        });
     if let Some(err) = &error {
-        resp = render_error(err, &info, &path, latency_ms, resp);
+        resp = render_error(err, &info, resp);
     }
+    let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let headers = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&info.request_id) {
         headers.insert("x-request-id", v);
@@ -169,14 +176,11 @@ struct Problem<'a> {
     body: &'a ErrorBody,
 }
 
-fn render_error(
-    err: &ApiError,
-    info: &RequestInfo,
-    path: &str,
-    latency_ms: u64,
-    original: Response,
-) -> Response {
-    let status = err.status();
+/// The bytes of an error body for this request, in the form it asked for (the envelope, or
+/// RFC 9457 under `Accept: application/problem+json`). Also used to render an error that is
+/// stored as an idempotent outcome, so the stored bytes are the ones the client got.
+pub fn error_body(err: &ApiError, info: &RequestInfo) -> (&'static str, Vec<u8>) {
+    let latency_ms = u64::try_from(info.started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let mut body = ErrorBody {
         status: Value::from("error"),
         error_code: err.code.as_str().to_owned(),
@@ -188,22 +192,26 @@ fn render_error(
         extra: err.extra.clone(),
     };
     let (content_type, bytes) = if info.wants_problem {
-        body.status = Value::from(status.as_u16());
+        body.status = Value::from(err.status().as_u16());
         let problem = Problem {
             kind: err.code.problem_type(),
             title: err.code.title(),
             detail: &err.message,
-            instance: path,
+            instance: &info.path,
             body: &body,
         };
         ("application/problem+json", serde_json::to_vec(&problem))
     } else {
         ("application/json", serde_json::to_vec(&body))
     };
-    let bytes = bytes.expect("error bodies are plain data");
+    (content_type, bytes.expect("error bodies are plain data"))
+}
+
+fn render_error(err: &ApiError, info: &RequestInfo, original: Response) -> Response {
+    let (content_type, bytes) = error_body(err, info);
     // Keep headers the producer set on purpose (Allow, Retry-After); drop stale body headers.
     let (mut parts, _) = original.into_parts();
-    parts.status = status;
+    parts.status = err.status();
     parts.headers.remove(header::CONTENT_LENGTH);
     parts
         .headers
@@ -215,6 +223,11 @@ fn render_error(
     }
     Response::from_parts(parts, Body::from(bytes))
 }
+
+/// Marks a response whose body is final — a stored idempotent outcome, first sent or
+/// replayed. The middleware adds this exchange's headers but never re-renders the body.
+#[derive(Debug, Clone, Copy)]
+pub struct Rendered;
 
 fn access_log(
     info: &RequestInfo,

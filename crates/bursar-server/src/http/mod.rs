@@ -3,6 +3,7 @@
 pub mod context;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod openapi;
 pub mod render;
 pub mod routes;

@@ -4,7 +4,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bursar_api as api;
 use bursar_domain::{OrderStatus, Timestamp};
-use bursar_storage::{Customer, Order};
+use bursar_storage::{Customer, Order, StoredResponse};
 use serde::Serialize;
 
 /// RFC 3339 in UTC with milliseconds: `2026-03-25T09:14:07.123Z`.
@@ -73,6 +73,21 @@ pub fn created<T: Serialize>(location: String, version: i64, body: &T) -> Respon
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+/// A 201 as an idempotent create stores it (and first sends it): the same status, headers
+/// and bytes as [`created`].
+pub fn created_stored<T: Serialize>(location: String, version: i64, body: &T) -> StoredResponse {
+    let etag = format!("\"{version}\"");
+    StoredResponse {
+        status: StatusCode::CREATED.as_u16(),
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("etag".into(), etag),
+            ("location".into(), location),
+        ],
+        body: serde_json::to_vec(body).expect("wire types always serialise"),
+    }
 }
 
 /// 304 for a GET whose `If-None-Match` matched.

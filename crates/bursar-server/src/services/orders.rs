@@ -1,12 +1,18 @@
 //! Order use cases.
 
-use bursar_api::{CreateOrder, UpdateOrder};
-use bursar_domain::{Currency, Money, OrderAction};
-use bursar_storage::{NewOrder, Order, OrderFilter, OrderPatch, Page, StorageError};
+use axum::response::Response;
+use bursar_api::{CreateOrder, ErrorCode, UpdateOrder};
+use bursar_domain::{Currency, Money, OrderAction, Timestamp};
+use bursar_storage::{
+    IdempotencyClaim, IdempotencyRecord, Idempotent, NewOrder, Order, OrderFilter, OrderPatch,
+    Page, StorageError, StoredResponse,
+};
 
 use super::{Call, check_metadata, check_text, finish, resolve_precondition};
+use crate::http::context::error_body;
 use crate::http::error::{ApiError, issue};
 use crate::http::extract::IfMatch;
+use crate::http::{idempotency, render};
 
 const DESCRIPTION_MAX: usize = 1000;
 
@@ -17,7 +23,12 @@ fn not_found(e: StorageError) -> ApiError {
     }
 }
 
-pub async fn create(call: &Call<'_>, req: CreateOrder) -> Result<Order, ApiError> {
+/// The route template idempotency records and fingerprints name.
+pub const CREATE_ROUTE: &str = "/api/orders";
+
+/// Checks a create request and turns it into the storage input, reporting every bad field.
+/// Failures here happen before any work, so they are never stored under an idempotency key.
+fn validate(req: CreateOrder) -> Result<NewOrder, ApiError> {
     let mut issues = Vec::new();
     let currency = Currency::from_code(&req.currency.to_ascii_uppercase());
     if currency.is_none() {
@@ -63,17 +74,93 @@ pub async fn create(call: &Call<'_>, req: CreateOrder) -> Result<Order, ApiError
     );
     let metadata = check_metadata(&mut issues, req.metadata);
     finish(issues)?;
-    let new = NewOrder {
+    Ok(NewOrder {
         customer_id: req.customer_id,
         amount: amount.expect("validated above"),
         description: req.description,
         metadata: metadata.unwrap_or_default(),
-    };
+    })
+}
+
+pub async fn create(call: &Call<'_>, req: CreateOrder) -> Result<Order, ApiError> {
+    let new = validate(req)?;
     Ok(call
         .state
         .store
         .create_order(&call.write_meta(), new)
         .await?)
+}
+
+/// A create under an `Idempotency-Key`: the first request runs and its response is stored in
+/// the same transaction; a retry of the same request gets that response again (replayed); the
+/// same key on a different request is a 422. `body` and `query` are what is fingerprinted.
+pub async fn create_idempotent(
+    call: &Call<'_>,
+    key: String,
+    query: Option<&str>,
+    body: &[u8],
+    req: CreateOrder,
+) -> Result<Response, ApiError> {
+    let new = validate(req)?;
+    let fingerprint = idempotency::fingerprint("POST", CREATE_ROUTE, query, body);
+    let meta = call.write_meta();
+    let store = &call.state.store;
+    // A live record answers without touching the writer.
+    if let Some(record) = store
+        .find_idempotency(meta.account_id, &key, meta.at)
+        .await?
+    {
+        return answer_existing(record, &fingerprint);
+    }
+    let retention =
+        i64::try_from(call.state.config.idempotency.retention().as_millis()).unwrap_or(i64::MAX);
+    let claim = IdempotencyClaim {
+        key,
+        method: "POST".into(),
+        route: CREATE_ROUTE.into(),
+        fingerprint: fingerprint.clone(),
+        expires_at: Timestamp(meta.at.0.saturating_add(retention)),
+    };
+    let info = call.info;
+    // What is stored: the 201, or the deterministic 422 for a customer of another account.
+    // Anything else (the database failing) rolls back, so the request can be retried.
+    let respond = |outcome: Result<&Order, &StorageError>| match outcome {
+        Ok(o) => Some(render::created_stored(
+            format!("/api/orders/{}", o.id),
+            o.version,
+            &render::order(o),
+        )),
+        Err(StorageError::UnknownCustomer) => {
+            let err = ApiError::from(StorageError::UnknownCustomer);
+            let (content_type, body) = error_body(&err, info);
+            Some(StoredResponse {
+                status: err.status().as_u16(),
+                headers: vec![("content-type".into(), content_type.into())],
+                body,
+            })
+        }
+        Err(_) => None,
+    };
+    match store
+        .create_order_idempotent(&meta, &claim, new, &respond)
+        .await?
+    {
+        Idempotent::Fresh(stored) => Ok(idempotency::from_stored(&stored, false)),
+        Idempotent::Existing(record) => answer_existing(record, &fingerprint),
+    }
+}
+
+/// A replay when the stored request is this one; 422 when the key was used for another.
+fn answer_existing(record: IdempotencyRecord, fingerprint: &str) -> Result<Response, ApiError> {
+    if record.fingerprint == fingerprint {
+        return Ok(idempotency::from_stored(&record.response, true));
+    }
+    Err(ApiError::new(
+        ErrorCode::IdempotencyKeyReused,
+        "This Idempotency-Key was already used for a different request; use a new key.",
+    )
+    .with_extra("original_method", record.method)
+    .with_extra("original_path", record.route))
 }
 
 /// The order's version, `None` if it does not exist here; a database failure stays an error

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use bursar_domain::apikey::KeyMode;
+use bursar_domain::{Clock, Timestamp};
 use bursar_sdk::Client;
 use bursar_server::services::accounts;
 use bursar_server::{AppState, Config, SystemClock};
@@ -17,6 +20,7 @@ pub enum Backend {
 }
 
 pub struct TestApp {
+    pub backend: Backend,
     pub url: String,
     pub a: Client,
     pub b: Client,
@@ -58,22 +62,38 @@ pub fn test_config(backend: Backend) -> Option<(Config, Option<tempfile::TempDir
 impl TestApp {
     pub async fn start(backend: Backend) -> Option<TestApp> {
         let (config, dir) = test_config(backend)?;
-        Some(TestApp::start_with(config, dir).await)
+        Some(TestApp::start_with(backend, config, dir, Arc::new(SystemClock)).await)
     }
 
-    pub async fn start_with(config: Config, dir: Option<tempfile::TempDir>) -> TestApp {
+    /// A second server of the same backend with its own database, a changed configuration
+    /// and/or a controllable clock.
+    pub async fn sibling(
+        &self,
+        change: impl FnOnce(&mut Config),
+        clock: Arc<dyn Clock>,
+    ) -> TestApp {
+        let (mut config, dir) = test_config(self.backend).expect("the backend is available");
+        change(&mut config);
+        TestApp::start_with(self.backend, config, dir, clock).await
+    }
+
+    pub async fn start_with(
+        backend: Backend,
+        config: Config,
+        dir: Option<tempfile::TempDir>,
+        clock: Arc<dyn Clock>,
+    ) -> TestApp {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let store = bursar_server::store::open(&config).await.unwrap();
-        let clock = SystemClock;
         let mut keys = Vec::new();
         let mut ids = Vec::new();
         for name in ["a", "b"] {
-            let acct = accounts::create_account(store.as_ref(), &clock, name)
+            let acct = accounts::create_account(store.as_ref(), clock.as_ref(), name)
                 .await
                 .unwrap();
             ids.push(acct.id);
             keys.push(
-                accounts::create_key(store.as_ref(), &clock, name, KeyMode::Test)
+                accounts::create_key(store.as_ref(), clock.as_ref(), name, KeyMode::Test)
                     .await
                     .unwrap(),
             );
@@ -81,12 +101,13 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let state = AppState::new(store.clone(), Arc::new(SystemClock), config);
+        let state = AppState::new(store.clone(), clock, config);
         let server = tokio::spawn(bursar_server::serve(listener, state, async {
             let _ = rx.await;
         }));
         let http = reqwest::Client::new();
         TestApp {
+            backend,
             a: Client::with_http(http.clone(), &url, &keys[0]),
             b: Client::with_http(http.clone(), &url, &keys[1]),
             key_a: keys[0].clone(),
@@ -154,4 +175,23 @@ pub async fn error_body(resp: reqwest::Response, status: u16, code: &str) -> ser
     assert!(v["latency_ms"].is_u64(), "{v}");
     assert!(v["details"].is_array(), "{v}");
     v
+}
+
+/// A clock the test moves by hand (key retention, expiry).
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new() -> Arc<ManualClock> {
+        Arc::new(ManualClock(AtomicI64::new(SystemClock.now().0)))
+    }
+
+    pub fn advance_hours(&self, hours: i64) {
+        self.0.fetch_add(hours * 3_600_000, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(Ordering::SeqCst))
+    }
 }

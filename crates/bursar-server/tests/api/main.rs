@@ -3,6 +3,7 @@
 
 mod cases;
 mod harness;
+mod idempotency;
 
 macro_rules! api_suite {
     ($($case:ident),* $(,)?) => {
@@ -11,7 +12,7 @@ macro_rules! api_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     let app = crate::harness::TestApp::start(crate::harness::Backend::Sqlite).await.unwrap();
-                    crate::cases::$case(&app).await;
+                    crate::$case(&app).await;
                     app.stop().await;
                 }
             )*
@@ -21,13 +22,16 @@ macro_rules! api_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     let Some(app) = crate::harness::TestApp::start(crate::harness::Backend::Postgres).await else { return };
-                    crate::cases::$case(&app).await;
+                    crate::$case(&app).await;
                     app.stop().await;
                 }
             )*
         }
     };
 }
+
+use cases::*;
+use idempotency::*;
 
 api_suite!(
     canonical_order_request,
@@ -43,4 +47,9 @@ api_suite!(
     problem_json_has_the_same_members,
     request_ids_and_trace_context,
     health_readiness_and_docs,
+    retries_replay_the_first_response,
+    malformed_keys_are_400_and_store_nothing,
+    scope_and_what_is_stored,
+    concurrent_identical_requests_create_once,
+    expired_keys_run_as_new_requests,
 );

@@ -1,9 +1,9 @@
 //! `/api/orders`.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
-use bursar_api::{CreateOrder, ErrorBody, List, Order, UpdateOrder};
+use bursar_api::{CreateOrder, ErrorBody, ErrorCode, List, Order, UpdateOrder};
 use bursar_domain::OrderStatus;
 use bursar_storage::OrderFilter;
 use serde::Deserialize;
@@ -13,7 +13,8 @@ use super::{parse_id, parse_page, parse_time};
 use crate::AppState;
 use crate::http::context::Ctx;
 use crate::http::error::{ApiError, issue};
-use crate::http::extract::{Auth, Id, IfMatch, Json, Params, if_none_match_hits};
+use crate::http::extract::{Auth, Id, IfMatch, Json, JsonWithBytes, Params, if_none_match_hits};
+use crate::http::idempotency;
 use crate::http::render;
 use crate::services::{Call, orders};
 
@@ -66,30 +67,50 @@ impl ListOrdersQuery {
 }
 
 #[utoipa::path(post, path = "/api/orders", tag = "orders", request_body = CreateOrder,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Accepted; full idempotency semantics are being rolled out")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1-255 printable ASCII characters, bare or as a quoted string. A retry with the same key and request gets the first response again, with Idempotent-Replayed: true; kept 24 h.")),
     responses(
-        (status = 201, description = "Created", body = Order,
-         headers(("ETag" = String), ("Location" = String))),
-        (status = 422, description = "validation_failed or unknown_customer", body = ErrorBody),
+        (status = 201, description = "Created (or the replay of the first response)", body = Order,
+         headers(("ETag" = String), ("Location" = String),
+                 ("Idempotent-Replayed" = String, description = "true on a replay"))),
+        (status = 400, description = "idempotency_key_invalid, idempotency_key_missing, malformed_json", body = ErrorBody),
+        (status = 422, description = "validation_failed, unknown_customer, idempotency_key_reused", body = ErrorBody),
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     auth: Auth,
     Ctx(info): Ctx,
-    Json(req): Json<CreateOrder>,
+    headers: HeaderMap,
+    uri: Uri,
+    JsonWithBytes(req, body): JsonWithBytes<CreateOrder>,
 ) -> Result<Response, ApiError> {
     let call = Call {
         state: &state,
         auth: &auth,
         info: &info,
     };
-    let o = orders::create(&call, req).await?;
-    Ok(render::created(
-        format!("/api/orders/{}", o.id),
-        o.version,
-        &render::order(&o),
-    ))
+    let key = idempotency::parse_key(&headers)?;
+    match key {
+        Some(key) => orders::create_idempotent(&call, key, uri.query(), &body, req).await,
+        None if state
+            .config
+            .idempotency
+            .requires("POST", orders::CREATE_ROUTE) =>
+        {
+            Err(ApiError::new(
+                ErrorCode::IdempotencyKeyMissing,
+                "POST /api/orders requires an Idempotency-Key header on this server.",
+            ))
+        }
+        None => {
+            let o = orders::create(&call, req).await?;
+            Ok(render::created(
+                format!("/api/orders/{}", o.id),
+                o.version,
+                &render::order(&o),
+            ))
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/api/orders/{id}", tag = "orders",
