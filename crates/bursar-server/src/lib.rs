@@ -10,7 +10,7 @@ pub mod store;
 pub mod trace;
 
 pub use config::Config;
-pub use state::{AppState, SystemClock};
+pub use state::{AppState, FaultPoint, SystemClock};
 
 use std::future::Future;
 use std::net::SocketAddr;

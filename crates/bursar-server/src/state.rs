@@ -15,6 +15,40 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Verified keys by hash, so most requests authenticate without a database read.
     pub keys: KeyCache,
+    /// A crash to stage at a named point, for the crash-recovery tests. Always `None` unless
+    /// the operator sets `BURSAR_TEST_FAULT`; nothing else enables it.
+    pub fault: Option<FaultPoint>,
+}
+
+/// Where a staged crash happens (`BURSAR_TEST_FAULT=<name>`). The process aborts on the spot —
+/// no unwinding, no flushing, like a `kill -9` — so tests can show that a crash at that
+/// instant loses no committed write and repeats none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Inside an idempotent create's transaction, after the writes, before the commit.
+    MidTransaction,
+    /// After an idempotent create committed, before its response is written.
+    AfterCommit,
+}
+
+impl FaultPoint {
+    pub fn parse(name: &str) -> Option<FaultPoint> {
+        match name {
+            "mid_transaction" => Some(FaultPoint::MidTransaction),
+            "after_commit" => Some(FaultPoint::AfterCommit),
+            _ => None,
+        }
+    }
+}
+
+impl AppState {
+    /// Aborts the process if `point` is the staged fault.
+    pub fn crash_if(&self, point: FaultPoint) {
+        if self.fault == Some(point) {
+            eprintln!("BURSAR_TEST_FAULT: aborting at {point:?}");
+            std::process::abort();
+        }
+    }
 }
 
 /// Per-instance cache of key lookups (spec `api-product.md`: parse → checksum → cache with a
@@ -58,6 +92,7 @@ impl AppState {
             clock,
             config: Arc::new(config),
             keys: KeyCache::new(),
+            fault: None,
         }
     }
 }

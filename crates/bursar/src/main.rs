@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use bursar_server::config::{DEFAULT_TOML, LogFormat};
 use bursar_server::services::accounts;
-use bursar_server::{AppState, Config, SystemClock};
+use bursar_server::{AppState, Config, FaultPoint, SystemClock};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -240,7 +240,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     println!("Press Ctrl-C to stop.");
     tracing::info!(listen = %addr, backend = store.backend(), "serving");
-    let state = AppState::new(store, clock, config);
+    let mut state = AppState::new(store, clock, config);
+    if let Ok(name) = std::env::var("BURSAR_TEST_FAULT") {
+        let point = FaultPoint::parse(&name)
+            .ok_or_else(|| anyhow::anyhow!("unknown BURSAR_TEST_FAULT {name:?}"))?;
+        tracing::warn!(?point, "a crash is staged for testing (BURSAR_TEST_FAULT)");
+        state.fault = Some(point);
+    }
     bursar_server::serve(listener, state, shutdown).await
 }
 

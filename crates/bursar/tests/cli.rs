@@ -384,6 +384,144 @@ async fn configuration(db: Db) {
     );
 }
 
+/// Runs a server with a staged crash, sends one keyed create (which kills it), restarts it
+/// on the same database and retries: returns the retry's response and the order count.
+async fn crash_then_retry(db: &Db, fault: &str) -> (reqwest::Response, usize) {
+    let first = serve(db, &[]).await;
+    let key = first.key().expect("first start prints a key");
+    let http = client();
+    let customer: serde_json::Value = http
+        .post(format!("{}/api/customers", first.base))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(first.terminate().await.success());
+    let body = format!(
+        r#"{{"customer_id": {}, "amount": 199.00, "currency": "USD"}}"#,
+        customer["id"]
+    );
+    let send = |base: String| {
+        http.post(format!("{base}/api/orders"))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", "order-20260325-00091")
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+    };
+    let mut doomed = serve(db, &[("BURSAR_TEST_FAULT", fault)]).await;
+    let lost = send(doomed.base.clone()).await;
+    assert!(lost.is_err(), "the client never got an answer: {lost:?}");
+    let status = tokio::time::timeout(Duration::from_secs(30), doomed.child.wait())
+        .await
+        .expect("the staged crash ends the process")
+        .unwrap();
+    assert!(!status.success(), "killed, not exited");
+    let again = serve(db, &[]).await;
+    let retry = send(again.base.clone()).await.unwrap();
+    let orders: serde_json::Value = http
+        .get(format!("{}/api/orders", again.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(again.terminate().await.success());
+    (retry, orders["data"].as_array().unwrap().len())
+}
+
+async fn crash_after_commit_is_answered_by_the_retry(db: Db) {
+    let (retry, orders) = crash_then_retry(&db, "after_commit").await;
+    assert_eq!(retry.status(), 201);
+    assert_eq!(
+        retry.headers()["idempotent-replayed"],
+        "true",
+        "the stored 201"
+    );
+    assert_eq!(orders, 1, "committed once, never repeated");
+}
+
+async fn crash_mid_transaction_leaves_nothing(db: Db) {
+    let (retry, orders) = crash_then_retry(&db, "mid_transaction").await;
+    assert_eq!(retry.status(), 201);
+    assert!(
+        retry.headers().get("idempotent-replayed").is_none(),
+        "ran anew"
+    );
+    assert_eq!(orders, 1, "the crashed attempt left nothing behind");
+}
+
+/// Two processes on one database, the same key sent to both at once, fifty times over.
+#[tokio::test]
+async fn two_processes_one_key_one_order() {
+    let Some(db) = postgres() else { return };
+    let a = serve(&db, &[]).await;
+    let b = serve(&db, &[]).await;
+    let key = a.key().expect("the first process creates the account");
+    assert_eq!(b.key(), None);
+    let http = client();
+    let customer: serde_json::Value = http
+        .post(format!("{}/api/customers", a.base))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let body = format!(
+        r#"{{"customer_id": {}, "amount": 5, "currency": "EUR"}}"#,
+        customer["id"]
+    );
+    let send = |base: &str, k: String| {
+        http.post(format!("{base}/api/orders"))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", k)
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+    };
+    for i in 0..50 {
+        let k = format!("twin-{i}");
+        let (ra, rb) = tokio::join!(send(&a.base, k.clone()), send(&b.base, k));
+        let (ra, rb) = (ra.unwrap(), rb.unwrap());
+        assert_eq!(
+            (ra.status().as_u16(), rb.status().as_u16()),
+            (201, 201),
+            "key {i}"
+        );
+        let replays = [&ra, &rb]
+            .iter()
+            .filter(|r| r.headers().contains_key("idempotent-replayed"))
+            .count();
+        assert_eq!(replays, 1, "key {i}: one ran, one replayed");
+        assert_eq!(ra.bytes().await.unwrap(), rb.bytes().await.unwrap());
+    }
+    let orders: serde_json::Value = http
+        .get(format!("{}/api/orders?limit=100", b.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        orders["data"].as_array().unwrap().len(),
+        50,
+        "one order per key"
+    );
+    assert!(a.terminate().await.success());
+    assert!(b.terminate().await.success());
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -401,4 +539,6 @@ on_both_backends!(
     sigterm_lets_in_flight_requests_finish,
     shutdown_is_bounded,
     configuration,
+    crash_after_commit_is_answered_by_the_retry,
+    crash_mid_transaction_leaves_nothing,
 );

@@ -9,6 +9,7 @@ use bursar_storage::{
 };
 
 use super::{Call, check_metadata, check_text, finish, resolve_precondition};
+use crate::FaultPoint;
 use crate::http::context::error_body;
 use crate::http::error::{ApiError, issue};
 use crate::http::extract::IfMatch;
@@ -122,14 +123,18 @@ pub async fn create_idempotent(
         expires_at: Timestamp(meta.at.0.saturating_add(retention)),
     };
     let info = call.info;
+    let state = call.state;
     // What is stored: the 201, or the deterministic 422 for a customer of another account.
     // Anything else (the database failing) rolls back, so the request can be retried.
     let respond = |outcome: Result<&Order, &StorageError>| match outcome {
-        Ok(o) => Some(render::created_stored(
-            format!("/api/orders/{}", o.id),
-            o.version,
-            &render::order(o),
-        )),
+        Ok(o) => {
+            state.crash_if(FaultPoint::MidTransaction);
+            Some(render::created_stored(
+                format!("/api/orders/{}", o.id),
+                o.version,
+                &render::order(o),
+            ))
+        }
         Err(StorageError::UnknownCustomer) => {
             let err = ApiError::from(StorageError::UnknownCustomer);
             let (content_type, body) = error_body(&err, info);
@@ -145,7 +150,10 @@ pub async fn create_idempotent(
         .create_order_idempotent(&meta, &claim, new, &respond)
         .await?
     {
-        Idempotent::Fresh(stored) => Ok(idempotency::from_stored(&stored, false)),
+        Idempotent::Fresh(stored) => {
+            call.state.crash_if(FaultPoint::AfterCommit);
+            Ok(idempotency::from_stored(&stored, false))
+        }
         Idempotent::Existing(record) => answer_existing(record, &fingerprint),
     }
 }
