@@ -79,6 +79,8 @@ impl Baseline {
             let addr = listener.local_addr()?;
             let app = Router::new().route("/orders", post(create));
             let app = app.route("/orders/{id}", get(fetch)).with_state(db.clone());
+            // The floor of any handler, for the idempotent-replay comparison.
+            let app = app.route("/hello", get(|| async { "hello" }));
             tokio::spawn(async move { axum::serve(listener, app).await });
             anyhow::Ok((addr, db, scratch))
         });

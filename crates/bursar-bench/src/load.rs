@@ -25,6 +25,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// The baseline's hello-world route, beside its orders.
+    fn hello_url(&self) -> String {
+        self.orders_url.replace("/orders", "/hello")
+    }
+
     pub fn new(
         name: &'static str,
         client: &Client,
@@ -45,14 +50,32 @@ impl Target {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// POST a new order (optionally under an `Idempotency-Key`, see [`Keys`]).
     Create,
+    /// GET an order created earlier.
     Get,
+    /// GET the baseline's hello-world route: the floor of any HTTP handler.
+    Hello,
 }
 
 impl Op {
     pub fn name(self) -> &'static str {
-        if self == Op::Create { "create" } else { "get" }
+        match self {
+            Op::Create => "create",
+            Op::Get => "get",
+            Op::Hello => "hello",
+        }
     }
+}
+
+/// `Idempotency-Key` on creates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    None,
+    /// A new key per request: every create runs (and stores its response).
+    Fresh,
+    /// One key for all requests: after the first, every create is a replay.
+    Fixed,
 }
 
 /// Measurements of one (target, op); the rounds are pooled into one by `absorb`.
@@ -107,6 +130,7 @@ pub struct Settings {
 struct Phase {
     target: Arc<Target>,
     op: Op,
+    keys: Keys,
     /// Orders to get; task `i` takes `i`, `i + concurrency`, … (round robin).
     ids: Vec<String>,
     concurrency: usize,
@@ -119,11 +143,12 @@ struct Phase {
 pub async fn run_phase(
     target: &Arc<Target>,
     op: Op,
+    keys: Keys,
     ids: Vec<String>,
     s: Settings,
 ) -> Result<Sample> {
     ensure!(
-        op == Op::Create || !ids.is_empty(),
+        op != Op::Get || !ids.is_empty(),
         "{}: nothing to get",
         target.name
     );
@@ -133,6 +158,7 @@ pub async fn run_phase(
     let phase = Arc::new(Phase {
         target,
         op,
+        keys,
         ids,
         concurrency,
         warm_end,
@@ -151,17 +177,27 @@ pub async fn run_phase(
 /// One closed-loop client.
 async fn worker(p: Arc<Phase>, mut next: usize) -> Sample {
     let (t, mut s) = (&p.target, Sample::default());
+    let mut sent = 0_u64;
     loop {
         let start = Instant::now();
         if start >= p.end {
             return s;
         }
         let req = match p.op {
-            Op::Create => t
-                .client
-                .post(&t.orders_url)
-                .header(CONTENT_TYPE, "application/json")
-                .body(t.create_body.clone()),
+            Op::Create => {
+                let req = t
+                    .client
+                    .post(&t.orders_url)
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(t.create_body.clone());
+                sent += 1;
+                match p.keys {
+                    Keys::None => req,
+                    Keys::Fresh => req.header("idempotency-key", format!("bench-{next}-{sent}")),
+                    Keys::Fixed => req.header("idempotency-key", "bench-replay"),
+                }
+            }
+            Op::Hello => t.client.get(t.hello_url()),
             Op::Get => {
                 let id = &p.ids[next % p.ids.len()];
                 next = next.wrapping_add(p.concurrency);
@@ -204,7 +240,7 @@ async fn send(req: reqwest::RequestBuilder, op: Op) -> Result<Option<String>, St
     };
     if !status.is_success() {
         return Err(text());
-    } else if op == Op::Get {
+    } else if op != Op::Create {
         return Ok(None);
     }
     match id_of(&body) {

@@ -16,7 +16,7 @@ use clap::{Parser, ValueEnum};
 use reqwest::Client;
 use sqlx::{AssertSqlSafe, Connection};
 
-use load::{Op, Sample, Target};
+use load::{Keys, Op, Sample, Target};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 pub enum Backend {
@@ -51,6 +51,39 @@ struct Args {
     /// Measure only the baseline (no `bursar` binary needed).
     #[arg(long)]
     baseline_only: bool,
+    /// `crud`: create then get, against the bare insert and select. `idempotency`: Bursar
+    /// creates with a fresh Idempotency-Key each against the bare insert, then Bursar replays
+    /// of one completed key against a hello-world handler.
+    #[arg(long, value_enum, default_value_t = Scenario::Crud)]
+    scenario: Scenario,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Scenario {
+    Crud,
+    Idempotency,
+}
+
+impl Scenario {
+    /// The two phases of a round for `target`: (op, keys) for the first and the second.
+    fn phases(self, target: &str) -> [(Op, Keys); 2] {
+        let bursar = target == "bursar";
+        match self {
+            Scenario::Crud => [(Op::Create, Keys::None), (Op::Get, Keys::None)],
+            Scenario::Idempotency if bursar => {
+                [(Op::Create, Keys::Fresh), (Op::Create, Keys::Fixed)]
+            }
+            Scenario::Idempotency => [(Op::Create, Keys::None), (Op::Hello, Keys::None)],
+        }
+    }
+
+    /// Column labels of the two phases.
+    fn labels(self) -> [&'static str; 2] {
+        match self {
+            Scenario::Crud => ["create", "get"],
+            Scenario::Idempotency => ["create", "replay"],
+        }
+    }
 }
 
 /// Per target: name, pooled create sample, pooled get sample.
@@ -126,11 +159,15 @@ async fn measure(args: &Args, targets: &[Arc<Target>]) -> Result<Results> {
     let mut results: Results = targets.iter().map(empty).collect();
     for round in 1..=args.rounds {
         for (t, (_, creates, gets)) in targets.iter().zip(&mut results) {
-            eprintln!("round {round}/{}: {} create, then get", args.rounds, t.name);
-            let mut created = load::run_phase(t, Op::Create, vec![], settings).await?;
-            let ids = std::mem::take(&mut created.ids);
-            creates.absorb(created);
-            gets.absorb(load::run_phase(t, Op::Get, ids, settings).await?);
+            let [(op1, keys1), (op2, keys2)] = args.scenario.phases(t.name);
+            eprintln!(
+                "round {round}/{}: {} {:?}",
+                args.rounds, t.name, args.scenario
+            );
+            let mut first = load::run_phase(t, op1, keys1, vec![], settings).await?;
+            let ids = std::mem::take(&mut first.ids);
+            creates.absorb(first);
+            gets.absorb(load::run_phase(t, op2, keys2, ids, settings).await?);
         }
     }
     Ok(results)
@@ -145,15 +182,19 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
         args.rounds,
         args.warmup_secs,
     );
-    println!("backend: {backend}  concurrency: {c}  duration: {d}s x {r} rounds  warmup: {w}s");
+    let scenario = format!("{:?}", args.scenario).to_lowercase();
+    println!(
+        "backend: {backend}  scenario: {scenario}  concurrency: {c}  duration: {d}s x {r} rounds  warmup: {w}s"
+    );
     println!("| target   | op     |  req/s | p50 ms | p99 ms | errors |");
     println!("|----------|--------|-------:|-------:|-------:|-------:|");
     let mut errors = 0;
-    for op in [Op::Create, Op::Get] {
+    let labels = args.scenario.labels();
+    for (phase, label) in labels.iter().enumerate() {
         for (name, creates, gets) in &mut results {
-            let s = if op == Op::Create { creates } else { gets };
+            let s = if phase == 0 { creates } else { gets };
             let (p50, p99) = (ms(s.percentile_us(50)), ms(s.percentile_us(99)));
-            let (op, rate, e) = (op.name(), s.rate(), s.errors);
+            let (op, rate, e) = (*label, s.rate(), s.errors);
             println!("| {name:<8} | {op:<6} | {rate:>6} | {p50:>6} | {p99:>6} | {e:>6} |");
             errors += e;
         }
@@ -161,7 +202,8 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
     if let [(_, base_c, base_g), (_, bursar_c, bursar_g)] = &results[..] {
         let ratio = |a: &Sample, b: &Sample| a.rate() as f64 / b.rate().max(1) as f64;
         let (c, g) = (ratio(bursar_c, base_c), ratio(bursar_g, base_g));
-        println!("ratio bursar/baseline: create {c:.2}  get {g:.2}   (req/s)");
+        let [l1, l2] = labels;
+        println!("ratio bursar/baseline: {l1} {c:.2}  {l2} {g:.2}   (req/s)");
     }
     if errors > 0 {
         eprintln!("{errors} requests failed");
