@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bursar_domain::{Clock, Timestamp};
-use bursar_storage::{ApiKeyRecord, Storage};
+use bursar_domain::{AccountId, Clock, Timestamp};
+use bursar_storage::{ApiKeyRecord, IdempotencyRecord, Storage};
 
 use crate::Config;
 
@@ -15,9 +15,68 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Verified keys by hash, so most requests authenticate without a database read.
     pub keys: KeyCache,
+    /// Completed idempotency records, which never change until they expire: replays are
+    /// answered from here without a database read. Correctness never depends on it — a miss
+    /// reads the database, and every hit is re-checked against the record's expiry.
+    pub replays: ReplayCache,
     /// A crash to stage at a named point, for the crash-recovery tests. Always `None` unless
     /// the operator sets `BURSAR_TEST_FAULT`; nothing else enables it.
     pub fault: Option<FaultPoint>,
+}
+
+/// See [`AppState::replays`]. Keyed by account and client key; bounded by the bytes of the
+/// stored responses it holds.
+#[derive(Clone)]
+pub struct ReplayCache(moka::sync::Cache<(AccountId, String), Arc<IdempotencyRecord>>);
+
+impl ReplayCache {
+    /// At most this many bytes of stored responses are kept in memory.
+    pub const MAX_BYTES: u64 = 64 * 1024 * 1024;
+    /// An entry is dropped after this long even if its record lives on (memory, not safety).
+    pub const TTL: Duration = Duration::from_secs(600);
+
+    pub fn new() -> ReplayCache {
+        ReplayCache(
+            moka::sync::Cache::builder()
+                .max_capacity(Self::MAX_BYTES)
+                .weigher(
+                    |(_, key): &(AccountId, String), r: &Arc<IdempotencyRecord>| {
+                        let headers: usize = r
+                            .response
+                            .headers
+                            .iter()
+                            .map(|(n, v)| n.len() + v.len())
+                            .sum();
+                        u32::try_from(r.response.body.len() + headers + key.len() + 128)
+                            .unwrap_or(u32::MAX)
+                    },
+                )
+                .time_to_live(Self::TTL)
+                .build(),
+        )
+    }
+
+    /// The record, if cached and still live at `now`.
+    pub fn get(
+        &self,
+        account: AccountId,
+        key: &str,
+        now: Timestamp,
+    ) -> Option<Arc<IdempotencyRecord>> {
+        self.0
+            .get(&(account, key.to_owned()))
+            .filter(|r| r.expires_at > now)
+    }
+
+    pub fn insert(&self, account: AccountId, key: String, record: Arc<IdempotencyRecord>) {
+        self.0.insert((account, key), record);
+    }
+}
+
+impl Default for ReplayCache {
+    fn default() -> Self {
+        ReplayCache::new()
+    }
 }
 
 /// Where a staged crash happens (`BURSAR_TEST_FAULT=<name>`). The process aborts on the spot —
@@ -92,6 +151,7 @@ impl AppState {
             clock,
             config: Arc::new(config),
             keys: KeyCache::new(),
+            replays: ReplayCache::new(),
             fault: None,
         }
     }

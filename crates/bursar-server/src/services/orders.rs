@@ -1,5 +1,7 @@
 //! Order use cases.
 
+use std::sync::Arc;
+
 use axum::response::Response;
 use bursar_api::{CreateOrder, ErrorCode, UpdateOrder};
 use bursar_domain::{Currency, Money, OrderAction, Timestamp};
@@ -106,12 +108,18 @@ pub async fn create_idempotent(
     let fingerprint = idempotency::fingerprint("POST", CREATE_ROUTE, query, body);
     let meta = call.write_meta();
     let store = &call.state.store;
-    // A live record answers without touching the writer.
+    let replays = &call.state.replays;
+    // A live record answers without touching the writer — from memory when it can.
+    if let Some(record) = replays.get(meta.account_id, &key, meta.at) {
+        return answer_existing(&record, &fingerprint);
+    }
     if let Some(record) = store
         .find_idempotency(meta.account_id, &key, meta.at)
         .await?
     {
-        return answer_existing(record, &fingerprint);
+        let record = Arc::new(record);
+        replays.insert(meta.account_id, key, record.clone());
+        return answer_existing(&record, &fingerprint);
     }
     let retention =
         i64::try_from(call.state.config.idempotency.retention().as_millis()).unwrap_or(i64::MAX);
@@ -154,12 +162,12 @@ pub async fn create_idempotent(
             call.state.crash_if(FaultPoint::AfterCommit);
             Ok(idempotency::from_stored(&stored, false))
         }
-        Idempotent::Existing(record) => answer_existing(record, &fingerprint),
+        Idempotent::Existing(record) => answer_existing(&record, &fingerprint),
     }
 }
 
 /// A replay when the stored request is this one; 422 when the key was used for another.
-fn answer_existing(record: IdempotencyRecord, fingerprint: &str) -> Result<Response, ApiError> {
+fn answer_existing(record: &IdempotencyRecord, fingerprint: &str) -> Result<Response, ApiError> {
     if record.fingerprint == fingerprint {
         return Ok(idempotency::from_stored(&record.response, true));
     }
@@ -167,8 +175,8 @@ fn answer_existing(record: IdempotencyRecord, fingerprint: &str) -> Result<Respo
         ErrorCode::IdempotencyKeyReused,
         "This Idempotency-Key was already used for a different request; use a new key.",
     )
-    .with_extra("original_method", record.method)
-    .with_extra("original_path", record.route))
+    .with_extra("original_method", record.method.as_str())
+    .with_extra("original_path", record.route.as_str()))
 }
 
 /// The order's version, `None` if it does not exist here; a database failure stays an error
