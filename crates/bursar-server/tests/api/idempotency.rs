@@ -159,6 +159,24 @@ pub async fn malformed_keys_are_400_and_store_nothing(app: &TestApp) {
 pub async fn scope_and_what_is_stored(app: &TestApp) {
     let ca = app.customer(&app.a).await;
     let cb = app.customer(&app.b).await;
+    // Refused authentication is not stored: the same key then runs with a valid key.
+    let body = format!(r#"{{"customer_id":{ca},"amount":9,"currency":"USD"}}"#);
+    let resp = app
+        .anon(Method::POST, "/api/orders")
+        .header(
+            "Authorization",
+            "Bearer bsr_test_000000000000000000000000000000000000",
+        )
+        .header("Idempotency-Key", "k-auth")
+        .header("Content-Type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    error_body(resp, 401, "invalid_api_key").await;
+    let resp = post(app, &app.a, "k-auth", &body).await;
+    assert_eq!(resp.status(), 201);
+    assert!(resp.headers().get("idempotent-replayed").is_none());
     // One key, two accounts: two independent orders.
     let ra = post(
         app,
@@ -205,7 +223,7 @@ pub async fn scope_and_what_is_stored(app: &TestApp) {
     let replayed: Value = again.json().await.unwrap();
     assert_eq!(replayed, v);
     assert_eq!(replayed["request_id"], request_id.as_str());
-    assert_eq!(order_count(&app.a).await, 2);
+    assert_eq!(order_count(&app.a).await, 3);
 }
 
 pub async fn concurrent_identical_requests_create_once(app: &TestApp) {
@@ -280,4 +298,43 @@ pub async fn expired_keys_run_as_new_requests(app: &TestApp) {
     assert!(resp.headers().get("idempotent-replayed").is_none());
     assert_eq!(order_count(&timed.a).await, 2);
     timed.stop().await;
+}
+
+pub async fn concurrent_keys_and_bodies(app: &TestApp) {
+    let c = app.customer(&app.a).await;
+    // One key, two different bodies at once: one runs, the other is refused (or replays the
+    // first if it was that request) — never two orders.
+    let one = format!(r#"{{"customer_id":{c},"amount":1,"currency":"USD"}}"#);
+    let two = format!(r#"{{"customer_id":{c},"amount":2,"currency":"USD"}}"#);
+    let (r1, r2) = tokio::join!(
+        post(app, &app.a, "k-race", &one),
+        post(app, &app.a, "k-race", &two)
+    );
+    let mut statuses = [r1.status().as_u16(), r2.status().as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [201, 422]);
+    assert_eq!(order_count(&app.a).await, 1);
+    // Ninety-nine distinct keys at once: ninety-nine more orders, all 201.
+    let tasks: Vec<_> = (0..99)
+        .map(|i| {
+            let client = app.a.clone();
+            let body = one.clone();
+            tokio::spawn(async move {
+                client
+                    .request(Method::POST, "/api/orders")
+                    .header("Idempotency-Key", format!("k-many-{i}"))
+                    .header("Content-Type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 201);
+    }
+    assert_eq!(order_count(&app.a).await, 100);
 }

@@ -52,4 +52,5 @@ api_suite!(
     scope_and_what_is_stored,
     concurrent_identical_requests_create_once,
     expired_keys_run_as_new_requests,
+    concurrent_keys_and_bodies,
 );
