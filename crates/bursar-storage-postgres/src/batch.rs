@@ -6,7 +6,7 @@
 //! implicit transaction. Static SQL, so it is prepared once whatever the batch size.
 
 use async_trait::async_trait;
-use bursar_storage::group_commit::{Create, GroupWriter};
+use bursar_storage::group_commit::{Create, GroupWriter, Written};
 use bursar_storage::{StorageError, WriteMeta};
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
@@ -77,7 +77,13 @@ impl GroupWriter for PgCreates {
     async fn write(
         &self,
         batch: &[(WriteMeta, Create)],
-    ) -> Result<Vec<Option<PgRow>>, StorageError> {
+    ) -> Result<Vec<Written<PgRow>>, StorageError> {
+        if batch.iter().any(|(_, c)| c.keyed().is_some()) {
+            // Keyed creates run their own transaction on PostgreSQL (create_order_idempotent).
+            return Err(StorageError::Internal(
+                "keyed creates are not batched here".into(),
+            ));
+        }
         let accounts: Vec<i64> = batch.iter().map(|(m, _)| m.account_id).collect();
         let at: Vec<i64> = batch.iter().map(|(m, _)| m.at.0).collect();
         let request_ids: Vec<&str> = batch.iter().map(|(m, _)| m.request_id.as_str()).collect();
@@ -119,6 +125,7 @@ impl GroupWriter for PgCreates {
                         currency,
                         description,
                         metadata_json,
+                        keyed: None,
                     } = w
                     {
                         customers.push(*customer_id);
@@ -155,6 +162,9 @@ impl GroupWriter for PgCreates {
                 *place = Some(row);
             }
         }
-        Ok(by_slot)
+        Ok(by_slot
+            .into_iter()
+            .map(|row| row.map_or(Written::Missing, Written::Row))
+            .collect())
     }
 }

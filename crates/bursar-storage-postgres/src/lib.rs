@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
 use bursar_storage::decode;
-use bursar_storage::group_commit::{Create, GroupCommit};
+use bursar_storage::group_commit::{Create, GroupCommit, Written};
 use bursar_storage::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, FromRow, Postgres, Row, Transaction};
@@ -368,10 +368,11 @@ impl AccountStore for PostgresStore {
 #[async_trait]
 impl CustomerStore for PostgresStore {
     async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
-        let row = self
+        let written = self
             .creates
             .submit(meta.clone(), Create::customer(new))
             .await?;
+        let row = written_row(written)?;
         CustomerRow::from_row(&row).map_err(err)?.into_record()
     }
 
@@ -450,10 +451,11 @@ impl CustomerStore for PostgresStore {
 #[async_trait]
 impl OrderStore for PostgresStore {
     async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
-        let row = self
+        let written = self
             .creates
-            .submit(meta.clone(), Create::order(new))
+            .submit(meta.clone(), Create::order(new, None))
             .await?;
+        let row = written_row(written)?;
         OrderRow::from_row(&row).map_err(err)?.into_record()
     }
 
@@ -546,7 +548,7 @@ impl OrderStore for PostgresStore {
         meta: &WriteMeta,
         claim: &IdempotencyClaim,
         new: NewOrder,
-        respond: Respond<'_, Order>,
+        respond: OrderResponder,
     ) -> Result<Idempotent> {
         let mut tx = self.write_tx().await?;
         // An expired record counts as absent: clear it so the key can be claimed anew.
@@ -661,6 +663,16 @@ impl OrderStore for PostgresStore {
         append_event(&mut tx, meta, NewEvent::for_order(o.status.as_str(), &o)).await?;
         tx.commit().await.map_err(err)?;
         Ok(o)
+    }
+}
+
+/// The row of a create without a key (the only outcome such a create reports).
+fn written_row(written: Written<PgRow>) -> Result<PgRow> {
+    match written {
+        Written::Row(row) => Ok(row),
+        _ => Err(StorageError::Internal(
+            "unexpected outcome of a create".into(),
+        )),
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
 use bursar_storage::decode;
-use bursar_storage::group_commit::{Create, GroupCommit};
+use bursar_storage::group_commit::{Create, GroupCommit, Keyed, Written};
 use bursar_storage::*;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -381,10 +381,11 @@ impl AccountStore for SqliteStore {
 #[async_trait]
 impl CustomerStore for SqliteStore {
     async fn create_customer(&self, meta: &WriteMeta, new: NewCustomer) -> Result<Customer> {
-        let row = self
+        let written = self
             .creates
             .submit(meta.clone(), Create::customer(new))
             .await?;
+        let row = written_row(written)?;
         CustomerRow::from_row(&row).map_err(err)?.into_record()
     }
 
@@ -460,13 +461,106 @@ impl CustomerStore for SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// A keyed create in a transaction of its own (see `create_order_idempotent`).
+    async fn create_order_idempotent_alone(
+        &self,
+        meta: &WriteMeta,
+        claim: &IdempotencyClaim,
+        new: NewOrder,
+        respond: OrderResponder,
+    ) -> Result<Idempotent> {
+        let mut tx = self.write_tx().await?;
+        // An expired record counts as absent: clear it so the key can be claimed anew.
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
+             AND expires_at <= ?",
+        )
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(meta.at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let claimed: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
+             response_status, response_headers, response_body, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, 0, '[]', x'', ?, ?) \
+             ON CONFLICT (account_id, idem_key) DO NOTHING RETURNING id",
+        )
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(&claim.method)
+        .bind(&claim.route)
+        .bind(&claim.fingerprint)
+        .bind(meta.at.0)
+        .bind(claim.expires_at.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(key_id) = claimed else {
+            let existing = find_key(&mut *tx, meta.account_id, &claim.key).await?;
+            return existing
+                .map(Idempotent::Existing)
+                .ok_or_else(|| StorageError::Internal("claimed key vanished".into()));
+        };
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
+             description, metadata, version, created_at, updated_at, idempotency_key_id) \
+             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ?, ? \
+             WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) RETURNING ",
+            order_cols!()
+        ))
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .bind(new.amount.minor)
+        .bind(new.amount.currency.code())
+        .bind(&new.description)
+        .bind(decode::metadata_json(&new.metadata))
+        .bind(meta.at.0)
+        .bind(meta.at.0)
+        .bind(key_id)
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let outcome = row
+            .ok_or(StorageError::UnknownCustomer)
+            .and_then(OrderRow::into_record);
+        if let Ok(order) = &outcome {
+            append_event(&mut tx, meta, NewEvent::for_order("created", order)).await?;
+        }
+        let Some(response) = respond(outcome.as_ref()) else {
+            // Not a stored outcome: the transaction rolls back with the key claim.
+            return Err(outcome.err().unwrap_or_else(|| {
+                StorageError::Internal("no response rendered for a created order".into())
+            }));
+        };
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = ?, response_headers = ?, \
+             response_body = ? WHERE id = ?",
+        )
+        .bind(i64::from(response.status))
+        .bind(decode::headers_json(&response.headers))
+        .bind(&response.body)
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Idempotent::Fresh(response))
+    }
+}
+
 #[async_trait]
 impl OrderStore for SqliteStore {
     async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
-        let row = self
+        let written = self
             .creates
-            .submit(meta.clone(), Create::order(new))
+            .submit(meta.clone(), Create::order(new, None))
             .await?;
+        let row = written_row(written)?;
         OrderRow::from_row(&row).map_err(err)?.into_record()
     }
 
@@ -559,88 +653,25 @@ impl OrderStore for SqliteStore {
         meta: &WriteMeta,
         claim: &IdempotencyClaim,
         new: NewOrder,
-        respond: Respond<'_, Order>,
+        respond: OrderResponder,
     ) -> Result<Idempotent> {
-        let mut tx = self.write_tx().await?;
-        // An expired record counts as absent: clear it so the key can be claimed anew.
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
-             AND expires_at <= ?",
-        )
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(meta.at.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        let claimed: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
-             response_status, response_headers, response_body, created_at, expires_at) \
-             VALUES (?, ?, ?, ?, ?, 0, '[]', x'', ?, ?) \
-             ON CONFLICT (account_id, idem_key) DO NOTHING RETURNING id",
-        )
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(&claim.method)
-        .bind(&claim.route)
-        .bind(&claim.fingerprint)
-        .bind(meta.at.0)
-        .bind(claim.expires_at.0)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err)?;
-        let Some(key_id) = claimed else {
-            let existing = find_key(&mut *tx, meta.account_id, &claim.key).await?;
-            return existing
-                .map(Idempotent::Existing)
-                .ok_or_else(|| StorageError::Internal("claimed key vanished".into()));
+        let keyed = Keyed {
+            claim: claim.clone(),
+            respond: respond.clone(),
         };
-        let row: Option<OrderRow> = sqlx::query_as(concat!(
-            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
-             description, metadata, version, created_at, updated_at, idempotency_key_id) \
-             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ?, ? \
-             WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) RETURNING ",
-            order_cols!()
-        ))
-        .bind(meta.account_id)
-        .bind(new.customer_id)
-        .bind(new.amount.minor)
-        .bind(new.amount.currency.code())
-        .bind(&new.description)
-        .bind(decode::metadata_json(&new.metadata))
-        .bind(meta.at.0)
-        .bind(meta.at.0)
-        .bind(key_id)
-        .bind(meta.account_id)
-        .bind(new.customer_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err)?;
-        let outcome = row
-            .ok_or(StorageError::UnknownCustomer)
-            .and_then(OrderRow::into_record);
-        if let Ok(order) = &outcome {
-            append_event(&mut tx, meta, NewEvent::for_order("created", order)).await?;
+        let create = Create::order(new.clone(), Some(keyed));
+        match self.creates.submit(meta.clone(), create).await? {
+            Written::Stored(response) => Ok(Idempotent::Fresh(response)),
+            // Claimed by someone else (perhaps in the same batch): answer on its own, which
+            // waits for that claim's commit and then finds its record.
+            Written::Conflict => {
+                self.create_order_idempotent_alone(meta, claim, new, respond)
+                    .await
+            }
+            Written::Row(_) | Written::Missing => Err(StorageError::Internal(
+                "unexpected outcome of a keyed create".into(),
+            )),
         }
-        let Some(response) = respond(outcome.as_ref()) else {
-            // Not a stored outcome: the transaction rolls back with the key claim.
-            return Err(outcome.err().unwrap_or_else(|| {
-                StorageError::Internal("no response rendered for a created order".into())
-            }));
-        };
-        sqlx::query(
-            "UPDATE idempotency_keys SET response_status = ?, response_headers = ?, \
-             response_body = ? WHERE id = ?",
-        )
-        .bind(i64::from(response.status))
-        .bind(decode::headers_json(&response.headers))
-        .bind(&response.body)
-        .bind(key_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        tx.commit().await.map_err(err)?;
-        Ok(Idempotent::Fresh(response))
     }
 
     async fn transition_order(
@@ -674,6 +705,16 @@ impl OrderStore for SqliteStore {
         append_event(&mut tx, meta, NewEvent::for_order(o.status.as_str(), &o)).await?;
         tx.commit().await.map_err(err)?;
         Ok(o)
+    }
+}
+
+/// The row of a create without a key (the only outcome such a create reports).
+fn written_row(written: Written<SqliteRow>) -> Result<SqliteRow> {
+    match written {
+        Written::Row(row) => Ok(row),
+        _ => Err(StorageError::Internal(
+            "unexpected outcome of a create".into(),
+        )),
     }
 }
 

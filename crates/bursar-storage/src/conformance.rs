@@ -617,6 +617,10 @@ fn respond(outcome: Result<&Order, &StorageError>) -> Option<StoredResponse> {
     }
 }
 
+fn responder() -> OrderResponder {
+    Arc::new(respond)
+}
+
 const NOW: i64 = 1_700_000_000_000;
 const DAY: i64 = 86_400_000;
 
@@ -625,7 +629,7 @@ pub async fn idempotent_create_runs_once_and_stores_its_response(s: Store) {
     let c = customer(&s, a).await.id;
     let k = claim("order-20260325-00091", "fp1", NOW + DAY);
     let first = s
-        .create_order_idempotent(&meta(a), &k, new_order(c, 19900), &respond)
+        .create_order_idempotent(&meta(a), &k, new_order(c, 19900), responder())
         .await
         .unwrap();
     let Idempotent::Fresh(stored) = first else {
@@ -637,7 +641,7 @@ pub async fn idempotent_create_runs_once_and_stores_its_response(s: Store) {
         .parse()
         .unwrap();
     let again = s
-        .create_order_idempotent(&meta(a), &k, new_order(c, 19900), &respond)
+        .create_order_idempotent(&meta(a), &k, new_order(c, 19900), responder())
         .await
         .unwrap();
     let Idempotent::Existing(record) = again else {
@@ -669,7 +673,7 @@ pub async fn idempotency_keys_are_scoped_to_the_account(s: Store) {
     let k = claim("same-key", "fp", NOW + DAY);
     for (acct, c) in [(a, ca), (b, cb)] {
         let out = s
-            .create_order_idempotent(&meta(acct), &k, new_order(c, 100), &respond)
+            .create_order_idempotent(&meta(acct), &k, new_order(c, 100), responder())
             .await
             .unwrap();
         assert!(matches!(out, Idempotent::Fresh(_)));
@@ -695,20 +699,20 @@ pub async fn business_refusals_are_stored_but_failures_roll_back(s: Store) {
     let c = customer(&s, a).await.id;
     let k = claim("k-unknown", "fp", NOW + DAY);
     let out = s
-        .create_order_idempotent(&meta(a), &k, new_order(c + 1000, 100), &respond)
+        .create_order_idempotent(&meta(a), &k, new_order(c + 1000, 100), responder())
         .await
         .unwrap();
     assert!(matches!(out, Idempotent::Fresh(ref r) if r.status == 422));
     let again = s
-        .create_order_idempotent(&meta(a), &k, new_order(c + 1000, 100), &respond)
+        .create_order_idempotent(&meta(a), &k, new_order(c + 1000, 100), responder())
         .await
         .unwrap();
     assert!(matches!(again, Idempotent::Existing(ref r) if r.response.status == 422));
     // A failure with no stored answer takes its claim with it: the key stays free.
-    let refuse = |_: Result<&Order, &StorageError>| None;
+    let refuse: OrderResponder = Arc::new(|_: Result<&Order, &StorageError>| None);
     let k2 = claim("k-rolled-back", "fp", NOW + DAY);
     let failed = s
-        .create_order_idempotent(&meta(a), &k2, new_order(c + 1000, 100), &refuse)
+        .create_order_idempotent(&meta(a), &k2, new_order(c + 1000, 100), refuse)
         .await;
     assert!(matches!(failed, Err(StorageError::UnknownCustomer)));
     assert!(
@@ -718,7 +722,7 @@ pub async fn business_refusals_are_stored_but_failures_roll_back(s: Store) {
             .is_none()
     );
     let retried = s
-        .create_order_idempotent(&meta(a), &k2, new_order(c, 100), &respond)
+        .create_order_idempotent(&meta(a), &k2, new_order(c, 100), responder())
         .await
         .unwrap();
     assert!(matches!(retried, Idempotent::Fresh(ref r) if r.status == 201));
@@ -732,7 +736,7 @@ pub async fn expired_idempotency_records_are_absent_and_swept(s: Store) {
     let a = account(&s, "a").await;
     let c = customer(&s, a).await.id;
     let short = claim("k-old", "fp-old", NOW + 1000);
-    s.create_order_idempotent(&meta_at(a, NOW), &short, new_order(c, 100), &respond)
+    s.create_order_idempotent(&meta_at(a, NOW), &short, new_order(c, 100), responder())
         .await
         .unwrap();
     assert!(
@@ -754,14 +758,14 @@ pub async fn expired_idempotency_records_are_absent_and_swept(s: Store) {
             &meta_at(a, NOW + 2000),
             &reused,
             new_order(c, 200),
-            &respond,
+            responder(),
         )
         .await
         .unwrap();
     assert!(matches!(out, Idempotent::Fresh(_)));
     for i in 0..5 {
         let k = claim(&format!("k-{i}"), "fp", NOW + 10);
-        s.create_order_idempotent(&meta_at(a, NOW), &k, new_order(c, 100), &respond)
+        s.create_order_idempotent(&meta_at(a, NOW), &k, new_order(c, 100), responder())
             .await
             .unwrap();
     }
@@ -796,7 +800,7 @@ pub async fn concurrent_claims_of_one_key_write_once(s: Store) {
             let s = s.clone();
             tokio::spawn(async move {
                 let k = claim("hot-key", "fp", NOW + DAY);
-                s.create_order_idempotent(&meta(a), &k, new_order(c, 100), &respond)
+                s.create_order_idempotent(&meta(a), &k, new_order(c, 100), responder())
                     .await
             })
         })

@@ -15,10 +15,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::{NewCustomer, NewOrder, StorageError, WriteMeta, decode};
+use crate::{
+    IdempotencyClaim, NewCustomer, NewOrder, OrderResponder, StorageError, StoredResponse,
+    WriteMeta, decode,
+};
 
 /// What one queued create inserts, in the form both backends bind.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Create {
     Customer {
         name: Option<String>,
@@ -31,7 +34,30 @@ pub enum Create {
         currency: &'static str,
         description: Option<String>,
         metadata_json: String,
+        /// Under an `Idempotency-Key`: claimed, and answered, in the batch's transaction.
+        keyed: Option<Keyed>,
     },
+}
+
+/// The idempotency side of a keyed create: the claim, and how to render the response that
+/// is stored with it before the commit.
+#[derive(Clone)]
+pub struct Keyed {
+    pub claim: IdempotencyClaim,
+    pub respond: OrderResponder,
+}
+
+/// What one create came to, as a backend reports it.
+pub enum Written<R> {
+    /// Inserted; the row as returned.
+    Row(R),
+    /// Nothing inserted ([`Create::missing`] says why); for a keyed create this is not used.
+    Missing,
+    /// A keyed create ran and this response was stored with it.
+    Stored(StoredResponse),
+    /// A keyed create found its key already claimed: nothing was written; the caller reads
+    /// the record (after the claimer commits) instead.
+    Conflict,
 }
 
 impl Create {
@@ -43,19 +69,29 @@ impl Create {
         }
     }
 
-    pub fn order(new: NewOrder) -> Create {
+    pub fn order(new: NewOrder, keyed: Option<Keyed>) -> Create {
         Create::Order {
             customer_id: new.customer_id,
             amount_minor: new.amount.minor,
             currency: new.amount.currency.code(),
             description: new.description,
             metadata_json: decode::metadata_json(&new.metadata),
+            keyed,
+        }
+    }
+
+    /// The idempotency side, if this is a keyed create.
+    pub fn keyed(&self) -> Option<&Keyed> {
+        match self {
+            Create::Order { keyed, .. } => keyed.as_ref(),
+            Create::Customer { .. } => None,
         }
     }
 
     /// Only creates of one kind share a batch (one statement shape per batch).
     fn same_kind(&self, other: &Create) -> bool {
         std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.keyed().is_some() == other.keyed().is_some()
     }
 
     /// The outcome of a create whose insert produced no row.
@@ -73,18 +109,18 @@ impl Create {
 #[async_trait]
 pub trait GroupWriter: Send + Sync + 'static {
     type Row: Send + 'static;
-    /// Writes all creates in one transaction; `Ok` holds one entry per create, in order
-    /// (`None`: the insert produced no row). `Err` means nothing was committed.
+    /// Writes all creates in one transaction; `Ok` holds one outcome per create, in order.
+    /// `Err` means nothing was committed.
     async fn write(
         &self,
         batch: &[(WriteMeta, Create)],
-    ) -> Result<Vec<Option<Self::Row>>, StorageError>;
+    ) -> Result<Vec<Written<Self::Row>>, StorageError>;
 }
 
 struct Job<W: GroupWriter> {
     meta: WriteMeta,
     write: Create,
-    reply: oneshot::Sender<Result<W::Row, StorageError>>,
+    reply: oneshot::Sender<Result<Written<W::Row>, StorageError>>,
 }
 
 /// The queue in front of a [`GroupWriter`].
@@ -106,8 +142,13 @@ impl<W: GroupWriter> GroupCommit<W> {
         GroupCommit { jobs }
     }
 
-    /// Queues one create and waits until it is committed (or refused).
-    pub async fn submit(&self, meta: WriteMeta, write: Create) -> Result<W::Row, StorageError> {
+    /// Queues one create and waits until it is committed (or refused). A create that inserted
+    /// nothing comes back as its [`Create::missing`] error, never as `Written::Missing`.
+    pub async fn submit(
+        &self,
+        meta: WriteMeta,
+        write: Create,
+    ) -> Result<Written<W::Row>, StorageError> {
         let (reply, answer) = oneshot::channel();
         let gone = || StorageError::Unavailable("the writer has stopped".into());
         self.jobs
@@ -172,7 +213,7 @@ async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>) {
         Err(_) => {
             for (job, input) in batch.into_iter().zip(inputs) {
                 let outcome = match writer.write(std::slice::from_ref(&input)).await {
-                    Ok(mut rows) => rows.pop().flatten().ok_or_else(|| job.write.missing()),
+                    Ok(mut rows) => settle(rows.pop(), &job.write),
                     Err(e) => Err(e),
                 };
                 let _ = job.reply.send(outcome);
@@ -181,10 +222,18 @@ async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>) {
     }
 }
 
-fn answer<W: GroupWriter>(batch: Vec<Job<W>>, rows: Vec<Option<W::Row>>) {
+fn answer<W: GroupWriter>(batch: Vec<Job<W>>, rows: Vec<Written<W::Row>>) {
     let mut rows = rows.into_iter();
     for job in batch {
-        let outcome = rows.next().flatten().ok_or_else(|| job.write.missing());
+        let outcome = settle(rows.next(), &job.write);
         let _ = job.reply.send(outcome);
+    }
+}
+
+/// A create's reported outcome, with "nothing inserted" turned into its error.
+fn settle<R>(outcome: Option<Written<R>>, write: &Create) -> Result<Written<R>, StorageError> {
+    match outcome {
+        None | Some(Written::Missing) => Err(write.missing()),
+        Some(written) => Ok(written),
     }
 }

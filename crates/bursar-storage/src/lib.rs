@@ -92,7 +92,7 @@ pub trait OrderStore: Send + Sync {
         meta: &WriteMeta,
         claim: &IdempotencyClaim,
         new: NewOrder,
-        respond: Respond<'_, Order>,
+        respond: OrderResponder,
     ) -> Result<Idempotent>;
     /// Applies a state-machine action with `WHERE status IN (action.sources())`, so two racing
     /// actions cannot both succeed; emits `order.<target status>`.

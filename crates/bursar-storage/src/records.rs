@@ -308,6 +308,8 @@ pub enum Idempotent {
 }
 
 /// Turns the outcome of the protected write into the response to store with it. `None` means
-/// "do not store; roll back" (failures that are not deterministic business answers).
-pub type Respond<'a, T> =
-    &'a (dyn Fn(Result<&T, &crate::StorageError>) -> Option<StoredResponse> + Sync);
+/// "do not store; roll back" (failures that are not deterministic business answers). Owned
+/// (`Arc`), because the write may run on the group-commit writer's task.
+pub type OrderResponder = std::sync::Arc<
+    dyn Fn(Result<&Order, &crate::StorageError>) -> Option<StoredResponse> + Send + Sync,
+>;

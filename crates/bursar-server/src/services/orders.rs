@@ -7,7 +7,7 @@ use bursar_api::{CreateOrder, ErrorCode, UpdateOrder};
 use bursar_domain::{Currency, Money, OrderAction, Timestamp};
 use bursar_storage::{
     IdempotencyClaim, IdempotencyRecord, Idempotent, NewOrder, Order, OrderFilter, OrderPatch,
-    Page, StorageError, StoredResponse,
+    OrderResponder, Page, StorageError, StoredResponse,
 };
 
 use super::{Call, check_metadata, check_text, finish, resolve_precondition};
@@ -130,32 +130,36 @@ pub async fn create_idempotent(
         fingerprint: fingerprint.clone(),
         expires_at: Timestamp(meta.at.0.saturating_add(retention)),
     };
-    let info = call.info;
-    let state = call.state;
+    let info = call.info.clone();
+    let state = call.state.clone();
     // What is stored: the 201, or the deterministic 422 for a customer of another account.
-    // Anything else (the database failing) rolls back, so the request can be retried.
-    let respond = |outcome: Result<&Order, &StorageError>| match outcome {
-        Ok(o) => {
-            state.crash_if(FaultPoint::MidTransaction);
-            Some(render::created_stored(
-                format!("/api/orders/{}", o.id),
-                o.version,
-                &render::order(o),
-            ))
-        }
-        Err(StorageError::UnknownCustomer) => {
-            let err = ApiError::from(StorageError::UnknownCustomer);
-            let (content_type, body) = error_body(&err, info);
-            Some(StoredResponse {
-                status: err.status().as_u16(),
-                headers: vec![("content-type".into(), content_type.into())],
-                body,
-            })
-        }
-        Err(_) => None,
-    };
+    // Anything else (the database failing) rolls back, so the request can be retried. It runs
+    // inside the write's transaction, possibly on the group-commit writer's task.
+    let respond: OrderResponder =
+        Arc::new(
+            move |outcome: Result<&Order, &StorageError>| match outcome {
+                Ok(o) => {
+                    state.crash_if(FaultPoint::MidTransaction);
+                    Some(render::created_stored(
+                        format!("/api/orders/{}", o.id),
+                        o.version,
+                        &render::order(o),
+                    ))
+                }
+                Err(StorageError::UnknownCustomer) => {
+                    let err = ApiError::from(StorageError::UnknownCustomer);
+                    let (content_type, body) = error_body(&err, &info);
+                    Some(StoredResponse {
+                        status: err.status().as_u16(),
+                        headers: vec![("content-type".into(), content_type.into())],
+                        body,
+                    })
+                }
+                Err(_) => None,
+            },
+        );
     match store
-        .create_order_idempotent(&meta, &claim, new, &respond)
+        .create_order_idempotent(&meta, &claim, new, respond)
         .await?
     {
         Idempotent::Fresh(stored) => {
