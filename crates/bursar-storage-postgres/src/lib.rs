@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
 use bursar_storage::decode;
-use bursar_storage::group_commit::{Create, GroupCommit, Written};
+use bursar_storage::group_commit::{Create, GroupCommit, Keyed, Written};
 use bursar_storage::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, FromRow, Postgres, Row, Transaction};
@@ -448,6 +448,98 @@ impl CustomerStore for PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// A keyed create in a transaction of its own (see `create_order_idempotent`).
+    async fn create_order_idempotent_alone(
+        &self,
+        meta: &WriteMeta,
+        claim: &IdempotencyClaim,
+        new: NewOrder,
+        respond: OrderResponder,
+    ) -> Result<Idempotent> {
+        let mut tx = self.write_tx().await?;
+        // An expired record counts as absent: clear it so the key can be claimed anew.
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE account_id = $1 AND idem_key = $2 \
+             AND expires_at <= $3",
+        )
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(meta.at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        // A concurrent claimer of the same key waits here until the first commits (then takes
+        // the conflict path and sees the finished record) or rolls back (then claims it).
+        let claimed: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
+             response_status, response_headers, response_body, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, 0, '[]'::jsonb, ''::bytea, $6, $7) \
+             ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING RETURNING id",
+        )
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(&claim.method)
+        .bind(&claim.route)
+        .bind(&claim.fingerprint)
+        .bind(meta.at.0)
+        .bind(claim.expires_at.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let Some(key_id) = claimed else {
+            let existing = find_key(&mut *tx, meta.account_id, &claim.key).await?;
+            return existing
+                .map(Idempotent::Existing)
+                .ok_or_else(|| StorageError::Internal("claimed key vanished".into()));
+        };
+        let row: Option<OrderRow> = sqlx::query_as(concat!(
+            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
+             description, metadata, version, created_at, updated_at, idempotency_key_id) \
+             SELECT $1, $2, $3, $4, 'pending', $5, $6::jsonb, 1, $7, $7, $8 \
+             WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = $1 AND id = $2) \
+             RETURNING ",
+            order_cols!()
+        ))
+        .bind(meta.account_id)
+        .bind(new.customer_id)
+        .bind(new.amount.minor)
+        .bind(new.amount.currency.code())
+        .bind(&new.description)
+        .bind(decode::metadata_json(&new.metadata))
+        .bind(meta.at.0)
+        .bind(key_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let outcome = row
+            .ok_or(StorageError::UnknownCustomer)
+            .and_then(OrderRow::into_record);
+        if let Ok(order) = &outcome {
+            append_event(&mut tx, meta, NewEvent::for_order("created", order)).await?;
+        }
+        let Some(response) = respond(outcome.as_ref()) else {
+            // Not a stored outcome: the transaction rolls back with the key claim.
+            return Err(outcome.err().unwrap_or_else(|| {
+                StorageError::Internal("no response rendered for a created order".into())
+            }));
+        };
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = $1, response_headers = $2::jsonb, \
+             response_body = $3 WHERE id = $4",
+        )
+        .bind(i32::from(response.status))
+        .bind(decode::headers_json(&response.headers))
+        .bind(&response.body)
+        .bind(key_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(Idempotent::Fresh(response))
+    }
+}
+
 #[async_trait]
 impl OrderStore for PostgresStore {
     async fn create_order(&self, meta: &WriteMeta, new: NewOrder) -> Result<Order> {
@@ -550,86 +642,23 @@ impl OrderStore for PostgresStore {
         new: NewOrder,
         respond: OrderResponder,
     ) -> Result<Idempotent> {
-        let mut tx = self.write_tx().await?;
-        // An expired record counts as absent: clear it so the key can be claimed anew.
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE account_id = $1 AND idem_key = $2 \
-             AND expires_at <= $3",
-        )
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(meta.at.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        // A concurrent claimer of the same key waits here until the first commits (then takes
-        // the conflict path and sees the finished record) or rolls back (then claims it).
-        let claimed: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
-             response_status, response_headers, response_body, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, 0, '[]'::jsonb, ''::bytea, $6, $7) \
-             ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING RETURNING id",
-        )
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(&claim.method)
-        .bind(&claim.route)
-        .bind(&claim.fingerprint)
-        .bind(meta.at.0)
-        .bind(claim.expires_at.0)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err)?;
-        let Some(key_id) = claimed else {
-            let existing = find_key(&mut *tx, meta.account_id, &claim.key).await?;
-            return existing
-                .map(Idempotent::Existing)
-                .ok_or_else(|| StorageError::Internal("claimed key vanished".into()));
+        let keyed = Keyed {
+            claim: claim.clone(),
+            respond: respond.clone(),
         };
-        let row: Option<OrderRow> = sqlx::query_as(concat!(
-            "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
-             description, metadata, version, created_at, updated_at, idempotency_key_id) \
-             SELECT $1, $2, $3, $4, 'pending', $5, $6::jsonb, 1, $7, $7, $8 \
-             WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = $1 AND id = $2) \
-             RETURNING ",
-            order_cols!()
-        ))
-        .bind(meta.account_id)
-        .bind(new.customer_id)
-        .bind(new.amount.minor)
-        .bind(new.amount.currency.code())
-        .bind(&new.description)
-        .bind(decode::metadata_json(&new.metadata))
-        .bind(meta.at.0)
-        .bind(key_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err)?;
-        let outcome = row
-            .ok_or(StorageError::UnknownCustomer)
-            .and_then(OrderRow::into_record);
-        if let Ok(order) = &outcome {
-            append_event(&mut tx, meta, NewEvent::for_order("created", order)).await?;
+        let create = Create::order(new.clone(), Some(keyed));
+        match self.creates.submit(meta.clone(), create).await? {
+            Written::Stored(response) => Ok(Idempotent::Fresh(response)),
+            // Claimed by someone else (perhaps in the same batch): answer on its own, which
+            // waits for that claim's commit and then finds its record.
+            Written::Conflict => {
+                self.create_order_idempotent_alone(meta, claim, new, respond)
+                    .await
+            }
+            Written::Row(_) | Written::Missing => Err(StorageError::Internal(
+                "unexpected outcome of a keyed create".into(),
+            )),
         }
-        let Some(response) = respond(outcome.as_ref()) else {
-            // Not a stored outcome: the transaction rolls back with the key claim.
-            return Err(outcome.err().unwrap_or_else(|| {
-                StorageError::Internal("no response rendered for a created order".into())
-            }));
-        };
-        sqlx::query(
-            "UPDATE idempotency_keys SET response_status = $1, response_headers = $2::jsonb, \
-             response_body = $3 WHERE id = $4",
-        )
-        .bind(i32::from(response.status))
-        .bind(decode::headers_json(&response.headers))
-        .bind(&response.body)
-        .bind(key_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        tx.commit().await.map_err(err)?;
-        Ok(Idempotent::Fresh(response))
     }
 
     async fn transition_order(
