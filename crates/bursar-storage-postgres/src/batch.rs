@@ -70,10 +70,6 @@ pub struct PgCreates {
     pub pool: PgPool,
 }
 
-const DELETE_EXPIRED: &str = "DELETE FROM idempotency_keys k \
-    USING unnest($1::bigint[], $2::text[], $3::bigint[]) AS t(account_id, idem_key, at) \
-    WHERE k.account_id = t.account_id AND k.idem_key = t.idem_key AND k.expires_at <= t.at";
-
 // Claims every key (a key already claimed returns no claim row), inserts an order for each
 // claimed create whose customer is the account's, appends their events, and reports per slot
 // the claim and the order (both may be NULL).
@@ -123,10 +119,11 @@ const STORE_RESPONSES: &str = "UPDATE idempotency_keys k SET response_status = t
     WHERE k.id = t.id";
 
 impl PgCreates {
-    /// Keyed creates in one transaction: clear expired records of their keys; claim, insert
-    /// and append events in one statement; render each response (the service's callback);
-    /// store them all; commit. A key that appears twice in a batch, or was claimed by someone
-    /// else, comes back as `Written::Conflict` and is answered outside the batch.
+    /// Keyed creates in one transaction: claim, insert and append events in one statement;
+    /// render each response (the service's callback); store them all; commit. A key that
+    /// appears twice in a batch, or has a record already (live, or expired and awaiting its
+    /// sweep), comes back as `Written::Conflict` and is answered outside the batch, where an
+    /// expired record is cleared first.
     async fn write_keyed(
         &self,
         batch: &[(WriteMeta, Create)],
@@ -150,13 +147,6 @@ impl PgCreates {
             cols.push(&batch[i].0, &batch[i].1);
         }
         let mut tx = self.pool.begin().await.map_err(err)?;
-        sqlx::query(DELETE_EXPIRED)
-            .bind(&cols.accounts)
-            .bind(&cols.keys)
-            .bind(&cols.at)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
         let rows = sqlx::query(KEYED_ORDERS)
             .bind(&cols.accounts)
             .bind(&cols.customers)

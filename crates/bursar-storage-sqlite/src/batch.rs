@@ -30,13 +30,12 @@ type Query = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
 /// The statements of one create; `{slot}` tags its RETURNING row with its place in the batch.
 fn sql_of(create: &Create) -> &'static str {
     match create {
-        // Clear an expired record of the key, claim it, then insert the order only if the
-        // claim took (`changes() = 1` right after the claim) — pointing at the claim, whose
-        // rowid is still `last_insert_rowid()` — and its event only if the order went in.
+        // Claim the key, then insert the order only if the claim took (`changes() = 1` right
+        // after the claim) — pointing at the claim, whose rowid is still `last_insert_rowid()`
+        // — and its event only if the order went in. A key with any record (even an expired
+        // one awaiting its sweep) is a conflict, answered outside the batch.
         Create::Order { keyed: Some(_), .. } => concat!(
-            "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
-             AND expires_at <= ?; \
-             INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
+            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
              response_status, response_headers, response_body, created_at, expires_at) \
              VALUES (?, ?, ?, ?, ?, 0, '[]', x'', ?, ?) \
              ON CONFLICT (account_id, idem_key) DO NOTHING \
@@ -107,9 +106,6 @@ fn bind(create: &Create, meta: &WriteMeta, q: Query) -> Query {
             keyed,
         } => match keyed {
             Some(k) => q
-                .bind(meta.account_id)
-                .bind(k.claim.key.clone())
-                .bind(meta.at.0)
                 .bind(meta.account_id)
                 .bind(k.claim.key.clone())
                 .bind(k.claim.method.clone())
