@@ -109,20 +109,15 @@ pub async fn create_idempotent(
     let meta = call.write_meta();
     let store = &call.state.store;
     let replays = &call.state.replays;
-    // A live record answers without touching the writer — from memory when it can.
+    // A replay of a record this instance has seen is answered from memory. Anything else
+    // goes to the write path, which claims the key or reports the record holding it: a read
+    // first would cost every fresh create a round trip.
     if let Some(record) = replays.get(meta.account_id, &key, meta.at) {
-        return answer_existing(&record, &fingerprint);
-    }
-    if let Some(record) = store
-        .find_idempotency(meta.account_id, &key, meta.at)
-        .await?
-    {
-        let record = Arc::new(record);
-        replays.insert(meta.account_id, key, record.clone());
         return answer_existing(&record, &fingerprint);
     }
     let retention =
         i64::try_from(call.state.config.idempotency.retention().as_millis()).unwrap_or(i64::MAX);
+    let claim_key = key.clone();
     let claim = IdempotencyClaim {
         key,
         method: "POST".into(),
@@ -166,7 +161,11 @@ pub async fn create_idempotent(
             call.state.crash_if(FaultPoint::AfterCommit);
             Ok(idempotency::from_stored(&stored, false))
         }
-        Idempotent::Existing(record) => answer_existing(&record, &fingerprint),
+        Idempotent::Existing(record) => {
+            let record = Arc::new(record);
+            replays.insert(meta.account_id, claim_key, record.clone());
+            answer_existing(&record, &fingerprint)
+        }
     }
 }
 
