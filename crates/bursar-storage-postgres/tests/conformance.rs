@@ -8,14 +8,7 @@ use bursar_storage::Storage;
 use bursar_storage_postgres::{PostgresOptions, PostgresStore};
 
 async fn fresh() -> Option<Arc<dyn Storage>> {
-    let Ok(url) = std::env::var("BURSAR_TEST_DATABASE_URL") else {
-        assert!(
-            std::env::var_os("BURSAR_TEST_REQUIRE_POSTGRES").is_none(),
-            "BURSAR_TEST_REQUIRE_POSTGRES is set but BURSAR_TEST_DATABASE_URL is not"
-        );
-        eprintln!("skipped: BURSAR_TEST_DATABASE_URL is not set");
-        return None;
-    };
+    let url = bursar_storage::conformance::postgres_test_url()?;
     let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
     let opts = PostgresOptions {
         max_connections: 8,

@@ -51,6 +51,23 @@ macro_rules! conformance_tests {
 
 pub type Store = Arc<dyn Storage>;
 
+/// The PostgreSQL server the test suites use (`BURSAR_TEST_DATABASE_URL`); `None` skips them,
+/// and says so — unless `BURSAR_TEST_REQUIRE_POSTGRES` is set (as `.ci/run` does), in which
+/// case a missing URL fails the test instead of passing it vacuously.
+pub fn postgres_test_url() -> Option<String> {
+    match std::env::var("BURSAR_TEST_DATABASE_URL") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            assert!(
+                std::env::var_os("BURSAR_TEST_REQUIRE_POSTGRES").is_none(),
+                "BURSAR_TEST_REQUIRE_POSTGRES is set but BURSAR_TEST_DATABASE_URL is not"
+            );
+            eprintln!("skipped: BURSAR_TEST_DATABASE_URL is not set");
+            None
+        }
+    }
+}
+
 fn meta(account: i64) -> WriteMeta {
     WriteMeta {
         account_id: account,

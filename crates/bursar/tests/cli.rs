@@ -26,11 +26,7 @@ fn sqlite() -> Db {
 }
 
 fn postgres() -> Option<Db> {
-    let Ok(url) = std::env::var("BURSAR_TEST_DATABASE_URL") else {
-        assert!(std::env::var_os("BURSAR_TEST_REQUIRE_POSTGRES").is_none());
-        eprintln!("skipped: BURSAR_TEST_DATABASE_URL is not set");
-        return None;
-    };
+    let url = bursar_storage::conformance::postgres_test_url()?;
     Some(Db {
         args: vec!["--database-url".into(), url],
         env: vec![(
@@ -127,6 +123,19 @@ impl Server {
     }
 }
 
+/// Creates a customer through the API and returns its JSON.
+async fn create_customer(http: &reqwest::Client, base: &str, key: &str) -> serde_json::Value {
+    let resp = http
+        .post(format!("{base}/api/customers"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({"name": "test"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    resp.json().await.unwrap()
+}
+
 fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::new()
@@ -140,16 +149,7 @@ async fn first_start(db: Db) {
         .key()
         .unwrap_or_else(|| panic!("first start prints a key: {text}"));
     let http = client();
-    let customer: serde_json::Value = http
-        .post(format!("{}/api/customers", server.base))
-        .bearer_auth(&key)
-        .json(&serde_json::json!({"name": "first"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let customer = create_customer(&http, &server.base, &key).await;
     let body = format!(
         r#"{{"customer_id": {}, "amount": 199.00, "currency": "USD"}}"#,
         customer["id"]
@@ -390,16 +390,7 @@ async fn crash_then_retry(db: &Db, fault: &str) -> (reqwest::Response, usize) {
     let first = serve(db, &[]).await;
     let key = first.key().expect("first start prints a key");
     let http = client();
-    let customer: serde_json::Value = http
-        .post(format!("{}/api/customers", first.base))
-        .bearer_auth(&key)
-        .json(&serde_json::json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let customer = create_customer(&http, &first.base, &key).await;
     assert!(first.terminate().await.success());
     let body = format!(
         r#"{{"customer_id": {}, "amount": 199.00, "currency": "USD"}}"#,
@@ -466,16 +457,7 @@ async fn two_processes_one_key_one_order() {
     let key = a.key().expect("the first process creates the account");
     assert_eq!(b.key(), None);
     let http = client();
-    let customer: serde_json::Value = http
-        .post(format!("{}/api/customers", a.base))
-        .bearer_auth(&key)
-        .json(&serde_json::json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let customer = create_customer(&http, &a.base, &key).await;
     let body = format!(
         r#"{{"customer_id": {}, "amount": 5, "currency": "EUR"}}"#,
         customer["id"]

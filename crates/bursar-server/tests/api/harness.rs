@@ -43,14 +43,7 @@ pub fn test_config(backend: Backend) -> Option<(Config, Option<tempfile::TempDir
             Some((config, Some(dir)))
         }
         Backend::Postgres => {
-            let Ok(url) = std::env::var("BURSAR_TEST_DATABASE_URL") else {
-                assert!(
-                    std::env::var_os("BURSAR_TEST_REQUIRE_POSTGRES").is_none(),
-                    "BURSAR_TEST_REQUIRE_POSTGRES is set but BURSAR_TEST_DATABASE_URL is not"
-                );
-                eprintln!("skipped: BURSAR_TEST_DATABASE_URL is not set");
-                return None;
-            };
+            let url = bursar_storage::conformance::postgres_test_url()?;
             config.database_url = url;
             config.database.max_connections = 8;
             config.database.schema = Some(format!("t_{}", uuid::Uuid::new_v4().simple()));
