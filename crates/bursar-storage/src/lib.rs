@@ -107,7 +107,8 @@ pub trait OrderStore: Send + Sync {
 
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync {
-    /// The live (unexpired at `now`) record of `key` in `account`.
+    /// The live (unexpired at `now`) record of `key` in `account`. Creates do not need it
+    /// (their claim reports a used key); it serves lookups and tests.
     async fn find_idempotency(
         &self,
         account: AccountId,
