@@ -2,13 +2,11 @@
 //! error body (so all errors — from handlers, extractors, the router, timeouts, panics — share
 //! one envelope), sets `X-Request-Id` and `Server-Timing`, and writes the access log line.
 
-use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, MatchedPath, Request};
-use axum::http::request::Parts;
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -34,21 +32,6 @@ pub struct RequestInfo {
     pub route: OnceLock<String>,
 }
 
-/// Extractor handing the request's [`RequestInfo`] to a handler.
-pub struct Ctx(pub Arc<RequestInfo>);
-
-impl<S: Send + Sync> FromRequestParts<S> for Ctx {
-    type Rejection = Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        Ok(Ctx(parts
-            .extensions
-            .get::<Arc<RequestInfo>>()
-            .cloned()
-            .expect("the request-context layer wraps every route")))
-    }
-}
-
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
@@ -70,7 +53,6 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         route: OnceLock::new(),
     });
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
     req.extensions_mut().insert(info.clone());
 
     let mut resp = next.run(req).await;
@@ -81,7 +63,8 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         .remove::<ErrorSlot>()
         .map(|slot| slot.0)
         .or_else(|| {
-            let fallback = (!final_body).then(|| fallback_error(&method, &path, resp.status()));
+            let fallback =
+                (!final_body).then(|| fallback_error(&method, &info.path, resp.status()));
             fallback.flatten().map(Arc::new)
         });
     if let Some(err) = &error {
@@ -103,7 +86,7 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     access_log(
         &info,
         &method,
-        &path,
+        &info.path,
         resp.status(),
         latency_ms,
         error.as_deref(),

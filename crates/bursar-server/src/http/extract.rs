@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use super::context::{RequestInfo, payload_too_large};
 use super::error::{ApiError, issue};
 use crate::AppState;
+use crate::services::Call;
 
 /// The authenticated caller. Extracting it verifies the bearer key: shape and checksum first,
 /// with no I/O, then a lookup by SHA-256 hash.
@@ -59,6 +60,25 @@ impl FromRequestParts<AppState> for Auth {
             account_id: record.account_id,
             key_id: record.id,
             mode: record.mode,
+        })
+    }
+}
+
+/// The authenticated call as services take it: state, caller and request facts in one.
+impl FromRequestParts<AppState> for Call {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Call, ApiError> {
+        let auth = Auth::from_request_parts(parts, state).await?;
+        let info = parts
+            .extensions
+            .get::<Arc<RequestInfo>>()
+            .cloned()
+            .expect("the request-context layer wraps every route");
+        Ok(Call {
+            state: state.clone(),
+            auth,
+            info,
         })
     }
 }

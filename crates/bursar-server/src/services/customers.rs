@@ -27,7 +27,7 @@ fn check_email(issues: &mut Vec<bursar_api::FieldIssue>, email: &Option<String>)
     }
 }
 
-pub async fn create(call: &Call<'_>, req: CreateCustomer) -> Result<Customer, ApiError> {
+pub async fn create(call: &Call, req: CreateCustomer) -> Result<Customer, ApiError> {
     let mut issues = Vec::new();
     check_text(&mut issues, "name", &req.name, NAME_MAX);
     check_email(&mut issues, &req.email);
@@ -45,7 +45,7 @@ pub async fn create(call: &Call<'_>, req: CreateCustomer) -> Result<Customer, Ap
         .await?)
 }
 
-pub async fn get(call: &Call<'_>, id: i64) -> Result<Customer, ApiError> {
+pub async fn get(call: &Call, id: i64) -> Result<Customer, ApiError> {
     call.state
         .store
         .get_customer(call.auth.account_id, id)
@@ -53,7 +53,7 @@ pub async fn get(call: &Call<'_>, id: i64) -> Result<Customer, ApiError> {
         .ok_or_else(|| ApiError::not_found("customer"))
 }
 
-pub async fn list(call: &Call<'_>, page: PageRequest) -> Result<Page<Customer>, ApiError> {
+pub async fn list(call: &Call, page: PageRequest) -> Result<Page<Customer>, ApiError> {
     Ok(call
         .state
         .store
@@ -62,7 +62,7 @@ pub async fn list(call: &Call<'_>, page: PageRequest) -> Result<Page<Customer>, 
 }
 
 pub async fn update(
-    call: &Call<'_>,
+    call: &Call,
     id: i64,
     if_match: IfMatch,
     req: UpdateCustomer,

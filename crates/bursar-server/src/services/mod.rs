@@ -18,14 +18,15 @@ use crate::http::context::RequestInfo;
 use crate::http::error::{ApiError, issue};
 use crate::http::extract::{Auth, IfMatch};
 
-/// Everything a service needs to know about the call it serves.
-pub struct Call<'a> {
-    pub state: &'a AppState,
-    pub auth: &'a Auth,
-    pub info: &'a Arc<RequestInfo>,
+/// Everything a service needs to know about the call it serves. Handlers take it as one
+/// extractor (authentication included; see `http::extract`).
+pub struct Call {
+    pub state: AppState,
+    pub auth: Auth,
+    pub info: Arc<RequestInfo>,
 }
 
-impl Call<'_> {
+impl Call {
     pub fn write_meta(&self) -> WriteMeta {
         WriteMeta {
             account_id: self.auth.account_id,

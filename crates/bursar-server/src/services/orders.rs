@@ -85,7 +85,7 @@ fn validate(req: CreateOrder) -> Result<NewOrder, ApiError> {
     })
 }
 
-pub async fn create(call: &Call<'_>, req: CreateOrder) -> Result<Order, ApiError> {
+pub async fn create(call: &Call, req: CreateOrder) -> Result<Order, ApiError> {
     let new = validate(req)?;
     Ok(call
         .state
@@ -98,7 +98,7 @@ pub async fn create(call: &Call<'_>, req: CreateOrder) -> Result<Order, ApiError
 /// the same transaction; a retry of the same request gets that response again (replayed); the
 /// same key on a different request is a 422. `body` and `query` are what is fingerprinted.
 pub async fn create_idempotent(
-    call: &Call<'_>,
+    call: &Call,
     key: String,
     query: Option<&str>,
     body: &[u8],
@@ -184,12 +184,12 @@ fn answer_existing(record: &IdempotencyRecord, fingerprint: &str) -> Result<Resp
 
 /// The order's version, `None` if it does not exist here; a database failure stays an error
 /// (it must not turn into a 404).
-async fn current_version(call: &Call<'_>, id: i64) -> Result<Option<i64>, ApiError> {
+async fn current_version(call: &Call, id: i64) -> Result<Option<i64>, ApiError> {
     let current = call.state.store.get_order(call.auth.account_id, id).await?;
     Ok(current.map(|o| o.version))
 }
 
-pub async fn get(call: &Call<'_>, id: i64) -> Result<Order, ApiError> {
+pub async fn get(call: &Call, id: i64) -> Result<Order, ApiError> {
     call.state
         .store
         .get_order(call.auth.account_id, id)
@@ -197,7 +197,7 @@ pub async fn get(call: &Call<'_>, id: i64) -> Result<Order, ApiError> {
         .ok_or_else(|| ApiError::not_found("order"))
 }
 
-pub async fn list(call: &Call<'_>, filter: OrderFilter) -> Result<Page<Order>, ApiError> {
+pub async fn list(call: &Call, filter: OrderFilter) -> Result<Page<Order>, ApiError> {
     Ok(call
         .state
         .store
@@ -206,7 +206,7 @@ pub async fn list(call: &Call<'_>, filter: OrderFilter) -> Result<Page<Order>, A
 }
 
 pub async fn update(
-    call: &Call<'_>,
+    call: &Call,
     id: i64,
     if_match: IfMatch,
     req: UpdateOrder,
@@ -237,7 +237,7 @@ pub async fn update(
 
 /// Cancels a pending order. `If-Match` is optional here: the state machine already refuses a
 /// second cancel, but a client that sends one gets the same compare-and-set as an update.
-pub async fn cancel(call: &Call<'_>, id: i64, if_match: IfMatch) -> Result<Order, ApiError> {
+pub async fn cancel(call: &Call, id: i64, if_match: IfMatch) -> Result<Order, ApiError> {
     let expected = match if_match {
         IfMatch::Absent => bursar_storage::Precondition::Any,
         other => {

@@ -1,6 +1,5 @@
 //! `/api/customers`.
 
-use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bursar_api::{CreateCustomer, Customer, ErrorBody, List, UpdateCustomer};
@@ -8,10 +7,8 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::parse_page;
-use crate::AppState;
-use crate::http::context::Ctx;
 use crate::http::error::ApiError;
-use crate::http::extract::{Auth, Id, IfMatch, Json, Params, if_none_match_hits};
+use crate::http::extract::{Id, IfMatch, Json, Params, if_none_match_hits};
 use crate::http::render;
 use crate::services::{Call, customers};
 
@@ -33,17 +30,7 @@ pub struct ListCustomersQuery {
          headers(("ETag" = String, description = "Strong tag of the version"), ("Location" = String))),
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
-pub async fn create(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
-    Json(req): Json<CreateCustomer>,
-) -> Result<Response, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
+pub async fn create(call: Call, Json(req): Json<CreateCustomer>) -> Result<Response, ApiError> {
     let c = customers::create(&call, req).await?;
     Ok(render::created(
         format!("/api/customers/{}", c.id),
@@ -59,18 +46,7 @@ pub async fn create(
         (status = 304, description = "Not modified (If-None-Match matched)"),
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
-pub async fn get(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
-    Id(id): Id,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
+pub async fn get(call: Call, Id(id): Id, headers: HeaderMap) -> Result<Response, ApiError> {
     let c = customers::get(&call, id).await?;
     if if_none_match_hits(&headers, c.version) {
         return Ok(render::not_modified(c.version));
@@ -88,16 +64,9 @@ pub async fn get(
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn list(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
+    call: Call,
     Params(q): Params<ListCustomersQuery>,
 ) -> Result<axum::Json<List<Customer>>, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
     let page = parse_page(q.limit.as_deref(), q.starting_after.as_deref())?;
     let p = customers::list(&call, page).await?;
     Ok(axum::Json(List::new(
@@ -116,18 +85,11 @@ pub async fn list(
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn update(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
+    call: Call,
     Id(id): Id,
     headers: HeaderMap,
     Json(req): Json<UpdateCustomer>,
 ) -> Result<Response, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
     let c = customers::update(&call, id, IfMatch::from_headers(&headers)?, req).await?;
     Ok(render::with_etag(
         StatusCode::OK,

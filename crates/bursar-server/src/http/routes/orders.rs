@@ -1,6 +1,5 @@
 //! `/api/orders`.
 
-use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use bursar_api::{CreateOrder, ErrorBody, ErrorCode, List, Order, UpdateOrder};
@@ -10,10 +9,8 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::{parse_id, parse_page, parse_time};
-use crate::AppState;
-use crate::http::context::Ctx;
 use crate::http::error::{ApiError, issue};
-use crate::http::extract::{Auth, Id, IfMatch, Json, JsonWithBytes, Params, if_none_match_hits};
+use crate::http::extract::{Id, IfMatch, Json, JsonWithBytes, Params, if_none_match_hits};
 use crate::http::idempotency;
 use crate::http::render;
 use crate::services::{Call, orders};
@@ -77,22 +74,16 @@ impl ListOrdersQuery {
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn create(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
+    call: Call,
     headers: HeaderMap,
     uri: Uri,
     JsonWithBytes(req, body): JsonWithBytes<CreateOrder>,
 ) -> Result<Response, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
     let key = idempotency::parse_key(&headers)?;
     match key {
         Some(key) => orders::create_idempotent(&call, key, uri.query(), &body, req).await,
-        None if state
+        None if call
+            .state
             .config
             .idempotency
             .requires("POST", orders::CREATE_ROUTE) =>
@@ -120,18 +111,7 @@ pub async fn create(
         (status = 304, description = "Not modified (If-None-Match matched)"),
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
-pub async fn get(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
-    Id(id): Id,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
+pub async fn get(call: Call, Id(id): Id, headers: HeaderMap) -> Result<Response, ApiError> {
     let o = orders::get(&call, id).await?;
     if if_none_match_hits(&headers, o.version) {
         return Ok(render::not_modified(o.version));
@@ -149,16 +129,9 @@ pub async fn get(
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn list(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
+    call: Call,
     Params(q): Params<ListOrdersQuery>,
 ) -> Result<axum::Json<List<Order>>, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
     let p = orders::list(&call, q.filter()?).await?;
     Ok(axum::Json(List::new(
         p.items.iter().map(render::order).collect(),
@@ -176,18 +149,11 @@ pub async fn list(
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn update(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
+    call: Call,
     Id(id): Id,
     headers: HeaderMap,
     Json(req): Json<UpdateOrder>,
 ) -> Result<Response, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
     let o = orders::update(&call, id, IfMatch::from_headers(&headers)?, req).await?;
     Ok(render::with_etag(
         StatusCode::OK,
@@ -204,18 +170,7 @@ pub async fn update(
         (status = 409, description = "invalid_state: only pending orders can be canceled", body = ErrorBody),
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
-pub async fn cancel(
-    State(state): State<AppState>,
-    auth: Auth,
-    Ctx(info): Ctx,
-    Id(id): Id,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let call = Call {
-        state: &state,
-        auth: &auth,
-        info: &info,
-    };
+pub async fn cancel(call: Call, Id(id): Id, headers: HeaderMap) -> Result<Response, ApiError> {
     let o = orders::cancel(&call, id, IfMatch::from_headers(&headers)?).await?;
     Ok(render::with_etag(
         StatusCode::OK,
