@@ -378,6 +378,10 @@ pub async fn cancel_follows_the_state_machine(app: &TestApp) {
         serde_json::to_value(canceled.body.status).unwrap(),
         "canceled"
     );
+    // The SDK's conditional GET: nothing new at the current version, the order at an old one.
+    assert!(app.a.get_order_if_changed(o, 2).await.unwrap().is_none());
+    let changed = app.a.get_order_if_changed(o, 1).await.unwrap().unwrap();
+    assert_eq!(changed.etag_version(), Some(2));
     let again = app.a.cancel_order(o).await.unwrap_err();
     assert_eq!(
         (again.status().map(|s| s.as_u16()), again.code()),
