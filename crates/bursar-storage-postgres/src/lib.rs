@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
-use bursar_storage::decode;
 use bursar_storage::group_commit::{Create, GroupCommit, Keyed, Written};
 use bursar_storage::*;
+use bursar_storage::{decode, operations};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, FromRow, Postgres, Row, Transaction};
 use std::str::FromStr;
@@ -156,6 +156,7 @@ macro_rules! order_cols {
 
 // Declared after the SQL macros above, which it uses.
 mod batch;
+mod ops;
 
 #[derive(FromRow)]
 struct CustomerRow {
@@ -714,8 +715,9 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Postgres>>(
 ) -> Result<Option<IdempotencyRecord>> {
     let row = sqlx::query(
         "SELECT id, method, route, fingerprint, response_status, \
-         response_headers::text AS response_headers, response_body, created_at, expires_at \
-         FROM idempotency_keys WHERE account_id = $1 AND idem_key = $2",
+         response_headers::text AS response_headers, response_body, created_at, expires_at, \
+         recovery_point, locked_until FROM idempotency_keys \
+         WHERE account_id = $1 AND idem_key = $2",
     )
     .bind(account)
     .bind(key)
@@ -737,6 +739,8 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Postgres>>(
             },
             created_at: Timestamp(r.get("created_at")),
             expires_at: Timestamp(r.get("expires_at")),
+            in_flight: (r.get::<&str, _>("recovery_point") != operations::FINISHED)
+                .then(|| Timestamp(r.get::<Option<i64>, _>("locked_until").unwrap_or(0))),
         })
     })
     .transpose()

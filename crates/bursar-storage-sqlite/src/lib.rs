@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bursar_domain::{AccountId, OrderAction, Timestamp};
-use bursar_storage::decode;
 use bursar_storage::group_commit::{Create, GroupCommit, Keyed, Written};
 use bursar_storage::*;
+use bursar_storage::{decode, operations};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -170,6 +170,7 @@ macro_rules! order_cols {
 
 // Declared after the SQL macros above, which it uses.
 mod batch;
+mod ops;
 
 #[derive(FromRow)]
 struct CustomerRow {
@@ -726,8 +727,8 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
 ) -> Result<Option<IdempotencyRecord>> {
     let row = sqlx::query(
         "SELECT id, method, route, fingerprint, response_status, response_headers, \
-         response_body, created_at, expires_at FROM idempotency_keys \
-         WHERE account_id = ? AND idem_key = ?",
+         response_body, created_at, expires_at, recovery_point, locked_until \
+         FROM idempotency_keys WHERE account_id = ? AND idem_key = ?",
     )
     .bind(account)
     .bind(key)
@@ -749,6 +750,8 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
             },
             created_at: Timestamp(r.get("created_at")),
             expires_at: Timestamp(r.get("expires_at")),
+            in_flight: (r.get::<&str, _>("recovery_point") != operations::FINISHED)
+                .then(|| Timestamp(r.get::<Option<i64>, _>("locked_until").unwrap_or(0))),
         })
     })
     .transpose()

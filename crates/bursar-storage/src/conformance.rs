@@ -11,6 +11,9 @@ use bursar_domain::{Currency, Metadata, Money, OrderAction, OrderStatus, Timesta
 
 use crate::*;
 
+mod operations;
+pub use operations::*;
+
 /// Expands the suite for one backend. `$make` is an expression evaluating to a future of a
 /// fresh, migrated, isolated `Option<Arc<dyn Storage>>`; `None` skips the case (a backend whose
 /// server is not configured in this environment).
@@ -34,7 +37,13 @@ macro_rules! conformance_tests {
             idempotency_keys_are_scoped_to_the_account,
             business_refusals_are_stored_but_failures_roll_back,
             expired_idempotency_records_are_absent_and_swept,
-            concurrent_claims_of_one_key_write_once
+            concurrent_claims_of_one_key_write_once,
+            operations_advance_through_recovery_points_under_a_lease,
+            a_lapsed_lease_is_taken_over_and_the_old_driver_is_fenced,
+            a_released_lease_resumes_at_once,
+            the_completer_claims_only_abandoned_work,
+            concurrent_begins_of_one_key_lease_once,
+            unfinished_work_is_never_swept
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -8,8 +8,10 @@
 
 pub mod conformance;
 pub mod group_commit;
+pub mod operations;
 mod records;
 
+pub use operations::{Begun, Lease, LeasedOperation, OperationStore};
 pub use records::*;
 
 use async_trait::async_trait;
@@ -29,6 +31,10 @@ pub enum StorageError {
     UnknownCustomer,
     #[error("unique constraint violated")]
     Conflict,
+    /// A write under a lease that another driver has since taken over (or whose record has
+    /// moved on): the write did not happen. See `operations`.
+    #[error("the lease on this work was taken over")]
+    Fenced,
     /// The database could not be reached or is overloaded; the request may be retried.
     #[error("database unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -134,7 +140,7 @@ pub trait EventStore: Send + Sync {
 /// The whole port, as the server holds it (`Arc<dyn Storage>`).
 #[async_trait]
 pub trait Storage:
-    AccountStore + CustomerStore + OrderStore + IdempotencyStore + EventStore
+    AccountStore + CustomerStore + OrderStore + IdempotencyStore + OperationStore + EventStore
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

@@ -293,9 +293,13 @@ pub struct IdempotencyRecord {
     pub method: String,
     pub route: String,
     pub fingerprint: String,
+    /// Meaningful only when `in_flight` is `None`.
     pub response: StoredResponse,
     pub created_at: Timestamp,
     pub expires_at: Timestamp,
+    /// `None` once the response is stored. While phased work (`operations`) is unfinished,
+    /// the end of its current lease, which may lie in the past (the driver died).
+    pub in_flight: Option<Timestamp>,
 }
 
 /// The outcome of an idempotent create.

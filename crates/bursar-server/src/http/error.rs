@@ -124,7 +124,9 @@ impl From<StorageError> for ApiError {
                 "no such customer in this account",
             )]),
             StorageError::Unavailable(source) => ApiError::unavailable(source),
-            e @ (StorageError::Conflict | StorageError::Internal(_)) => ApiError::internal(e),
+            e @ (StorageError::Conflict | StorageError::Fenced | StorageError::Internal(_)) => {
+                ApiError::internal(e)
+            }
         }
     }
 }

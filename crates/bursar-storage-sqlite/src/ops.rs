@@ -1,0 +1,250 @@
+//! SQLite's side of phased work (`bursar_storage::operations`). Every statement that writes
+//! under a lease names the fencing token in its `WHERE`, so a replaced driver changes
+//! nothing; takeovers are single conditional `UPDATE`s, so two drivers cannot both win.
+//! Single-statement writes run in autocommit on the writer connection.
+
+use async_trait::async_trait;
+use bursar_domain::Timestamp;
+use bursar_storage::operations::{FINISHED, STARTED};
+use bursar_storage::{
+    Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, Result, StorageError,
+    StoredResponse, WriteMeta, decode,
+};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::{SqliteStore, err, find_key};
+
+macro_rules! leased_cols {
+    () => {
+        "id, fence, account_id, method, route, recovery_point, phase_state, request_body, \
+         request_id, trace_id, attempts"
+    };
+}
+
+fn leased(r: &SqliteRow) -> Result<LeasedOperation> {
+    let get = || -> Result<LeasedOperation, sqlx::Error> {
+        Ok(LeasedOperation {
+            lease: Lease {
+                record_id: r.try_get("id")?,
+                fence: r.try_get("fence")?,
+            },
+            account_id: r.try_get("account_id")?,
+            method: r.try_get("method")?,
+            route: r.try_get("route")?,
+            recovery_point: r.try_get("recovery_point")?,
+            state: r
+                .try_get::<Option<String>, _>("phase_state")?
+                .unwrap_or_else(|| "{}".into()),
+            request: r
+                .try_get::<Option<Vec<u8>>, _>("request_body")?
+                .unwrap_or_default(),
+            request_id: r
+                .try_get::<Option<String>, _>("request_id")?
+                .unwrap_or_default(),
+            trace_id: r
+                .try_get::<Option<String>, _>("trace_id")?
+                .unwrap_or_default(),
+            attempts: r.try_get("attempts")?,
+        })
+    };
+    get().map_err(err)
+}
+
+/// `Fenced` unless the statement changed the record.
+fn fenced_unless_one(rows: u64) -> Result<()> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(StorageError::Fenced)
+    }
+}
+
+#[async_trait]
+impl OperationStore for SqliteStore {
+    async fn begin_operation(
+        &self,
+        meta: &WriteMeta,
+        claim: &IdempotencyClaim,
+        request: &[u8],
+        lease_until: Timestamp,
+    ) -> Result<Begun> {
+        let mut tx = self.write_tx().await?;
+        // An expired (hence finished) record counts as absent.
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
+             AND expires_at <= ?",
+        )
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(meta.at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let fresh = sqlx::query(concat!(
+            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
+             response_status, response_headers, response_body, created_at, expires_at, \
+             recovery_point, phase_state, fence, locked_until, last_run_at, attempts, \
+             request_body, request_id, trace_id) \
+             VALUES (?, ?, ?, ?, ?, 0, '[]', x'', ?, ?, ?, '{}', 1, ?, ?, 1, ?, ?, ?) \
+             ON CONFLICT (account_id, idem_key) DO NOTHING RETURNING ",
+            leased_cols!()
+        ))
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(&claim.method)
+        .bind(&claim.route)
+        .bind(&claim.fingerprint)
+        .bind(meta.at.0)
+        .bind(i64::MAX)
+        .bind(STARTED)
+        .bind(lease_until.0)
+        .bind(meta.at.0)
+        .bind(request)
+        .bind(&meta.request_id)
+        .bind(&meta.trace_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        // Not new: take the work over if it is this request's and its lease has lapsed.
+        let row = match fresh {
+            Some(row) => Some(row),
+            None => sqlx::query(concat!(
+                "UPDATE idempotency_keys SET fence = fence + 1, locked_until = ?, \
+                 last_run_at = ?, attempts = attempts + 1 \
+                 WHERE account_id = ? AND idem_key = ? AND fingerprint = ? \
+                 AND recovery_point <> ? AND locked_until <= ? RETURNING ",
+                leased_cols!()
+            ))
+            .bind(lease_until.0)
+            .bind(meta.at.0)
+            .bind(meta.account_id)
+            .bind(&claim.key)
+            .bind(&claim.fingerprint)
+            .bind(FINISHED)
+            .bind(meta.at.0)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?,
+        };
+        let begun = match row {
+            Some(row) => Begun::Leased(leased(&row)?),
+            None => Begun::Existing(
+                find_key(&mut *tx, meta.account_id, &claim.key)
+                    .await?
+                    .ok_or_else(|| StorageError::Internal("claimed key vanished".into()))?,
+            ),
+        };
+        tx.commit().await.map_err(err)?;
+        Ok(begun)
+    }
+
+    async fn advance_operation(
+        &self,
+        lease: Lease,
+        from: &str,
+        to: &str,
+        state: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+    ) -> Result<()> {
+        if to == FINISHED {
+            return Err(StorageError::Internal(
+                "an operation finishes with finish_operation".into(),
+            ));
+        }
+        let done = sqlx::query(
+            "UPDATE idempotency_keys SET recovery_point = ?, phase_state = ?, \
+             locked_until = ?, last_run_at = ? \
+             WHERE id = ? AND fence = ? AND recovery_point = ?",
+        )
+        .bind(to)
+        .bind(state)
+        .bind(lease_until.0)
+        .bind(now.0)
+        .bind(lease.record_id)
+        .bind(lease.fence)
+        .bind(from)
+        .execute(&self.writer)
+        .await
+        .map_err(err)?;
+        fenced_unless_one(done.rows_affected())
+    }
+
+    async fn finish_operation(
+        &self,
+        lease: Lease,
+        state: &str,
+        response: &StoredResponse,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE idempotency_keys SET recovery_point = ?, phase_state = ?, \
+             response_status = ?, response_headers = ?, response_body = ?, \
+             locked_until = NULL, last_run_at = ?, expires_at = ? \
+             WHERE id = ? AND fence = ? AND recovery_point <> ?",
+        )
+        .bind(FINISHED)
+        .bind(state)
+        .bind(i64::from(response.status))
+        .bind(decode::headers_json(&response.headers))
+        .bind(&response.body)
+        .bind(now.0)
+        .bind(expires_at.0)
+        .bind(lease.record_id)
+        .bind(lease.fence)
+        .bind(FINISHED)
+        .execute(&self.writer)
+        .await
+        .map_err(err)?;
+        fenced_unless_one(done.rows_affected())
+    }
+
+    async fn release_operation(&self, lease: Lease, now: Timestamp) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE idempotency_keys SET locked_until = ?, last_run_at = ? \
+             WHERE id = ? AND fence = ? AND recovery_point <> ?",
+        )
+        .bind(now.0)
+        .bind(now.0)
+        .bind(lease.record_id)
+        .bind(lease.fence)
+        .bind(FINISHED)
+        .execute(&self.writer)
+        .await
+        .map_err(err)?;
+        fenced_unless_one(done.rows_affected())
+    }
+
+    async fn claim_abandoned(
+        &self,
+        now: Timestamp,
+        idle_since: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<LeasedOperation>> {
+        // `BEGIN IMMEDIATE` makes the pick and the takeover one step for every writer. The
+        // literal 'finished' lets SQLite use the partial index of unfinished records.
+        let mut tx = self.write_tx().await?;
+        let rows = sqlx::query(concat!(
+            "UPDATE idempotency_keys SET fence = fence + 1, locked_until = ?, \
+             last_run_at = ?, attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM idempotency_keys \
+                          WHERE recovery_point <> 'finished' AND locked_until <= ? \
+                          AND last_run_at <= ? ORDER BY last_run_at LIMIT ?) \
+             RETURNING ",
+            leased_cols!()
+        ))
+        .bind(lease_until.0)
+        .bind(now.0)
+        .bind(now.0)
+        .bind(idle_since.0)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        rows.iter().map(leased).collect()
+    }
+}
