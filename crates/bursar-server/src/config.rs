@@ -52,6 +52,16 @@ sweep_interval_secs = 60
 # Routes that refuse requests without Idempotency-Key (400 idempotency_key_missing), written
 # as "METHOD /template", e.g. ["POST /api/orders"]. By default the key is optional.
 required_routes = []
+# Work that leaves the database (a payment processor call) runs under a lease: a retry while
+# it lives gets 409 idempotency_request_in_progress; a lapsed lease (a crashed instance) is
+# taken over by the next retry or by the completer.
+lease_secs = 90
+# How often the completer looks for abandoned work, and how long work must have been idle
+# before it is picked up.
+completer_interval_secs = 10
+completer_idle_secs = 30
+# After this many runs, abandoned work is given up and its final (failure) answer stored.
+max_attempts = 10
 
 [log]
 # "json": one JSON object per line on stderr. "pretty": human-readable.
@@ -78,6 +88,10 @@ pub struct IdempotencyConfig {
     pub retention_hours: u64,
     pub sweep_interval_secs: u64,
     pub required_routes: Vec<String>,
+    pub lease_secs: u64,
+    pub completer_interval_secs: u64,
+    pub completer_idle_secs: u64,
+    pub max_attempts: i64,
 }
 
 impl Default for IdempotencyConfig {
@@ -86,6 +100,10 @@ impl Default for IdempotencyConfig {
             retention_hours: 24,
             sweep_interval_secs: 60,
             required_routes: Vec::new(),
+            lease_secs: 90,
+            completer_interval_secs: 10,
+            completer_idle_secs: 30,
+            max_attempts: 10,
         }
     }
 }
@@ -97,6 +115,18 @@ impl IdempotencyConfig {
 
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_secs(self.sweep_interval_secs.max(1))
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs.max(1))
+    }
+
+    pub fn completer_interval(&self) -> Duration {
+        Duration::from_secs(self.completer_interval_secs.max(1))
+    }
+
+    pub fn completer_idle(&self) -> Duration {
+        Duration::from_secs(self.completer_idle_secs)
     }
 
     /// Whether `METHOD route` must carry a key.
@@ -219,6 +249,11 @@ impl Config {
         }
         if self.idempotency.retention_hours == 0 {
             return Err("idempotency.retention_hours must be at least 1".into());
+        }
+        if self.idempotency.lease_secs == 0 || self.idempotency.max_attempts < 1 {
+            return Err(
+                "idempotency.lease_secs and idempotency.max_attempts must be at least 1".into(),
+            );
         }
         if let Some(bad) = self.idempotency.required_routes.iter().find(
             |r| !matches!(r.split_once(' '), Some((m, t)) if !m.is_empty() && t.starts_with('/')),

@@ -28,6 +28,9 @@ pub async fn serve(
     let grace = state.config.shutdown_grace();
     let store = state.store.clone();
     let sweeper = tokio::spawn(sweep_idempotency(state.clone()));
+    // With no operation registered there is no work a completer could finish.
+    let completer = (state.operations.all().next().is_some())
+        .then(|| tokio::spawn(complete_abandoned(state.clone())));
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -48,6 +51,9 @@ pub async fn serve(
         () = drained => tracing::warn!(grace_ms = self::millis(grace), "grace period over; abandoning in-flight requests"),
     }
     sweeper.abort();
+    if let Some(completer) = completer {
+        completer.abort();
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -78,6 +84,21 @@ async fn sweep_idempotency(state: AppState) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Finishes work whose driver died (`services::operations`), in batches, so no crash leaves a
+/// payment half-done waiting for a client retry that may never come.
+async fn complete_abandoned(state: AppState) {
+    const BATCH: u32 = 100;
+    let mut tick = tokio::time::interval(state.config.idempotency.completer_interval());
+    loop {
+        tick.tick().await;
+        match services::operations::complete_abandoned(&state, BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(finished = n, "completed abandoned work"),
+            Err(e) => tracing::warn!(error = %e, "completer pass failed; will retry"),
         }
     }
 }

@@ -7,6 +7,7 @@ use bursar_domain::{AccountId, Clock, Timestamp};
 use bursar_storage::{ApiKeyRecord, IdempotencyRecord, Storage};
 
 use crate::Config;
+use crate::services::operations::Operations;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -22,6 +23,9 @@ pub struct AppState {
     /// A crash to stage at a named point, for the crash-recovery tests. Always `None` unless
     /// the operator sets `BURSAR_TEST_FAULT`; nothing else enables it.
     pub fault: Option<FaultPoint>,
+    /// Work that leaves the database, by route (`services::operations`); each one mounts
+    /// `POST <route>`, and the completer finishes its abandoned runs.
+    pub operations: Arc<Operations>,
 }
 
 /// See [`AppState::replays`]. Keyed by account and client key; bounded by the bytes of the
@@ -153,6 +157,7 @@ impl AppState {
             keys: KeyCache::new(),
             replays: ReplayCache::new(),
             fault: None,
+            operations: Arc::new(Operations::default()),
         }
     }
 }

@@ -110,6 +110,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonWithBytes<T> {
     }
 }
 
+/// The bytes of a JSON body (content type and size checked) for handlers that parse it
+/// themselves, such as registered operations.
+pub struct JsonBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<JsonBytes, ApiError> {
+        json_bytes(req, state).await.map(JsonBytes)
+    }
+}
+
 /// The body of a request that must be `application/json`, within the body limit.
 async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     let is_json = req

@@ -8,7 +8,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use bursar_api::ErrorCode;
-use bursar_storage::StoredResponse;
+use bursar_domain::Timestamp;
+use bursar_storage::{IdempotencyRecord, StoredResponse};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
@@ -155,6 +156,44 @@ fn write_canonical(raw: &RawValue, out: &mut String) -> bool {
         None => return false,
     }
     true
+}
+
+/// The answer for a key that already holds a record: 422 when the record belongs to another
+/// request (checked first, so a mismatch is never reported as retryable); 409 with
+/// `Retry-After` while its work is in flight; otherwise the stored response, replayed.
+pub fn answer_existing(
+    record: &IdempotencyRecord,
+    fingerprint: &str,
+    now: Timestamp,
+) -> Result<Response, ApiError> {
+    if record.fingerprint != fingerprint {
+        return Err(ApiError::new(
+            ErrorCode::IdempotencyKeyReused,
+            "This Idempotency-Key was already used for a different request; use a new key.",
+        )
+        .with_extra("original_method", record.method.as_str())
+        .with_extra("original_path", record.route.as_str()));
+    }
+    if let Some(until) = record.in_flight {
+        return Err(in_progress(until, now));
+    }
+    Ok(from_stored(&record.response, true))
+}
+
+/// 409 for a request whose first attempt still holds the lease until `until`; `Retry-After`
+/// is the time left, at least a second.
+pub fn in_progress(until: Timestamp, now: Timestamp) -> ApiError {
+    let left = u64::try_from(until.0.saturating_sub(now.0)).unwrap_or(0);
+    let secs = u32::try_from(left.div_ceil(1000))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    let mut e = ApiError::new(
+        ErrorCode::IdempotencyRequestInProgress,
+        "A request with this Idempotency-Key is still being processed; retry after the \
+         indicated delay with the same key.",
+    );
+    e.retry_after = Some(secs);
+    e
 }
 
 /// A stored outcome as a response; `replayed` adds `Idempotent-Replayed: true`.

@@ -24,10 +24,11 @@ use routes::{customers, orders, system};
 /// The whole application. Layer order, outermost first: request context (id, trace, error
 /// rendering, access log) → panic guard → timeout (innermost, so a timed-out request is still
 /// rendered and logged) → body limit → routing → auth and body extractors in the handlers.
+/// Registered operations (`services::operations`) each add `POST <route>`.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.http.body_limit_bytes;
     let timeout = state.config.request_timeout();
-    Router::new()
+    let mut api = Router::new()
         .route(
             "/api/customers",
             post(customers::create).get(customers::list),
@@ -40,8 +41,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/orders/{id}", get(orders::get).patch(orders::update))
         .route("/api/orders/{id}/cancel", post(orders::cancel))
         .route("/healthz", get(system::healthz))
-        .route("/readyz", get(system::readyz))
-        .route_layer(from_fn(context::record_route))
+        .route("/readyz", get(system::readyz));
+    for op in state.operations.all() {
+        api = api.route(op.route(), routes::operations::create(op.clone()));
+    }
+    api.route_layer(from_fn(context::record_route))
         .with_state(state)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
         .layer(DefaultBodyLimit::max(body_limit))

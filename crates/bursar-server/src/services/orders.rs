@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use axum::response::Response;
-use bursar_api::{CreateOrder, ErrorCode, UpdateOrder};
+use bursar_api::{CreateOrder, UpdateOrder};
 use bursar_domain::{Currency, Money, OrderAction, Timestamp};
 use bursar_storage::{
-    IdempotencyClaim, IdempotencyRecord, Idempotent, NewOrder, Order, OrderFilter, OrderPatch,
-    OrderResponder, Page, StorageError, StoredResponse,
+    IdempotencyClaim, Idempotent, NewOrder, Order, OrderFilter, OrderPatch, OrderResponder, Page,
+    StorageError, StoredResponse,
 };
 
 use super::{Call, check_metadata, check_text, finish, resolve_precondition};
@@ -113,7 +113,7 @@ pub async fn create_idempotent(
     // goes to the write path, which claims the key or reports the record holding it: a read
     // first would cost every fresh create a round trip.
     if let Some(record) = replays.get(meta.account_id, &key, meta.at) {
-        return answer_existing(&record, &fingerprint);
+        return idempotency::answer_existing(&record, &fingerprint, meta.at);
     }
     let retention =
         i64::try_from(call.state.config.idempotency.retention().as_millis()).unwrap_or(i64::MAX);
@@ -162,24 +162,13 @@ pub async fn create_idempotent(
             Ok(idempotency::from_stored(&stored, false))
         }
         Idempotent::Existing(record) => {
-            let record = Arc::new(record);
-            replays.insert(meta.account_id, claim_key, record.clone());
-            answer_existing(&record, &fingerprint)
+            // Only finished records are immutable, hence cacheable.
+            if record.in_flight.is_none() {
+                replays.insert(meta.account_id, claim_key, Arc::new(record.clone()));
+            }
+            idempotency::answer_existing(&record, &fingerprint, meta.at)
         }
     }
-}
-
-/// A replay when the stored request is this one; 422 when the key was used for another.
-fn answer_existing(record: &IdempotencyRecord, fingerprint: &str) -> Result<Response, ApiError> {
-    if record.fingerprint == fingerprint {
-        return Ok(idempotency::from_stored(&record.response, true));
-    }
-    Err(ApiError::new(
-        ErrorCode::IdempotencyKeyReused,
-        "This Idempotency-Key was already used for a different request; use a new key.",
-    )
-    .with_extra("original_method", record.method.as_str())
-    .with_extra("original_path", record.route.as_str()))
 }
 
 /// The order's version, `None` if it does not exist here; a database failure stays an error

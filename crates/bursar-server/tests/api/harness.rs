@@ -9,6 +9,7 @@ use bursar_domain::apikey::KeyMode;
 use bursar_domain::{Clock, Timestamp};
 use bursar_sdk::Client;
 use bursar_server::services::accounts;
+use bursar_server::services::operations::Operations;
 use bursar_server::{AppState, Config, SystemClock};
 use bursar_storage::Storage;
 use tokio::sync::oneshot;
@@ -27,6 +28,8 @@ pub struct TestApp {
     pub key_a: String,
     pub account_a: i64,
     pub store: Arc<dyn Storage>,
+    /// The server's state (shared store, clock and registered operations).
+    pub state: AppState,
     pub http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -55,7 +58,16 @@ pub fn test_config(backend: Backend) -> Option<(Config, Option<tempfile::TempDir
 impl TestApp {
     pub async fn start(backend: Backend) -> Option<TestApp> {
         let (config, dir) = test_config(backend)?;
-        Some(TestApp::start_with(backend, config, dir, Arc::new(SystemClock)).await)
+        Some(
+            TestApp::start_with(
+                backend,
+                config,
+                dir,
+                Arc::new(SystemClock),
+                Operations::default(),
+            )
+            .await,
+        )
     }
 
     /// A second server of the same backend with its own database, a changed configuration
@@ -65,9 +77,20 @@ impl TestApp {
         change: impl FnOnce(&mut Config),
         clock: Arc<dyn Clock>,
     ) -> TestApp {
+        self.sibling_with(change, clock, Operations::default())
+            .await
+    }
+
+    /// [`TestApp::sibling`] that also runs `operations`.
+    pub async fn sibling_with(
+        &self,
+        change: impl FnOnce(&mut Config),
+        clock: Arc<dyn Clock>,
+        operations: Operations,
+    ) -> TestApp {
         let (mut config, dir) = test_config(self.backend).expect("the backend is available");
         change(&mut config);
-        TestApp::start_with(self.backend, config, dir, clock).await
+        TestApp::start_with(self.backend, config, dir, clock, operations).await
     }
 
     pub async fn start_with(
@@ -75,6 +98,7 @@ impl TestApp {
         config: Config,
         dir: Option<tempfile::TempDir>,
         clock: Arc<dyn Clock>,
+        operations: Operations,
     ) -> TestApp {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let store = bursar_server::store::open(&config).await.unwrap();
@@ -94,8 +118,9 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let state = AppState::new(store.clone(), clock, config);
-        let server = tokio::spawn(bursar_server::serve(listener, state, async {
+        let mut state = AppState::new(store.clone(), clock, config);
+        state.operations = Arc::new(operations);
+        let server = tokio::spawn(bursar_server::serve(listener, state.clone(), async {
             let _ = rx.await;
         }));
         let http = reqwest::Client::new();
@@ -107,6 +132,7 @@ impl TestApp {
             account_a: ids[0],
             url,
             store,
+            state,
             http,
             shutdown: Some(tx),
             server: Some(server),
@@ -179,7 +205,11 @@ impl ManualClock {
     }
 
     pub fn advance_hours(&self, hours: i64) {
-        self.0.fetch_add(hours * 3_600_000, Ordering::SeqCst);
+        self.advance_secs(hours * 3600);
+    }
+
+    pub fn advance_secs(&self, secs: i64) {
+        self.0.fetch_add(secs * 1000, Ordering::SeqCst);
     }
 }
 

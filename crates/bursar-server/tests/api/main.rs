@@ -4,6 +4,7 @@
 mod cases;
 mod harness;
 mod idempotency;
+mod operations;
 
 macro_rules! api_suite {
     ($($case:ident),* $(,)?) => {
@@ -32,6 +33,7 @@ macro_rules! api_suite {
 
 use cases::*;
 use idempotency::*;
+use operations::*;
 
 api_suite!(
     canonical_order_request,
@@ -53,4 +55,8 @@ api_suite!(
     concurrent_identical_requests_create_once,
     expired_keys_run_as_new_requests,
     concurrent_keys_and_bodies,
+    a_crashed_run_resumes_after_its_lease_without_charging_twice,
+    the_completer_finishes_abandoned_work,
+    a_stalled_driver_is_fenced_out,
+    retryable_failures_pause_and_give_up_in_the_end,
 );

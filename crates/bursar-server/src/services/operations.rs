@@ -1,0 +1,365 @@
+//! Idempotent work that leaves the database, driven in atomic phases (spec `idempotency.md`
+//! §1 "External calls", §3.4, checklist E27–E29). The storage half — recovery points, the
+//! fenced lease, the completer's claim — is `bursar_storage::operations`; this is the driver.
+//!
+//! An [`Operation`] (a payment, later) is a route plus a `phase` function: given the
+//! recovery point the work stands at and the state the earlier phases committed, it does one
+//! foreign call (with the outbound key, so reruns never repeat it at the third party) and
+//! says where the work moves next, or what the final answer is. The driver commits each step
+//! under the lease's fencing token. Whoever holds the lease drives: the first request, a
+//! retry that finds the lease lapsed, or the completer.
+//!
+//! Registering an operation mounts `POST <route>`: validation first (nothing stored for a bad
+//! request), then the claim, then the phases on a task of their own, so a client that hangs
+//! up or a request timeout does not abandon the work half-way.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::response::Response;
+use bursar_api::ErrorCode;
+use bursar_domain::{AccountId, Timestamp};
+use bursar_storage::{
+    Begun, IdempotencyClaim, Lease, LeasedOperation, StorageError, StoredResponse, WriteMeta,
+};
+use serde_json::Value;
+
+use super::Call;
+use crate::AppState;
+use crate::http::error::ApiError;
+use crate::http::idempotency;
+
+/// What a phase decided.
+#[derive(Debug)]
+pub enum Phase {
+    /// Commit recovery point `to` with `state` (everything later phases need, e.g. the
+    /// processor's charge id) and run the phase that starts there.
+    Advance { to: String, state: Value },
+    /// The final answer, stored and replayed from now on. Deterministic failures (a card
+    /// decline) finish too: they are answers, not faults.
+    Finish(StoredResponse),
+}
+
+/// A phase that could not decide. The work stays unfinished at its last recovery point and
+/// the lease is released, so the client's retry (or the completer) resumes it.
+#[derive(Debug)]
+pub enum PhaseError {
+    /// A third party timed out, refused the connection or answered 5xx.
+    Retryable(String),
+}
+
+/// What a phase may use. Built from the lease, so a rerun by another instance or the
+/// completer sees exactly what the first run saw.
+pub struct PhaseCtx {
+    pub state: AppState,
+    pub lease: Lease,
+    pub account_id: AccountId,
+    /// The request body as the client first sent it.
+    pub request: Vec<u8>,
+    pub request_id: String,
+    pub trace_id: String,
+    /// Runs of this work so far, this one included.
+    pub attempts: i64,
+}
+
+impl PhaseCtx {
+    /// `bursar-<record id>`: the idempotency key for every call to a third party.
+    pub fn outbound_key(&self) -> String {
+        self.lease.outbound_key()
+    }
+
+    /// Metadata for writes made by a phase: attributed to the originating request.
+    pub fn write_meta(&self) -> WriteMeta {
+        WriteMeta {
+            account_id: self.account_id,
+            at: self.state.clock.now(),
+            request_id: self.request_id.clone(),
+            trace_id: self.trace_id.clone(),
+        }
+    }
+}
+
+/// A kind of work that leaves the database. Phases must be bounded well within the lease
+/// (their foreign calls carry timeouts), or another driver takes over mid-call — harmless
+/// thanks to the outbound key and fencing, but wasted work.
+#[async_trait]
+pub trait Operation: Send + Sync + 'static {
+    /// The route template it serves (`/api/payments`); records are matched to it by route.
+    fn route(&self) -> &'static str;
+    /// Checks the request before anything is stored (failures here are never replayed).
+    fn validate(&self, body: &[u8]) -> Result<(), ApiError>;
+    /// Runs the phase that starts at `point` ([`bursar_storage::operations::STARTED`] first).
+    async fn phase(&self, ctx: &PhaseCtx, point: &str, state: &Value) -> Result<Phase, PhaseError>;
+    /// The final answer stored when the completer gives up after `max_attempts` runs.
+    fn abandoned(&self, ctx: &PhaseCtx, point: &str, state: &Value) -> StoredResponse;
+}
+
+/// The operations a server runs, by route.
+#[derive(Default, Clone)]
+pub struct Operations(BTreeMap<&'static str, Arc<dyn Operation>>);
+
+impl Operations {
+    pub fn register(&mut self, op: Arc<dyn Operation>) {
+        self.0.insert(op.route(), op);
+    }
+
+    pub fn get(&self, route: &str) -> Option<&Arc<dyn Operation>> {
+        self.0.get(route)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Operation>> {
+        self.0.values()
+    }
+}
+
+/// How a run of the driver ended.
+#[derive(Debug)]
+pub enum Driven {
+    /// The work finished (now or by this run) with this answer.
+    Finished(StoredResponse),
+    /// Another driver took the lease over; the record says what happened.
+    Fenced,
+    /// A phase failed in a retryable way; the work waits for a retry or the completer.
+    Paused(String),
+}
+
+fn state_text(v: &Value) -> String {
+    serde_json::to_string(v).expect("a JSON value always serialises")
+}
+
+fn lease_end(state: &AppState, now: Timestamp) -> Timestamp {
+    let lease = i64::try_from(state.config.idempotency.lease().as_millis()).unwrap_or(i64::MAX);
+    Timestamp(now.0.saturating_add(lease))
+}
+
+fn retention_end(state: &AppState, now: Timestamp) -> Timestamp {
+    let keep = i64::try_from(state.config.idempotency.retention().as_millis()).unwrap_or(i64::MAX);
+    Timestamp(now.0.saturating_add(keep))
+}
+
+fn ctx_for(state: &AppState, op: &LeasedOperation) -> PhaseCtx {
+    PhaseCtx {
+        state: state.clone(),
+        lease: op.lease,
+        account_id: op.account_id,
+        request: op.request.clone(),
+        request_id: op.request_id.clone(),
+        trace_id: op.trace_id.clone(),
+        attempts: op.attempts,
+    }
+}
+
+/// Runs `leased` from its recovery point to the end, committing each phase under the lease.
+/// A storage failure leaves the lease to lapse (the outcome of the last write is unknown).
+pub async fn drive(
+    state: &AppState,
+    op: &dyn Operation,
+    leased: LeasedOperation,
+) -> Result<Driven, StorageError> {
+    let ctx = ctx_for(state, &leased);
+    let store = &state.store;
+    let mut point = leased.recovery_point;
+    let mut current: Value =
+        serde_json::from_str(&leased.state).unwrap_or(Value::Object(Default::default()));
+    loop {
+        let step = op.phase(&ctx, &point, &current).await;
+        let now = state.clock.now();
+        let failed = match step {
+            Ok(Phase::Advance { to, state: next }) => {
+                let written = store
+                    .advance_operation(
+                        ctx.lease,
+                        &point,
+                        &to,
+                        &state_text(&next),
+                        now,
+                        lease_end(state, now),
+                    )
+                    .await;
+                match written {
+                    Ok(()) => {
+                        point = to;
+                        current = next;
+                        continue;
+                    }
+                    Err(e) => e,
+                }
+            }
+            Ok(Phase::Finish(response)) => {
+                let written = store
+                    .finish_operation(
+                        ctx.lease,
+                        &state_text(&current),
+                        &response,
+                        now,
+                        retention_end(state, now),
+                    )
+                    .await;
+                match written {
+                    Ok(()) => return Ok(Driven::Finished(response)),
+                    Err(e) => e,
+                }
+            }
+            Err(PhaseError::Retryable(why)) => {
+                tracing::warn!(record = ctx.lease.record_id, point = %point, reason = %why,
+                    "phase failed; the work waits for a retry");
+                match store.release_operation(ctx.lease, now).await {
+                    Ok(()) => return Ok(Driven::Paused(why)),
+                    Err(e) => e,
+                }
+            }
+        };
+        return match failed {
+            StorageError::Fenced => Ok(Driven::Fenced),
+            e => Err(e),
+        };
+    }
+}
+
+/// Serves `POST <op.route()>`: claims the key (or mints one, so the work is recoverable
+/// even without a client key), then drives or answers from the record.
+pub async fn run(
+    call: &Call,
+    op: Arc<dyn Operation>,
+    key: Option<String>,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    op.validate(body)?;
+    let route = op.route();
+    let config = &call.state.config.idempotency;
+    let key = match key {
+        Some(k) => k,
+        None if config.requires("POST", route) => {
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyKeyMissing,
+                format!("POST {route} requires an Idempotency-Key header on this server."),
+            ));
+        }
+        // Not addressable by the client, but the work can still be completed after a crash.
+        None => format!("bursar-auto-{}", uuid::Uuid::now_v7()),
+    };
+    let fingerprint = idempotency::fingerprint("POST", route, query, body);
+    let meta = call.write_meta();
+    let state = &call.state;
+    if let Some(record) = state.replays.get(meta.account_id, &key, meta.at) {
+        return idempotency::answer_existing(&record, &fingerprint, meta.at);
+    }
+    let claim = IdempotencyClaim {
+        key: key.clone(),
+        method: "POST".into(),
+        route: route.into(),
+        fingerprint: fingerprint.clone(),
+        expires_at: retention_end(state, meta.at),
+    };
+    let begun = state
+        .store
+        .begin_operation(&meta, &claim, body, lease_end(state, meta.at))
+        .await?;
+    let leased = match begun {
+        Begun::Existing(record) => {
+            if record.in_flight.is_none() {
+                state
+                    .replays
+                    .insert(meta.account_id, key, Arc::new(record.clone()));
+            }
+            return idempotency::answer_existing(&record, &fingerprint, meta.at);
+        }
+        Begun::Leased(leased) => leased,
+    };
+    // The phases run on their own task: the work must not stop because the client left.
+    let task = {
+        let state = state.clone();
+        tokio::spawn(async move { drive(&state, op.as_ref(), leased).await })
+    };
+    let driven = task.await.map_err(|e| {
+        // A phase panicked: like a crash, the lease is left to lapse and the work resumes.
+        ApiError::internal(format!("operation task failed: {e}"))
+    })??;
+    match driven {
+        Driven::Finished(response) => Ok(idempotency::from_stored(&response, false)),
+        Driven::Paused(_) => {
+            let mut e = ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                "A downstream service did not complete the request; retry with the same \
+                 Idempotency-Key to resume it.",
+            );
+            e.retry_after = Some(1);
+            Err(e)
+        }
+        // Someone else finished or holds the work: answer from the record, as a retry would.
+        Driven::Fenced => {
+            let now = state.clock.now();
+            match state
+                .store
+                .find_idempotency(meta.account_id, &key, now)
+                .await?
+            {
+                Some(record) => idempotency::answer_existing(&record, &fingerprint, now),
+                None => Err(ApiError::internal("an operation's record vanished")),
+            }
+        }
+    }
+}
+
+/// One pass of the completer: takes over abandoned work (lease lapsed, idle for
+/// `completer_idle_secs`) in a batch and drives each to the end; work that has run
+/// `max_attempts` times is given up with its operation's final answer. Returns how many
+/// records it finished.
+pub async fn complete_abandoned(state: &AppState, limit: u32) -> Result<usize, StorageError> {
+    let config = &state.config.idempotency;
+    let now = state.clock.now();
+    let idle = i64::try_from(config.completer_idle().as_millis()).unwrap_or(i64::MAX);
+    let claimed = state
+        .store
+        .claim_abandoned(
+            now,
+            Timestamp(now.0.saturating_sub(idle)),
+            lease_end(state, now),
+            limit,
+        )
+        .await?;
+    let mut finished = 0;
+    for leased in claimed {
+        let record = leased.lease.record_id;
+        let Some(op) = state.operations.get(&leased.route).cloned() else {
+            // Work of an operation this build does not know: leave it to one that does.
+            tracing::warn!(record, route = %leased.route, "no operation for abandoned work");
+            state.store.release_operation(leased.lease, now).await?;
+            continue;
+        };
+        if leased.attempts > config.max_attempts {
+            let ctx = ctx_for(state, &leased);
+            let current: Value = serde_json::from_str(&leased.state).unwrap_or_default();
+            let response = op.abandoned(&ctx, &leased.recovery_point, &current);
+            tracing::warn!(
+                record,
+                attempts = leased.attempts,
+                "giving abandoned work up"
+            );
+            match state
+                .store
+                .finish_operation(
+                    leased.lease,
+                    &leased.state,
+                    &response,
+                    now,
+                    retention_end(state, now),
+                )
+                .await
+            {
+                Ok(()) => finished += 1,
+                Err(StorageError::Fenced) => {}
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        match drive(state, op.as_ref(), leased).await {
+            Ok(Driven::Finished(_)) => finished += 1,
+            Ok(Driven::Fenced | Driven::Paused(_)) => {}
+            Err(e) => tracing::warn!(record, error = %e, "completer could not drive work"),
+        }
+    }
+    Ok(finished)
+}
