@@ -88,7 +88,9 @@ impl Default for ReplayCache {
 /// instant loses no committed write and repeats none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
-    /// Inside an idempotent create's transaction, after the writes, before the commit.
+    /// While an idempotent create's response is rendered, before anything commits: inside
+    /// the transaction after the writes (SQLite, and PostgreSQL's lone-create path), or just
+    /// before PostgreSQL's one-statement batch is sent (which renders responses first).
     MidTransaction,
     /// After an idempotent create committed, before its response is written.
     AfterCommit,

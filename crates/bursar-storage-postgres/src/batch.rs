@@ -7,11 +7,11 @@
 
 use async_trait::async_trait;
 use bursar_storage::group_commit::{Create, GroupWriter, Written};
-use bursar_storage::{StorageError, WriteMeta, decode};
+use bursar_storage::{StorageError, StoredResponse, WriteMeta, decode};
+use sqlx::Row;
 use sqlx::postgres::{PgPool, PgRow};
-use sqlx::{FromRow, Row};
 
-use crate::{OrderRow, err};
+use crate::err;
 
 /// Most creates one statement carries.
 pub const MAX_BATCH: usize = 64;
@@ -66,64 +66,127 @@ const ORDERS: &str = concat!(
     " FROM j"
 );
 
-pub struct PgCreates {
-    pub pool: PgPool,
-}
-
-// Claims every key (a key already claimed returns no claim row), inserts an order for each
-// claimed create whose customer is the account's, appends their events, and reports per slot
-// the claim and the order (both may be NULL).
+// Claims the key of every create whose customer is the account's, with its 201 already in
+// place (a key already claimed returns no claim row), inserts the claimed orders and appends
+// their events; reports per slot whether the claim took. The ids were drawn and the 201s
+// rendered before the statement, so the whole keyed batch is this one statement: one round
+// trip, one implicit transaction. A create for a foreign customer claims nothing here; it is
+// answered on the lone path, which stores the refusal (rare, so it may be slow).
 const KEYED_ORDERS: &str = concat!(
     "WITH input AS MATERIALIZED (\
        SELECT t.* FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
                               $5::text[], $6::text[], $7::bigint[], $8::text[], $9::text[], \
                               $10::text[], $11::text[], $12::text[], $13::text[], \
-                              $14::bigint[]) WITH ORDINALITY \
+                              $14::bigint[], $15::bigint[], $16::int[], $17::text[], \
+                              $18::bytea[]) WITH ORDINALITY \
          AS t(account_id, customer_id, amount_minor, currency, description, metadata, at, \
-              request_id, trace_id, idem_key, method, route, fingerprint, expires_at, slot)), \
+              request_id, trace_id, idem_key, method, route, fingerprint, expires_at, id, \
+              status, headers, body, slot) \
+       WHERE EXISTS (SELECT 1 FROM customers k \
+                     WHERE k.account_id = t.account_id AND k.id = t.customer_id)), \
      claims AS (INSERT INTO idempotency_keys (account_id, idem_key, method, route, \
            fingerprint, response_status, response_headers, response_body, created_at, \
            expires_at) \
-           SELECT account_id, idem_key, method, route, fingerprint, 0, '[]'::jsonb, \
-           ''::bytea, at, expires_at FROM input \
+           SELECT account_id, idem_key, method, route, fingerprint, status, headers, \
+           body, at, expires_at FROM input \
            ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING \
            RETURNING id AS key_id, account_id, idem_key), \
      claimed AS MATERIALIZED (\
-       SELECT input.*, claims.key_id, nextval(pg_get_serial_sequence('orders', 'id')) AS id \
-       FROM input JOIN claims USING (account_id, idem_key) \
-       WHERE EXISTS (SELECT 1 FROM customers k \
-                     WHERE k.account_id = input.account_id AND k.id = input.customer_id)), \
+       SELECT input.*, claims.key_id FROM input JOIN claims USING (account_id, idem_key)), \
      o AS (INSERT INTO orders (id, account_id, customer_id, amount_minor, currency, status, \
            description, metadata, version, created_at, updated_at, idempotency_key_id) \
            OVERRIDING SYSTEM VALUE \
            SELECT id, account_id, customer_id, amount_minor, currency, 'pending', description, \
            metadata::jsonb, 1, at, at, key_id FROM claimed \
            RETURNING *), \
-     j AS (SELECT o.*, claimed.request_id AS rid, claimed.trace_id AS tid, claimed.slot \
+     j AS (SELECT o.*, claimed.request_id AS rid, claimed.trace_id AS tid \
            FROM o JOIN claimed USING (id)), \
      e AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
            aggregate_version, payload, request_id, trace_id, created_at) \
            SELECT account_id, 'order.created', 'order', id, version, ",
     order_json!(),
     ", rid, tid, created_at FROM j) \
-     SELECT input.slot, c.key_id, jo.* FROM input \
-     LEFT JOIN claims c USING (account_id, idem_key) \
-     LEFT JOIN (SELECT slot AS order_slot, ",
-    order_cols!(),
-    " FROM j) jo ON jo.order_slot = input.slot"
+     SELECT slot FROM claimed"
 );
 
-const STORE_RESPONSES: &str = "UPDATE idempotency_keys k SET response_status = t.status, \
-    response_headers = t.headers::jsonb, response_body = t.body \
-    FROM unnest($1::bigint[], $2::int[], $3::text[], $4::bytea[]) AS t(id, status, headers, body) \
-    WHERE k.id = t.id";
+/// Ids for `$1` orders from the table's identity sequence.
+const ORDER_IDS: &str =
+    "SELECT nextval(pg_get_serial_sequence('orders', 'id')) FROM generate_series(1, $1)";
+
+/// Order ids drawn ahead of the keyed creates that need them (their responses are rendered
+/// before the write). Drawing per batch would cost a round trip — and, every 32 values, a WAL
+/// flush for the sequence — per batch; drawing ahead amortises both. Ids held longer than
+/// [`OrderIds::MAX_AGE`] are dropped (a gap in the sequence, which ids never promised to
+/// lack), so an id is never more than that out of step with creation order. The draw size
+/// adapts: it doubles while every drawn id is used in time and halves when some expire, so
+/// light traffic draws one id at a time and leaves no gaps.
+#[derive(Default)]
+pub struct OrderIds(std::sync::Mutex<IdState>);
+
+#[derive(Default)]
+struct IdState {
+    ids: std::collections::VecDeque<i64>,
+    drawn_at: Option<std::time::Instant>,
+    size: usize,
+}
+
+impl OrderIds {
+    const MAX_AGE: std::time::Duration = std::time::Duration::from_millis(500);
+    const MAX_DRAW: usize = 256;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `n` fresh ids, in increasing order.
+    async fn take(&self, pool: &PgPool, n: usize) -> Result<Vec<i64>, StorageError> {
+        let draw = {
+            let mut st = self.lock();
+            let stale = st.drawn_at.is_some_and(|t| t.elapsed() > Self::MAX_AGE);
+            if stale {
+                if !st.ids.is_empty() {
+                    st.size /= 2;
+                }
+                st.ids.clear();
+            }
+            if st.ids.len() >= n {
+                return Ok(st.ids.drain(..n).collect());
+            }
+            // Everything drawn was used in time: draw more next time.
+            if !stale && st.drawn_at.is_some() {
+                st.size = (st.size * 2).min(Self::MAX_DRAW);
+            }
+            st.size.max(n)
+        };
+        let mut fresh: Vec<i64> = sqlx::query_scalar(ORDER_IDS)
+            .bind(i64::try_from(draw).unwrap_or(i64::MAX))
+            .fetch_all(pool)
+            .await
+            .map_err(err)?;
+        fresh.sort_unstable();
+        let rest = fresh.split_off(n.min(fresh.len()));
+        let mut st = self.lock();
+        st.ids.clear();
+        st.ids.extend(rest);
+        st.drawn_at = Some(std::time::Instant::now());
+        st.size = st.size.max(1);
+        Ok(fresh)
+    }
+}
+
+pub struct PgCreates {
+    pub pool: PgPool,
+    pub ids: OrderIds,
+}
 
 impl PgCreates {
-    /// Keyed creates in one transaction: claim, insert and append events in one statement;
-    /// render each response (the service's callback); store them all; commit. A key that
-    /// appears twice in a batch, or has a record already (live, or expired and awaiting its
-    /// sweep), comes back as `Written::Conflict` and is answered outside the batch, where an
-    /// expired record is cleared first.
+    /// Keyed creates in one statement: draw the ids, render each create's possible
+    /// responses (the service's callback), then claim, insert, append events and store the
+    /// responses at once. A key that appears twice in a batch, or has a record already (live,
+    /// or expired and awaiting its sweep), comes back as `Written::Conflict` and is answered
+    /// outside the batch, where an expired record is cleared first.
     async fn write_keyed(
         &self,
         batch: &[(WriteMeta, Create)],
@@ -142,73 +205,159 @@ impl PgCreates {
                 outcomes.push(Some(Written::Conflict));
             }
         }
-        let mut cols = KeyedColumns::default();
-        for &i in &included {
-            cols.push(&batch[i].0, &batch[i].1);
+        if included.is_empty() {
+            return Ok(finish(outcomes));
         }
-        let mut tx = self.pool.begin().await.map_err(err)?;
-        let rows = sqlx::query(KEYED_ORDERS)
-            .bind(&cols.accounts)
-            .bind(&cols.customers)
-            .bind(&cols.amounts)
-            .bind(&cols.currencies)
-            .bind(&cols.descriptions)
-            .bind(&cols.metadata)
-            .bind(&cols.at)
-            .bind(&cols.request_ids)
-            .bind(&cols.trace_ids)
-            .bind(&cols.keys)
-            .bind(&cols.methods)
-            .bind(&cols.routes)
-            .bind(&cols.fingerprints)
-            .bind(&cols.expires)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err)?;
-        let (mut ids, mut statuses, mut headers, mut bodies) = (vec![], vec![], vec![], vec![]);
-        for row in rows {
-            let slot: i64 = row.try_get("slot").map_err(err)?;
-            let Some(&i) = usize::try_from(slot - 1).ok().and_then(|s| included.get(s)) else {
-                continue;
+        let ids = self.ids.take(&self.pool, included.len()).await?;
+        // Each sent create's 201, rendered from the record it will insert. A create whose
+        // service stores no 201 cannot go in the statement; like a taken key, it is answered
+        // on the lone path.
+        let mut sent = Vec::with_capacity(included.len());
+        for (&i, &id) in included.iter().zip(&ids) {
+            let (meta, create) = &batch[i];
+            let Some(keyed) = create.keyed() else {
+                return Err(StorageError::Internal(
+                    "unkeyed create in a keyed batch".into(),
+                ));
             };
-            let Some(key_id) = row.try_get::<Option<i64>, _>("key_id").map_err(err)? else {
+            let order = create.order_record(meta, id)?;
+            let Some(created) = (keyed.respond)(Ok(&order)) else {
                 outcomes[i] = Some(Written::Conflict);
                 continue;
             };
-            let order = match row.try_get::<Option<i64>, _>("id").map_err(err)? {
-                Some(_) => OrderRow::from_row(&row)
-                    .map_err(err)
-                    .and_then(OrderRow::into_record),
-                None => Err(StorageError::UnknownCustomer),
-            };
-            let Some(keyed) = batch[i].1.keyed() else {
-                continue;
-            };
-            let Some(response) = (keyed.respond)(order.as_ref()) else {
-                return Err(order.err().unwrap_or_else(|| {
-                    StorageError::Internal("no response rendered for a created order".into())
-                }));
-            };
-            ids.push(key_id);
-            statuses.push(i32::from(response.status));
-            headers.push(decode::headers_json(&response.headers));
-            bodies.push(response.body.clone());
-            outcomes[i] = Some(Written::Stored(response));
+            sent.push(Rendered { at: i, id, created });
         }
-        sqlx::query(STORE_RESPONSES)
-            .bind(&ids)
-            .bind(&statuses)
-            .bind(&headers)
-            .bind(&bodies)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
-        tx.commit().await.map_err(err)?;
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(Written::Conflict))
-            .collect())
+        let sizes: Vec<usize> = sent.iter().map(|r| r.wire_bytes(&batch[r.at])).collect();
+        for (n, part) in by_bytes(&sizes).into_iter().enumerate() {
+            let chunk = &sent[part];
+            let mut cols = KeyedColumns::default();
+            for r in chunk {
+                let (meta, create) = &batch[r.at];
+                cols.push(meta, create, r.id, &r.created);
+            }
+            let rows = sqlx::query(KEYED_ORDERS)
+                .bind(&cols.accounts)
+                .bind(&cols.customers)
+                .bind(&cols.amounts)
+                .bind(&cols.currencies)
+                .bind(&cols.descriptions)
+                .bind(&cols.metadata)
+                .bind(&cols.at)
+                .bind(&cols.request_ids)
+                .bind(&cols.trace_ids)
+                .bind(&cols.keys)
+                .bind(&cols.methods)
+                .bind(&cols.routes)
+                .bind(&cols.fingerprints)
+                .bind(&cols.expires)
+                .bind(&cols.ids)
+                .bind(&cols.statuses)
+                .bind(&cols.headers)
+                .bind(&cols.bodies)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err);
+            let rows = match rows {
+                Ok(rows) => rows,
+                // Nothing is committed yet: the collector retries the creates one by one.
+                Err(e) if n == 0 => return Err(e),
+                // Earlier statements committed: the rest go down the lone path, which claims
+                // afresh (this statement rolled back) or replays what did commit.
+                Err(_) => break,
+            };
+            // Every returned slot claimed its key and inserted its order; the rest found the
+            // key taken or the customer foreign, and go down the lone path.
+            for row in rows {
+                let slot: i64 = row.try_get("slot").map_err(err)?;
+                if let Some(r) = usize::try_from(slot - 1).ok().and_then(|s| chunk.get(s)) {
+                    outcomes[r.at] = Some(Written::Stored(r.created.clone()));
+                }
+            }
+        }
+        Ok(finish(outcomes))
     }
+}
+
+/// Unanswered creates are sent down the lone path, which always finds the truth.
+fn finish(outcomes: Vec<Option<Written<PgRow>>>) -> Vec<Written<PgRow>> {
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Written::Conflict))
+        .collect()
+}
+
+/// A keyed create with its id and its 201, ready to bind.
+struct Rendered {
+    /// Its index in the batch.
+    at: usize,
+    id: i64,
+    created: StoredResponse,
+}
+
+impl Rendered {
+    /// What this create adds to the statement's Bind message: a 4-byte length and the data
+    /// of each of its 18 array elements.
+    fn wire_bytes(&self, (meta, create): &(WriteMeta, Create)) -> usize {
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let (description, metadata) = match create {
+            Create::Order {
+                description,
+                metadata_json,
+                ..
+            } => (text(description), metadata_json.len()),
+            Create::Customer { .. } => (0, 0),
+        };
+        let claim = create.keyed().map_or(0, |k| {
+            k.claim.key.len()
+                + k.claim.method.len()
+                + k.claim.route.len()
+                + k.claim.fingerprint.len()
+        });
+        let r = &self.created;
+        let headers = decode::headers_json(&r.headers).len();
+        18 * 4
+            + 6 * 8
+            + 4
+            + 3
+            + description
+            + metadata
+            + meta.request_id.len()
+            + meta.trace_id.len()
+            + claim
+            + headers
+            + r.body.len()
+    }
+}
+
+/// Most bytes of bound data one statement carries. sqlx 0.9.0 leaves Nagle's algorithm on
+/// (upstream issue transact-rs/sqlx#4335), and over TLS a message larger than one TLS record
+/// (16 KiB) goes out as several writes, the last of which waits for the server's delayed ACK:
+/// a 40 ms stall per statement. Batches are cut below one record instead: the collector
+/// bounds them by [`Create::bound_bytes`] (an estimate), and the keyed writer, which knows
+/// the size once the responses are rendered, splits what exceeds [`STATEMENT_BYTES_HARD`].
+pub const STATEMENT_BYTES: usize = 13 * 1024;
+
+/// The writer's bound on the data of one keyed statement, counted exactly
+/// ([`Rendered::wire_bytes`]): with the message's own overhead (array headers, format codes,
+/// Execute, Sync: under 1 KiB) it stays inside one 16 KiB TLS record.
+const STATEMENT_BYTES_HARD: usize = 15 * 1024;
+
+/// Consecutive ranges of `sizes` whose sums stay within [`STATEMENT_BYTES_HARD`] (a single
+/// oversized element gets a range of its own).
+fn by_bytes(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && bytes + size > STATEMENT_BYTES_HARD {
+            parts.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        parts.push(start..sizes.len());
+    }
+    parts
 }
 
 /// The arrays a keyed batch binds, one element per create.
@@ -228,10 +377,14 @@ struct KeyedColumns {
     routes: Vec<String>,
     fingerprints: Vec<String>,
     expires: Vec<i64>,
+    ids: Vec<i64>,
+    statuses: Vec<i32>,
+    headers: Vec<String>,
+    bodies: Vec<Vec<u8>>,
 }
 
 impl KeyedColumns {
-    fn push(&mut self, meta: &WriteMeta, create: &Create) {
+    fn push(&mut self, meta: &WriteMeta, create: &Create, id: i64, created: &StoredResponse) {
         let Create::Order {
             customer_id,
             amount_minor,
@@ -257,6 +410,10 @@ impl KeyedColumns {
         self.routes.push(keyed.claim.route.clone());
         self.fingerprints.push(keyed.claim.fingerprint.clone());
         self.expires.push(keyed.claim.expires_at.0);
+        self.ids.push(id);
+        self.statuses.push(i32::from(created.status));
+        self.headers.push(decode::headers_json(&created.headers));
+        self.bodies.push(created.body.clone());
     }
 }
 
@@ -354,5 +511,24 @@ impl GroupWriter for PgCreates {
             .into_iter()
             .map(|row| row.map_or(Written::Missing, Written::Row))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_cut_below_the_byte_bound() {
+        let hard = STATEMENT_BYTES_HARD;
+        assert_eq!(by_bytes(&[]), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(by_bytes(&[10, 20, 30]).len(), 1);
+        assert_eq!(by_bytes(&[hard / 2, hard / 2, 1]), [0..2, 2..3]);
+        // An element too big for any statement still gets one of its own.
+        assert_eq!(by_bytes(&[1, hard * 2, 1]), [0..1, 1..2, 2..3]);
+        let sizes = vec![1000; 40];
+        let parts = by_bytes(&sizes);
+        assert!(parts.iter().all(|p| p.len() * 1000 <= hard));
+        assert_eq!(parts.iter().map(ExactSizeIterator::len).sum::<usize>(), 40);
     }
 }

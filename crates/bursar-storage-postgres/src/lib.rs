@@ -111,8 +111,12 @@ impl PostgresStore {
         // An eighth of the pool writes batches at once: fewer, fuller batches measured faster
         // than more, emptier ones (docs/PERFORMANCE.md); the rest stays free for reads.
         let creates = GroupCommit::spawn(
-            batch::PgCreates { pool: pool.clone() },
+            batch::PgCreates {
+                pool: pool.clone(),
+                ids: batch::OrderIds::default(),
+            },
             batch::MAX_BATCH,
+            batch::STATEMENT_BYTES,
             (opts.max_connections / 8).max(1) as usize,
         );
         Ok(PostgresStore { pool, creates })
@@ -476,7 +480,7 @@ impl PostgresStore {
         let claimed: Option<i64> = sqlx::query_scalar(
             "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
              response_status, response_headers, response_body, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, 0, '[]'::jsonb, ''::bytea, $6, $7) \
+             VALUES ($1, $2, $3, $4, $5, 0, '[]', ''::bytea, $6, $7) \
              ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING RETURNING id",
         )
         .bind(meta.account_id)
@@ -527,7 +531,7 @@ impl PostgresStore {
             }));
         };
         sqlx::query(
-            "UPDATE idempotency_keys SET response_status = $1, response_headers = $2::jsonb, \
+            "UPDATE idempotency_keys SET response_status = $1, response_headers = $2, \
              response_body = $3 WHERE id = $4",
         )
         .bind(i32::from(response.status))
@@ -715,7 +719,7 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Postgres>>(
 ) -> Result<Option<IdempotencyRecord>> {
     let row = sqlx::query(
         "SELECT id, method, route, fingerprint, response_status, \
-         response_headers::text AS response_headers, response_body, created_at, expires_at, \
+         response_headers, response_body, created_at, expires_at, \
          recovery_point, locked_until FROM idempotency_keys \
          WHERE account_id = $1 AND idem_key = $2",
     )

@@ -86,7 +86,7 @@ impl OperationStore for PostgresStore {
              response_status, response_headers, response_body, created_at, expires_at, \
              recovery_point, phase_state, fence, locked_until, last_run_at, attempts, \
              request_body, request_id, trace_id) \
-             VALUES ($1, $2, $3, $4, $5, 0, '[]'::jsonb, ''::bytea, $6, $7, $8, '{}', 1, $9, $10, 1, \
+             VALUES ($1, $2, $3, $4, $5, 0, '[]', ''::bytea, $6, $7, $8, '{}', 1, $9, $10, 1, \
              $11, $12, $13) \
              ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING RETURNING ",
             leased_cols!()
@@ -182,7 +182,7 @@ impl OperationStore for PostgresStore {
     ) -> Result<()> {
         let done = sqlx::query(
             "UPDATE idempotency_keys SET recovery_point = $1, phase_state = $2, \
-             response_status = $3, response_headers = $4::jsonb, response_body = $5, \
+             response_status = $3, response_headers = $4, response_body = $5, \
              locked_until = NULL, last_run_at = $6, expires_at = $7 \
              WHERE id = $8 AND fence = $9 AND recovery_point <> $10",
         )

@@ -117,6 +117,8 @@ impl SqliteStore {
                 commits: create_commits.clone(),
             },
             batch::MAX_BATCH,
+            // No size bound: statements go to an in-process library, not over a socket.
+            usize::MAX,
             1,
         ));
         Ok(SqliteStore {

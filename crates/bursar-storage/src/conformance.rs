@@ -38,6 +38,7 @@ macro_rules! conformance_tests {
             business_refusals_are_stored_but_failures_roll_back,
             expired_idempotency_records_are_absent_and_swept,
             concurrent_claims_of_one_key_write_once,
+            concurrent_keyed_creates_each_get_their_own_outcome,
             operations_advance_through_recovery_points_under_a_lease,
             a_lapsed_lease_is_taken_over_and_the_old_driver_is_fenced,
             a_released_lease_resumes_at_once,
@@ -626,13 +627,13 @@ fn new_order(customer_id: i64, minor: i64) -> NewOrder {
     }
 }
 
-/// What the server stores: 201 with the order id in the body, or 422 for an unknown customer.
+/// What the server stores: 201 with the order as the body, or 422 for an unknown customer.
 fn respond(outcome: Result<&Order, &StorageError>) -> Option<StoredResponse> {
     match outcome {
         Ok(o) => Some(StoredResponse {
             status: 201,
             headers: vec![("location".into(), format!("/api/orders/{}", o.id))],
-            body: o.id.to_string().into_bytes(),
+            body: serde_json::to_vec(o).unwrap(),
         }),
         Err(StorageError::UnknownCustomer) => Some(StoredResponse {
             status: 422,
@@ -662,10 +663,8 @@ pub async fn idempotent_create_runs_once_and_stores_its_response(s: Store) {
         panic!("a new key runs the create")
     };
     assert_eq!(stored.status, 201);
-    let id: i64 = String::from_utf8(stored.body.clone())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let rendered: serde_json::Value = serde_json::from_slice(&stored.body).unwrap();
+    let id = rendered["id"].as_i64().unwrap();
     let again = s
         .create_order_idempotent(&meta(a), &k, new_order(c, 19900), responder())
         .await
@@ -687,6 +686,9 @@ pub async fn idempotent_create_runs_once_and_stores_its_response(s: Store) {
     assert_eq!(events.len(), 1);
     let order = s.get_order(a, id).await.unwrap().unwrap();
     assert_eq!(events[0].payload, serde_json::to_value(&order).unwrap());
+    // The response was rendered from exactly the record that was stored (a backend may
+    // render it before the write, with the id drawn up front).
+    assert_eq!(rendered, serde_json::to_value(&order).unwrap());
     let found = s.find_idempotency(a, &k.key, Timestamp(NOW)).await.unwrap();
     assert_eq!(found, Some(record));
 }
@@ -848,4 +850,83 @@ pub async fn concurrent_claims_of_one_key_write_once(s: Store) {
         s.events_for(a, "order", orders[0].id).await.unwrap().len(),
         1
     );
+}
+
+/// Keyed creates under load, large enough that a backend bounding its statements by size has
+/// to split them: each create still gets its own outcome — stored 201, stored 422 for a
+/// foreign customer, or the record of a key used twice — and writes exactly once.
+pub async fn concurrent_keyed_creates_each_get_their_own_outcome(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let mine = customer(&s, a).await.id;
+    let theirs = customer(&s, b).await.id;
+    let tasks: Vec<_> = (0..60_i64)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let customer_id = if i % 5 == 0 { theirs } else { mine };
+                let new = NewOrder {
+                    customer_id,
+                    amount: usd(100 + i),
+                    description: Some(format!("order {i} {}", "x".repeat(900))),
+                    metadata: Metadata::default(),
+                };
+                // Keys 50..59 repeat keys 40..49.
+                let key = format!("bulk-{}", if i >= 50 { i - 10 } else { i });
+                let fp = format!("fp-{}", if i >= 50 { i - 10 } else { i });
+                let k = claim(&key, &fp, NOW + DAY);
+                (
+                    i,
+                    s.create_order_idempotent(&meta(a), &k, new, responder())
+                        .await,
+                )
+            })
+        })
+        .collect();
+    let mut bodies = std::collections::HashMap::new();
+    for t in tasks {
+        let (i, outcome) = t.await.unwrap();
+        let key = if i >= 50 { i - 10 } else { i };
+        let response = match outcome.unwrap() {
+            Idempotent::Fresh(r) => r,
+            Idempotent::Existing(r) => r.response,
+        };
+        if let Some(first) = bodies.insert(key, response.clone()) {
+            assert_eq!(first, response, "key {key} answered two ways");
+        }
+    }
+    for (key, response) in &bodies {
+        // The first create of a key ran; repeats of a key share its customer.
+        if key % 5 == 0 {
+            assert_eq!(response.status, 422, "key {key}");
+            continue;
+        }
+        let stored = s
+            .find_idempotency(a, &format!("bulk-{key}"), Timestamp(NOW))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&stored.response, response);
+        if response.status == 201 {
+            let v: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+            let order = s
+                .get_order(a, v["id"].as_i64().unwrap())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(v, serde_json::to_value(&order).unwrap());
+            assert_eq!((order.amount.minor - 100) % 10, key % 10);
+        }
+    }
+    // Keys 0..49 once each; a key reused by i = 50..59 ran only once.
+    assert_eq!(bodies.len(), 50);
+    let orders = s.list_orders(a, all_orders(100)).await.unwrap().items;
+    assert_eq!(
+        orders.len(),
+        40,
+        "one order per key whose customer is the account's"
+    );
+    for o in &orders {
+        assert_eq!(s.events_for(a, "order", o.id).await.unwrap().len(), 1);
+    }
 }

@@ -15,8 +15,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use bursar_domain::OrderStatus;
+
 use crate::{
-    IdempotencyClaim, NewCustomer, NewOrder, OrderResponder, StorageError, StoredResponse,
+    IdempotencyClaim, NewCustomer, NewOrder, Order, OrderResponder, StorageError, StoredResponse,
     WriteMeta, decode,
 };
 
@@ -46,6 +48,10 @@ pub struct Keyed {
     pub claim: IdempotencyClaim,
     pub respond: OrderResponder,
 }
+
+/// What [`Create::bound_bytes`] counts for the response of a keyed create, which is rendered
+/// only when the batch is written (an order's 201 with its headers is about this size).
+const RESPONSE_ALLOWANCE: usize = 480;
 
 /// What one create came to, as a backend reports it.
 pub enum Written<R> {
@@ -94,6 +100,68 @@ impl Create {
             && self.keyed().is_some() == other.keyed().is_some()
     }
 
+    /// The order this create inserts, as the record it becomes once written with `id` at
+    /// `meta.at`: for backends that draw the id up front and render a keyed create's response
+    /// before the write, so claim, insert, event and response go in one statement.
+    pub fn order_record(&self, meta: &WriteMeta, id: i64) -> Result<Order, StorageError> {
+        let Create::Order {
+            customer_id,
+            amount_minor,
+            currency,
+            description,
+            metadata_json,
+            ..
+        } = self
+        else {
+            return Err(StorageError::Internal("not an order create".into()));
+        };
+        Ok(Order {
+            id,
+            account_id: meta.account_id,
+            customer_id: *customer_id,
+            amount: decode::money(*amount_minor, currency)?,
+            status: OrderStatus::Pending,
+            description: description.clone(),
+            metadata: decode::metadata(metadata_json)?,
+            version: 1,
+            created_at: meta.at,
+            updated_at: meta.at,
+        })
+    }
+
+    /// Roughly how many bytes this create binds as statement parameters: its text plus an
+    /// allowance per column and, for a keyed create, for its claim and the response that
+    /// will be rendered for it. Lets a backend bound the size of one statement.
+    pub fn bound_bytes(&self) -> usize {
+        // A length prefix, or a fixed-width number.
+        const PER_COLUMN: usize = 8;
+        // The write's request id and trace id, bound with every create.
+        const META: usize = 96;
+        let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        match self {
+            Create::Customer {
+                name,
+                email,
+                metadata_json,
+            } => META + 7 * PER_COLUMN + len(name) + len(email) + metadata_json.len(),
+            Create::Order {
+                description,
+                metadata_json,
+                keyed,
+                ..
+            } => {
+                let own = META + 9 * PER_COLUMN + len(description) + metadata_json.len();
+                own + keyed.as_ref().map_or(0, |k| {
+                    12 * PER_COLUMN
+                        + k.claim.key.len()
+                        + k.claim.route.len()
+                        + k.claim.fingerprint.len()
+                        + RESPONSE_ALLOWANCE
+                })
+            }
+        }
+    }
+
     /// The outcome of a create whose insert produced no row.
     pub fn missing(&self) -> StorageError {
         match self {
@@ -130,13 +198,23 @@ pub struct GroupCommit<W: GroupWriter> {
 
 impl<W: GroupWriter> GroupCommit<W> {
     /// Starts the collector. At most `concurrency` batches are written at once (1 for SQLite's
-    /// single writer; a few for PostgreSQL, where fuller batches measured faster).
-    pub fn spawn(writer: W, max_batch: usize, concurrency: usize) -> GroupCommit<W> {
+    /// single writer; a few for PostgreSQL, where fuller batches measured faster). A batch
+    /// holds at most `max_batch` creates and, beyond its first, `max_bytes` of
+    /// [`Create::bound_bytes`].
+    pub fn spawn(
+        writer: W,
+        max_batch: usize,
+        max_bytes: usize,
+        concurrency: usize,
+    ) -> GroupCommit<W> {
         let (jobs, rx) = mpsc::channel(4 * max_batch.max(1));
         tokio::spawn(collect(
             Arc::new(writer),
             rx,
-            max_batch.max(1),
+            Limits {
+                creates: max_batch.max(1),
+                bytes: max_bytes,
+            },
             concurrency.max(1),
         ));
         GroupCommit { jobs }
@@ -159,10 +237,16 @@ impl<W: GroupWriter> GroupCommit<W> {
     }
 }
 
+/// How big one batch may grow.
+struct Limits {
+    creates: usize,
+    bytes: usize,
+}
+
 async fn collect<W: GroupWriter>(
     writer: Arc<W>,
     mut rx: mpsc::Receiver<Job<W>>,
-    max_batch: usize,
+    limits: Limits,
     concurrency: usize,
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
@@ -179,10 +263,17 @@ async fn collect<W: GroupWriter>(
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
+        let mut bytes = first.write.bound_bytes();
         let mut batch = vec![first];
-        while batch.len() < max_batch {
+        while batch.len() < limits.creates {
             match rx.try_recv() {
-                Ok(job) if job.write.same_kind(&batch[0].write) => batch.push(job),
+                Ok(job)
+                    if job.write.same_kind(&batch[0].write)
+                        && bytes + job.write.bound_bytes() <= limits.bytes =>
+                {
+                    bytes += job.write.bound_bytes();
+                    batch.push(job);
+                }
                 Ok(job) => {
                     carry = Some(job);
                     break;
