@@ -59,4 +59,5 @@ api_suite!(
     the_completer_finishes_abandoned_work,
     a_stalled_driver_is_fenced_out,
     retryable_failures_pause_and_give_up_in_the_end,
+    keys_are_bound_to_their_route_and_query,
 );

@@ -468,3 +468,49 @@ impl Rig {
         self.clock.now()
     }
 }
+
+/// A6/A7 end to end: a key is bound to its route and query. Used on `POST /api/orders`, the
+/// same key on another route is a 422 naming the original; a changed behaviour-relevant query
+/// on the same route is a 422 too.
+pub async fn keys_are_bound_to_their_route_and_query(base: &TestApp) {
+    let r = rig(base, |_| {}).await;
+    let app = &r.app;
+    let c = app.customer(&app.a).await;
+    let order = app
+        .a
+        .request(reqwest::Method::POST, "/api/orders")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "shared-key")
+        .body(format!(
+            r#"{{"customer_id":{c},"amount":"1.00","currency":"USD"}}"#
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(order.status(), 201);
+    let v = error_body(
+        post(&app.a, Some("shared-key"), "1.00").await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    assert_eq!(
+        (v["original_method"].as_str(), v["original_path"].as_str()),
+        (Some("POST"), Some("/api/orders"))
+    );
+    assert!(r.processor.calls().is_empty(), "nothing ran");
+
+    created(post(&app.a, Some("q-key"), "2.00").await, false).await;
+    let with_query = app
+        .a
+        .request(reqwest::Method::POST, &format!("{ROUTE}?dry_run=true"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "q-key")
+        .body(r#"{"amount":"2.00"}"#)
+        .send()
+        .await
+        .unwrap();
+    error_body(with_query, 422, "idempotency_key_reused").await;
+    assert_eq!(r.processor.charge_count(), 1);
+    r.app.stop().await;
+}
