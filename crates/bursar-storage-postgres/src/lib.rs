@@ -464,17 +464,7 @@ impl PostgresStore {
         respond: OrderResponder,
     ) -> Result<Idempotent> {
         let mut tx = self.write_tx().await?;
-        // An expired record counts as absent: clear it so the key can be claimed anew.
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE account_id = $1 AND idem_key = $2 \
-             AND expires_at <= $3",
-        )
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(meta.at.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
+        clear_expired_key(&mut tx, meta, &claim.key).await?;
         // A concurrent claimer of the same key waits here until the first commits (then takes
         // the conflict path and sees the finished record) or rolls back (then claims it).
         let claimed: Option<i64> = sqlx::query_scalar(
@@ -709,6 +699,26 @@ fn written_row(written: Written<PgRow>) -> Result<PgRow> {
             "unexpected outcome of a create".into(),
         )),
     }
+}
+
+/// Deletes `key`'s record if it has expired (an expired record counts as absent), so the key
+/// can be claimed anew in the same transaction.
+async fn clear_expired_key(
+    tx: &mut Transaction<'static, Postgres>,
+    meta: &WriteMeta,
+    key: &str,
+) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE account_id = $1 AND idem_key = $2 \
+         AND expires_at <= $3",
+    )
+    .bind(meta.account_id)
+    .bind(key)
+    .bind(meta.at.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(())
 }
 
 /// Reads one idempotency record (expired or not) inside a transaction or on the pool.

@@ -474,17 +474,7 @@ impl SqliteStore {
         respond: OrderResponder,
     ) -> Result<Idempotent> {
         let mut tx = self.write_tx().await?;
-        // An expired record counts as absent: clear it so the key can be claimed anew.
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
-             AND expires_at <= ?",
-        )
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(meta.at.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
+        clear_expired_key(&mut tx, meta, &claim.key).await?;
         let claimed: Option<i64> = sqlx::query_scalar(
             "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
              response_status, response_headers, response_body, created_at, expires_at) \
@@ -719,6 +709,26 @@ fn written_row(written: Written<SqliteRow>) -> Result<SqliteRow> {
             "unexpected outcome of a create".into(),
         )),
     }
+}
+
+/// Deletes `key`'s record if it has expired (an expired record counts as absent), so the key
+/// can be claimed anew in the same transaction.
+async fn clear_expired_key(
+    tx: &mut Transaction<'static, Sqlite>,
+    meta: &WriteMeta,
+    key: &str,
+) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
+         AND expires_at <= ?",
+    )
+    .bind(meta.account_id)
+    .bind(key)
+    .bind(meta.at.0)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(())
 }
 
 /// Reads one idempotency record (expired or not) inside a transaction or on a pool.

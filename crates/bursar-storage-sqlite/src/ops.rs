@@ -13,7 +13,9 @@ use bursar_storage::{
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use crate::{SqliteStore, err, find_key};
+use bursar_storage::operations::fenced_unless_one;
+
+use crate::{SqliteStore, clear_expired_key, err, find_key};
 
 macro_rules! leased_cols {
     () => {
@@ -51,15 +53,6 @@ fn leased(r: &SqliteRow) -> Result<LeasedOperation> {
     get().map_err(err)
 }
 
-/// `Fenced` unless the statement changed the record.
-fn fenced_unless_one(rows: u64) -> Result<()> {
-    if rows == 1 {
-        Ok(())
-    } else {
-        Err(StorageError::Fenced)
-    }
-}
-
 #[async_trait]
 impl OperationStore for SqliteStore {
     async fn begin_operation(
@@ -70,17 +63,8 @@ impl OperationStore for SqliteStore {
         lease_until: Timestamp,
     ) -> Result<Begun> {
         let mut tx = self.write_tx().await?;
-        // An expired (hence finished) record counts as absent.
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
-             AND expires_at <= ?",
-        )
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(meta.at.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
+        // Only a finished record expires (an unfinished one's expiry is the largest integer).
+        clear_expired_key(&mut tx, meta, &claim.key).await?;
         let fresh = sqlx::query(concat!(
             "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
              response_status, response_headers, response_body, created_at, expires_at, \

@@ -32,6 +32,16 @@ pub const STARTED: &str = "started";
 /// creates are born finished.
 pub const FINISHED: &str = "finished";
 
+/// `Fenced` unless a fenced write changed exactly the one record it names: for backends,
+/// whose conditional `UPDATE`s report the rows they changed.
+pub fn fenced_unless_one(rows: u64) -> Result<()> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(crate::StorageError::Fenced)
+    }
+}
+
 /// The right to drive one record's work, until another driver takes it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
