@@ -86,18 +86,18 @@ const KEYED_ORDERS: &str = concat!(
                      WHERE k.account_id = t.account_id AND k.id = t.customer_id)), \
      claims AS (INSERT INTO idempotency_keys (account_id, idem_key, method, route, \
            fingerprint, response_status, response_headers, response_body, created_at, \
-           expires_at) \
+           expires_at, resource_id) \
            SELECT account_id, idem_key, method, route, fingerprint, status, headers, \
-           body, at, expires_at FROM input \
+           body, at, expires_at, id FROM input \
            ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING \
            RETURNING id AS key_id, account_id, idem_key), \
      claimed AS MATERIALIZED (\
        SELECT input.*, claims.key_id FROM input JOIN claims USING (account_id, idem_key)), \
      o AS (INSERT INTO orders (id, account_id, customer_id, amount_minor, currency, status, \
-           description, metadata, version, created_at, updated_at, idempotency_key_id) \
+           description, metadata, version, created_at, updated_at) \
            OVERRIDING SYSTEM VALUE \
            SELECT id, account_id, customer_id, amount_minor, currency, 'pending', description, \
-           metadata::jsonb, 1, at, at, key_id FROM claimed \
+           metadata::jsonb, 1, at, at FROM claimed \
            RETURNING *), \
      j AS (SELECT o.*, claimed.request_id AS rid, claimed.trace_id AS tid \
            FROM o JOIN claimed USING (id)), \

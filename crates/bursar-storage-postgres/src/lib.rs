@@ -491,8 +491,8 @@ impl PostgresStore {
         };
         let row: Option<OrderRow> = sqlx::query_as(concat!(
             "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
-             description, metadata, version, created_at, updated_at, idempotency_key_id) \
-             SELECT $1, $2, $3, $4, 'pending', $5, $6::jsonb, 1, $7, $7, $8 \
+             description, metadata, version, created_at, updated_at) \
+             SELECT $1, $2, $3, $4, 'pending', $5, $6::jsonb, 1, $7, $7 \
              WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = $1 AND id = $2) \
              RETURNING ",
             order_cols!()
@@ -504,7 +504,6 @@ impl PostgresStore {
         .bind(&new.description)
         .bind(decode::metadata_json(&new.metadata))
         .bind(meta.at.0)
-        .bind(key_id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(err)?;
@@ -522,11 +521,12 @@ impl PostgresStore {
         };
         sqlx::query(
             "UPDATE idempotency_keys SET response_status = $1, response_headers = $2, \
-             response_body = $3 WHERE id = $4",
+             response_body = $3, resource_id = $4 WHERE id = $5",
         )
         .bind(i32::from(response.status))
         .bind(decode::headers_json(&response.headers))
         .bind(&response.body)
+        .bind(outcome.as_ref().ok().map(|o| o.id))
         .bind(key_id)
         .execute(&mut *tx)
         .await
@@ -730,7 +730,7 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Postgres>>(
     let row = sqlx::query(
         "SELECT id, method, route, fingerprint, response_status, \
          response_headers, response_body, created_at, expires_at, \
-         recovery_point, locked_until FROM idempotency_keys \
+         recovery_point, locked_until, resource_id FROM idempotency_keys \
          WHERE account_id = $1 AND idem_key = $2",
     )
     .bind(account)
@@ -753,6 +753,7 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Postgres>>(
             },
             created_at: Timestamp(r.get("created_at")),
             expires_at: Timestamp(r.get("expires_at")),
+            resource_id: r.get("resource_id"),
             in_flight: (r.get::<&str, _>("recovery_point") != operations::FINISHED)
                 .then(|| Timestamp(r.get::<Option<i64>, _>("locked_until").unwrap_or(0))),
         })

@@ -31,8 +31,7 @@ type Query = sqlx::query::Query<'static, Sqlite, SqliteArguments>;
 fn sql_of(create: &Create) -> &'static str {
     match create {
         // Claim the key, then insert the order only if the claim took (`changes() = 1` right
-        // after the claim) — pointing at the claim, whose rowid is still `last_insert_rowid()`
-        // — and its event only if the order went in. A key with any record (even an expired
+        // after the claim), and its event only if the order went in. A key with any record (even an expired
         // one awaiting its sweep) is a conflict, answered outside the batch.
         Create::Order { keyed: Some(_), .. } => concat!(
             "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
@@ -41,8 +40,8 @@ fn sql_of(create: &Create) -> &'static str {
              ON CONFLICT (account_id, idem_key) DO NOTHING \
              RETURNING {slot} AS slot, 'claim' AS kind, id AS key_id; \
              INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
-             description, metadata, version, created_at, updated_at, idempotency_key_id) \
-             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ?, last_insert_rowid() WHERE EXISTS \
+             description, metadata, version, created_at, updated_at) \
+             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ? WHERE EXISTS \
              (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) AND changes() = 1 \
              RETURNING {slot} AS slot, 'row' AS kind, ",
             order_cols!(),
@@ -216,7 +215,7 @@ async fn respond_and_commit(
         .collect();
     let mut orders = by_slot(batch.len(), order_rows, "row");
     let mut outcomes = Vec::with_capacity(batch.len());
-    let mut stored: Vec<(i64, StoredResponse)> = Vec::new();
+    let mut stored: Vec<(i64, Option<i64>, StoredResponse)> = Vec::new();
     for (slot, (_, create)) in batch.iter().enumerate() {
         let (Some(key_id), Some(keyed)) = (claims[slot], create.keyed()) else {
             outcomes.push(Written::Conflict);
@@ -233,23 +232,24 @@ async fn respond_and_commit(
                 StorageError::Internal("no response rendered for a created order".into())
             }));
         };
-        stored.push((key_id, response.clone()));
+        stored.push((key_id, order.as_ref().ok().map(|o| o.id), response.clone()));
         outcomes.push(Written::Stored(response));
     }
     let mut sql = String::new();
     for _ in &stored {
         sql.push_str(
             "UPDATE idempotency_keys SET response_status = ?, response_headers = ?, \
-             response_body = ? WHERE id = ?; ",
+             response_body = ?, resource_id = ? WHERE id = ?; ",
         );
     }
     sql.push_str("COMMIT;");
     let mut query: Query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for (key_id, response) in stored {
+    for (key_id, resource_id, response) in stored {
         query = query
             .bind(i64::from(response.status))
             .bind(decode::headers_json(&response.headers))
             .bind(response.body)
+            .bind(resource_id)
             .bind(key_id);
     }
     query.execute(&mut *conn).await.map_err(err)?;

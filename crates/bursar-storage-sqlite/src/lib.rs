@@ -499,8 +499,8 @@ impl SqliteStore {
         };
         let row: Option<OrderRow> = sqlx::query_as(concat!(
             "INSERT INTO orders (account_id, customer_id, amount_minor, currency, status, \
-             description, metadata, version, created_at, updated_at, idempotency_key_id) \
-             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ?, ? \
+             description, metadata, version, created_at, updated_at) \
+             SELECT ?, ?, ?, ?, 'pending', ?, ?, 1, ?, ? \
              WHERE EXISTS (SELECT 1 FROM customers WHERE account_id = ? AND id = ?) RETURNING ",
             order_cols!()
         ))
@@ -512,7 +512,6 @@ impl SqliteStore {
         .bind(decode::metadata_json(&new.metadata))
         .bind(meta.at.0)
         .bind(meta.at.0)
-        .bind(key_id)
         .bind(meta.account_id)
         .bind(new.customer_id)
         .fetch_optional(&mut *tx)
@@ -532,11 +531,12 @@ impl SqliteStore {
         };
         sqlx::query(
             "UPDATE idempotency_keys SET response_status = ?, response_headers = ?, \
-             response_body = ? WHERE id = ?",
+             response_body = ?, resource_id = ? WHERE id = ?",
         )
         .bind(i64::from(response.status))
         .bind(decode::headers_json(&response.headers))
         .bind(&response.body)
+        .bind(outcome.as_ref().ok().map(|o| o.id))
         .bind(key_id)
         .execute(&mut *tx)
         .await
@@ -739,7 +739,7 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
 ) -> Result<Option<IdempotencyRecord>> {
     let row = sqlx::query(
         "SELECT id, method, route, fingerprint, response_status, response_headers, \
-         response_body, created_at, expires_at, recovery_point, locked_until \
+         response_body, created_at, expires_at, recovery_point, locked_until, resource_id \
          FROM idempotency_keys WHERE account_id = ? AND idem_key = ?",
     )
     .bind(account)
@@ -762,6 +762,7 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
             },
             created_at: Timestamp(r.get("created_at")),
             expires_at: Timestamp(r.get("expires_at")),
+            resource_id: r.get("resource_id"),
             in_flight: (r.get::<&str, _>("recovery_point") != operations::FINISHED)
                 .then(|| Timestamp(r.get::<Option<i64>, _>("locked_until").unwrap_or(0))),
         })

@@ -689,6 +689,11 @@ pub async fn idempotent_create_runs_once_and_stores_its_response(s: Store) {
     // The response was rendered from exactly the record that was stored (a backend may
     // render it before the write, with the id drawn up front).
     assert_eq!(rendered, serde_json::to_value(&order).unwrap());
+    assert_eq!(
+        record.resource_id,
+        Some(id),
+        "the record names the order it created"
+    );
     let found = s.find_idempotency(a, &k.key, Timestamp(NOW)).await.unwrap();
     assert_eq!(found, Some(record));
 }
@@ -735,7 +740,10 @@ pub async fn business_refusals_are_stored_but_failures_roll_back(s: Store) {
         .create_order_idempotent(&meta(a), &k, new_order(c + 1000, 100), responder())
         .await
         .unwrap();
-    assert!(matches!(again, Idempotent::Existing(ref r) if r.response.status == 422));
+    assert!(matches!(
+        again,
+        Idempotent::Existing(ref r) if r.response.status == 422 && r.resource_id.is_none()
+    ));
     // A failure with no stored answer takes its claim with it: the key stays free.
     let refuse: OrderResponder = Arc::new(|_: Result<&Order, &StorageError>| None);
     let k2 = claim("k-rolled-back", "fp", NOW + DAY);

@@ -297,6 +297,10 @@ pub struct IdempotencyRecord {
     pub response: StoredResponse,
     pub created_at: Timestamp,
     pub expires_at: Timestamp,
+    /// The resource the request created (an order's id), if it created one. The record
+    /// names the resource rather than the other way round, so sweeping a record never
+    /// touches the resource's table.
+    pub resource_id: Option<i64>,
     /// `None` once the response is stored. While phased work (`operations`) is unfinished,
     /// the end of its current lease, which may lie in the past (the driver died).
     pub in_flight: Option<Timestamp>,
