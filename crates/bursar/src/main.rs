@@ -51,6 +51,19 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Run the sandbox payment processor: test cards, its own idempotency keys, a ledger at
+    /// /v1/ledger. State is in memory.
+    SandboxProcessor {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// Added to every answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Percentage (0-100) of requests answered 503 without being handled.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        failure_percent: u8,
+    },
 }
 
 #[derive(Subcommand)]
@@ -262,6 +275,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&common, listen)?;
             let _log = init_logging(&config, false);
             serve(config).await
+        }
+        Command::SandboxProcessor {
+            listen,
+            latency_ms,
+            failure_percent,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            let shutdown = shutdown_signal()?;
+            println!(
+                "Sandbox processor listening on http://{}",
+                listener.local_addr()?
+            );
+            println!("Press Ctrl-C to stop.");
+            let sandbox = bursar_sandbox::Sandbox::new(bursar_sandbox::Faults {
+                latency: std::time::Duration::from_millis(latency_ms),
+                failure_percent,
+            });
+            tokio::select! {
+                served = bursar_sandbox::serve(listener, sandbox) => served?,
+                () = shutdown => {}
+            }
+            Ok(())
         }
         Command::Migrate { common } => {
             let config = load_config(&common, None)?;

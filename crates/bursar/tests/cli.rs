@@ -524,3 +524,59 @@ on_both_backends!(
     crash_after_commit_is_answered_by_the_retry,
     crash_mid_transaction_leaves_nothing,
 );
+
+/// `bursar sandbox-processor` serves the sandbox over HTTP: a charge, its replay under the
+/// same key, and the ledger that shows it once.
+#[tokio::test]
+async fn sandbox_processor_serves_test_cards() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bursar"))
+        .args(["sandbox-processor", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("sandbox start")
+        .unwrap()
+        .unwrap();
+    let url = first
+        .strip_prefix("Sandbox processor listening on ")
+        .expect("the URL is printed")
+        .to_owned();
+    let http = reqwest::Client::new();
+    let charge = serde_json::json!({"amount_minor": 500, "currency": "EUR",
+                                    "payment_method": "pm_card_visa", "capture": true});
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let resp = http
+            .post(format!("{url}/v1/payments"))
+            .header("idempotency-key", "cli-1")
+            .json(&charge)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        ids.push(body["id"].clone());
+    }
+    assert_eq!(ids[0], ids[1]);
+    let ledger: serde_json::Value = http
+        .get(format!("{url}/v1/ledger"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["authorization", "capture"]);
+    child.kill().await.unwrap();
+}
