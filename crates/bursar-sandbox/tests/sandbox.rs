@@ -39,6 +39,11 @@ impl Peer {
         (resp.status().as_u16(), resp.json().await.unwrap(), replayed)
     }
 
+    async fn get(&self, path: &str) -> Value {
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await;
+        resp.unwrap().json().await.unwrap()
+    }
+
     fn kinds(&self) -> Vec<String> {
         self.sandbox.ledger().into_iter().map(|e| e.kind).collect()
     }
@@ -74,15 +79,7 @@ async fn a_retried_charge_is_charged_once() {
         (422, Some("idempotency_key_reused"))
     );
     // The ledger is also served over HTTP.
-    let ledger: Value = p
-        .http
-        .get(format!("{}/v1/ledger", p.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger = p.get("/v1/ledger").await;
     assert_eq!(ledger["entries"].as_array().map(Vec::len), Some(2));
 }
 
@@ -212,15 +209,7 @@ async fn capture_void_and_refund_keep_their_bounds() {
         .post("/v1/refunds", Some("r3"), json!({"payment_id": id}))
         .await;
     assert_eq!(status, 201, "the rest");
-    let got: Value = p
-        .http
-        .get(format!("{}/v1/payments/{id}", p.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got = p.get(&format!("/v1/payments/{id}")).await;
     assert_eq!(
         (got["status"].as_str(), got["refunded_minor"].as_i64()),
         (Some("refunded"), Some(15000))
