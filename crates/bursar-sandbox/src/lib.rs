@@ -74,6 +74,8 @@ struct Inner {
     /// Attempts seen per key for `pm_card_flaky`.
     flaky: HashMap<String, u32>,
     ledger: Vec<LedgerEntry>,
+    /// `POST /v1/payments` calls received, answered or not.
+    payment_calls: u64,
 }
 
 /// The sandbox's shared state.
@@ -93,6 +95,12 @@ impl Sandbox {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many `POST /v1/payments` calls arrived (retries included), so tests can tell
+    /// what a client retried.
+    pub fn payment_calls(&self) -> u64 {
+        self.lock().payment_calls
     }
 
     /// Everything charged, captured, voided and refunded so far, oldest first.
@@ -246,6 +254,7 @@ fn payment_json(p: &Payment) -> Value {
 }
 
 async fn create_payment(State(s): State<Sandbox>, headers: HeaderMap, body: Bytes) -> Response {
+    s.lock().payment_calls += 1;
     let req: CreatePayment = match parse(&body) {
         Ok(r) => r,
         Err(e) => return reply(e),

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod http;
+pub mod processor;
 pub mod services;
 pub mod state;
 pub mod store;
