@@ -63,6 +63,15 @@ completer_idle_secs = 30
 # After this many runs, abandoned work is given up and its final (failure) answer stored.
 max_attempts = 10
 
+[processor]
+# The payment processor's URL. Empty: `bursar serve` runs the sandbox processor inside the
+# process (test mode: test cards only, nothing is really charged).
+url = ""
+# Each call's time limit, and how many attempts a call gets (timeouts, connection errors and
+# 5xx are retried with the same idempotency key).
+timeout_ms = 10000
+attempts = 3
+
 [log]
 # "json": one JSON object per line on stderr. "pretty": human-readable.
 format = "json"
@@ -79,6 +88,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub database: DatabaseConfig,
     pub idempotency: IdempotencyConfig,
+    pub processor: ProcessorConfig,
     pub log: LogConfig,
 }
 
@@ -155,6 +165,37 @@ pub struct DatabaseConfig {
     pub schema: Option<String>,
 }
 
+/// Where payments go (issue 4). See `processor` for the client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessorConfig {
+    /// `None`: run the sandbox processor in-process (test mode).
+    #[serde(deserialize_with = "empty_as_none")]
+    pub url: Option<String>,
+    pub timeout_ms: u64,
+    pub attempts: u32,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            url: None,
+            timeout_ms: 10_000,
+            attempts: 3,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    pub fn retry_policy(&self) -> crate::processor::RetryPolicy {
+        crate::processor::RetryPolicy {
+            attempts: self.attempts,
+            timeout: Duration::from_millis(self.timeout_ms),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -183,6 +224,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             database: DatabaseConfig::default(),
             idempotency: IdempotencyConfig::default(),
+            processor: ProcessorConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -228,6 +270,7 @@ impl std::fmt::Debug for Config {
             .field("http", &self.http)
             .field("database", &self.database)
             .field("idempotency", &self.idempotency)
+            .field("processor", &self.processor)
             .field("log", &self.log)
             .finish()
     }
@@ -254,6 +297,14 @@ impl Config {
             return Err(
                 "idempotency.lease_secs and idempotency.max_attempts must be at least 1".into(),
             );
+        }
+        if let Some(url) = &self.processor.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!("processor.url must be an http(s) URL, got {url:?}"));
+        }
+        if self.processor.attempts == 0 || self.processor.timeout_ms == 0 {
+            return Err("processor.attempts and processor.timeout_ms must be at least 1".into());
         }
         if let Some(bad) = self.idempotency.required_routes.iter().find(
             |r| !matches!(r.split_once(' '), Some((m, t)) if !m.is_empty() && t.starts_with('/')),

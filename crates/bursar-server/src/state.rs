@@ -26,6 +26,9 @@ pub struct AppState {
     /// Work that leaves the database, by route (`services::operations`); each one mounts
     /// `POST <route>`, and the completer finishes its abandoned runs.
     pub operations: Arc<Operations>,
+    /// The payment processor (`processor`), once `serve` has set one up: the configured URL,
+    /// or the sandbox running in-process.
+    pub processor: Option<Arc<dyn crate::processor::Processor>>,
 }
 
 /// See [`AppState::replays`]. Keyed by account and client key; bounded by the bytes of the
@@ -160,6 +163,7 @@ impl AppState {
             replays: ReplayCache::new(),
             fault: None,
             operations: Arc::new(Operations::default()),
+            processor: None,
         }
     }
 }

@@ -35,6 +35,10 @@ enum Command {
         /// Address to listen on [env: BURSAR_LISTEN] [default: 127.0.0.1:8080]
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// The payment processor [env: BURSAR_PROCESSOR__URL]; without one, the sandbox
+        /// processor runs in-process (test mode).
+        #[arg(long)]
+        processor_url: Option<String>,
     },
     /// Create or upgrade the database schema, then exit.
     Migrate {
@@ -141,6 +145,8 @@ const ENV_KEYS: &[&str] = &[
     "database_url",
     "http",
     "database",
+    "idempotency",
+    "processor",
     "log",
 ];
 
@@ -244,6 +250,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("  API:      http://{host}/api");
     println!("  Docs:     http://{host}/docs");
     println!("  Database: {}", config.redacted_database_url());
+    let processor_url = match &config.processor.url {
+        Some(url) => {
+            println!("  Processor: {url}");
+            url.clone()
+        }
+        None => {
+            // Test mode: the sandbox answers on a port of its own, over real HTTP.
+            let sandbox = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", sandbox.local_addr()?);
+            tokio::spawn(bursar_sandbox::serve(
+                sandbox,
+                bursar_sandbox::Sandbox::new(bursar_sandbox::Faults::default()),
+            ));
+            println!("  Processor: sandbox (test mode) at {url}");
+            url
+        }
+    };
+    let processor = bursar_server::processor::HttpProcessor::new(
+        &processor_url,
+        config.processor.retry_policy(),
+    )
+    .context("setting up the processor client")?;
     if let Some(key) = first_key {
         println!(
             "First API key for account \"{}\" (shown only this once; store it now):",
@@ -254,6 +282,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("Press Ctrl-C to stop.");
     tracing::info!(listen = %addr, backend = store.backend(), "serving");
     let mut state = AppState::new(store, clock, config);
+    state.processor = Some(Arc::new(processor));
     if let Ok(name) = std::env::var("BURSAR_TEST_FAULT") {
         let point = FaultPoint::parse(&name)
             .ok_or_else(|| anyhow::anyhow!("unknown BURSAR_TEST_FAULT {name:?}"))?;
@@ -271,8 +300,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{DEFAULT_TOML}");
             Ok(())
         }
-        Command::Serve { common, listen } => {
-            let config = load_config(&common, listen)?;
+        Command::Serve {
+            common,
+            listen,
+            processor_url,
+        } => {
+            let mut config = load_config(&common, listen)?;
+            if let Some(url) = processor_url {
+                config.processor.url = Some(url);
+                config
+                    .validate()
+                    .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            }
             let _log = init_logging(&config, false);
             serve(config).await
         }

@@ -145,10 +145,26 @@ async fn first_start(db: Db) {
     let server = serve(&db, &[]).await;
     let text = server.banner.join("\n");
     assert!(text.contains("/docs"), "{text}");
+    // No processor configured: the sandbox runs in-process, over real HTTP.
+    let sandbox = server
+        .banner
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("Processor: sandbox (test mode) at "))
+        .unwrap_or_else(|| panic!("the sandbox processor is announced: {text}"))
+        .to_owned();
     let key = server
         .key()
         .unwrap_or_else(|| panic!("first start prints a key: {text}"));
     let http = client();
+    let ledger: serde_json::Value = http
+        .get(format!("{sandbox}/v1/ledger"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ledger["entries"], serde_json::json!([]));
     let customer = create_customer(&http, &server.base, &key).await;
     let body = format!(
         r#"{{"customer_id": {}, "amount": 199.00, "currency": "USD"}}"#,
@@ -345,6 +361,8 @@ async fn configuration(db: Db) {
         "database_url",
         "http",
         "database",
+        "idempotency",
+        "processor",
         "log",
     ] {
         assert!(parsed.contains_key(key), "{key}");
@@ -352,6 +370,8 @@ async fn configuration(db: Db) {
     for (var, value) in [
         ("BURSAR_HTTP__BODY_LIMIT_BYTES", "lots"),
         ("BURSAR_LISTEN", "not-an-address"),
+        ("BURSAR_PROCESSOR__URL", "ftp://processor.example"),
+        ("BURSAR_IDEMPOTENCY__LEASE_SECS", "0"),
     ] {
         let out = bursar(&db, &["migrate"])
             .env(var, value)
