@@ -210,6 +210,20 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// `scheme://user:***@host…`: the password of a URL masked, the rest kept for debugging.
+fn redact_password(url: String) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url,
+            }
+        }
+        _ => url,
+    }
+}
+
 fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let s = Option::<String>::deserialize(d)?;
     Ok(s.filter(|s| !s.is_empty()))
@@ -270,7 +284,7 @@ impl std::fmt::Debug for Config {
             .field("http", &self.http)
             .field("database", &self.database)
             .field("idempotency", &self.idempotency)
-            .field("processor", &self.processor)
+            .field("processor_url", &self.redacted_processor_url())
             .field("log", &self.log)
             .finish()
     }
@@ -333,17 +347,12 @@ impl Config {
 
     /// The database URL with any password replaced, for logs and start-up messages.
     pub fn redacted_database_url(&self) -> String {
-        let url = self.effective_database_url();
-        match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let creds = &url[scheme + 3..at];
-                match creds.split_once(':') {
-                    Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                    None => url,
-                }
-            }
-            _ => url,
-        }
+        redact_password(self.effective_database_url())
+    }
+
+    /// The processor URL for banners and logs: a password in it is masked.
+    pub fn redacted_processor_url(&self) -> Option<String> {
+        self.processor.url.clone().map(redact_password)
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -390,12 +399,24 @@ mod tests {
     fn passwords_never_reach_messages() {
         let c = Config {
             database_url: "postgres://app:s3cret@db:5432/bursar".into(),
+            processor: ProcessorConfig {
+                url: Some("https://acct:pr0cess@psp.example/v1".into()),
+                ..ProcessorConfig::default()
+            },
             ..Config::default()
         };
         assert_eq!(
             c.redacted_database_url(),
             "postgres://app:***@db:5432/bursar"
         );
-        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(
+            c.redacted_processor_url().as_deref(),
+            Some("https://acct:***@psp.example/v1")
+        );
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("pr0cess"),
+            "{shown}"
+        );
     }
 }

@@ -172,7 +172,8 @@ impl HttpProcessor {
                     reason = if e.is_timeout() {
                         "timed out".to_owned()
                     } else {
-                        format!("connection failed: {e}")
+                        // Without the URL: it may carry credentials.
+                        format!("connection failed: {}", e.without_url())
                     };
                     continue;
                 }
@@ -185,7 +186,7 @@ impl HttpProcessor {
             let value: Value = match resp.json().await {
                 Ok(v) => v,
                 Err(e) => {
-                    reason = format!("unreadable answer: {e}");
+                    reason = format!("unreadable answer: {}", e.without_url());
                     continue;
                 }
             };

@@ -252,7 +252,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("  Database: {}", config.redacted_database_url());
     let processor_url = match &config.processor.url {
         Some(url) => {
-            println!("  Processor: {url}");
+            let shown = config.redacted_processor_url().unwrap_or_default();
+            println!("  Processor: {shown}");
             url.clone()
         }
         None => {
