@@ -141,6 +141,13 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// What a sandbox processor at `url` has recorded.
+async fn sandbox_ledger(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    let resp = http.get(format!("{url}/v1/ledger")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
 async fn first_start(db: Db) {
     let server = serve(&db, &[]).await;
     let text = server.banner.join("\n");
@@ -156,14 +163,7 @@ async fn first_start(db: Db) {
         .key()
         .unwrap_or_else(|| panic!("first start prints a key: {text}"));
     let http = client();
-    let ledger: serde_json::Value = http
-        .get(format!("{sandbox}/v1/ledger"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger = sandbox_ledger(&http, &sandbox).await;
     assert_eq!(ledger["entries"], serde_json::json!([]));
     let customer = create_customer(&http, &server.base, &key).await;
     let body = format!(
@@ -583,14 +583,7 @@ async fn sandbox_processor_serves_test_cards() {
         ids.push(body["id"].clone());
     }
     assert_eq!(ids[0], ids[1]);
-    let ledger: serde_json::Value = http
-        .get(format!("{url}/v1/ledger"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger = sandbox_ledger(&http, &url).await;
     let kinds: Vec<&str> = ledger["entries"]
         .as_array()
         .unwrap()
