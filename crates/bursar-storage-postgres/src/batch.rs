@@ -225,7 +225,13 @@ impl PgCreates {
                 outcomes[i] = Some(Written::Conflict);
                 continue;
             };
-            sent.push(Rendered { at: i, id, created });
+            let headers = decode::headers_json(&created.headers);
+            sent.push(Rendered {
+                at: i,
+                id,
+                created,
+                headers,
+            });
         }
         let sizes: Vec<usize> = sent.iter().map(|r| r.wire_bytes(&batch[r.at])).collect();
         for (n, part) in by_bytes(&sizes).into_iter().enumerate() {
@@ -233,7 +239,7 @@ impl PgCreates {
             let mut cols = KeyedColumns::default();
             for r in chunk {
                 let (meta, create) = &batch[r.at];
-                cols.push(meta, create, r.id, &r.created);
+                cols.push(meta, create, r);
             }
             let rows = sqlx::query(KEYED_ORDERS)
                 .bind(&cols.accounts)
@@ -292,6 +298,8 @@ struct Rendered {
     at: usize,
     id: i64,
     created: StoredResponse,
+    /// `created.headers` as the JSON text stored, serialised once for sizing and binding.
+    headers: String,
 }
 
 impl Rendered {
@@ -314,7 +322,7 @@ impl Rendered {
                 + k.claim.fingerprint.len()
         });
         let r = &self.created;
-        let headers = decode::headers_json(&r.headers).len();
+        let headers = self.headers.len();
         18 * 4
             + 6 * 8
             + 4
@@ -384,7 +392,7 @@ struct KeyedColumns {
 }
 
 impl KeyedColumns {
-    fn push(&mut self, meta: &WriteMeta, create: &Create, id: i64, created: &StoredResponse) {
+    fn push(&mut self, meta: &WriteMeta, create: &Create, rendered: &Rendered) {
         let Create::Order {
             customer_id,
             amount_minor,
@@ -410,10 +418,10 @@ impl KeyedColumns {
         self.routes.push(keyed.claim.route.clone());
         self.fingerprints.push(keyed.claim.fingerprint.clone());
         self.expires.push(keyed.claim.expires_at.0);
-        self.ids.push(id);
-        self.statuses.push(i32::from(created.status));
-        self.headers.push(decode::headers_json(&created.headers));
-        self.bodies.push(created.body.clone());
+        self.ids.push(rendered.id);
+        self.statuses.push(i32::from(rendered.created.status));
+        self.headers.push(rendered.headers.clone());
+        self.bodies.push(rendered.created.body.clone());
     }
 }
 

@@ -266,20 +266,14 @@ async fn collect<W: GroupWriter>(
         let mut bytes = first.write.bound_bytes();
         let mut batch = vec![first];
         while batch.len() < limits.creates {
-            match rx.try_recv() {
-                Ok(job)
-                    if job.write.same_kind(&batch[0].write)
-                        && bytes + job.write.bound_bytes() <= limits.bytes =>
-                {
-                    bytes += job.write.bound_bytes();
-                    batch.push(job);
-                }
-                Ok(job) => {
-                    carry = Some(job);
-                    break;
-                }
-                Err(_) => break,
+            let Ok(job) = rx.try_recv() else { break };
+            let size = job.write.bound_bytes();
+            if !job.write.same_kind(&batch[0].write) || bytes + size > limits.bytes {
+                carry = Some(job);
+                break;
             }
+            bytes += size;
+            batch.push(job);
         }
         let writer = writer.clone();
         tokio::spawn(async move {

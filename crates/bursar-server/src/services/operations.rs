@@ -124,6 +124,12 @@ pub enum Driven {
     Paused(String),
 }
 
+/// The committed phase state; `{}` if the stored text is not JSON (it always is, as the
+/// driver writes it), so every phase sees an object.
+fn state_value(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::Object(Default::default()))
+}
+
 fn state_text(v: &Value) -> String {
     serde_json::to_string(v).expect("a JSON value always serialises")
 }
@@ -160,8 +166,7 @@ pub async fn drive(
     let ctx = ctx_for(state, &leased);
     let store = &state.store;
     let mut point = leased.recovery_point;
-    let mut current: Value =
-        serde_json::from_str(&leased.state).unwrap_or(Value::Object(Default::default()));
+    let mut current = state_value(&leased.state);
     loop {
         let step = op.phase(&ctx, &point, &current).await;
         let now = state.clock.now();
@@ -331,7 +336,7 @@ pub async fn complete_abandoned(state: &AppState, limit: u32) -> Result<usize, S
         };
         if leased.attempts > config.max_attempts {
             let ctx = ctx_for(state, &leased);
-            let current: Value = serde_json::from_str(&leased.state).unwrap_or_default();
+            let current = state_value(&leased.state);
             let response = op.abandoned(&ctx, &leased.recovery_point, &current);
             tracing::warn!(
                 record,
