@@ -5,12 +5,15 @@
 
 pub mod apikey;
 pub mod currency;
+pub mod fx;
+pub mod ledger;
 pub mod metadata;
 pub mod money;
 pub mod order;
 pub mod time;
 
 pub use currency::Currency;
+pub use fx::{FxError, Rate};
 pub use metadata::Metadata;
 pub use money::{AmountError, Money};
 pub use order::{OrderAction, OrderStatus};
