@@ -10,12 +10,22 @@
 //! Test payment methods behave deterministically:
 //! `pm_card_visa` succeeds; `pm_card_declined` and `pm_card_insufficient_funds` are declined
 //! (402); `pm_card_timeout` never answers; `pm_card_flaky` answers 503 to the first
-//! [`FLAKY_FAILURES`] attempts under one idempotency key, then succeeds. Latency and a rate
-//! of random 503s can be injected ([`Faults`]).
+//! [`FLAKY_FAILURES`] attempts under one idempotency key, then succeeds.
+//!
+//! Trouble can be injected ([`Faults`]): latency before a request is handled, a rate of random
+//! 503s that handle nothing, and an answer delay after a request is handled and its answer
+//! stored, so the money has moved (and the ledger shows it) while the caller still waits — a
+//! caller that times out or crashes then must not know whether it was charged. Faults apply
+//! to the four money-moving `POST` routes only; they are set at construction and changed at
+//! runtime with [`Sandbox::set_faults`] or `POST /v1/sandbox/faults`, and every request reads
+//! them as it arrives (the answer delay as its handling ends).
 //!
 //! Routes: `POST /v1/payments` (authorize, optionally capture), `POST
 //! /v1/payments/{id}/capture`, `POST /v1/payments/{id}/void`, `POST /v1/refunds`,
-//! `GET /v1/payments/{id}`, `GET /v1/ledger`. State lives in memory: it is a sandbox.
+//! `GET /v1/payments/{id}`, `GET /v1/ledger`, and the admin route `GET`/`POST
+//! /v1/sandbox/faults` (JSON `{"latency_ms", "failure_percent", "answer_delay_ms"}`, each
+//! optional and 0 when missing; `POST` replaces the faults and answers the new ones, a bad
+//! body is a 400). State lives in memory: it is a sandbox.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -34,13 +44,52 @@ use serde_json::{Value, json};
 /// Attempts of `pm_card_flaky` (per idempotency key) that fail before one succeeds.
 pub const FLAKY_FAILURES: u32 = 2;
 
-/// Injected trouble, applied to every request before it is handled.
-#[derive(Debug, Clone, Copy, Default)]
+/// Injected trouble for the money-moving `POST` routes (reads and the admin route are never
+/// subject to it). Changeable at runtime: [`Sandbox::set_faults`], `POST /v1/sandbox/faults`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Faults {
-    /// Added to every answer.
+    /// Waited before a request is handled (a client that gives up meanwhile charged nothing).
     pub latency: Duration,
     /// Percentage (0–100) of requests answered 503 without being handled or stored.
     pub failure_percent: u8,
+    /// Waited after a request is handled and its answer stored under its idempotency key,
+    /// before the answer is sent: the money has moved while the caller still waits. Replayed
+    /// answers are held back too; a concurrent retry with the same key gets the stored answer
+    /// and never charges again.
+    pub answer_delay: Duration,
+}
+
+/// [`Faults`] as the admin route reads and writes them: whole milliseconds, missing = 0.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct FaultsJson {
+    latency_ms: u64,
+    failure_percent: u8,
+    answer_delay_ms: u64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl From<Faults> for FaultsJson {
+    fn from(f: Faults) -> FaultsJson {
+        FaultsJson {
+            latency_ms: millis(f.latency),
+            failure_percent: f.failure_percent,
+            answer_delay_ms: millis(f.answer_delay),
+        }
+    }
+}
+
+impl From<FaultsJson> for Faults {
+    fn from(f: FaultsJson) -> Faults {
+        Faults {
+            latency: Duration::from_millis(f.latency_ms),
+            failure_percent: f.failure_percent,
+            answer_delay: Duration::from_millis(f.answer_delay_ms),
+        }
+    }
 }
 
 /// One money movement as the processor recorded it.
@@ -82,19 +131,31 @@ struct Inner {
 #[derive(Clone, Default)]
 pub struct Sandbox {
     inner: Arc<Mutex<Inner>>,
-    faults: Faults,
+    /// Shared by every clone, so a change reaches the running server.
+    faults: Arc<Mutex<Faults>>,
 }
 
 impl Sandbox {
     pub fn new(faults: Faults) -> Sandbox {
         Sandbox {
             inner: Arc::default(),
-            faults,
+            faults: Arc::new(Mutex::new(faults)),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The faults now in force.
+    pub fn faults(&self) -> Faults {
+        *self.faults.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the faults; requests arriving from now on see the new ones (a request already
+    /// being handled reads the answer delay as its handling ends).
+    pub fn set_faults(&self, faults: Faults) {
+        *self.faults.lock().unwrap_or_else(PoisonError::into_inner) = faults;
     }
 
     /// How many `POST /v1/payments` calls arrived (retries included), so tests can tell
@@ -116,6 +177,7 @@ impl Sandbox {
             .route("/v1/payments/{id}/void", post(void))
             .route("/v1/refunds", post(refund))
             .route("/v1/ledger", get(ledger))
+            .route("/v1/sandbox/faults", get(get_faults).post(set_faults))
             .with_state(self.clone())
     }
 }
@@ -176,21 +238,24 @@ fn idempotency_key(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Injected latency and failures, then the idempotent execution of `run`: the first answer
-/// under a key is stored (whatever its status) and replayed for the same request; the same key
-/// on a different request is a 422. `run` executes under the state lock, so two concurrent
-/// calls with one key cannot both run.
+/// Injected latency and failures (the faults in force when the request arrives), then the
+/// idempotent execution of `run`, then the injected answer delay (read once handling is done).
+/// The first answer under a key is stored (whatever its status) and replayed for the same
+/// request; the same key on a different request is a 422. `run` and the storing of its answer
+/// happen under the state lock, before any answer delay, so two concurrent calls with one key
+/// cannot both run and a retry during the delay gets the stored answer.
 async fn idempotent(
     sandbox: &Sandbox,
     headers: &HeaderMap,
     fingerprint: String,
     run: impl FnOnce(&mut Inner, Option<&str>) -> Answer,
 ) -> Response {
-    if !sandbox.faults.latency.is_zero() {
-        tokio::time::sleep(sandbox.faults.latency).await;
+    let faults = sandbox.faults();
+    if !faults.latency.is_zero() {
+        tokio::time::sleep(faults.latency).await;
     }
-    let fail = sandbox.faults.failure_percent > 0
-        && rand::rng().random_range(0..100u8) < sandbox.faults.failure_percent;
+    let fail =
+        faults.failure_percent > 0 && rand::rng().random_range(0..100u8) < faults.failure_percent;
     if fail {
         return reply(error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -198,6 +263,23 @@ async fn idempotent(
             "injected failure; retry",
         ));
     }
+    let resp = handle(sandbox, headers, fingerprint, run);
+    let answer_delay = sandbox.faults().answer_delay;
+    if !answer_delay.is_zero() {
+        // The work is done and stored: a caller that gives up now has been charged.
+        tokio::time::sleep(answer_delay).await;
+    }
+    resp
+}
+
+/// The replay or the execution of `run`, and the storing of its answer, all under one hold of
+/// the state lock.
+fn handle(
+    sandbox: &Sandbox,
+    headers: &HeaderMap,
+    fingerprint: String,
+    run: impl FnOnce(&mut Inner, Option<&str>) -> Answer,
+) -> Response {
     let key = idempotency_key(headers);
     let mut inner = sandbox.lock();
     if let Some(k) = &key
@@ -434,4 +516,33 @@ async fn refund(State(s): State<Sandbox>, headers: HeaderMap, body: Bytes) -> Re
 async fn ledger(State(s): State<Sandbox>) -> Response {
     let entries = s.ledger();
     reply((StatusCode::OK, json!({"entries": entries})))
+}
+
+async fn get_faults(State(s): State<Sandbox>) -> Response {
+    let body = serde_json::to_value(FaultsJson::from(s.faults())).expect("plain data serialises");
+    reply((StatusCode::OK, body))
+}
+
+/// Replaces the faults. Never subject to them: tests must be able to lift them.
+async fn set_faults(State(s): State<Sandbox>, body: Bytes) -> Response {
+    let body = if body.is_empty() { &b"{}"[..] } else { &body };
+    let faults = match serde_json::from_slice::<FaultsJson>(body) {
+        Ok(f) if f.failure_percent <= 100 => f,
+        Ok(_) => {
+            return reply(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "failure_percent must be between 0 and 100",
+            ));
+        }
+        Err(e) => {
+            return reply(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &e.to_string(),
+            ));
+        }
+    };
+    s.set_faults(faults.into());
+    get_faults(State(s)).await
 }

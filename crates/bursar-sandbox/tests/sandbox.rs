@@ -1,5 +1,5 @@
 //! The sandbox processor over real HTTP: deterministic test cards, its own idempotency, the
-//! ledger tests rely on, and injected faults.
+//! ledger tests rely on, and injected faults, changeable at runtime.
 
 use std::time::Duration;
 
@@ -230,6 +230,7 @@ async fn injected_faults_fail_without_charging() {
     let p = start(Faults {
         latency: Duration::from_millis(50),
         failure_percent: 100,
+        ..Faults::default()
     })
     .await;
     let started = std::time::Instant::now();
@@ -242,4 +243,130 @@ async fn injected_faults_fail_without_charging() {
     );
     assert!(started.elapsed() >= Duration::from_millis(50));
     assert!(p.kinds().is_empty());
+}
+
+#[tokio::test]
+async fn a_delayed_answer_charges_before_it_is_sent_and_a_retry_charges_nothing() {
+    let p = std::sync::Arc::new(start(Faults::default()).await);
+    let (status, set, _) = p
+        .post("/v1/sandbox/faults", None, json!({"answer_delay_ms": 300}))
+        .await;
+    assert_eq!(
+        (status, set),
+        (
+            200,
+            json!({"latency_ms": 0, "failure_percent": 0, "answer_delay_ms": 300})
+        )
+    );
+    assert_eq!(p.sandbox.faults().answer_delay, Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let first = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            p.post("/v1/payments", Some("slow"), pay("pm_card_visa", false))
+                .await
+        })
+    };
+    // The charge is in the ledger while the caller still waits for its answer.
+    let charged = loop {
+        let ledger = p.get("/v1/ledger").await;
+        if ledger["entries"].as_array().is_some_and(|e| !e.is_empty()) {
+            break ledger;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "never charged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(!first.is_finished(), "answered before the delay ran out");
+    assert_eq!(charged["entries"][0]["kind"], "authorization");
+    // A retry meanwhile gets the stored answer and charges nothing.
+    let (status, again, replayed) = p
+        .post("/v1/payments", Some("slow"), pay("pm_card_visa", false))
+        .await;
+    assert_eq!((status, replayed), (201, true));
+    let (status, body, replayed) = first.await.unwrap();
+    assert_eq!((status, replayed), (201, false));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(again["id"], body["id"]);
+    assert_eq!(charged["entries"][0]["payment_id"], body["id"]);
+    assert_eq!(p.kinds(), ["authorization"]);
+    let ledger = p.get("/v1/ledger").await;
+    assert_eq!(ledger["entries"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn faults_change_at_runtime() {
+    let p = start(Faults::default()).await;
+    p.sandbox.set_faults(Faults {
+        failure_percent: 100,
+        ..Faults::default()
+    });
+    assert_eq!(p.sandbox.faults().failure_percent, 100);
+    for key in ["f1", "f2"] {
+        let (status, body, _) = p
+            .post("/v1/payments", Some(key), pay("pm_card_visa", true))
+            .await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (503, Some("injected_failure"))
+        );
+    }
+    assert!(p.kinds().is_empty());
+    // The admin route reports them and is never subject to them.
+    assert_eq!(
+        p.get("/v1/sandbox/faults").await,
+        json!({"latency_ms": 0, "failure_percent": 100, "answer_delay_ms": 0})
+    );
+    p.sandbox.set_faults(Faults::default());
+    let (status, _, replayed) = p
+        .post("/v1/payments", Some("f1"), pay("pm_card_visa", true))
+        .await;
+    assert_eq!((status, replayed), (201, false));
+    assert_eq!(p.kinds(), ["authorization", "capture"]);
+    // Over HTTP too: missing fields are 0.
+    let (status, set, _) = p
+        .post("/v1/sandbox/faults", None, json!({"failure_percent": 100}))
+        .await;
+    assert_eq!((status, set["failure_percent"].as_u64()), (200, Some(100)));
+    let (status, _, _) = p
+        .post("/v1/payments", Some("f3"), pay("pm_card_visa", true))
+        .await;
+    assert_eq!(status, 503);
+    let (status, set, _) = p.post("/v1/sandbox/faults", None, json!({})).await;
+    assert_eq!(
+        (status, set),
+        (
+            200,
+            json!({"latency_ms": 0, "failure_percent": 0, "answer_delay_ms": 0})
+        )
+    );
+    assert_eq!(p.sandbox.faults(), Faults::default());
+    let (status, _, _) = p
+        .post("/v1/payments", Some("f3"), pay("pm_card_visa", true))
+        .await;
+    assert_eq!(status, 201);
+}
+
+#[tokio::test]
+async fn bad_fault_settings_are_refused() {
+    let p = start(Faults::default()).await;
+    let url = format!("{}/v1/sandbox/faults", p.url);
+    let not_json = p.http.post(&url).body("{latency").send().await.unwrap();
+    assert_eq!(not_json.status().as_u16(), 400);
+    let body: Value = not_json.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_request");
+    for bad in [
+        json!({"failure_percent": 101}),
+        json!({"failure_percent": 1000}),
+        json!({"latency_ms": -1}),
+        json!({"latency_ms": "50"}),
+        json!({"delay_ms": 50}),
+    ] {
+        let (status, body, _) = p.post("/v1/sandbox/faults", None, bad.clone()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad}"
+        );
+    }
+    assert_eq!(p.sandbox.faults(), Faults::default(), "nothing changed");
 }

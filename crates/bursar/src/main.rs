@@ -56,7 +56,7 @@ enum Command {
         command: AdminCommand,
     },
     /// Run the sandbox payment processor: test cards, its own idempotency keys, a ledger at
-    /// /v1/ledger. State is in memory.
+    /// /v1/ledger, faults changeable at /v1/sandbox/faults. State is in memory.
     SandboxProcessor {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8090")]
@@ -67,6 +67,10 @@ enum Command {
         /// Percentage (0-100) of requests answered 503 without being handled.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
         failure_percent: u8,
+        /// Waited after a request is handled and its answer stored, before the answer is
+        /// sent (the charge is made while the caller still waits), in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        answer_delay_ms: u64,
     },
 }
 
@@ -147,6 +151,7 @@ const ENV_KEYS: &[&str] = &[
     "database",
     "idempotency",
     "processor",
+    "fx",
     "log",
 ];
 
@@ -320,6 +325,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             latency_ms,
             failure_percent,
+            answer_delay_ms,
         } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             let shutdown = shutdown_signal()?;
@@ -331,6 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let sandbox = bursar_sandbox::Sandbox::new(bursar_sandbox::Faults {
                 latency: std::time::Duration::from_millis(latency_ms),
                 failure_percent,
+                answer_delay: std::time::Duration::from_millis(answer_delay_ms),
             });
             tokio::select! {
                 served = bursar_sandbox::serve(listener, sandbox) => served?,
