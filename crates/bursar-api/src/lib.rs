@@ -5,11 +5,16 @@
 pub mod amount;
 pub mod customers;
 pub mod error;
+pub mod money;
 pub mod orders;
 
 pub use amount::Amount;
 pub use customers::{CreateCustomer, Customer, UpdateCustomer};
 pub use error::{ErrorBody, ErrorCode, FieldIssue};
+pub use money::{
+    Balance, CapturePayment, Conversion, CreateConversion, CreatePayment, CreateQuote,
+    CreateRefund, LedgerEntry, Payment, PaymentStatus, Posting, Quote, Rate, Refund, RefundStatus,
+};
 pub use orders::{CreateOrder, Order, OrderStatus, UpdateOrder};
 
 use serde::{Deserialize, Serialize};

@@ -72,6 +72,15 @@ url = ""
 timeout_ms = 10000
 attempts = 3
 
+[fx]
+# Market rates as JSON, loaded at start: {"rates": [{"base": "USD", "quote": "EUR",
+# "rate": "0.92"}]}. Empty: use the rates already stored (`bursar admin rates load FILE`).
+rates_file = ""
+# Taken off the market rate in every quote, in basis points (50 = 0.5 %).
+spread_bps = 50
+# How long a quote's rate is locked, in seconds.
+quote_ttl_secs = 60
+
 [log]
 # "json": one JSON object per line on stderr. "pretty": human-readable.
 format = "json"
@@ -89,6 +98,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub idempotency: IdempotencyConfig,
     pub processor: ProcessorConfig,
+    pub fx: FxConfig,
     pub log: LogConfig,
 }
 
@@ -186,6 +196,31 @@ impl Default for ProcessorConfig {
     }
 }
 
+/// Currency conversions (issue 4, item 4).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FxConfig {
+    /// A JSON file of market rates, loaded into the database at start (and by
+    /// `bursar admin rates load`): `{"rates": [{"base": "USD", "quote": "EUR", "rate":
+    /// "0.92"}]}`. Empty: the rates already stored are used.
+    #[serde(deserialize_with = "empty_as_none")]
+    pub rates_file: Option<String>,
+    /// Taken off the market rate in every quote, in basis points (50 = 0.5 %).
+    pub spread_bps: u32,
+    /// How long a quote's rate is locked.
+    pub quote_ttl_secs: u64,
+}
+
+impl Default for FxConfig {
+    fn default() -> Self {
+        FxConfig {
+            rates_file: None,
+            spread_bps: 50,
+            quote_ttl_secs: 60,
+        }
+    }
+}
+
 impl ProcessorConfig {
     pub fn retry_policy(&self) -> crate::processor::RetryPolicy {
         crate::processor::RetryPolicy {
@@ -239,6 +274,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             idempotency: IdempotencyConfig::default(),
             processor: ProcessorConfig::default(),
+            fx: FxConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -285,6 +321,7 @@ impl std::fmt::Debug for Config {
             .field("database", &self.database)
             .field("idempotency", &self.idempotency)
             .field("processor_url", &self.redacted_processor_url())
+            .field("fx", &self.fx)
             .field("log", &self.log)
             .finish()
     }
@@ -316,6 +353,9 @@ impl Config {
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
             return Err(format!("processor.url must be an http(s) URL, got {url:?}"));
+        }
+        if self.fx.spread_bps >= 10_000 || self.fx.quote_ttl_secs == 0 {
+            return Err("fx.spread_bps must be below 10000 and fx.quote_ttl_secs above 0".into());
         }
         if self.processor.attempts == 0 || self.processor.timeout_ms == 0 {
             return Err("processor.attempts and processor.timeout_ms must be at least 1".into());

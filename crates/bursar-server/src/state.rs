@@ -162,7 +162,7 @@ impl AppState {
             keys: KeyCache::new(),
             replays: ReplayCache::new(),
             fault: None,
-            operations: Arc::new(Operations::default()),
+            operations: Arc::new(Operations::money()),
             processor: None,
         }
     }

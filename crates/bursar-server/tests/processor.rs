@@ -108,8 +108,8 @@ async fn timeouts_outages_and_refused_connections_end_unavailable_after_three_at
     assert_eq!(s.payment_calls(), 3, "three timed-out attempts");
 
     let (s, p) = sandbox(Faults {
-        latency: Duration::ZERO,
         failure_percent: 100,
+        ..Faults::default()
     })
     .await;
     let e = p

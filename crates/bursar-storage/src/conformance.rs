@@ -11,7 +11,9 @@ use bursar_domain::{Currency, Metadata, Money, OrderAction, OrderStatus, Timesta
 
 use crate::*;
 
+mod money;
 mod operations;
+pub use money::*;
 pub use operations::*;
 
 /// Expands the suite for one backend. `$make` is an expression evaluating to a future of a
@@ -44,7 +46,13 @@ macro_rules! conformance_tests {
             a_released_lease_resumes_at_once,
             the_completer_claims_only_abandoned_work,
             concurrent_begins_of_one_key_lease_once,
-            unfinished_work_is_never_swept
+            unfinished_work_is_never_swept,
+            payments_post_balanced_entries_and_follow_the_order,
+            captures_and_voids_settle_an_authorization_once,
+            concurrent_refunds_never_exceed_the_capture,
+            conversions_move_available_funds_once,
+            concurrent_conversions_never_overdraw,
+            money_is_scoped_to_its_account
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

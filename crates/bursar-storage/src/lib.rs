@@ -8,9 +8,11 @@
 
 pub mod conformance;
 pub mod group_commit;
+pub mod money;
 pub mod operations;
 mod records;
 
+pub use money::{MoneyStore, Rule, Step, StepEnd};
 pub use operations::{Begun, Lease, LeasedOperation, OperationStore};
 pub use records::*;
 
@@ -35,6 +37,9 @@ pub enum StorageError {
     /// moved on): the write did not happen. See `operations`.
     #[error("the lease on this work was taken over")]
     Fenced,
+    /// A money rule refused the command (`money::Rule`); nothing was written.
+    #[error("refused by a money rule: {0:?}")]
+    Rule(Rule),
     /// The database could not be reached or is overloaded; the request may be retried.
     #[error("database unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -140,7 +145,13 @@ pub trait EventStore: Send + Sync {
 /// The whole port, as the server holds it (`Arc<dyn Storage>`).
 #[async_trait]
 pub trait Storage:
-    AccountStore + CustomerStore + OrderStore + IdempotencyStore + OperationStore + EventStore
+    AccountStore
+    + CustomerStore
+    + OrderStore
+    + IdempotencyStore
+    + OperationStore
+    + MoneyStore
+    + EventStore
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

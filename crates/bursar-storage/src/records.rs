@@ -192,6 +192,24 @@ impl NewEvent {
         NewEvent::snapshot(format!("order.{kind}"), "order", o.id, o.version, o)
     }
 
+    pub fn for_payment(kind: &str, p: &crate::money::Payment) -> NewEvent {
+        NewEvent::snapshot(format!("payment.{kind}"), "payment", p.id, p.version, p)
+    }
+
+    /// Refunds change status once, so their version is 1 when pending and 2 when settled.
+    pub fn for_refund(kind: &str, r: &crate::money::Refund) -> NewEvent {
+        let version = if r.status == crate::money::RefundStatus::Pending {
+            1
+        } else {
+            2
+        };
+        NewEvent::snapshot(format!("refund.{kind}"), "refund", r.id, version, r)
+    }
+
+    pub fn for_conversion(c: &crate::money::Conversion) -> NewEvent {
+        NewEvent::snapshot("conversion.completed".into(), "conversion", c.id, 1, c)
+    }
+
     fn snapshot<T: Serialize>(
         event_type: String,
         aggregate_type: &'static str,
@@ -216,9 +234,32 @@ pub mod decode {
     use super::*;
     use crate::StorageError;
     use bursar_domain::Currency;
+    use bursar_domain::ledger::{EntryKind, LedgerAccount};
 
     fn corrupt(what: String) -> StorageError {
         StorageError::Internal(what.into())
+    }
+
+    pub fn currency(code: &str) -> Result<Currency, StorageError> {
+        Currency::from_code(code).ok_or_else(|| corrupt(format!("stored currency {code:?}")))
+    }
+
+    pub fn payment_status(s: &str) -> Result<crate::money::PaymentStatus, StorageError> {
+        crate::money::PaymentStatus::parse(s)
+            .ok_or_else(|| corrupt(format!("stored payment status {s:?}")))
+    }
+
+    pub fn refund_status(s: &str) -> Result<crate::money::RefundStatus, StorageError> {
+        crate::money::RefundStatus::parse(s)
+            .ok_or_else(|| corrupt(format!("stored refund status {s:?}")))
+    }
+
+    pub fn ledger_account(s: &str) -> Result<LedgerAccount, StorageError> {
+        LedgerAccount::parse(s).ok_or_else(|| corrupt(format!("stored ledger account {s:?}")))
+    }
+
+    pub fn entry_kind(s: &str) -> Result<EntryKind, StorageError> {
+        EntryKind::parse(s).ok_or_else(|| corrupt(format!("stored entry kind {s:?}")))
     }
 
     pub fn metadata(json: &str) -> Result<Metadata, StorageError> {

@@ -3,10 +3,11 @@
 //! capture it: `KEY=$(bursar admin keys create --account acme)`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use bursar_domain::Clock;
 use bursar_server::config::{DEFAULT_TOML, LogFormat};
 use bursar_server::services::accounts;
 use bursar_server::{AppState, Config, FaultPoint, SystemClock};
@@ -91,6 +92,22 @@ enum AdminCommand {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Manage the market rates quotes are made from.
+    Rates {
+        #[command(subcommand)]
+        command: RatesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RatesCommand {
+    /// Load a rates file (`{"rates": [{"base": "USD", "quote": "EUR", "rate": "0.92"}]}`):
+    /// every rate in it is set now, all or nothing; prints how many.
+    Load {
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
     },
 }
 
@@ -235,6 +252,19 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
     })
 }
 
+/// Reads a rates file and stores its rates (`services::money::load_rates`).
+async fn load_rates_file(
+    store: &dyn bursar_storage::Storage,
+    file: &Path,
+    now: bursar_domain::Timestamp,
+) -> anyhow::Result<usize> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading rates file {}", file.display()))?;
+    bursar_server::services::money::load_rates(store, &text, now)
+        .await
+        .with_context(|| format!("loading rates file {}", file.display()))
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let clock = Arc::new(SystemClock);
@@ -242,6 +272,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening database {}", config.redacted_database_url()))?;
     let first_key = accounts::bootstrap(store.as_ref(), clock.as_ref()).await?;
+    if let Some(file) = &config.fx.rates_file {
+        let loaded = load_rates_file(store.as_ref(), Path::new(file), clock.now()).await?;
+        tracing::info!(rates = loaded, file = %file, "loaded market rates");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -384,6 +418,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let key = accounts::create_key(store.as_ref(), &clock, &account, mode).await;
                     store.close().await;
                     println!("{}", key?);
+                }
+                AdminCommand::Rates {
+                    command: RatesCommand::Load { file, common },
+                } => {
+                    let config = load_config(&common, None)?;
+                    let _log = init_logging(&config, true);
+                    let store = bursar_server::store::open(&config).await?;
+                    let loaded = load_rates_file(store.as_ref(), &file, clock.now()).await;
+                    store.close().await;
+                    println!("{}", loaded?);
                 }
             }
             Ok(())

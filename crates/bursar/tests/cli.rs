@@ -141,6 +141,37 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// `bursar sandbox-processor` on a port of its own, and its URL.
+async fn sandbox_processor() -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bursar"))
+        .args(["sandbox-processor", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("sandbox start")
+        .unwrap()
+        .unwrap();
+    let url = first
+        .strip_prefix("Sandbox processor listening on ")
+        .expect("the URL is printed")
+        .to_owned();
+    (child, url)
+}
+
+/// The entries of `kind` in a sandbox ledger.
+fn ledger_kinds(ledger: &serde_json::Value, kind: &str) -> usize {
+    ledger["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .count()
+}
+
 /// What a sandbox processor at `url` has recorded.
 async fn sandbox_ledger(http: &reqwest::Client, url: &str) -> serde_json::Value {
     let resp = http.get(format!("{url}/v1/ledger")).send().await.unwrap();
@@ -535,7 +566,170 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Issue 4: `bursar serve` is SIGKILLed after the processor authorized a payment and before
+/// Bursar recorded it (the sandbox holds its answer back). After a restart, the retry with
+/// the same key completes the payment: one payment in Bursar, one charge at the processor.
+async fn sigkill_after_the_processor_charged_charges_once(db: Db) {
+    let (_sandbox, sandbox_url) = sandbox_processor().await;
+    let http = client();
+    let env = [
+        ("BURSAR_PROCESSOR__URL", sandbox_url.as_str()),
+        // The killed run's lease must lapse before the retry can resume the work.
+        ("BURSAR_IDEMPOTENCY__LEASE_SECS", "1"),
+    ];
+    let first = serve(&db, &env).await;
+    let key = first.key().expect("first start prints a key");
+    let customer = create_customer(&http, &first.base, &key).await;
+    let order: serde_json::Value = http
+        .post(format!("{}/api/orders", first.base))
+        .bearer_auth(&key)
+        .json(
+            &serde_json::json!({"customer_id": customer["id"], "amount": "42.00",
+                                  "currency": "EUR"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let faults = |delay: u64| {
+        http.post(format!("{sandbox_url}/v1/sandbox/faults"))
+            .json(&serde_json::json!({"answer_delay_ms": delay}))
+            .send()
+    };
+    assert_eq!(faults(30_000).await.unwrap().status(), 200);
+    let body = serde_json::json!({"order_id": order["id"], "payment_method": "pm_card_visa"});
+    let pay = |base: String| {
+        http.post(format!("{base}/api/payments"))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", "pay-order-1")
+            .json(&body)
+            .send()
+    };
+    let in_flight = tokio::spawn(pay(first.base.clone()));
+    // Wait until the processor has charged: the answer is now held back.
+    let charged = async {
+        while ledger_kinds(&sandbox_ledger(&http, &sandbox_url).await, "authorization") == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), charged)
+        .await
+        .expect("the processor charges");
+    let mut killed = first;
+    killed.child.start_kill().unwrap();
+    let status = killed.child.wait().await.unwrap();
+    assert!(!status.success(), "SIGKILLed");
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the client never got an answer"
+    );
+    assert_eq!(faults(0).await.unwrap().status(), 200);
+
+    let again = serve(&db, &env).await;
+    let retried = async {
+        loop {
+            let resp = pay(again.base.clone()).await.unwrap();
+            if resp.status() != 409 {
+                return resp;
+            }
+            // The killed run's lease has not lapsed yet: 409 in progress.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(30), retried)
+        .await
+        .expect("the retry resumes the work");
+    assert_eq!(resp.status(), 201);
+    let payment: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(payment["status"], "succeeded");
+    let payments: serde_json::Value = http
+        .get(format!(
+            "{}/api/payments?order_id={}",
+            again.base, order["id"]
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(payments["data"].as_array().unwrap().len(), 1, "one payment");
+    let ledger = sandbox_ledger(&http, &sandbox_url).await;
+    assert_eq!(
+        ledger_kinds(&ledger, "authorization"),
+        1,
+        "one charge: {ledger}"
+    );
+    assert_eq!(ledger_kinds(&ledger, "capture"), 1, "{ledger}");
+    assert!(again.terminate().await.success());
+}
+
+/// `fx.rates_file` is loaded at start and `bursar admin rates load` replaces rates; a bad
+/// file is refused with its reason and changes nothing.
+async fn rates_come_from_a_file(db: Db) {
+    let file = db._dir.path().join("rates.json");
+    std::fs::write(
+        &file,
+        r#"{"rates": [{"base": "USD", "quote": "EUR", "rate": "0.9213"}]}"#,
+    )
+    .unwrap();
+    let path = file.display().to_string();
+    let server = serve(&db, &[("BURSAR_FX__RATES_FILE", path.as_str())]).await;
+    let key = server.key().expect("first start prints a key");
+    let http = client();
+    let rates = |base: String| {
+        let req = http.get(format!("{base}/api/rates")).bearer_auth(&key);
+        async move {
+            req.send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let loaded = rates(server.base.clone()).await;
+    assert_eq!(loaded["data"][0]["rate"], "0.9213", "{loaded}");
+    assert_eq!(loaded["data"][0]["base_currency"], "USD");
+    std::fs::write(
+        &file,
+        r#"{"rates": [{"base": "USD", "quote": "EUR", "rate": "0.93"},
+                      {"base": "EUR", "quote": "JPY", "rate": "161.2"}]}"#,
+    )
+    .unwrap();
+    let (ok, out, err) = run(&db, &["admin", "rates", "load", &path]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "2");
+    std::fs::write(
+        &file,
+        r#"{"rates": [{"base": "USD", "quote": "XXX", "rate": "1"}]}"#,
+    )
+    .unwrap();
+    let (ok, _, err) = run(&db, &["admin", "rates", "load", &path]).await;
+    assert!(!ok);
+    assert!(err.contains("unknown currency"), "{err}");
+    let now = rates(server.base.clone()).await;
+    let pairs: Vec<(&str, &str)> = now["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["quote_currency"].as_str().unwrap(),
+                r["rate"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(pairs, [("JPY", "161.2"), ("EUR", "0.93")]);
+    assert!(server.terminate().await.success());
+}
+
 on_both_backends!(
+    sigkill_after_the_processor_charged_charges_once,
+    rates_come_from_a_file,
     first_start,
     admin_commands,
     sigterm_lets_in_flight_requests_finish,
@@ -549,24 +743,8 @@ on_both_backends!(
 /// same key, and the ledger that shows it once.
 #[tokio::test]
 async fn sandbox_processor_serves_test_cards() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bursar"))
-        .args(["sandbox-processor", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("sandbox start")
-        .unwrap()
-        .unwrap();
-    let url = first
-        .strip_prefix("Sandbox processor listening on ")
-        .expect("the URL is printed")
-        .to_owned();
-    let http = reqwest::Client::new();
+    let (mut child, url) = sandbox_processor().await;
+    let http = client();
     let charge = serde_json::json!({"amount_minor": 500, "currency": "EUR",
                                     "payment_method": "pm_card_visa", "capture": true});
     let mut ids = Vec::new();

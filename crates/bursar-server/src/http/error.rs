@@ -124,6 +124,11 @@ impl From<StorageError> for ApiError {
                 "no such customer in this account",
             )]),
             StorageError::Unavailable(source) => ApiError::unavailable(source),
+            // Services turn each rule into its own code; this is the generic fallback.
+            StorageError::Rule(rule) => ApiError::new(
+                ErrorCode::InvalidState,
+                format!("The request conflicts with the current state: {rule:?}."),
+            ),
             e @ (StorageError::Conflict | StorageError::Fenced | StorageError::Internal(_)) => {
                 ApiError::internal(e)
             }

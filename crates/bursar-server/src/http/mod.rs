@@ -19,7 +19,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
-use routes::{customers, orders, system};
+use routes::{customers, money, orders, system};
 
 /// The whole application. Layer order, outermost first: request context (id, trace, error
 /// rendering, access log) → panic guard → timeout (innermost, so a timed-out request is still
@@ -40,6 +40,15 @@ pub fn router(state: AppState) -> Router {
         .route("/api/orders", post(orders::create).get(orders::list))
         .route("/api/orders/{id}", get(orders::get).patch(orders::update))
         .route("/api/orders/{id}/cancel", post(orders::cancel))
+        .route("/api/payments", get(money::list_payments))
+        .route("/api/payments/{id}", get(money::get_payment))
+        .route("/api/refunds", get(money::list_refunds))
+        .route("/api/refunds/{id}", get(money::get_refund))
+        .route("/api/balances", get(money::balances))
+        .route("/api/ledger_entries", get(money::ledger_entries))
+        .route("/api/rates", get(money::rates))
+        .route("/api/quotes/{id}", get(money::get_quote))
+        .route("/api/conversions/{id}", get(money::get_conversion))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz));
     for op in state.operations.all() {

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod customers;
+pub mod money;
 pub mod operations;
 pub mod orders;
 

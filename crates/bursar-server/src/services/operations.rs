@@ -21,7 +21,8 @@ use axum::response::Response;
 use bursar_api::ErrorCode;
 use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::{
-    Begun, IdempotencyClaim, Lease, LeasedOperation, StorageError, StoredResponse, WriteMeta,
+    Begun, IdempotencyClaim, Lease, LeasedOperation, Step, StepEnd, StorageError, StoredResponse,
+    WriteMeta,
 };
 use serde_json::Value;
 
@@ -39,6 +40,12 @@ pub enum Phase {
     /// The final answer, stored and replayed from now on. Deterministic failures (a card
     /// decline) finish too: they are answers, not faults.
     Finish(StoredResponse),
+    /// The phase already committed its end itself, inside the transaction of its own writes
+    /// (a payment row and its ledger entry), with a [`PhaseCtx::finish_step`]: this is the
+    /// answer it stored.
+    Stored(StoredResponse),
+    /// Like [`Phase::Stored`], for a phase that committed an [`PhaseCtx::advance_step`].
+    Advanced { to: String, state: Value },
 }
 
 /// A phase that could not decide. The work stays unfinished at its last recovery point and
@@ -47,6 +54,15 @@ pub enum Phase {
 pub enum PhaseError {
     /// A third party timed out, refused the connection or answered 5xx.
     Retryable(String),
+    /// A storage command of the phase failed. `Fenced` means another driver took over;
+    /// anything else leaves the lease to lapse, as the outcome of the write is unknown.
+    Storage(StorageError),
+}
+
+impl From<StorageError> for PhaseError {
+    fn from(e: StorageError) -> Self {
+        PhaseError::Storage(e)
+    }
 }
 
 /// What a phase may use. Built from the lease, so a rerun by another instance or the
@@ -69,6 +85,56 @@ impl PhaseCtx {
         self.lease.outbound_key()
     }
 
+    /// The step that finishes the work at `point` with `state`, for a storage command that
+    /// commits it in its own transaction (then return [`Phase::Stored`]).
+    pub fn finish_step(&self, point: &str, state: &Value) -> Step {
+        let now = self.state.clock.now();
+        Step {
+            lease: self.lease,
+            from: point.to_owned(),
+            state: state_text(state),
+            now,
+            end: StepEnd::Finish {
+                expires_at: retention_end(&self.state, now),
+            },
+        }
+    }
+
+    /// The step that moves the work from `point` to `to` (then return [`Phase::Advanced`]).
+    pub fn advance_step(&self, point: &str, to: &str, state: &Value) -> Step {
+        let now = self.state.clock.now();
+        Step {
+            lease: self.lease,
+            from: point.to_owned(),
+            state: state_text(state),
+            now,
+            end: StepEnd::Advance {
+                to: to.to_owned(),
+                lease_until: lease_end(&self.state, now),
+            },
+        }
+    }
+
+    /// A stored error answer in the envelope, attributed to the originating request. (The
+    /// client's `Accept` is not known to a later driver, so it is always the JSON envelope.)
+    pub fn error_response(&self, err: &ApiError) -> StoredResponse {
+        let body = bursar_api::ErrorBody {
+            status: Value::from("error"),
+            error_code: err.code.as_str().to_owned(),
+            message: err.message.clone(),
+            request_id: self.request_id.clone(),
+            trace_id: self.trace_id.clone(),
+            latency_ms: 0,
+            details: err.details.clone(),
+            extra: err.extra.clone(),
+        };
+        StoredResponse {
+            status: err.status().as_u16(),
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(&body).expect("error bodies are plain data"),
+        }
+    }
+
     /// Metadata for writes made by a phase: attributed to the originating request.
     pub fn write_meta(&self) -> WriteMeta {
         WriteMeta {
@@ -89,6 +155,15 @@ pub trait Operation: Send + Sync + 'static {
     fn route(&self) -> &'static str;
     /// Checks the request before anything is stored (failures here are never replayed).
     fn validate(&self, body: &[u8]) -> Result<(), ApiError>;
+    /// The request as stored, fingerprinted and handed to the phases, from the route's path
+    /// parameters and the body. By default the validated body; an operation whose route
+    /// names a resource (`/api/payments/{id}/capture`) folds the id in, so the stored
+    /// request says everything a later driver needs.
+    fn prepare(&self, params: &[(String, String)], body: &[u8]) -> Result<Vec<u8>, ApiError> {
+        let _ = params;
+        self.validate(body)?;
+        Ok(body.to_vec())
+    }
     /// Runs the phase that starts at `point` ([`bursar_storage::operations::STARTED`] first).
     async fn phase(&self, ctx: &PhaseCtx, point: &str, state: &Value) -> Result<Phase, PhaseError>;
     /// The final answer stored when the completer gives up after `max_attempts` runs.
@@ -100,6 +175,13 @@ pub trait Operation: Send + Sync + 'static {
 pub struct Operations(BTreeMap<&'static str, Arc<dyn Operation>>);
 
 impl Operations {
+    /// Payments, captures, cancels, refunds, quotes and conversions: what a server runs.
+    pub fn money() -> Operations {
+        let mut ops = Operations::default();
+        super::money::register(&mut ops);
+        ops
+    }
+
     pub fn register(&mut self, op: Arc<dyn Operation>) {
         self.0.insert(op.route(), op);
     }
@@ -206,6 +288,13 @@ pub async fn drive(
                     Err(e) => e,
                 }
             }
+            Ok(Phase::Stored(response)) => return Ok(Driven::Finished(response)),
+            Ok(Phase::Advanced { to, state: next }) => {
+                point = to;
+                current = next;
+                continue;
+            }
+            Err(PhaseError::Storage(e)) => e,
             Err(PhaseError::Retryable(why)) => {
                 tracing::warn!(record = ctx.lease.record_id, point = %point, reason = %why,
                     "phase failed; the work waits for a retry");
@@ -229,9 +318,11 @@ pub async fn run(
     op: Arc<dyn Operation>,
     key: Option<String>,
     query: Option<&str>,
+    params: &[(String, String)],
     body: &[u8],
 ) -> Result<Response, ApiError> {
-    op.validate(body)?;
+    let request = op.prepare(params, body)?;
+    let body = request.as_slice();
     let route = op.route();
     let config = &call.state.config.idempotency;
     let key = match key {

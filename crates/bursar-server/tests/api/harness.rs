@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use bursar_domain::apikey::KeyMode;
 use bursar_domain::{Clock, Timestamp};
 use bursar_sdk::Client;
+use bursar_server::processor::Processor;
 use bursar_server::services::accounts;
 use bursar_server::services::operations::Operations;
 use bursar_server::{AppState, Config, SystemClock};
@@ -31,6 +32,9 @@ pub struct TestApp {
     /// The server's state (shared store, clock and registered operations).
     pub state: AppState,
     pub http: reqwest::Client,
+    /// What [`TestApp::restart`] starts again with.
+    config: Config,
+    keys: Vec<String>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -100,6 +104,18 @@ impl TestApp {
         clock: Arc<dyn Clock>,
         operations: Operations,
     ) -> TestApp {
+        TestApp::start_full(backend, config, dir, clock, operations, None).await
+    }
+
+    /// [`TestApp::start_with`] with a payment processor.
+    pub async fn start_full(
+        backend: Backend,
+        config: Config,
+        dir: Option<tempfile::TempDir>,
+        clock: Arc<dyn Clock>,
+        operations: Operations,
+        processor: Option<Arc<dyn Processor>>,
+    ) -> TestApp {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let store = bursar_server::store::open(&config).await.unwrap();
         let mut keys = Vec::new();
@@ -115,11 +131,23 @@ impl TestApp {
                     .unwrap(),
             );
         }
+        let mut state = AppState::new(store.clone(), clock, config.clone());
+        state.operations = Arc::new(operations);
+        state.processor = processor;
+        TestApp::run(backend, state, config, keys, ids[0], dir).await
+    }
+
+    async fn run(
+        backend: Backend,
+        state: AppState,
+        config: Config,
+        keys: Vec<String>,
+        account_a: i64,
+        dir: Option<tempfile::TempDir>,
+    ) -> TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let mut state = AppState::new(store.clone(), clock, config);
-        state.operations = Arc::new(operations);
         let server = tokio::spawn(bursar_server::serve(listener, state.clone(), async {
             let _ = rx.await;
         }));
@@ -129,15 +157,37 @@ impl TestApp {
             a: Client::with_http(http.clone(), &url, &keys[0]),
             b: Client::with_http(http.clone(), &url, &keys[1]),
             key_a: keys[0].clone(),
-            account_a: ids[0],
+            account_a,
             url,
-            store,
+            store: state.store.clone(),
             state,
             http,
+            config,
+            keys,
             shutdown: Some(tx),
             server: Some(server),
             _dir: dir,
         }
+    }
+
+    /// Stops the server and starts a new one over the same database (fresh pools, caches
+    /// and in-memory state; same accounts, keys, clock, operations and processor), on a new
+    /// port.
+    pub async fn restart(mut self) -> TestApp {
+        let dir = self._dir.take();
+        let (backend, config, keys, account_a) = (
+            self.backend,
+            self.config.clone(),
+            self.keys.clone(),
+            self.account_a,
+        );
+        let old = self.state.clone();
+        self.stop().await;
+        let store = bursar_server::store::open(&config).await.unwrap();
+        let mut state = AppState::new(store, old.clock.clone(), config.clone());
+        state.operations = old.operations.clone();
+        state.processor = old.processor.clone();
+        TestApp::run(backend, state, config, keys, account_a, dir).await
     }
 
     /// Signals shutdown and waits for the server to drain and close its pools.

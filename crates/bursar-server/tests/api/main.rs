@@ -4,6 +4,7 @@
 mod cases;
 mod harness;
 mod idempotency;
+mod money;
 mod operations;
 
 macro_rules! api_suite {
@@ -33,6 +34,7 @@ macro_rules! api_suite {
 
 use cases::*;
 use idempotency::*;
+use money::*;
 use operations::*;
 
 api_suite!(
@@ -60,4 +62,9 @@ api_suite!(
     a_stalled_driver_is_fenced_out,
     retryable_failures_pause_and_give_up_in_the_end,
     keys_are_bound_to_their_route_and_query,
+    card_flows_for_every_test_payment_method,
+    a_processor_that_times_out_then_recovers_charges_once,
+    concurrent_refunds_never_exceed_the_capture,
+    conversions_round_half_even_and_refuse_cleanly,
+    random_money_traffic_keeps_the_ledger_balanced,
 );

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::RawPathParams;
 use axum::http::{HeaderMap, Uri};
 use axum::routing::{MethodRouter, post};
 
@@ -15,11 +16,19 @@ use crate::services::operations::{self, Operation};
 /// before it claims anything.
 pub fn create(op: Arc<dyn Operation>) -> MethodRouter<AppState> {
     post(
-        move |call: Call, headers: HeaderMap, uri: Uri, JsonBytes(body): JsonBytes| {
+        move |call: Call,
+              params: RawPathParams,
+              headers: HeaderMap,
+              uri: Uri,
+              JsonBytes(body): JsonBytes| {
             let op = op.clone();
+            let params: Vec<(String, String)> = params
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
             async move {
                 let key = idempotency::parse_key(&headers)?;
-                operations::run(&call, op, key, uri.query(), &body).await
+                operations::run(&call, op, key, uri.query(), &params, &body).await
             }
         },
     )

@@ -1,0 +1,619 @@
+//! Conformance cases of payments, refunds, the ledger and conversions (`crate::money`),
+//! identical on every backend. After each case the ledger invariants are checked: every
+//! entry balances per currency, and every balance is the sum of its postings.
+
+use std::collections::BTreeMap;
+
+use bursar_domain::ledger::{EntryKind, LedgerAccount, is_balanced};
+
+use super::*;
+use crate::money::*;
+use crate::operations::STARTED;
+
+const LEASE: i64 = 90_000;
+
+fn claim(key: &str) -> IdempotencyClaim {
+    IdempotencyClaim {
+        key: key.into(),
+        method: "POST".into(),
+        route: "/api/payments".into(),
+        fingerprint: format!("fp-{key}"),
+        expires_at: Timestamp(NOW + DAY),
+    }
+}
+
+async fn lease(s: &Store, account: i64, key: &str) -> Lease {
+    match s
+        .begin_operation(&meta(account), &claim(key), b"{}", Timestamp(NOW + LEASE))
+        .await
+        .unwrap()
+    {
+        Begun::Leased(op) => op.lease,
+        Begun::Existing(r) => panic!("expected a lease, got {r:?}"),
+    }
+}
+
+fn finish(lease: Lease) -> Step {
+    Step {
+        lease,
+        from: STARTED.into(),
+        state: "{}".into(),
+        now: Timestamp(NOW),
+        end: StepEnd::Finish {
+            expires_at: Timestamp(NOW + DAY),
+        },
+    }
+}
+
+fn advance(lease: Lease, to: &str) -> Step {
+    Step {
+        end: StepEnd::Advance {
+            to: to.into(),
+            lease_until: Timestamp(NOW + LEASE),
+        },
+        ..finish(lease)
+    }
+}
+
+fn answer<T: std::fmt::Debug>(what: &T) -> StoredResponse {
+    StoredResponse {
+        status: 201,
+        headers: vec![],
+        body: format!("{what:?}").into_bytes(),
+    }
+}
+
+fn new_payment(order: &Order, status: PaymentStatus, captured: i64) -> NewPayment {
+    NewPayment {
+        order_id: order.id,
+        amount: order.amount,
+        payment_method: "pm_card_visa".into(),
+        processor_id: Some("pay_1".into()),
+        status,
+        captured_minor: captured,
+        failure: None,
+    }
+}
+
+async fn pay(s: &Store, account: i64, key: &str, order: &Order, status: PaymentStatus) -> Payment {
+    let captured = if status == PaymentStatus::Succeeded {
+        order.amount.minor
+    } else {
+        0
+    };
+    let l = lease(s, account, key).await;
+    s.record_payment(
+        &meta(account),
+        &finish(l),
+        new_payment(order, status, captured),
+        &answer,
+    )
+    .await
+    .unwrap()
+}
+
+fn balance(all: &[Balance], account: LedgerAccount, code: &str) -> i64 {
+    all.iter()
+        .find(|b| b.ledger_account == account && b.currency.code() == code)
+        .map_or(0, |b| b.minor)
+}
+
+/// Every entry balances per currency; every balance equals the sum of its postings.
+pub async fn check_ledger(s: &Store, account: i64) {
+    let mut sums: BTreeMap<(LedgerAccount, String), i64> = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let page = s.journal(account, page(100, after)).await.unwrap();
+        for e in &page.items {
+            assert_eq!(e.account_id, account);
+            assert!(is_balanced(&e.postings), "unbalanced entry {e:?}");
+            for p in &e.postings {
+                *sums
+                    .entry((p.ledger_account, p.currency.code().to_owned()))
+                    .or_default() += p.minor;
+            }
+        }
+        if !page.has_more {
+            break;
+        }
+        after = page.items.last().map(|e| e.id);
+    }
+    let balances = s.balances(account).await.unwrap();
+    let stored: BTreeMap<(LedgerAccount, String), i64> = balances
+        .iter()
+        .map(|b| ((b.ledger_account, b.currency.code().to_owned()), b.minor))
+        .collect();
+    assert_eq!(
+        stored, sums,
+        "balances must equal the sum of their postings"
+    );
+}
+
+pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1999).await;
+    let l = lease(&s, a, "pay-1").await;
+    // A step fenced out writes nothing at all: no payment, no ledger, no event.
+    let stale = Lease {
+        fence: l.fence + 1,
+        ..l
+    };
+    let fenced = s
+        .record_payment(
+            &meta(a),
+            &finish(stale),
+            new_payment(&o, PaymentStatus::Succeeded, 1999),
+            &answer,
+        )
+        .await;
+    assert!(matches!(fenced, Err(StorageError::Fenced)), "{fenced:?}");
+    assert!(s.balances(a).await.unwrap().is_empty());
+    let p = s
+        .record_payment(
+            &meta(a),
+            &finish(l),
+            new_payment(&o, PaymentStatus::Succeeded, 1999),
+            &answer,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (p.status, p.captured_minor, p.refunded_minor, p.version),
+        (PaymentStatus::Succeeded, 1999, 0, 1)
+    );
+    assert_eq!(s.get_payment(a, p.id).await.unwrap(), Some(p.clone()));
+    // The step stored the response naming the payment and finished the record.
+    let record = s
+        .find_idempotency(a, "pay-1", Timestamp(NOW))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.in_flight, None);
+    assert_eq!(record.resource_id, Some(p.id));
+    assert_eq!(record.response, answer(&p));
+    // A second payment of the same work cannot be written.
+    let again = s
+        .record_payment(
+            &meta(a),
+            &finish(l),
+            new_payment(&o, PaymentStatus::Succeeded, 1999),
+            &answer,
+        )
+        .await;
+    assert!(again.is_err());
+    let b = s.balances(a).await.unwrap();
+    assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 1999);
+    assert_eq!(balance(&b, LedgerAccount::Pending, "USD"), 0);
+    assert_eq!(balance(&b, LedgerAccount::ProcessorClearing, "USD"), -1999);
+    assert_eq!(
+        s.get_order(a, o.id).await.unwrap().unwrap().status,
+        OrderStatus::Paid
+    );
+    let events: Vec<String> = s
+        .events_for(a, "payment", p.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(events, ["payment.succeeded"]);
+    let order_events: Vec<String> = s
+        .events_for(a, "order", o.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(order_events, ["order.created", "order.paid"]);
+    // A declined payment is recorded without moving money.
+    let o2 = order(&s, a, c.id, 500).await;
+    let l2 = lease(&s, a, "pay-2").await;
+    let failed = s
+        .record_payment(
+            &meta(a),
+            &finish(l2),
+            NewPayment {
+                processor_id: None,
+                failure: Some(("card_declined".into(), "declined".into())),
+                ..new_payment(&o2, PaymentStatus::Failed, 0)
+            },
+            &answer,
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.failure_code.as_deref(), Some("card_declined"));
+    assert_eq!(
+        s.get_order(a, o2.id).await.unwrap().unwrap().status,
+        OrderStatus::Pending
+    );
+    let listed = s
+        .list_payments(
+            a,
+            PaymentFilter {
+                page: page(10, None),
+                order_id: Some(o2.id),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.items, vec![failed]);
+    check_ledger(&s, a).await;
+}
+
+pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1000).await;
+    let p = pay(&s, a, "auth-1", &o, PaymentStatus::RequiresCapture).await;
+    let b = s.balances(a).await.unwrap();
+    assert_eq!(balance(&b, LedgerAccount::Pending, "USD"), 1000);
+    // A partial capture releases the rest and does not pay the order.
+    let l = lease(&s, a, "cap-1").await;
+    let captured = s
+        .capture_payment(&meta(a), &finish(l), p.id, 600, &answer)
+        .await
+        .unwrap();
+    assert_eq!(
+        (captured.status, captured.captured_minor, captured.version),
+        (PaymentStatus::Succeeded, 600, 2)
+    );
+    let b = s.balances(a).await.unwrap();
+    assert_eq!(balance(&b, LedgerAccount::Pending, "USD"), 0);
+    assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 600);
+    assert_eq!(
+        s.get_order(a, o.id).await.unwrap().unwrap().status,
+        OrderStatus::Pending
+    );
+    let l = lease(&s, a, "cap-2").await;
+    let twice = s
+        .capture_payment(&meta(a), &finish(l), p.id, 400, &answer)
+        .await;
+    assert!(
+        matches!(
+            twice,
+            Err(StorageError::Rule(Rule::PaymentState(
+                PaymentStatus::Succeeded
+            )))
+        ),
+        "{twice:?}"
+    );
+    // The refused capture left its record unfinished and wrote nothing.
+    assert!(
+        s.find_idempotency(a, "cap-2", Timestamp(NOW))
+            .await
+            .unwrap()
+            .unwrap()
+            .in_flight
+            .is_some()
+    );
+    let o2 = order(&s, a, c.id, 700).await;
+    let p2 = pay(&s, a, "auth-2", &o2, PaymentStatus::RequiresCapture).await;
+    let l = lease(&s, a, "void-1").await;
+    let voided = s
+        .void_payment(&meta(a), &finish(l), p2.id, &answer)
+        .await
+        .unwrap();
+    assert_eq!(voided.status, PaymentStatus::Canceled);
+    let l = lease(&s, a, "void-2").await;
+    assert!(matches!(
+        s.void_payment(&meta(a), &finish(l), p2.id, &answer).await,
+        Err(StorageError::Rule(Rule::PaymentState(
+            PaymentStatus::Canceled
+        )))
+    ));
+    // A full capture pays the order.
+    let o3 = order(&s, a, c.id, 300).await;
+    let p3 = pay(&s, a, "auth-3", &o3, PaymentStatus::RequiresCapture).await;
+    let l = lease(&s, a, "cap-3").await;
+    s.capture_payment(&meta(a), &finish(l), p3.id, 300, &answer)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_order(a, o3.id).await.unwrap().unwrap().status,
+        OrderStatus::Paid
+    );
+    let b = s.balances(a).await.unwrap();
+    assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 900);
+    assert_eq!(balance(&b, LedgerAccount::Pending, "USD"), 0);
+    check_ledger(&s, a).await;
+}
+
+pub async fn concurrent_refunds_never_exceed_the_capture(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1000).await;
+    let p = pay(&s, a, "pay", &o, PaymentStatus::Succeeded).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let l = lease(&s, a, &format!("refund-{i}")).await;
+            let r = s
+                .reserve_refund(&meta(a), &advance(l, "reserved"), p.id, Some(150))
+                .await;
+            (l, r)
+        }));
+    }
+    let mut reserved = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (l, Ok(r)) => reserved.push((l, r)),
+            (_, Err(StorageError::Rule(Rule::RefundExceedsCaptured { refundable_minor }))) => {
+                assert!(refundable_minor < 150)
+            }
+            (_, Err(e)) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(reserved.len(), 6, "6 × 150 fit in 1000, a 7th does not");
+    assert_eq!(
+        s.get_payment(a, p.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .refunded_minor,
+        900
+    );
+    // One is refused by the processor: its reservation is released.
+    let settled = |l: Lease| Step {
+        from: "reserved".into(),
+        ..finish(l)
+    };
+    let (l0, r0) = &reserved[0];
+    assert_eq!(r0.status, RefundStatus::Pending);
+    assert_eq!(
+        s.refund_for_operation(a, l0.record_id).await.unwrap(),
+        Some(r0.clone())
+    );
+    let failed = s
+        .settle_refund(
+            &meta(a),
+            &settled(*l0),
+            RefundOutcome::Failed {
+                code: "processor_refused".into(),
+            },
+            &answer,
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed.status, RefundStatus::Failed);
+    for (l, _) in &reserved[1..] {
+        let r = s
+            .settle_refund(
+                &meta(a),
+                &settled(*l),
+                RefundOutcome::Succeeded {
+                    processor_id: format!("re_{}", l.record_id),
+                },
+                &answer,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, RefundStatus::Succeeded);
+    }
+    assert_eq!(
+        s.get_payment(a, p.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .refunded_minor,
+        750
+    );
+    assert_eq!(
+        s.get_order(a, o.id).await.unwrap().unwrap().status,
+        OrderStatus::Paid
+    );
+    // The rest (250, when none is given) refunds the payment in full: the order follows.
+    let l = lease(&s, a, "refund-rest").await;
+    let rest = s
+        .reserve_refund(&meta(a), &advance(l, "reserved"), p.id, None)
+        .await
+        .unwrap();
+    assert_eq!(rest.amount.minor, 250);
+    s.settle_refund(
+        &meta(a),
+        &settled(l),
+        RefundOutcome::Succeeded {
+            processor_id: "re_rest".into(),
+        },
+        &answer,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.get_order(a, o.id).await.unwrap().unwrap().status,
+        OrderStatus::Refunded
+    );
+    let b = s.balances(a).await.unwrap();
+    assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 0);
+    let refunds = s
+        .list_refunds(a, Some(p.id), page(100, None))
+        .await
+        .unwrap();
+    assert_eq!(refunds.items.len(), 7);
+    // Refunding an authorization that is not captured is refused.
+    let o2 = order(&s, a, c.id, 100).await;
+    let p2 = pay(&s, a, "auth", &o2, PaymentStatus::RequiresCapture).await;
+    let l = lease(&s, a, "refund-auth").await;
+    assert!(matches!(
+        s.reserve_refund(&meta(a), &advance(l, "reserved"), p2.id, None)
+            .await,
+        Err(StorageError::Rule(Rule::PaymentState(
+            PaymentStatus::RequiresCapture
+        )))
+    ));
+    check_ledger(&s, a).await;
+}
+
+pub async fn conversions_move_available_funds_once(s: Store) {
+    let usd_c = Currency::from_code("USD").unwrap();
+    let eur = Currency::from_code("EUR").unwrap();
+    s.set_rates(&[(usd_c, eur, "0.9".into())], Timestamp(5))
+        .await
+        .unwrap();
+    s.set_rates(&[(usd_c, eur, "0.92".into())], Timestamp(6))
+        .await
+        .unwrap();
+    let rates = s.rates().await.unwrap();
+    assert_eq!(
+        rates,
+        vec![FxRate {
+            base: usd_c,
+            quote: eur,
+            rate: "0.92".into(),
+            set_at: Timestamp(6)
+        }]
+    );
+    let a = account(&s, "a").await;
+    let new_quote = |minor: i64, expires_at: i64| NewQuote {
+        from: usd(minor),
+        to: Money::from_minor(minor * 9 / 10, eur).unwrap(),
+        market_rate: "0.92".into(),
+        rate: "0.9".into(),
+        spread_bps: 217,
+        expires_at: Timestamp(expires_at),
+    };
+    let l = lease(&s, a, "quote-1").await;
+    let q = s
+        .record_quote(&meta(a), &finish(l), new_quote(1000, NOW + 60_000), &answer)
+        .await
+        .unwrap();
+    assert_eq!(s.get_quote(a, q.id).await.unwrap(), Some(q.clone()));
+    // Nothing available yet.
+    let l = lease(&s, a, "convert-1").await;
+    let poor = s.convert(&meta(a), &finish(l), q.id, &answer).await;
+    assert!(
+        matches!(
+            poor,
+            Err(StorageError::Rule(Rule::InsufficientFunds {
+                available_minor: 0
+            }))
+        ),
+        "{poor:?}"
+    );
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1500).await;
+    pay(&s, a, "pay", &o, PaymentStatus::Succeeded).await;
+    let l = lease(&s, a, "convert-2").await;
+    let conv = s
+        .convert(&meta(a), &finish(l), q.id, &answer)
+        .await
+        .unwrap();
+    assert_eq!((conv.from, conv.to, conv.quote_id), (q.from, q.to, q.id));
+    assert_eq!(
+        s.get_conversion(a, conv.id).await.unwrap(),
+        Some(conv.clone())
+    );
+    let l = lease(&s, a, "convert-3").await;
+    assert!(matches!(
+        s.convert(&meta(a), &finish(l), q.id, &answer).await,
+        Err(StorageError::Rule(Rule::QuoteUsed))
+    ));
+    let l = lease(&s, a, "quote-2").await;
+    let stale = s
+        .record_quote(&meta(a), &finish(l), new_quote(100, NOW), &answer)
+        .await
+        .unwrap();
+    let l = lease(&s, a, "convert-4").await;
+    assert!(matches!(
+        s.convert(&meta(a), &finish(l), stale.id, &answer).await,
+        Err(StorageError::Rule(Rule::QuoteExpired))
+    ));
+    let b = s.balances(a).await.unwrap();
+    assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 500);
+    assert_eq!(balance(&b, LedgerAccount::Available, "EUR"), 900);
+    assert_eq!(balance(&b, LedgerAccount::FxClearing, "USD"), 1000);
+    assert_eq!(balance(&b, LedgerAccount::FxClearing, "EUR"), -900);
+    let journal = s.journal(a, page(10, None)).await.unwrap();
+    assert_eq!(journal.items[0].kind, EntryKind::Conversion);
+    assert_eq!(journal.items[0].reference_id, conv.id);
+    let events = s.events_for(a, "conversion", conv.id).await.unwrap();
+    assert_eq!(events[0].event_type, "conversion.completed");
+    check_ledger(&s, a).await;
+}
+
+pub async fn concurrent_conversions_never_overdraw(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1000).await;
+    pay(&s, a, "pay", &o, PaymentStatus::Succeeded).await;
+    let eur = Currency::from_code("EUR").unwrap();
+    let mut quotes = Vec::new();
+    for i in 0..8 {
+        let l = lease(&s, a, &format!("q{i}")).await;
+        let new = NewQuote {
+            from: usd(300),
+            to: Money::from_minor(270, eur).unwrap(),
+            market_rate: "0.9".into(),
+            rate: "0.9".into(),
+            spread_bps: 0,
+            expires_at: Timestamp(NOW + 60_000),
+        };
+        quotes.push(
+            s.record_quote(&meta(a), &finish(l), new, &answer)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut tasks = Vec::new();
+    for (i, q) in quotes.into_iter().enumerate() {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let l = lease(&s, a, &format!("c{i}")).await;
+            s.convert(&meta(a), &finish(l), q.id, &answer).await
+        }));
+    }
+    let mut done = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => done += 1,
+            Err(StorageError::Rule(Rule::InsufficientFunds { .. })) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(done, 3, "3 × 300 fit in 1000");
+    let b = s.balances(a).await.unwrap();
+    assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 100);
+    check_ledger(&s, a).await;
+}
+
+pub async fn money_is_scoped_to_its_account(s: Store) {
+    let a = account(&s, "a").await;
+    let other = account(&s, "b").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1000).await;
+    let p = pay(&s, a, "pay", &o, PaymentStatus::RequiresCapture).await;
+    assert_eq!(s.get_payment(other, p.id).await.unwrap(), None);
+    let l = lease(&s, other, "cap").await;
+    assert!(matches!(
+        s.capture_payment(&meta(other), &finish(l), p.id, 1000, &answer)
+            .await,
+        Err(StorageError::NotFound)
+    ));
+    let l = lease(&s, other, "refund").await;
+    assert!(matches!(
+        s.reserve_refund(&meta(other), &advance(l, "reserved"), p.id, None)
+            .await,
+        Err(StorageError::NotFound)
+    ));
+    assert!(s.balances(other).await.unwrap().is_empty());
+    assert!(
+        s.journal(other, page(10, None))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let filter = PaymentFilter {
+        page: page(10, None),
+        order_id: None,
+    };
+    assert!(
+        s.list_payments(other, filter)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    check_ledger(&s, a).await;
+}
