@@ -102,6 +102,9 @@ pub struct LedgerEntry {
     pub currency: String,
     /// The idempotency key the call carried, if any.
     pub idempotency_key: Option<String>,
+    /// The W3C `traceparent` the call carried, if any, so tests can follow a trace across.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -302,7 +305,15 @@ fn handle(
         );
         return resp;
     }
+    let recorded = inner.ledger.len();
     let (status, body) = run(&mut inner, key.as_deref());
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    for entry in &mut inner.ledger[recorded..] {
+        entry.traceparent.clone_from(&traceparent);
+    }
     // A 503 is a fault, not an answer: the retry must run again.
     if let Some(k) = key
         && status != StatusCode::SERVICE_UNAVAILABLE
@@ -328,6 +339,7 @@ fn record(inner: &mut Inner, kind: &str, p: &Payment, amount: i64, key: Option<&
         amount_minor: amount,
         currency: p.currency.clone(),
         idempotency_key: key.map(str::to_owned),
+        traceparent: None,
     });
 }
 

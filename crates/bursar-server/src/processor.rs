@@ -66,26 +66,49 @@ pub enum ProcessorError {
     Unavailable { attempts: u32, reason: String },
 }
 
-/// The port payments call. Every method takes the idempotency key for the processor.
+/// What every call to the processor carries besides its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outbound {
+    /// The idempotency key, the same on every attempt and every rerun of the work.
+    pub key: String,
+    /// W3C trace context: the originating request's trace, a new parent-id per call.
+    pub traceparent: Option<String>,
+}
+
+impl From<&str> for Outbound {
+    fn from(key: &str) -> Outbound {
+        Outbound {
+            key: key.to_owned(),
+            traceparent: None,
+        }
+    }
+}
+
+/// The port payments call. Every method takes the idempotency key (and trace) for the
+/// processor.
 #[async_trait]
 pub trait Processor: Send + Sync {
     async fn create_payment(
         &self,
-        key: &str,
+        call: &Outbound,
         req: &PaymentRequest,
     ) -> Result<ProcessorPayment, ProcessorError>;
     /// Captures `amount_minor` (all of it when `None`) of an authorized payment.
     async fn capture(
         &self,
-        key: &str,
+        call: &Outbound,
         payment_id: &str,
         amount_minor: Option<i64>,
     ) -> Result<ProcessorPayment, ProcessorError>;
-    async fn void(&self, key: &str, payment_id: &str) -> Result<ProcessorPayment, ProcessorError>;
+    async fn void(
+        &self,
+        call: &Outbound,
+        payment_id: &str,
+    ) -> Result<ProcessorPayment, ProcessorError>;
     /// Refunds `amount_minor` (what is left when `None`) of a captured payment.
     async fn refund(
         &self,
-        key: &str,
+        call: &Outbound,
         payment_id: &str,
         amount_minor: Option<i64>,
     ) -> Result<ProcessorRefund, ProcessorError>;
@@ -149,7 +172,7 @@ impl HttpProcessor {
     /// POSTs `body` to `path` under `key`, retrying what may not have been processed.
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
-        key: &str,
+        call: &Outbound,
         path: &str,
         body: &Value,
     ) -> Result<T, ProcessorError> {
@@ -159,13 +182,15 @@ impl HttpProcessor {
             if attempt > 1 {
                 tokio::time::sleep(self.policy.backoff(attempt - 1)).await;
             }
-            let sent = self
+            let mut req = self
                 .http
                 .post(&url)
-                .header("idempotency-key", key)
-                .json(body)
-                .send()
-                .await;
+                .header("idempotency-key", &call.key)
+                .json(body);
+            if let Some(tp) = &call.traceparent {
+                req = req.header("traceparent", tp);
+            }
+            let sent = req.send().await;
             let resp = match sent {
                 Ok(resp) => resp,
                 Err(e) => {
@@ -227,27 +252,31 @@ impl HttpProcessor {
 impl Processor for HttpProcessor {
     async fn create_payment(
         &self,
-        key: &str,
+        call: &Outbound,
         req: &PaymentRequest,
     ) -> Result<ProcessorPayment, ProcessorError> {
         let body = serde_json::to_value(req).expect("plain data serialises");
-        self.call(key, "/v1/payments", &body).await
+        self.call(call, "/v1/payments", &body).await
     }
 
     async fn capture(
         &self,
-        key: &str,
+        call: &Outbound,
         payment_id: &str,
         amount_minor: Option<i64>,
     ) -> Result<ProcessorPayment, ProcessorError> {
         let body = serde_json::json!({ "amount_minor": amount_minor });
-        self.call(key, &format!("/v1/payments/{payment_id}/capture"), &body)
+        self.call(call, &format!("/v1/payments/{payment_id}/capture"), &body)
             .await
     }
 
-    async fn void(&self, key: &str, payment_id: &str) -> Result<ProcessorPayment, ProcessorError> {
+    async fn void(
+        &self,
+        call: &Outbound,
+        payment_id: &str,
+    ) -> Result<ProcessorPayment, ProcessorError> {
         self.call(
-            key,
+            call,
             &format!("/v1/payments/{payment_id}/void"),
             &serde_json::json!({}),
         )
@@ -256,12 +285,12 @@ impl Processor for HttpProcessor {
 
     async fn refund(
         &self,
-        key: &str,
+        call: &Outbound,
         payment_id: &str,
         amount_minor: Option<i64>,
     ) -> Result<ProcessorRefund, ProcessorError> {
         let body = serde_json::json!({ "payment_id": payment_id, "amount_minor": amount_minor });
-        self.call(key, "/v1/refunds", &body).await
+        self.call(call, "/v1/refunds", &body).await
     }
 }
 

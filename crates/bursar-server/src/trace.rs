@@ -61,6 +61,12 @@ impl TraceContext {
     }
 }
 
+/// The `traceparent` of a new span of trace `trace_id` (an outbound call made for it): the
+/// same trace and flags, a fresh parent-id.
+pub fn child_traceparent(trace_id: &str, flags: &str) -> String {
+    format!("00-{trace_id}-{}-{flags}", random_hex(&mut rand::rng(), 8))
+}
+
 fn random_hex(rng: &mut impl rand::Rng, bytes: usize) -> String {
     loop {
         let buf: Vec<u8> = (0..bytes).map(|_| rng.random()).collect();

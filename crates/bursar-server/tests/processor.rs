@@ -43,7 +43,7 @@ fn kinds(s: &Sandbox) -> Vec<String> {
 async fn flaky_calls_are_retried_under_one_key_and_charge_once() {
     let (s, p) = sandbox(Faults::default()).await;
     let paid = p
-        .create_payment("bursar-1", &card("pm_card_flaky", true))
+        .create_payment(&"bursar-1".into(), &card("pm_card_flaky", true))
         .await
         .unwrap();
     assert_eq!(
@@ -54,7 +54,7 @@ async fn flaky_calls_are_retried_under_one_key_and_charge_once() {
     assert_eq!(s.payment_calls(), 3, "two 503s, then the charge");
     // The caller retries later (a resumed phase): the same key, the same payment.
     let again = p
-        .create_payment("bursar-1", &card("pm_card_flaky", true))
+        .create_payment(&"bursar-1".into(), &card("pm_card_flaky", true))
         .await
         .unwrap();
     assert_eq!(again, paid);
@@ -74,7 +74,7 @@ async fn declines_are_answers_and_are_not_retried() {
         ("pm_card_insufficient_funds", "insufficient_funds"),
     ] {
         let e = p
-            .create_payment(method, &card(method, true))
+            .create_payment(&method.into(), &card(method, true))
             .await
             .unwrap_err();
         assert!(
@@ -83,7 +83,7 @@ async fn declines_are_answers_and_are_not_retried() {
         );
     }
     let e = p
-        .create_payment("k", &card("pm_card_bogus", true))
+        .create_payment(&"k".into(), &card("pm_card_bogus", true))
         .await
         .unwrap_err();
     assert!(
@@ -98,7 +98,7 @@ async fn declines_are_answers_and_are_not_retried() {
 async fn timeouts_outages_and_refused_connections_end_unavailable_after_three_attempts() {
     let (s, p) = sandbox(Faults::default()).await;
     let e = p
-        .create_payment("t", &card("pm_card_timeout", true))
+        .create_payment(&"t".into(), &card("pm_card_timeout", true))
         .await
         .unwrap_err();
     assert!(
@@ -113,7 +113,7 @@ async fn timeouts_outages_and_refused_connections_end_unavailable_after_three_at
     })
     .await;
     let e = p
-        .create_payment("o", &card("pm_card_visa", true))
+        .create_payment(&"o".into(), &card("pm_card_visa", true))
         .await
         .unwrap_err();
     assert!(
@@ -127,7 +127,7 @@ async fn timeouts_outages_and_refused_connections_end_unavailable_after_three_at
     drop(closed);
     let p = HttpProcessor::new(&url, policy()).unwrap();
     let e = p
-        .create_payment("c", &card("pm_card_visa", true))
+        .create_payment(&"c".into(), &card("pm_card_visa", true))
         .await
         .unwrap_err();
     assert!(
@@ -140,27 +140,30 @@ async fn timeouts_outages_and_refused_connections_end_unavailable_after_three_at
 async fn capture_void_and_refund_round_trip() {
     let (s, p) = sandbox(Faults::default()).await;
     let auth = p
-        .create_payment("a", &card("pm_card_visa", false))
+        .create_payment(&"a".into(), &card("pm_card_visa", false))
         .await
         .unwrap();
     assert_eq!(auth.status, "authorized");
-    let captured = p.capture("c", &auth.id, Some(15000)).await.unwrap();
+    let captured = p.capture(&"c".into(), &auth.id, Some(15000)).await.unwrap();
     assert_eq!(captured.captured_minor, 15000);
-    let refund = p.refund("r", &auth.id, None).await.unwrap();
+    let refund = p.refund(&"r".into(), &auth.id, None).await.unwrap();
     assert_eq!(
         (refund.amount_minor, refund.payment_id.as_str()),
         (15000, auth.id.as_str())
     );
-    let e = p.refund("r2", &auth.id, Some(1)).await.unwrap_err();
+    let e = p.refund(&"r2".into(), &auth.id, Some(1)).await.unwrap_err();
     assert!(
         matches!(e, ProcessorError::Refused { status: 422, .. }),
         "{e:?}"
     );
     let other = p
-        .create_payment("b", &card("pm_card_visa", false))
+        .create_payment(&"b".into(), &card("pm_card_visa", false))
         .await
         .unwrap();
-    assert_eq!(p.void("v", &other.id).await.unwrap().status, "voided");
+    assert_eq!(
+        p.void(&"v".into(), &other.id).await.unwrap().status,
+        "voided"
+    );
     assert_eq!(
         kinds(&s),
         [

@@ -260,7 +260,7 @@ impl Operation for CreatePaymentOp {
                     .map_err(|e| PhaseError::Storage(StorageError::Internal(e.into())))?;
                 let charged = processor(ctx)?
                     .create_payment(
-                        &ctx.outbound_key(),
+                        &ctx.outbound(),
                         &PaymentRequest {
                             amount_minor: a.amount_minor,
                             currency: a.currency.clone(),
@@ -471,13 +471,13 @@ impl Operation for SettlePaymentOp {
             );
         }
         let processor = processor(ctx)?;
-        let key = ctx.outbound_key();
+        let call = ctx.outbound();
         let answered = if self.capture {
             processor
-                .capture(&key, &processor_id, Some(amount.minor))
+                .capture(&call, &processor_id, Some(amount.minor))
                 .await
         } else {
-            processor.void(&key, &processor_id).await
+            processor.void(&call, &processor_id).await
         };
         let settled = match answered {
             Ok(settled) => settled,
@@ -576,7 +576,7 @@ impl Operation for CreateRefundOp {
                     .ok_or(PhaseError::Storage(StorageError::NotFound))?;
                 let processor_id = p.processor_id.clone().unwrap_or_default();
                 let answered = processor(ctx)?
-                    .refund(&ctx.outbound_key(), &processor_id, Some(r.amount.minor))
+                    .refund(&ctx.outbound(), &processor_id, Some(r.amount.minor))
                     .await;
                 let (outcome, failure) = match answered {
                     Ok(done) => (

@@ -75,6 +75,9 @@ pub struct PhaseCtx {
     pub request: Vec<u8>,
     pub request_id: String,
     pub trace_id: String,
+    /// The originating request's trace flags; `01` (sampled) for a driver without the
+    /// request, such as the completer (the record keeps the trace id, not the flags).
+    pub trace_flags: String,
     /// Runs of this work so far, this one included.
     pub attempts: i64,
 }
@@ -83,6 +86,16 @@ impl PhaseCtx {
     /// `bursar-<record id>`: the idempotency key for every call to a third party.
     pub fn outbound_key(&self) -> String {
         self.lease.outbound_key()
+    }
+
+    /// What a processor call carries: the outbound key, and the originating request's trace
+    /// with a new parent-id for this call.
+    pub fn outbound(&self) -> crate::processor::Outbound {
+        crate::processor::Outbound {
+            key: self.outbound_key(),
+            traceparent: (self.trace_id.len() == 32)
+                .then(|| crate::trace::child_traceparent(&self.trace_id, &self.trace_flags)),
+        }
     }
 
     /// The step that finishes the work at `point` with `state`, for a storage command that
@@ -226,7 +239,10 @@ fn retention_end(state: &AppState, now: Timestamp) -> Timestamp {
     Timestamp(now.0.saturating_add(keep))
 }
 
-fn ctx_for(state: &AppState, op: &LeasedOperation) -> PhaseCtx {
+/// Trace flags for a driver that has no request of its own.
+const SAMPLED: &str = "01";
+
+fn ctx_for(state: &AppState, op: &LeasedOperation, trace_flags: &str) -> PhaseCtx {
     PhaseCtx {
         state: state.clone(),
         lease: op.lease,
@@ -234,6 +250,7 @@ fn ctx_for(state: &AppState, op: &LeasedOperation) -> PhaseCtx {
         request: op.request.clone(),
         request_id: op.request_id.clone(),
         trace_id: op.trace_id.clone(),
+        trace_flags: trace_flags.to_owned(),
         attempts: op.attempts,
     }
 }
@@ -244,8 +261,9 @@ pub async fn drive(
     state: &AppState,
     op: &dyn Operation,
     leased: LeasedOperation,
+    trace_flags: &str,
 ) -> Result<Driven, StorageError> {
-    let ctx = ctx_for(state, &leased);
+    let ctx = ctx_for(state, &leased, trace_flags);
     let store = &state.store;
     let mut point = leased.recovery_point;
     let mut current = state_value(&leased.state);
@@ -367,7 +385,8 @@ pub async fn run(
     // The phases run on their own task: the work must not stop because the client left.
     let task = {
         let state = state.clone();
-        tokio::spawn(async move { drive(&state, op.as_ref(), leased).await })
+        let flags = call.info.trace.flags.clone();
+        tokio::spawn(async move { drive(&state, op.as_ref(), leased, &flags).await })
     };
     let driven = task.await.map_err(|e| {
         // A phase panicked: like a crash, the lease is left to lapse and the work resumes.
@@ -426,7 +445,7 @@ pub async fn complete_abandoned(state: &AppState, limit: u32) -> Result<usize, S
             continue;
         };
         if leased.attempts > config.max_attempts {
-            let ctx = ctx_for(state, &leased);
+            let ctx = ctx_for(state, &leased, SAMPLED);
             let current = state_value(&leased.state);
             let response = op.abandoned(&ctx, &leased.recovery_point, &current);
             tracing::warn!(
@@ -451,7 +470,7 @@ pub async fn complete_abandoned(state: &AppState, limit: u32) -> Result<usize, S
             }
             continue;
         }
-        match drive(state, op.as_ref(), leased).await {
+        match drive(state, op.as_ref(), leased, SAMPLED).await {
             Ok(Driven::Finished(_)) => finished += 1,
             Ok(Driven::Fenced | Driven::Paused(_)) => {}
             Err(e) => tracing::warn!(record, error = %e, "completer could not drive work"),

@@ -319,6 +319,36 @@ pub async fn card_flows_for_every_test_payment_method(base: &TestApp) {
         .await
         .unwrap();
     error_body(other, 404, "resource_not_found").await;
+    // Spec H42: the processor call continues the caller's trace with a new parent-id and
+    // the caller's flags.
+    let o = order(app, "2.00", "USD").await;
+    let inbound = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let traced = app
+        .a
+        .request(Method::POST, "/api/payments")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "traced")
+        .header("traceparent", inbound)
+        .body(json!({"order_id": o, "payment_method": "pm_card_visa"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.status(), 201);
+    let ledger = r.sandbox.ledger();
+    let outbound = ledger
+        .last()
+        .unwrap()
+        .traceparent
+        .clone()
+        .expect("traceparent sent");
+    let parts: Vec<&str> = outbound.split('-').collect();
+    assert_eq!(parts[0], "00");
+    assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
+    assert!(
+        parts[2].len() == 16 && parts[2] != "00f067aa0ba902b7",
+        "new parent-id"
+    );
+    assert_eq!(parts[3], "00", "flags kept");
     check_ledger(app).await;
     r.app.stop().await;
 }
