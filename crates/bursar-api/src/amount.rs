@@ -68,7 +68,8 @@ impl utoipa::PartialSchema for Amount {
             .description(Some(
                 "Positive amount with no more decimals than the currency's minor unit \
                  (USD 2, JPY 0, KWD 3). No exponent notation. Responses always render a \
-                 JSON number with exactly the currency's decimals.",
+                 JSON number with exactly the currency's decimals; balances and ledger \
+                 postings may be zero or negative.",
             ))
             .into()
     }

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::routes::{customers, orders, system};
+use super::routes::{customers, money, orders, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,12 @@ use super::routes::{customers, orders, system};
     paths(
         customers::create, customers::list, customers::get, customers::update,
         orders::create, orders::list, orders::get, orders::update, orders::cancel,
+        money::create_payment, money::list_payments, money::get_payment,
+        money::capture_payment, money::cancel_payment,
+        money::create_refund, money::list_refunds, money::get_refund,
+        money::balances, money::ledger_entries,
+        money::rates, money::create_quote, money::get_quote,
+        money::create_conversion, money::get_conversion,
         system::healthz, system::readyz,
     ),
     components(schemas(bursar_api::ErrorBody, bursar_api::FieldIssue)),
@@ -25,6 +31,10 @@ use super::routes::{customers, orders, system};
     tags(
         (name = "customers", description = "Who orders are for"),
         (name = "orders", description = "Amounts owed, with a state machine"),
+        (name = "payments", description = "Card payments through the processor: authorize, capture, cancel"),
+        (name = "refunds", description = "Refunds of captured payments, never more than captured"),
+        (name = "ledger", description = "Balances and the double-entry journal behind them"),
+        (name = "fx", description = "Rates, quotes that lock a rate, and conversions"),
         (name = "system", description = "Health and readiness"),
     )
 )]

@@ -4,9 +4,13 @@
 use axum::Json as AxumJson;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use bursar_api::{Balance, Conversion, LedgerEntry, List, Payment, Quote, Rate, Refund};
+use bursar_api::{
+    Balance, CapturePayment, Conversion, CreateConversion, CreatePayment, CreateQuote,
+    CreateRefund, ErrorBody, LedgerEntry, List, Payment, Quote, Rate, Refund,
+};
 use bursar_storage::money::PaymentFilter;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 use super::{parse_id, parse_page};
 use crate::http::error::ApiError;
@@ -14,17 +18,100 @@ use crate::http::extract::{Id, Params, if_none_match_hits};
 use crate::http::render;
 use crate::services::Call;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Page size, 1–100 (default 10).
+    #[param(value_type = Option<u32>)]
     pub limit: Option<String>,
+    /// The last id of the previous page.
+    #[param(value_type = Option<i64>)]
     pub starting_after: Option<String>,
-    /// Payments of this order only.
+    /// Payments of this order only (`GET /api/payments`).
+    #[param(value_type = Option<i64>)]
     pub order_id: Option<String>,
-    /// Refunds of this payment only.
+    /// Refunds of this payment only (`GET /api/refunds`).
+    #[param(value_type = Option<i64>)]
     pub payment_id: Option<String>,
 }
 
+// The creates are phased operations mounted by the operations registry
+// (`services::money`); these items only document them.
+
+#[utoipa::path(post, path = "/api/payments", tag = "payments", request_body = CreatePayment,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and request get the first answer; the processor is never charged twice.")),
+    responses(
+        (status = 201, description = "Authorized (`capture: false`) or captured", body = Payment,
+         headers(("ETag" = String), ("Location" = String))),
+        (status = 402, description = "card_declined: stored and replayed; `decline_code`, `payment_id`", body = ErrorBody),
+        (status = 409, description = "invalid_state (order not pending), idempotency_request_in_progress", body = ErrorBody),
+        (status = 503, description = "The processor did not answer; retry with the same key", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+#[allow(dead_code)]
+fn create_payment() {}
+
+#[utoipa::path(post, path = "/api/payments/{id}/capture", tag = "payments", request_body = CapturePayment,
+    params(("id" = i64, Path, description = "Payment id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "As for creates")),
+    responses(
+        (status = 200, description = "Captured; the rest of the authorization is released", body = Payment),
+        (status = 409, description = "invalid_state: only `requires_capture` payments", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+#[allow(dead_code)]
+fn capture_payment() {}
+
+#[utoipa::path(post, path = "/api/payments/{id}/cancel", tag = "payments",
+    params(("id" = i64, Path, description = "Payment id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "As for creates")),
+    responses(
+        (status = 200, description = "Voided", body = Payment),
+        (status = 409, description = "invalid_state: only `requires_capture` payments", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+#[allow(dead_code)]
+fn cancel_payment() {}
+
+#[utoipa::path(post, path = "/api/refunds", tag = "refunds", request_body = CreateRefund,
+    params(("Idempotency-Key" = Option<String>, Header, description = "As for creates")),
+    responses(
+        (status = 201, description = "Refunded", body = Refund, headers(("Location" = String))),
+        (status = 422, description = "refund_exceeds_captured (`refundable_minor`), validation_failed", body = ErrorBody),
+        (status = 502, description = "processor_error: the processor refused the refund", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+#[allow(dead_code)]
+fn create_refund() {}
+
+#[utoipa::path(post, path = "/api/quotes", tag = "fx", request_body = CreateQuote,
+    params(("Idempotency-Key" = Option<String>, Header, description = "As for creates")),
+    responses(
+        (status = 201, description = "A rate locked for `fx.quote_ttl_secs`; `to_amount` rounded half-even", body = Quote),
+        (status = 422, description = "rate_unavailable, validation_failed (`conversion_too_small`)", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+#[allow(dead_code)]
+fn create_quote() {}
+
+#[utoipa::path(post, path = "/api/conversions", tag = "fx", request_body = CreateConversion,
+    params(("Idempotency-Key" = Option<String>, Header, description = "As for creates")),
+    responses(
+        (status = 201, description = "Converted: exactly the quoted amounts moved", body = Conversion),
+        (status = 409, description = "quote_expired, quote_used", body = ErrorBody),
+        (status = 422, description = "insufficient_funds (`available_minor`)", body = ErrorBody),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+#[allow(dead_code)]
+fn create_conversion() {}
+
+#[utoipa::path(get, path = "/api/payments/{id}", tag = "payments",
+    params(("id" = i64, Path, description = "Payment id")),
+    responses((status = 200, description = "The payment", body = Payment, headers(("ETag" = String))),
+        (status = 304, description = "Not modified"),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn get_payment(call: Call, Id(id): Id, headers: HeaderMap) -> Result<Response, ApiError> {
     let p = call
         .state
@@ -42,6 +129,10 @@ pub async fn get_payment(call: Call, Id(id): Id, headers: HeaderMap) -> Result<R
     ))
 }
 
+#[utoipa::path(get, path = "/api/payments", tag = "payments", params(ListQuery),
+    responses((status = 200, description = "Newest first", body = List<Payment>),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn list_payments(
     call: Call,
     Params(q): Params<ListQuery>,
@@ -76,6 +167,11 @@ fn unknown_param(name: &str) -> ApiError {
     )])
 }
 
+#[utoipa::path(get, path = "/api/refunds/{id}", tag = "refunds",
+    params(("id" = i64, Path, description = "Refund id")),
+    responses((status = 200, description = "The refund", body = Refund),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn get_refund(call: Call, Id(id): Id) -> Result<AxumJson<Refund>, ApiError> {
     let r = call
         .state
@@ -86,6 +182,10 @@ pub async fn get_refund(call: Call, Id(id): Id) -> Result<AxumJson<Refund>, ApiE
     Ok(AxumJson(render::refund(&r)))
 }
 
+#[utoipa::path(get, path = "/api/refunds", tag = "refunds", params(ListQuery),
+    responses((status = 200, description = "Newest first", body = List<Refund>),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn list_refunds(
     call: Call,
     Params(q): Params<ListQuery>,
@@ -106,12 +206,20 @@ pub async fn list_refunds(
     )))
 }
 
+#[utoipa::path(get, path = "/api/balances", tag = "ledger",
+    responses((status = 200, description = "One object per currency", body = List<Balance>),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 /// `GET /api/balances`: every currency the account has moved, with its ledger accounts.
 pub async fn balances(call: Call) -> Result<AxumJson<List<Balance>>, ApiError> {
     let all = call.state.store.balances(call.auth.account_id).await?;
     Ok(AxumJson(List::new(render::balances(&all), false)))
 }
 
+#[utoipa::path(get, path = "/api/ledger_entries", tag = "ledger", params(ListQuery),
+    responses((status = 200, description = "Journal entries with their postings, newest first", body = List<LedgerEntry>),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn ledger_entries(
     call: Call,
     Params(q): Params<ListQuery>,
@@ -130,6 +238,10 @@ pub async fn ledger_entries(
     )))
 }
 
+#[utoipa::path(get, path = "/api/rates", tag = "fx",
+    responses((status = 200, description = "Market rates with when each was set", body = List<Rate>),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 /// `GET /api/rates`: the market rates quotes are made from, with when each was set.
 pub async fn rates(call: Call) -> Result<AxumJson<List<Rate>>, ApiError> {
     let all = call.state.store.rates().await?;
@@ -139,6 +251,11 @@ pub async fn rates(call: Call) -> Result<AxumJson<List<Rate>>, ApiError> {
     )))
 }
 
+#[utoipa::path(get, path = "/api/quotes/{id}", tag = "fx",
+    params(("id" = i64, Path, description = "Quote id")),
+    responses((status = 200, description = "The quote", body = Quote),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn get_quote(call: Call, Id(id): Id) -> Result<AxumJson<Quote>, ApiError> {
     let q = call
         .state
@@ -149,6 +266,11 @@ pub async fn get_quote(call: Call, Id(id): Id) -> Result<AxumJson<Quote>, ApiErr
     Ok(AxumJson(render::quote(&q)))
 }
 
+#[utoipa::path(get, path = "/api/conversions/{id}", tag = "fx",
+    params(("id" = i64, Path, description = "Conversion id")),
+    responses((status = 200, description = "The conversion", body = Conversion),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn get_conversion(call: Call, Id(id): Id) -> Result<AxumJson<Conversion>, ApiError> {
     let c = call
         .state
