@@ -3,6 +3,10 @@
 -- operation_id names the idempotency record whose phased work wrote the row: a rerun of that
 -- work finds its row, and can never write a second one.
 
+-- The payment being made or authorized for an order (the idempotency record of its work):
+-- claimed before the processor is called, so a second payment of the order cannot start.
+ALTER TABLE orders ADD COLUMN payment_operation_id BIGINT;
+
 CREATE TABLE payments (
     id              BIGINT  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account_id      BIGINT  NOT NULL REFERENCES accounts (id),

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use bursar_domain::ledger::{Entry, Posting};
-use bursar_domain::{AccountId, Currency, Timestamp};
+use bursar_domain::{AccountId, Currency, OrderStatus, Timestamp};
 use bursar_storage::money::*;
 use bursar_storage::operations::{FINISHED, fenced_unless_one};
 use bursar_storage::{
@@ -238,6 +238,27 @@ async fn follow_order(
     Ok(())
 }
 
+/// Releases the order's payment claim held by the work of `operation` (the payment failed
+/// or was voided), so the order can be paid again.
+async fn release_order(
+    tx: &mut Tx,
+    account: AccountId,
+    order_id: i64,
+    operation: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE orders SET payment_operation_id = NULL \
+         WHERE account_id = ? AND id = ? AND payment_operation_id = ?",
+    )
+    .bind(account)
+    .bind(order_id)
+    .bind(operation)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
 async fn payment_in(tx: &mut Tx, account: AccountId, id: i64) -> Result<Payment> {
     let row = sqlx::query(concat!(
         "SELECT ",
@@ -290,6 +311,40 @@ async fn settle_authorization(
 
 #[async_trait]
 impl MoneyStore for SqliteStore {
+    async fn claim_order(&self, meta: &WriteMeta, step: &Step, order_id: i64) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        let claimed = sqlx::query(
+            "UPDATE orders SET payment_operation_id = ? WHERE account_id = ? AND id = ? \
+             AND status = 'pending' AND (payment_operation_id IS NULL OR payment_operation_id = ?)",
+        )
+        .bind(step.lease.record_id)
+        .bind(meta.account_id)
+        .bind(order_id)
+        .bind(step.lease.record_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        if claimed.rows_affected() != 1 {
+            let row = sqlx::query("SELECT status FROM orders WHERE account_id = ? AND id = ?")
+                .bind(meta.account_id)
+                .bind(order_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err)?;
+            let Some(row) = row else {
+                return Err(StorageError::NotFound);
+            };
+            let status = decode::status(row.get("status"))?;
+            return Err(StorageError::Rule(if status == OrderStatus::Pending {
+                Rule::OrderPaymentInProgress
+            } else {
+                Rule::OrderNotPayable(status)
+            }));
+        }
+        commit_step(&mut tx, step, None, order_id).await?;
+        tx.commit().await.map_err(err)
+    }
+
     async fn record_payment(
         &self,
         meta: &WriteMeta,
@@ -344,6 +399,9 @@ impl MoneyStore for SqliteStore {
             post_entry(&mut tx, meta.account_id, &capture, reference, meta.at).await?;
         }
         append_event(&mut tx, meta, NewEvent::for_payment(kind, &p)).await?;
+        if p.status == PaymentStatus::Failed {
+            release_order(&mut tx, meta.account_id, p.order_id, step.lease.record_id).await?;
+        }
         if p.status == PaymentStatus::Succeeded {
             follow_order(&mut tx, meta, p.order_id, PAID, p.captured_minor).await?;
         }
@@ -403,6 +461,12 @@ impl MoneyStore for SqliteStore {
         )
         .await?;
         append_event(&mut tx, meta, NewEvent::for_payment("canceled", &p)).await?;
+        let operation: i64 = sqlx::query_scalar("SELECT operation_id FROM payments WHERE id = ?")
+            .bind(p.id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        release_order(&mut tx, meta.account_id, p.order_id, operation).await?;
         commit_step(&mut tx, step, Some(&respond(&p)), p.id).await?;
         tx.commit().await.map_err(err)?;
         Ok(p)

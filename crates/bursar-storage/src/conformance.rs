@@ -52,7 +52,8 @@ macro_rules! conformance_tests {
             concurrent_refunds_never_exceed_the_capture,
             conversions_move_available_funds_once,
             concurrent_conversions_never_overdraw,
-            money_is_scoped_to_its_account
+            money_is_scoped_to_its_account,
+            an_order_takes_one_payment_at_a_time
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -9,7 +9,7 @@
 
 use async_trait::async_trait;
 use bursar_domain::ledger::{EntryKind, LedgerAccount, Posting};
-use bursar_domain::{AccountId, Currency, Money, Timestamp};
+use bursar_domain::{AccountId, Currency, Money, OrderStatus, Timestamp};
 use serde::Serialize;
 
 use crate::{Lease, Page, PageRequest, Result, StoredResponse, WriteMeta};
@@ -237,6 +237,10 @@ pub struct JournalEntry {
 pub enum Rule {
     /// The payment is not in a status the command applies to.
     PaymentState(PaymentStatus),
+    /// The order is not pending: it takes no payment.
+    OrderNotPayable(OrderStatus),
+    /// Another payment of the order is being made or is authorized; cancel it first.
+    OrderPaymentInProgress,
     /// The refund asks for more than what is captured and not yet refunded.
     RefundExceedsCaptured {
         refundable_minor: i64,
@@ -258,9 +262,16 @@ pub struct PaymentFilter {
 
 #[async_trait]
 pub trait MoneyStore: Send + Sync {
+    /// Claims a pending order for the payment made by the step's work and commits `step`
+    /// (an advance), so no second payment of the order starts while this one is made or
+    /// authorized. The claim is released when the payment fails or is voided. `NotFound`,
+    /// `Rule(OrderNotPayable)` or `Rule(OrderPaymentInProgress)` otherwise.
+    async fn claim_order(&self, meta: &WriteMeta, step: &Step, order_id: i64) -> Result<()>;
+
     /// Inserts the payment with its ledger entry (authorization, and capture when captured)
     /// and events (`payment.authorized`, `payment.succeeded` or `payment.failed`), moves a
-    /// pending order captured in full to paid (`order.paid`), and commits `step`.
+    /// pending order captured in full to paid (`order.paid`), releases the order's claim if
+    /// the payment failed, and commits `step`.
     async fn record_payment(
         &self,
         meta: &WriteMeta,
@@ -281,7 +292,8 @@ pub trait MoneyStore: Send + Sync {
         respond: Respond<'_, Payment>,
     ) -> Result<Payment>;
 
-    /// Records the void of an authorized payment (`payment.canceled`) and `step`.
+    /// Records the void of an authorized payment (`payment.canceled`), releases the order's
+    /// claim, and commits `step`.
     async fn void_payment(
         &self,
         meta: &WriteMeta,

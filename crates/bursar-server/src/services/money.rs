@@ -28,7 +28,7 @@ use bursar_api::{
     FieldIssue,
 };
 use bursar_domain::fx::{self, FxError, Rate};
-use bursar_domain::{Currency, Money, OrderStatus, Timestamp};
+use bursar_domain::{Currency, Money, Timestamp};
 use bursar_storage::money::{
     Conversion, FxRate, NewPayment, NewQuote, Payment, PaymentStatus, Quote, Refund, RefundOutcome,
 };
@@ -118,6 +118,19 @@ fn refusal(ctx: &PhaseCtx, e: StorageError, what: &str) -> Result<Phase, PhaseEr
         StorageError::Rule(Rule::PaymentState(current)) => {
             payment_state(current, "the request does not apply to it")
         }
+        StorageError::Rule(Rule::OrderNotPayable(current)) => ApiError::new(
+            ErrorCode::InvalidState,
+            format!(
+                "The order is {}; only pending orders take payments.",
+                current.as_str()
+            ),
+        )
+        .with_extra("current_status", current.as_str()),
+        StorageError::Rule(Rule::OrderPaymentInProgress) => ApiError::new(
+            ErrorCode::InvalidState,
+            "Another payment of this order is in progress or authorized; cancel it first.",
+        )
+        .with_extra("current_status", "pending"),
         StorageError::Rule(Rule::RefundExceedsCaptured { refundable_minor }) => ApiError::new(
             ErrorCode::RefundExceedsCaptured,
             format!(
@@ -210,17 +223,6 @@ impl Operation for CreatePaymentOp {
                 let Some(order) = store.get_order(ctx.account_id, req.order_id).await? else {
                     return refuse(ctx, ApiError::not_found("order"));
                 };
-                if order.status != OrderStatus::Pending {
-                    let err = ApiError::new(
-                        ErrorCode::InvalidState,
-                        format!(
-                            "The order is {}; only pending orders take payments.",
-                            order.status.as_str()
-                        ),
-                    )
-                    .with_extra("current_status", order.status.as_str());
-                    return refuse(ctx, err);
-                }
                 let amount = match &req.amount {
                     None => order.amount,
                     Some(a) => match money_in("amount", a, order.amount.currency) {
@@ -245,10 +247,17 @@ impl Operation for CreatePaymentOp {
                     payment_method: req.payment_method,
                     capture: req.capture.unwrap_or(true),
                 };
-                Ok(Phase::Advance {
-                    to: AUTHORIZING.into(),
-                    state: serde_json::to_value(next).expect("plain data serialises"),
-                })
+                // The order is claimed with the recovery point: from here on the charge may
+                // happen, and no second payment of the order can start.
+                let next = serde_json::to_value(next).expect("plain data serialises");
+                let step = ctx.advance_step(STARTED, AUTHORIZING, &next);
+                match store.claim_order(&ctx.write_meta(), &step, order.id).await {
+                    Ok(()) => Ok(Phase::Advanced {
+                        to: AUTHORIZING.into(),
+                        state: next,
+                    }),
+                    Err(e) => refusal(ctx, e, "order"),
+                }
             }
             AUTHORIZING => {
                 let a: Authorizing = serde_json::from_value(state.clone())

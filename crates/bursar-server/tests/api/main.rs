@@ -67,4 +67,5 @@ api_suite!(
     concurrent_refunds_never_exceed_the_capture,
     conversions_round_half_even_and_refuse_cleanly,
     random_money_traffic_keeps_the_ledger_balanced,
+    an_order_is_charged_once_under_concurrent_payments,
 );

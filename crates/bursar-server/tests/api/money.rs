@@ -863,3 +863,43 @@ async fn record(
         _ => {}
     }
 }
+
+/// Ten payments of one order sent at once under different keys (a double-clicked pay
+/// button): one is charged; the others are told the order has a payment in progress.
+pub async fn an_order_is_charged_once_under_concurrent_payments(base: &TestApp) {
+    let r = rig(base, |_| {}).await;
+    let app = &r.app;
+    let o = order(app, "19.99", "USD").await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let a = app.a.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = a
+                .request(Method::POST, "/api/payments")
+                .header("content-type", "application/json")
+                .header("idempotency-key", format!("click-{i}"))
+                .body(json!({"order_id": o, "payment_method": "pm_card_visa"}).to_string())
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut paid = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (201, _) => paid += 1,
+            (409, body) => assert_eq!(body["error_code"], "invalid_state", "{body}"),
+            (status, body) => panic!("unexpected {status}: {body}"),
+        }
+    }
+    assert_eq!(paid, 1);
+    assert_eq!(kinds(&r.sandbox, "authorization"), 1, "one charge");
+    assert_eq!(
+        get(app, &format!("/api/orders/{o}")).await["status"],
+        "paid"
+    );
+    check_ledger(app).await;
+    r.app.stop().await;
+}

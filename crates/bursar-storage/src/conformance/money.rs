@@ -617,3 +617,108 @@ pub async fn money_is_scoped_to_its_account(s: Store) {
     );
     check_ledger(&s, a).await;
 }
+
+pub async fn an_order_takes_one_payment_at_a_time(s: Store) {
+    let a = account(&s, "a").await;
+    let other = account(&s, "b").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1000).await;
+    let claim = |l: Lease| advance(l, "authorizing");
+    let record = |l: Lease| Step {
+        from: "authorizing".into(),
+        ..finish(l)
+    };
+    let first = lease(&s, a, "p1").await;
+    s.claim_order(&meta(a), &claim(first), o.id).await.unwrap();
+    // The step committed: repeating it is fenced (a rerun resumes at `authorizing`).
+    assert!(matches!(
+        s.claim_order(&meta(a), &claim(first), o.id).await,
+        Err(StorageError::Fenced)
+    ));
+    // Another payment's work cannot claim the order.
+    let second = lease(&s, a, "p2").await;
+    let busy = s.claim_order(&meta(a), &claim(second), o.id).await;
+    assert!(
+        matches!(busy, Err(StorageError::Rule(Rule::OrderPaymentInProgress))),
+        "{busy:?}"
+    );
+    // A decline releases the order.
+    s.record_payment(
+        &meta(a),
+        &record(first),
+        NewPayment {
+            processor_id: None,
+            failure: Some(("card_declined".into(), "declined".into())),
+            ..new_payment(&o, PaymentStatus::Failed, 0)
+        },
+        &answer,
+    )
+    .await
+    .unwrap();
+    s.claim_order(&meta(a), &claim(second), o.id).await.unwrap();
+    let authorized = s
+        .record_payment(
+            &meta(a),
+            &record(second),
+            new_payment(&o, PaymentStatus::RequiresCapture, 0),
+            &answer,
+        )
+        .await
+        .unwrap();
+    // Authorized: still claimed. Voided: free again.
+    let third = lease(&s, a, "p3").await;
+    assert!(matches!(
+        s.claim_order(&meta(a), &claim(third), o.id).await,
+        Err(StorageError::Rule(Rule::OrderPaymentInProgress))
+    ));
+    let v = lease(&s, a, "void").await;
+    s.void_payment(&meta(a), &finish(v), authorized.id, &answer)
+        .await
+        .unwrap();
+    s.claim_order(&meta(a), &claim(third), o.id).await.unwrap();
+    s.record_payment(
+        &meta(a),
+        &record(third),
+        new_payment(&o, PaymentStatus::Succeeded, 1000),
+        &answer,
+    )
+    .await
+    .unwrap();
+    // Paid: not payable any more.
+    let fourth = lease(&s, a, "p4").await;
+    assert!(matches!(
+        s.claim_order(&meta(a), &claim(fourth), o.id).await,
+        Err(StorageError::Rule(Rule::OrderNotPayable(OrderStatus::Paid)))
+    ));
+    // Unknown, or another account's, order.
+    assert!(matches!(
+        s.claim_order(&meta(a), &claim(fourth), o.id + 1000).await,
+        Err(StorageError::NotFound)
+    ));
+    let theirs = lease(&s, other, "p5").await;
+    assert!(matches!(
+        s.claim_order(&meta(other), &claim(theirs), o.id).await,
+        Err(StorageError::NotFound)
+    ));
+    // Concurrent claims of one pending order: one wins.
+    let o2 = order(&s, a, c.id, 500).await;
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let l = lease(&s, a, &format!("race-{i}")).await;
+            s.claim_order(&meta(a), &advance(l, "authorizing"), o2.id)
+                .await
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(StorageError::Rule(Rule::OrderPaymentInProgress)) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    check_ledger(&s, a).await;
+}
