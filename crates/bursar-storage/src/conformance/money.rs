@@ -258,6 +258,14 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
         (captured.status, captured.captured_minor, captured.version),
         (PaymentStatus::Succeeded, 600, 2)
     );
+    let events: Vec<String> = s
+        .events_for(a, "payment", p.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(events, ["payment.authorized", "payment.captured"]);
     let b = s.balances(a).await.unwrap();
     assert_eq!(balance(&b, LedgerAccount::Pending, "USD"), 0);
     assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 600);
