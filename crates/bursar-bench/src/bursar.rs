@@ -32,17 +32,15 @@ pub async fn store(backend: Backend, database_url: Option<&str>) -> Result<(Scra
     Ok((scratch, ["--database-url".into(), db_url.as_str().into()]))
 }
 
-/// A `bursar` command that sees only our store flags: a stray `BURSAR_DATABASE_URL` (etc.) in
-/// the environment would otherwise point it at some other store.
+/// A `bursar` command that sees only our store flags: a stray `BURSAR_DATABASE_URL` in the
+/// environment would otherwise point it at some other store, `BURSAR_PROCESSOR__URL` at some
+/// other processor than its in-process sandbox (etc.), so no `BURSAR_*` variable gets through.
 fn command(bin: &Path, flags: &Flags, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin);
-    for var in [
-        "BURSAR_CONFIG",
-        "BURSAR_DATA_DIR",
-        "BURSAR_DATABASE_URL",
-        "BURSAR_LISTEN",
-    ] {
-        cmd.env_remove(var);
+    for (var, _) in std::env::vars_os() {
+        if var.as_encoded_bytes().starts_with(b"BURSAR_") {
+            cmd.env_remove(var);
+        }
     }
     cmd.args(args)
         .args(flags)

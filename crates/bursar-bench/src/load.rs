@@ -4,12 +4,13 @@
 //! what a pool of API clients does, and it cannot overload the target into measuring its queue.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use axum::body::Bytes;
-use reqwest::Client;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{Client, RequestBuilder};
 use serde_json::Value;
 
 /// How the load generator talks to one server (the baseline or Bursar).
@@ -18,6 +19,8 @@ pub struct Target {
     client: Client,
     /// `http://127.0.0.1:PORT/…/orders`: creates POST here, gets GET `{orders_url}/{id}`.
     orders_url: String,
+    /// `…/payments` beside the orders: payments POST here, captures to `{payments_url}/{id}/capture`.
+    payments_url: String,
     /// Full `Authorization` header value, if the target wants one.
     auth: Option<String>,
     /// Body of every create; built once so the client does no per-request work.
@@ -38,12 +41,37 @@ impl Target {
         create_body: String,
     ) -> Target {
         let (client, create_body) = (client.clone(), create_body.into());
+        let payments_url = orders_url.replace("/orders", "/payments");
         Target {
             name,
             client,
             orders_url,
+            payments_url,
             auth,
             create_body,
+        }
+    }
+
+    /// A JSON POST, under `key` if any.
+    fn post(
+        &self,
+        url: &str,
+        body: impl Into<reqwest::Body>,
+        key: Option<String>,
+    ) -> RequestBuilder {
+        let req = self.client.post(url);
+        let req = req.header(CONTENT_TYPE, "application/json").body(body);
+        match key {
+            Some(key) => req.header("idempotency-key", key),
+            None => req,
+        }
+    }
+
+    /// Adds the `Authorization` header, if the target wants one.
+    fn authed(&self, req: RequestBuilder) -> RequestBuilder {
+        match &self.auth {
+            Some(auth) => req.header(AUTHORIZATION, auth),
+            None => req,
         }
     }
 }
@@ -56,6 +84,9 @@ pub enum Op {
     Get,
     /// GET the baseline's hello-world route: the floor of any HTTP handler.
     Hello,
+    /// Pay a pending order created earlier: `POST /api/payments` (capture false), then
+    /// `POST /api/payments/{id}/capture`. One op, two requests; a failure of either fails it.
+    Pay,
 }
 
 impl Op {
@@ -64,15 +95,17 @@ impl Op {
             Op::Create => "create",
             Op::Get => "get",
             Op::Hello => "hello",
+            Op::Pay => "pay",
         }
     }
 }
 
-/// `Idempotency-Key` on creates.
+/// `Idempotency-Key` on creates (and on both requests of a payment).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Keys {
     None,
-    /// A new key per request: every create runs (and stores its response).
+    /// A new key per request, never used before in this run: every request runs (and stores
+    /// its response).
     Fresh,
     /// One key for all requests: after the first, every create is a replay.
     Fixed,
@@ -87,7 +120,8 @@ pub struct Sample {
     pub errors: u64,
     /// Total length of the measured windows.
     measured: Duration,
-    /// Ids of the orders created (create phases only), for the get phase.
+    /// Ids of the orders created (create phases), for the get or pay phase; after a pay phase,
+    /// the ids it was given and did not pay.
     pub ids: Vec<String>,
 }
 
@@ -131,11 +165,31 @@ struct Phase {
     target: Arc<Target>,
     op: Op,
     keys: Keys,
-    /// Orders to get; task `i` takes `i`, `i + concurrency`, … (round robin).
+    /// `Fresh` keys are `{key_prefix}-{task}-{n}`; the prefix is new in every phase, so a key
+    /// is never sent twice in a run (a repeat would be a replay).
+    key_prefix: String,
+    /// Orders to get (task `i` takes `i`, `i + concurrency`, …, round robin) or to pay (each
+    /// once, in the order `taken` hands them out).
     ids: Vec<String>,
+    /// How many of `ids` pay ops have taken.
+    taken: AtomicUsize,
     concurrency: usize,
     warm_end: Instant,
     end: Instant,
+}
+
+/// Phases started in this run, for [`Phase::key_prefix`].
+static PHASES: AtomicU64 = AtomicU64::new(0);
+
+impl Phase {
+    /// The `Idempotency-Key` of the `sent`-th request of task `task`.
+    fn key(&self, task: usize, sent: u64) -> Option<String> {
+        match self.keys {
+            Keys::None => None,
+            Keys::Fresh => Some(format!("{}-{task}-{sent}", self.key_prefix)),
+            Keys::Fixed => Some("bench-replay".to_owned()),
+        }
+    }
 }
 
 /// Runs `concurrency` tasks back-to-back for warm-up plus duration. Every task stops by itself:
@@ -148,18 +202,22 @@ pub async fn run_phase(
     s: Settings,
 ) -> Result<Sample> {
     ensure!(
-        op != Op::Get || !ids.is_empty(),
-        "{}: nothing to get",
-        target.name
+        !matches!(op, Op::Get | Op::Pay) || !ids.is_empty(),
+        "{}: no orders to {}",
+        target.name,
+        op.name()
     );
     let (target, concurrency) = (target.clone(), s.concurrency);
     let warm_end = Instant::now() + s.warmup;
     let end = warm_end + s.duration;
+    let key_prefix = format!("bench-{}", PHASES.fetch_add(1, Ordering::Relaxed));
     let phase = Arc::new(Phase {
         target,
         op,
         keys,
+        key_prefix,
         ids,
+        taken: AtomicUsize::new(0),
         concurrency,
         warm_end,
         end,
@@ -171,44 +229,53 @@ pub async fn run_phase(
         sample.absorb(task.await.context("load task panicked")?);
     }
     sample.measured = s.duration;
+    if op == Op::Pay {
+        let taken = phase.taken.load(Ordering::Relaxed).min(phase.ids.len());
+        sample.ids = phase.ids[taken..].to_vec();
+    }
     Ok(sample)
 }
 
 /// One closed-loop client.
-async fn worker(p: Arc<Phase>, mut next: usize) -> Sample {
+async fn worker(p: Arc<Phase>, task: usize) -> Sample {
     let (t, mut s) = (&p.target, Sample::default());
-    let mut sent = 0_u64;
+    let (mut next, mut sent) = (task, 0_u64);
+    let mut key = || {
+        sent += 1;
+        p.key(task, sent)
+    };
     loop {
         let start = Instant::now();
         if start >= p.end {
             return s;
         }
-        let req = match p.op {
-            Op::Create => {
-                let req = t
-                    .client
-                    .post(&t.orders_url)
-                    .header(CONTENT_TYPE, "application/json")
-                    .body(t.create_body.clone());
-                sent += 1;
-                match p.keys {
-                    Keys::None => req,
-                    Keys::Fresh => req.header("idempotency-key", format!("bench-{next}-{sent}")),
-                    Keys::Fixed => req.header("idempotency-key", "bench-replay"),
-                }
-            }
-            Op::Hello => t.client.get(t.hello_url()),
+        let done = match p.op {
+            Op::Create => send(t.authed(t.post(&t.orders_url, t.create_body.clone(), key())))
+                .await
+                .and_then(|body| new_id(&body, None).map(Some)),
+            Op::Hello => send(t.authed(t.client.get(t.hello_url())))
+                .await
+                .map(|_| None),
             Op::Get => {
                 let id = &p.ids[next % p.ids.len()];
                 next = next.wrapping_add(p.concurrency);
-                t.client.get(format!("{}/{id}", t.orders_url))
+                let req = t.client.get(format!("{}/{id}", t.orders_url));
+                send(t.authed(req)).await.map(|_| None)
+            }
+            Op::Pay => {
+                let taken = p.taken.fetch_add(1, Ordering::Relaxed);
+                let Some(order) = p.ids.get(taken) else {
+                    // The supply was sized too small: stop rather than pay an order twice.
+                    if taken == p.ids.len() {
+                        eprintln!("error: {} pay: all {taken} pending orders paid", t.name);
+                    }
+                    s.errors += 1;
+                    return s;
+                };
+                pay(t, order, &mut key).await.map(|()| None)
             }
         };
-        let req = match &t.auth {
-            Some(auth) => req.header(AUTHORIZATION, auth),
-            None => req,
-        };
-        match send(req, p.op).await {
+        match done {
             Ok(id) => {
                 if start >= p.warm_end {
                     s.latencies_us.push(micros(start.elapsed()));
@@ -226,28 +293,90 @@ async fn worker(p: Arc<Phase>, mut next: usize) -> Sample {
     }
 }
 
-/// Sends one request and reads the whole body (so the connection is reused); returns the new
-/// order's id for creates.
-async fn send(req: reqwest::RequestBuilder, op: Op) -> Result<Option<String>, String> {
+/// Pays `order` in full without capture, then captures the payment.
+async fn pay(
+    t: &Target,
+    order: &str,
+    key: &mut impl FnMut() -> Option<String>,
+) -> Result<(), String> {
+    // Ids go into the body with their JSON type: a number as a number.
+    let order_id = order
+        .parse::<i64>()
+        .map_or_else(|_| Value::from(order), Value::from);
+    let body =
+        format!(r#"{{"order_id":{order_id},"payment_method":"pm_card_visa","capture":false}}"#);
+    let resp = send(t.authed(t.post(&t.payments_url, body, key()))).await;
+    let created = resp.and_then(|body| new_id(&body, Some("requires_capture")));
+    let payment = created.map_err(|e| format!("paying order {order}: {e}"))?;
+    let url = format!("{}/{payment}/capture", t.payments_url);
+    let resp = send(t.authed(t.post(&url, "{}", key()))).await;
+    let captured = resp.and_then(|body| new_id(&body, Some("succeeded")));
+    captured.map_err(|e| format!("capturing payment {payment} of order {order}: {e}"))?;
+    Ok(())
+}
+
+/// Creates `n` orders outside any measured window (the supply of a pay phase), `concurrency`
+/// at a time; returns a sample with their ids and the failures, and no latencies.
+pub async fn create_orders(target: &Arc<Target>, n: usize, concurrency: usize) -> Result<Sample> {
+    let started = Arc::new(AtomicUsize::new(0));
+    let spawn = |_| {
+        let (t, started) = (target.clone(), started.clone());
+        tokio::spawn(async move {
+            let mut s = Sample::default();
+            while started.fetch_add(1, Ordering::Relaxed) < n {
+                let req = t.authed(t.post(&t.orders_url, t.create_body.clone(), None));
+                match send(req).await.and_then(|body| new_id(&body, None)) {
+                    Ok(id) => s.ids.push(id),
+                    Err(msg) => {
+                        s.errors += 1;
+                        if s.errors <= 3 {
+                            eprintln!("error: {} create (supply): {msg}", t.name);
+                        }
+                    }
+                }
+            }
+            s
+        })
+    };
+    let tasks: Vec<_> = (0..concurrency).map(spawn).collect();
+    let mut sample = Sample::default();
+    for task in tasks {
+        sample.absorb(task.await.context("load task panicked")?);
+    }
+    Ok(sample)
+}
+
+/// Sends one request and reads the whole body (so the connection is reused); a non-2xx answer
+/// is an error.
+async fn send(req: RequestBuilder) -> Result<Bytes, String> {
     let resp = req.send().await.map_err(|e| format!("transport: {e}"))?;
     let status = resp.status();
     let body = resp.bytes().await.map_err(|e| format!("body: {e}"))?;
-    let text = || {
-        format!(
-            "{status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(200)])
-        )
-    };
     if !status.is_success() {
-        return Err(text());
-    } else if op != Op::Create {
-        return Ok(None);
+        return Err(format!("{status}: {}", excerpt(&body)));
     }
-    match id_of(&body) {
-        // A string id goes into the URL as is, a number as its digits.
-        Some(Value::String(id)) => Ok(Some(id)),
-        Some(id) => Ok(Some(id.to_string())),
-        None => Err(format!("no \"id\" in {}", text())),
+    Ok(body)
+}
+
+/// The start of a body, for error messages.
+fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
+}
+
+/// The `"id"` of a created resource (a string id goes into a URL as is, a number as its
+/// digits), if its `"status"` is `want` (when given).
+fn new_id(body: &[u8], want: Option<&str>) -> Result<String, String> {
+    let value: Option<Value> = serde_json::from_slice(body).ok();
+    let field = |name| value.as_ref().and_then(|v| v.get(name));
+    if let Some(want) = want
+        && field("status").and_then(Value::as_str) != Some(want)
+    {
+        return Err(format!("expected status {want:?} in {}", excerpt(body)));
+    }
+    match field("id") {
+        Some(Value::String(id)) => Ok(id.clone()),
+        Some(id @ Value::Number(_)) => Ok(id.to_string()),
+        _ => Err(format!("no \"id\" in {}", excerpt(body))),
     }
 }
 
@@ -271,5 +400,13 @@ mod tests {
         assert_eq!((s.percentile_us(50), s.percentile_us(99)), (50, 99));
         assert_eq!(Sample::default().percentile_us(50), 0);
         assert_eq!(id_of(br#"{"id":42}"#), Some(serde_json::json!(42)));
+        assert_eq!(new_id(br#"{"id":"ord_1"}"#, None).as_deref(), Ok("ord_1"));
+        let payment = br#"{"id":7,"status":"requires_capture"}"#;
+        assert_eq!(
+            new_id(payment, Some("requires_capture")).as_deref(),
+            Ok("7")
+        );
+        assert!(new_id(payment, Some("succeeded")).is_err());
+        assert!(new_id(br#"{"status":"succeeded"}"#, Some("succeeded")).is_err());
     }
 }

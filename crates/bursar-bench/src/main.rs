@@ -1,6 +1,8 @@
 //! `bursar-bench`: measures Bursar against a bare axum + sqlx baseline in the same run and
 //! prints the ratio. Absolute numbers depend on the machine; the ratio is what compares across
 //! machines and commits, and interleaving the targets (A B A B) keeps drift from favouring one.
+//! The `payments` scenario needs no baseline: both sides of its ratio are Bursar (payments
+//! against its own order creates, phase after phase in each round).
 
 mod baseline;
 mod bursar;
@@ -53,7 +55,9 @@ struct Args {
     baseline_only: bool,
     /// `crud`: create then get, against the bare insert and select. `idempotency`: Bursar
     /// creates with a fresh Idempotency-Key each against the bare insert, then Bursar replays
-    /// of one completed key against a hello-world handler.
+    /// of one completed key against a hello-world handler. `payments`: Bursar only (no
+    /// baseline), order creates, then pays orders created earlier (create with capture false,
+    /// then capture: one op) through the sandbox processor running inside `bursar serve`.
     #[arg(long, value_enum, default_value_t = Scenario::Crud)]
     scenario: Scenario,
 }
@@ -62,6 +66,7 @@ struct Args {
 enum Scenario {
     Crud,
     Idempotency,
+    Payments,
 }
 
 impl Scenario {
@@ -74,6 +79,8 @@ impl Scenario {
                 [(Op::Create, Keys::Fresh), (Op::Create, Keys::Fixed)]
             }
             Scenario::Idempotency => [(Op::Create, Keys::None), (Op::Hello, Keys::None)],
+            // A real client sends a key of its own with every payment request.
+            Scenario::Payments => [(Op::Create, Keys::None), (Op::Pay, Keys::Fresh)],
         }
     }
 
@@ -82,11 +89,12 @@ impl Scenario {
         match self {
             Scenario::Crud => ["create", "get"],
             Scenario::Idempotency => ["create", "replay"],
+            Scenario::Payments => ["create", "pay"],
         }
     }
 }
 
-/// Per target: name, pooled create sample, pooled get sample.
+/// Per target: name, pooled sample of the first phase, pooled sample of the second.
 type Results = Vec<(&'static str, Sample, Sample)>;
 
 fn main() -> Result<ExitCode> {
@@ -101,6 +109,10 @@ fn main() -> Result<ExitCode> {
         positive,
         "--concurrency, --duration-secs and --rounds must be at least 1"
     );
+    ensure!(
+        !(args.scenario == Scenario::Payments && args.baseline_only),
+        "--scenario payments measures Bursar only; drop --baseline-only"
+    );
     // The load generator's runtime; the baseline server gets a runtime of its own.
     let rt = tokio::runtime::Runtime::new().context("building the tokio runtime")?;
     let results = rt.block_on(run(&args))?;
@@ -112,27 +124,33 @@ async fn run(args: &Args) -> Result<Results> {
     // One client for everything: HTTP/1.1 with keep-alive, as a typical API client uses.
     let client = Client::builder().http1_only().no_proxy();
     let client = client.timeout(Duration::from_secs(10)).build()?;
+    if args.scenario == Scenario::Payments {
+        // Both sides of the ratio are Bursar: no baseline to start.
+        let bin = args.bursar_bin.as_deref().context("no --bursar-bin")?;
+        return with_bursar(args, bin, &client, None).await;
+    }
     let url = args.database_url.as_deref();
     let baseline = baseline::Baseline::start(args.backend, url).await?;
     let base = Arc::new(baseline.target(&client));
     let results = match args.bursar_bin.as_deref() {
-        Some(bin) if !args.baseline_only => with_bursar(args, bin, &client, base).await,
+        Some(bin) if !args.baseline_only => with_bursar(args, bin, &client, Some(base)).await,
         _ => measure(args, &[base]).await,
     };
     finish(results, baseline.stop().await)
 }
 
-/// Adds Bursar beside the baseline; its process and store go away on every path.
+/// Adds Bursar beside the baseline (if any); its process and store go away on every path.
 async fn with_bursar(
     args: &Args,
     bin: &Path,
     client: &Client,
-    base: Arc<Target>,
+    base: Option<Arc<Target>>,
 ) -> Result<Results> {
     let (scratch, flags) = bursar::store(args.backend, args.database_url.as_deref()).await?;
     let results = async {
         let (mut child, target) = bursar::start(bin, &flags, client).await?;
-        let results = measure(args, &[base, Arc::new(target)]).await;
+        let targets: Vec<_> = base.into_iter().chain([Arc::new(target)]).collect();
+        let results = measure(args, &targets).await;
         finish(results, child.kill().await.context("killing bursar"))
     };
     let results = results.await;
@@ -148,7 +166,7 @@ fn finish<T>(work: Result<T>, cleanup: Result<()>) -> Result<T> {
     cleanup.map(|()| value)
 }
 
-/// Runs the rounds, each target create-then-get in turn, and pools the samples per target.
+/// Runs the rounds, each target's two phases in turn, and pools the samples per target.
 async fn measure(args: &Args, targets: &[Arc<Target>]) -> Result<Results> {
     let settings = load::Settings {
         concurrency: args.concurrency,
@@ -157,20 +175,71 @@ async fn measure(args: &Args, targets: &[Arc<Target>]) -> Result<Results> {
     };
     let empty = |t: &Arc<Target>| (t.name, Sample::default(), Sample::default());
     let mut results: Results = targets.iter().map(empty).collect();
+    let mut unpaid = Unpaid::default();
     for round in 1..=args.rounds {
-        for (t, (_, creates, gets)) in targets.iter().zip(&mut results) {
+        for (t, (_, firsts, seconds)) in targets.iter().zip(&mut results) {
             let [(op1, keys1), (op2, keys2)] = args.scenario.phases(t.name);
             eprintln!(
                 "round {round}/{}: {} {:?}",
                 args.rounds, t.name, args.scenario
             );
             let mut first = load::run_phase(t, op1, keys1, vec![], settings).await?;
-            let ids = std::mem::take(&mut first.ids);
-            creates.absorb(first);
-            gets.absorb(load::run_phase(t, op2, keys2, ids, settings).await?);
+            let mut ids = std::mem::take(&mut first.ids);
+            firsts.absorb(first);
+            if op2 == Op::Pay {
+                ids = unpaid.supply(t, ids, args.concurrency, firsts).await?;
+            }
+            let given = ids.len();
+            let mut second = load::run_phase(t, op2, keys2, ids, settings).await?;
+            if op2 == Op::Pay {
+                unpaid.put_back(given, std::mem::take(&mut second.ids));
+            }
+            seconds.absorb(second);
         }
     }
     Ok(results)
+}
+
+/// Pending orders for pay phases: an order is paid at most once, and the ones a phase leaves
+/// unpaid stay for the next round.
+#[derive(Default)]
+struct Unpaid {
+    ids: Vec<String>,
+    /// The most orders one pay phase has used so far.
+    most_used: Option<usize>,
+}
+
+impl Unpaid {
+    /// The orders for the next pay phase: the unpaid ones plus `created`, topped up (by creates
+    /// outside any measured window) to half again the expected use plus one per client. The
+    /// expected use is the most a pay phase has used so far or, before the first, as many as
+    /// `created` (a payment does more than an order create). Failed top-up creates count as
+    /// errors of `creates`.
+    async fn supply(
+        &mut self,
+        t: &Arc<Target>,
+        mut created: Vec<String>,
+        concurrency: usize,
+        creates: &mut Sample,
+    ) -> Result<Vec<String>> {
+        let expected = self.most_used.unwrap_or(created.len());
+        self.ids.append(&mut created);
+        let wanted = expected + expected / 2 + concurrency;
+        if let Some(n) = wanted.checked_sub(self.ids.len()).filter(|&n| n > 0) {
+            eprintln!("  creating {n} more orders to pay (not measured)");
+            let mut more = load::create_orders(t, n, concurrency).await?;
+            self.ids.append(&mut more.ids);
+            creates.absorb(more);
+        }
+        Ok(std::mem::take(&mut self.ids))
+    }
+
+    /// Takes back what a pay phase given `given` orders left unpaid.
+    fn put_back(&mut self, given: usize, unpaid: Vec<String>) {
+        let used = given - unpaid.len();
+        self.most_used = Some(self.most_used.unwrap_or(0).max(used));
+        self.ids = unpaid;
+    }
 }
 
 /// Prints the markdown table; the exit status is non-zero if any request failed.
@@ -186,7 +255,13 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
     println!(
         "backend: {backend}  scenario: {scenario}  concurrency: {c}  duration: {d}s x {r} rounds  warmup: {w}s"
     );
-    println!("| target   | op     |  req/s | p50 ms | p99 ms | errors |");
+    // A pay op is two requests (create and capture); every other op is one.
+    let unit = if args.scenario == Scenario::Payments {
+        "ops/s"
+    } else {
+        "req/s"
+    };
+    println!("| target   | op     |  {unit} | p50 ms | p99 ms | errors |");
     println!("|----------|--------|-------:|-------:|-------:|-------:|");
     let mut errors = 0;
     let labels = args.scenario.labels();
@@ -199,11 +274,18 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
             errors += e;
         }
     }
-    if let [(_, base_c, base_g), (_, bursar_c, bursar_g)] = &results[..] {
-        let ratio = |a: &Sample, b: &Sample| a.rate() as f64 / b.rate().max(1) as f64;
-        let (c, g) = (ratio(bursar_c, base_c), ratio(bursar_g, base_g));
-        let [l1, l2] = labels;
-        println!("ratio bursar/baseline: {l1} {c:.2}  {l2} {g:.2}   (req/s)");
+    let ratio = |a: &Sample, b: &Sample| a.rate() as f64 / b.rate().max(1) as f64;
+    match &results[..] {
+        [(_, creates, pays)] if args.scenario == Scenario::Payments => {
+            let r = ratio(pays, creates);
+            println!("ratio payment(create+capture)/order create: {r:.2}   (ops/s)");
+        }
+        [(_, base_c, base_g), (_, bursar_c, bursar_g)] => {
+            let (c, g) = (ratio(bursar_c, base_c), ratio(bursar_g, base_g));
+            let [l1, l2] = labels;
+            println!("ratio bursar/baseline: {l1} {c:.2}  {l2} {g:.2}   (req/s)");
+        }
+        _ => {}
     }
     if errors > 0 {
         eprintln!("{errors} requests failed");
