@@ -177,33 +177,42 @@ fn balance_moves(entries: &[Entry]) -> BTreeMap<BalanceKey, i64> {
     moves
 }
 
-/// Locks the balance rows `entries` will move (creating missing ones at zero), in the order
-/// `post_entries` moves them, and returns their amounts. A row created here is only kept if
-/// the transaction goes on to post to it.
+/// Locks the shard-0 balance rows `entries` will move (creating missing ones at zero), in
+/// the order `post_entries` moves them. Conversions post on shard 0 only, so the lock on
+/// the source's shard-0 row serialises every conversion out of that currency; the caller
+/// then sums all shards with a fresh statement, which sees every committed move.
 async fn lock_balances(
     tx: &mut Tx,
     account: AccountId,
     entries: &[Entry],
     at: Timestamp,
-) -> Result<BTreeMap<BalanceKey, i64>> {
-    let mut held = BTreeMap::new();
+) -> Result<()> {
     for (currency, ledger_account) in balance_moves(entries).into_keys() {
-        let amount: i64 = sqlx::query_scalar(
-            "INSERT INTO balances (account_id, ledger_account, currency, amount_minor, \
-             updated_at) VALUES ($1, $2, $3, 0, $4) \
-             ON CONFLICT (account_id, currency, ledger_account) DO UPDATE SET \
-             amount_minor = balances.amount_minor RETURNING amount_minor",
+        sqlx::query(
+            "INSERT INTO balances (account_id, ledger_account, currency, shard, amount_minor, \
+             updated_at) VALUES ($1, $2, $3, 0, 0, $4) \
+             ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
+             amount_minor = balances.amount_minor",
         )
         .bind(account)
         .bind(ledger_account)
         .bind(currency)
         .bind(at.0)
-        .fetch_one(&mut **tx)
+        .execute(&mut **tx)
         .await
         .map_err(err)?;
-        held.insert((currency, ledger_account), amount);
     }
-    Ok(held)
+    Ok(())
+}
+
+/// Balance rows per ledger account and currency: card movements spread over this many
+/// rows (by the work's record id) so that concurrent payments of one account do not queue
+/// on one row lock until each commits; a balance is the sum of its shards.
+const BALANCE_SHARDS: i64 = 16;
+
+/// The shard a money command of the work of idempotency record `operation` posts to.
+fn shard_of(operation: i64) -> i16 {
+    i16::try_from(operation.rem_euclid(BALANCE_SHARDS)).expect("below 16")
 }
 
 /// Writes `entries` (in order) and moves the balances they touch, in the caller's
@@ -212,7 +221,7 @@ async fn post_entries(
     tx: &mut Tx,
     account: AccountId,
     entries: &[Entry],
-    reference: (&str, i64),
+    (reference, shard): ((&str, i64), i16),
     at: Timestamp,
 ) -> Result<()> {
     for entry in entries {
@@ -245,15 +254,16 @@ async fn post_entries(
     }
     for ((currency, ledger_account), minor) in balance_moves(entries) {
         sqlx::query(
-            "INSERT INTO balances (account_id, ledger_account, currency, amount_minor, \
-             updated_at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (account_id, currency, ledger_account) DO UPDATE SET \
+            "INSERT INTO balances (account_id, ledger_account, currency, shard, amount_minor, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
              amount_minor = balances.amount_minor + EXCLUDED.amount_minor, \
              updated_at = EXCLUDED.updated_at",
         )
         .bind(account)
         .bind(ledger_account)
         .bind(currency)
+        .bind(shard)
         .bind(minor)
         .bind(at.0)
         .execute(&mut **tx)
@@ -500,7 +510,14 @@ impl MoneyStore for PostgresStore {
         if p.status == PaymentStatus::Succeeded {
             entries.push(Entry::capture(p.amount, p.captured_minor));
         }
-        post_entries(&mut tx, meta.account_id, &entries, reference, meta.at).await?;
+        post_entries(
+            &mut tx,
+            meta.account_id,
+            &entries,
+            (reference, shard_of(step.lease.record_id)),
+            meta.at,
+        )
+        .await?;
         append_event(&mut tx, meta, NewEvent::for_payment(kind, &p)).await?;
         if p.status == PaymentStatus::Failed {
             release_order(&mut tx, meta.account_id, p.order_id, step.lease.record_id).await?;
@@ -535,7 +552,7 @@ impl MoneyStore for PostgresStore {
             &mut tx,
             meta.account_id,
             &[capture],
-            ("payment", p.id),
+            (("payment", p.id), shard_of(step.lease.record_id)),
             meta.at,
         )
         .await?;
@@ -559,7 +576,7 @@ impl MoneyStore for PostgresStore {
             &mut tx,
             meta.account_id,
             &[Entry::void(p.amount)],
-            ("payment", p.id),
+            (("payment", p.id), shard_of(step.lease.record_id)),
             meta.at,
         )
         .await?;
@@ -720,7 +737,7 @@ impl MoneyStore for PostgresStore {
                     &mut tx,
                     meta.account_id,
                     &[entry],
-                    ("refund", r.id),
+                    (("refund", r.id), shard_of(step.lease.record_id)),
                     meta.at,
                 )
                 .await?;
@@ -934,9 +951,17 @@ impl MoneyStore for PostgresStore {
         // Every balance the conversion moves is locked (in the lock order) before the source
         // is checked, so concurrent conversions debit it one at a time and never overdraw.
         let entries = [Entry::conversion(q.from, q.to)];
-        let held = lock_balances(&mut tx, meta.account_id, &entries, meta.at).await?;
-        let source = (q.from.currency.code(), LedgerAccount::Available.as_str());
-        let available = held.get(&source).copied().unwrap_or(0);
+        lock_balances(&mut tx, meta.account_id, &entries, meta.at).await?;
+        let available: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(amount_minor), 0)::BIGINT FROM balances \
+             WHERE account_id = $1 AND currency = $2 AND ledger_account = $3",
+        )
+        .bind(meta.account_id)
+        .bind(q.from.currency.code())
+        .bind(LedgerAccount::Available.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
         if available < q.from.minor {
             return Err(StorageError::Rule(Rule::InsufficientFunds {
                 available_minor: available,
@@ -970,7 +995,7 @@ impl MoneyStore for PostgresStore {
             &mut tx,
             meta.account_id,
             &entries,
-            ("conversion", c.id),
+            (("conversion", c.id), 0),
             meta.at,
         )
         .await?;
@@ -996,7 +1021,8 @@ impl MoneyStore for PostgresStore {
 
     async fn balances(&self, account: AccountId) -> Result<Vec<Balance>> {
         let rows = sqlx::query(
-            "SELECT ledger_account, currency, amount_minor FROM balances WHERE account_id = $1 \
+            "SELECT ledger_account, currency, SUM(amount_minor)::BIGINT AS amount_minor \
+             FROM balances WHERE account_id = $1 GROUP BY currency, ledger_account \
              ORDER BY currency, ledger_account",
         )
         .bind(account)

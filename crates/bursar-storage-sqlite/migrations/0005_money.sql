@@ -67,14 +67,18 @@ CREATE TABLE postings (
 );
 CREATE INDEX postings_entry ON postings (entry_id);
 
--- The running sum of each ledger account's postings, kept in the posting transaction.
+-- The running sum of each ledger account's postings, kept in the posting transaction, split
+-- over shards (PostgreSQL spreads card movements over 16, so concurrent payments of one
+-- account do not queue on one row; SQLite has one writer and uses shard 0): a balance is the
+-- sum of its shards.
 CREATE TABLE balances (
     account_id      INTEGER NOT NULL REFERENCES accounts (id),
     ledger_account  TEXT    NOT NULL,
     currency        TEXT    NOT NULL,
+    shard           INTEGER NOT NULL DEFAULT 0,
     amount_minor    INTEGER NOT NULL,
     updated_at      INTEGER NOT NULL,
-    PRIMARY KEY (account_id, currency, ledger_account)
+    PRIMARY KEY (account_id, currency, ledger_account, shard)
 );
 
 -- Market rates, shared by every account.

@@ -190,7 +190,7 @@ async fn post_entry(
         sqlx::query(
             "INSERT INTO balances (account_id, ledger_account, currency, amount_minor, \
              updated_at) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (account_id, currency, ledger_account) DO UPDATE SET \
+             ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
              amount_minor = amount_minor + excluded.amount_minor, \
              updated_at = excluded.updated_at",
         )
