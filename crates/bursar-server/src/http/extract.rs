@@ -122,6 +122,36 @@ impl<S: Send + Sync> FromRequest<S> for JsonBytes {
     }
 }
 
+/// [`JsonBytes`], except that a request with no body at all (and no `Content-Type`) is
+/// accepted as empty: actions such as `POST /api/payments/{id}/capture` take no options by
+/// default, and clients commonly send them bare.
+pub struct OptionalJsonBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for OptionalJsonBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<OptionalJsonBytes, ApiError> {
+        let bare = !req.headers().contains_key(header::CONTENT_TYPE)
+            && req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .is_none_or(|v| v.as_bytes() == b"0");
+        if bare {
+            let bytes = Bytes::from_request(req, state)
+                .await
+                .map_err(|_| payload_too_large())?;
+            if bytes.is_empty() {
+                return Ok(OptionalJsonBytes(bytes));
+            }
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "Send the body as Content-Type: application/json.",
+            ));
+        }
+        json_bytes(req, state).await.map(OptionalJsonBytes)
+    }
+}
+
 /// The body of a request that must be `application/json`, within the body limit.
 async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     let is_json = req

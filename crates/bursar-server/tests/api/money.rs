@@ -262,14 +262,24 @@ pub async fn card_flows_for_every_test_payment_method(base: &TestApp) {
     )
     .await;
     let id = status_json(auth, 201).await["id"].as_i64().unwrap();
-    let canceled = post(
-        app,
-        &format!("/api/payments/{id}/cancel"),
-        "cancel-2",
-        json!({}),
-    )
-    .await;
+    // Actions take a bare request: no body, no Content-Type.
+    let canceled = app
+        .a
+        .request(Method::POST, &format!("/api/payments/{id}/cancel"))
+        .header("idempotency-key", "cancel-2")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(status_json(canceled, 200).await["status"], "canceled");
+    // A create needs its body.
+    let bare = app
+        .a
+        .request(Method::POST, "/api/payments")
+        .header("idempotency-key", "bare")
+        .send()
+        .await
+        .unwrap();
+    error_body(bare, 400, "malformed_json").await;
     assert_eq!(kinds(&r.sandbox, "void"), 1);
 
     // Bad requests are refused before anything is stored: the key stays usable.
