@@ -118,3 +118,14 @@ CREATE TABLE conversions (
     created_at      BIGINT  NOT NULL
 );
 CREATE INDEX conversions_account ON conversions (account_id, id);
+
+-- The journal is append-only: a correction is a new entry, never an edit.
+CREATE FUNCTION ledger_is_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '% rows are immutable (% refused)', TG_TABLE_NAME, TG_OP;
+END
+$$;
+CREATE TRIGGER journal_entries_append_only BEFORE UPDATE OR DELETE ON journal_entries
+    FOR EACH ROW EXECUTE FUNCTION ledger_is_append_only();
+CREATE TRIGGER postings_append_only BEFORE UPDATE OR DELETE ON postings
+    FOR EACH ROW EXECUTE FUNCTION ledger_is_append_only();

@@ -118,3 +118,13 @@ CREATE TABLE conversions (
     created_at      INTEGER NOT NULL
 );
 CREATE INDEX conversions_account ON conversions (account_id, id);
+
+-- The journal is append-only: a correction is a new entry, never an edit.
+CREATE TRIGGER journal_entries_no_update BEFORE UPDATE ON journal_entries
+BEGIN SELECT RAISE(ABORT, 'journal entries are immutable'); END;
+CREATE TRIGGER journal_entries_no_delete BEFORE DELETE ON journal_entries
+BEGIN SELECT RAISE(ABORT, 'journal entries are immutable'); END;
+CREATE TRIGGER postings_no_update BEFORE UPDATE ON postings
+BEGIN SELECT RAISE(ABORT, 'postings are immutable'); END;
+CREATE TRIGGER postings_no_delete BEFORE DELETE ON postings
+BEGIN SELECT RAISE(ABORT, 'postings are immutable'); END;
