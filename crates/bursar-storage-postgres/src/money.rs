@@ -224,52 +224,58 @@ async fn post_entries(
     (reference, shard): ((&str, i64), i16),
     at: Timestamp,
 ) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    // One statement per entry: the journal entry and all its postings.
     for entry in entries {
-        let entry_id: i64 = sqlx::query_scalar(
-            "INSERT INTO journal_entries (account_id, kind, reference_type, reference_id, \
-             created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        let postings = entry.postings();
+        let accounts: Vec<&str> = postings.iter().map(|p| p.ledger_account.as_str()).collect();
+        let currencies: Vec<&str> = postings.iter().map(|p| p.currency.code()).collect();
+        let minors: Vec<i64> = postings.iter().map(|p| p.minor).collect();
+        sqlx::query(
+            "WITH e AS (INSERT INTO journal_entries (account_id, kind, reference_type, \
+             reference_id, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id) \
+             INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
+             amount_minor) SELECT e.id, $1, p.l, p.c, p.m FROM e, \
+             unnest($6::text[], $7::text[], $8::bigint[]) WITH ORDINALITY AS p (l, c, m, n) \
+             ORDER BY p.n",
         )
         .bind(account)
         .bind(entry.kind().as_str())
         .bind(reference.0)
         .bind(reference.1)
         .bind(at.0)
-        .fetch_one(&mut **tx)
-        .await
-        .map_err(err)?;
-        for p in entry.postings() {
-            sqlx::query(
-                "INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
-                 amount_minor) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(entry_id)
-            .bind(account)
-            .bind(p.ledger_account.as_str())
-            .bind(p.currency.code())
-            .bind(p.minor)
-            .execute(&mut **tx)
-            .await
-            .map_err(err)?;
-        }
-    }
-    for ((currency, ledger_account), minor) in balance_moves(entries) {
-        sqlx::query(
-            "INSERT INTO balances (account_id, ledger_account, currency, shard, amount_minor, \
-             updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
-             amount_minor = balances.amount_minor + EXCLUDED.amount_minor, \
-             updated_at = EXCLUDED.updated_at",
-        )
-        .bind(account)
-        .bind(ledger_account)
-        .bind(currency)
-        .bind(shard)
-        .bind(minor)
-        .bind(at.0)
+        .bind(&accounts)
+        .bind(&currencies)
+        .bind(&minors)
         .execute(&mut **tx)
         .await
         .map_err(err)?;
     }
+    // One statement for the balances, each row once, in the lock order.
+    let moves = balance_moves(entries);
+    let currencies: Vec<&str> = moves.keys().map(|(c, _)| *c).collect();
+    let accounts: Vec<&str> = moves.keys().map(|(_, l)| *l).collect();
+    let minors: Vec<i64> = moves.values().copied().collect();
+    sqlx::query(
+        "INSERT INTO balances (account_id, ledger_account, currency, shard, amount_minor, \
+         updated_at) SELECT $1, m.l, m.c, $2, m.a, $3 \
+         FROM unnest($4::text[], $5::text[], $6::bigint[]) WITH ORDINALITY AS m (c, l, a, n) \
+         ORDER BY m.n \
+         ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
+         amount_minor = balances.amount_minor + EXCLUDED.amount_minor, \
+         updated_at = EXCLUDED.updated_at",
+    )
+    .bind(account)
+    .bind(shard)
+    .bind(at.0)
+    .bind(&currencies)
+    .bind(&accounts)
+    .bind(&minors)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
     Ok(())
 }
 

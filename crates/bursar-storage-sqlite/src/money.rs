@@ -154,7 +154,10 @@ async fn commit_step(
     fenced_unless_one(done.rows_affected())
 }
 
-/// Writes `entry` and moves the balances it touches, in the caller's transaction.
+/// Writes `entry` and moves the balances it touches, in the caller's transaction, as one
+/// call to the writer: the journal entry, its postings (which find their entry as the
+/// newest one: the transaction holds the write lock) and the balance upserts. Statement
+/// hand-offs are what a transaction holds SQLite's one writer for (`docs/PERFORMANCE.md`).
 async fn post_entry(
     tx: &mut Tx,
     account: AccountId,
@@ -162,47 +165,54 @@ async fn post_entry(
     reference: (&str, i64),
     at: Timestamp,
 ) -> Result<()> {
-    let entry_id: i64 = sqlx::query_scalar(
-        "INSERT INTO journal_entries (account_id, kind, reference_type, reference_id, \
-         created_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
-    )
-    .bind(account)
-    .bind(entry.kind().as_str())
-    .bind(reference.0)
-    .bind(reference.1)
-    .bind(at.0)
-    .fetch_one(&mut **tx)
-    .await
-    .map_err(err)?;
-    for p in entry.postings() {
-        sqlx::query(
-            "INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
-             amount_minor) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(entry_id)
-        .bind(account)
-        .bind(p.ledger_account.as_str())
-        .bind(p.currency.code())
-        .bind(p.minor)
-        .execute(&mut **tx)
-        .await
-        .map_err(err)?;
-        sqlx::query(
-            "INSERT INTO balances (account_id, ledger_account, currency, amount_minor, \
-             updated_at) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
-             amount_minor = amount_minor + excluded.amount_minor, \
-             updated_at = excluded.updated_at",
-        )
-        .bind(account)
-        .bind(p.ledger_account.as_str())
-        .bind(p.currency.code())
-        .bind(p.minor)
-        .bind(at.0)
-        .execute(&mut **tx)
-        .await
-        .map_err(err)?;
+    let postings = entry.postings();
+    if postings.is_empty() {
+        return Ok(());
     }
+    // A capture moves `pending` twice (captured and released): one upsert row per account.
+    let mut moves: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+    for p in postings {
+        *moves
+            .entry((p.currency.code(), p.ledger_account.as_str()))
+            .or_default() += p.minor;
+    }
+    let rows = |row: &str, n: usize| vec![row; n].join(", ");
+    // Only fixed fragments and a row count go into the text; every value is bound.
+    let sql = format!(
+        "INSERT INTO journal_entries (account_id, kind, reference_type, reference_id, \
+         created_at) VALUES (?, ?, ?, ?, ?); \
+         INSERT INTO postings (entry_id, account_id, ledger_account, currency, amount_minor) \
+         SELECT (SELECT max(id) FROM journal_entries), ?, v.column1, v.column2, v.column3 \
+         FROM (VALUES {}) AS v; \
+         INSERT INTO balances (account_id, ledger_account, currency, amount_minor, updated_at) \
+         VALUES {} ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
+         amount_minor = amount_minor + excluded.amount_minor, \
+         updated_at = excluded.updated_at",
+        rows("(?, ?, ?)", postings.len()),
+        rows("(?, ?, ?, ?, ?)", moves.len()),
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(account)
+        .bind(entry.kind().as_str())
+        .bind(reference.0)
+        .bind(reference.1)
+        .bind(at.0)
+        .bind(account);
+    for p in postings {
+        q = q
+            .bind(p.ledger_account.as_str())
+            .bind(p.currency.code())
+            .bind(p.minor);
+    }
+    for ((currency, ledger_account), minor) in moves {
+        q = q
+            .bind(account)
+            .bind(ledger_account)
+            .bind(currency)
+            .bind(minor)
+            .bind(at.0);
+    }
+    q.execute(&mut **tx).await.map_err(err)?;
     Ok(())
 }
 
