@@ -54,6 +54,29 @@ macro_rules! conversion_cols {
     };
 }
 
+/// One row of `$table` of `$account` where `$column` = `$value`, decoded by `$decode`:
+/// the single-row lookups, each scoped to its account.
+macro_rules! row_by {
+    ($pool:expr, $cols:ident, $table:literal, $column:literal, $account:expr, $value:expr,
+     $decode:ident) => {{
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            $cols!(),
+            " FROM ",
+            $table,
+            " WHERE account_id = $1 AND ",
+            $column,
+            " = $2"
+        ))
+        .bind($account)
+        .bind($value)
+        .fetch_optional($pool)
+        .await
+        .map_err(err)?;
+        row.as_ref().map($decode).transpose()
+    }};
+}
+
 fn payment(r: &PgRow) -> Result<Payment> {
     Ok(Payment {
         id: r.get("id"),
@@ -333,20 +356,16 @@ async fn release_order(
 }
 
 async fn payment_in(tx: &mut Tx, account: AccountId, id: i64) -> Result<Payment> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        payment_cols!(),
-        " FROM payments WHERE account_id = $1 AND id = $2"
-    ))
-    .bind(account)
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(err)?;
-    row.as_ref()
-        .map(payment)
-        .transpose()?
-        .ok_or(StorageError::NotFound)
+    let found: Option<Payment> = row_by!(
+        &mut **tx,
+        payment_cols,
+        "payments",
+        "id",
+        account,
+        id,
+        payment
+    )?;
+    found.ok_or(StorageError::NotFound)
 }
 
 /// `payment_in`, holding the payment's row lock until the transaction ends: what is decided
@@ -599,17 +618,15 @@ impl MoneyStore for PostgresStore {
     }
 
     async fn get_payment(&self, account: AccountId, id: i64) -> Result<Option<Payment>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            payment_cols!(),
-            " FROM payments WHERE account_id = $1 AND id = $2"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(payment).transpose()
+        row_by!(
+            &self.pool,
+            payment_cols,
+            "payments",
+            "id",
+            account,
+            id,
+            payment
+        )
     }
 
     async fn list_payments(
@@ -784,31 +801,27 @@ impl MoneyStore for PostgresStore {
         account: AccountId,
         operation_id: i64,
     ) -> Result<Option<Refund>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            refund_cols!(),
-            " FROM refunds WHERE account_id = $1 AND operation_id = $2"
-        ))
-        .bind(account)
-        .bind(operation_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(refund).transpose()
+        row_by!(
+            &self.pool,
+            refund_cols,
+            "refunds",
+            "operation_id",
+            account,
+            operation_id,
+            refund
+        )
     }
 
     async fn get_refund(&self, account: AccountId, id: i64) -> Result<Option<Refund>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            refund_cols!(),
-            " FROM refunds WHERE account_id = $1 AND id = $2"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(refund).transpose()
+        row_by!(
+            &self.pool,
+            refund_cols,
+            "refunds",
+            "id",
+            account,
+            id,
+            refund
+        )
     }
 
     async fn list_refunds(
@@ -911,17 +924,15 @@ impl MoneyStore for PostgresStore {
     }
 
     async fn get_quote(&self, account: AccountId, id: i64) -> Result<Option<Quote>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            quote_cols!(),
-            " FROM fx_quotes WHERE account_id = $1 AND id = $2"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(quote).transpose()
+        row_by!(
+            &self.pool,
+            quote_cols,
+            "fx_quotes",
+            "id",
+            account,
+            id,
+            quote
+        )
     }
 
     async fn convert(
@@ -1012,17 +1023,15 @@ impl MoneyStore for PostgresStore {
     }
 
     async fn get_conversion(&self, account: AccountId, id: i64) -> Result<Option<Conversion>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            conversion_cols!(),
-            " FROM conversions WHERE account_id = $1 AND id = $2"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(conversion).transpose()
+        row_by!(
+            &self.pool,
+            conversion_cols,
+            "conversions",
+            "id",
+            account,
+            id,
+            conversion
+        )
     }
 
     async fn balances(&self, account: AccountId) -> Result<Vec<Balance>> {

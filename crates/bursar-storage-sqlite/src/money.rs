@@ -45,6 +45,29 @@ macro_rules! conversion_cols {
     };
 }
 
+/// One row of `$table` of `$account` where `$column` = `$value`, decoded by `$decode`:
+/// the single-row lookups, each scoped to its account.
+macro_rules! row_by {
+    ($pool:expr, $cols:ident, $table:literal, $column:literal, $account:expr, $value:expr,
+     $decode:ident) => {{
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            $cols!(),
+            " FROM ",
+            $table,
+            " WHERE account_id = ? AND ",
+            $column,
+            " = ?"
+        ))
+        .bind($account)
+        .bind($value)
+        .fetch_optional($pool)
+        .await
+        .map_err(err)?;
+        row.as_ref().map($decode).transpose()
+    }};
+}
+
 fn payment(r: &SqliteRow) -> Result<Payment> {
     Ok(Payment {
         id: r.get("id"),
@@ -270,20 +293,16 @@ async fn release_order(
 }
 
 async fn payment_in(tx: &mut Tx, account: AccountId, id: i64) -> Result<Payment> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        payment_cols!(),
-        " FROM payments WHERE account_id = ? AND id = ?"
-    ))
-    .bind(account)
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(err)?;
-    row.as_ref()
-        .map(payment)
-        .transpose()?
-        .ok_or(StorageError::NotFound)
+    let found: Option<Payment> = row_by!(
+        &mut **tx,
+        payment_cols,
+        "payments",
+        "id",
+        account,
+        id,
+        payment
+    )?;
+    found.ok_or(StorageError::NotFound)
 }
 
 /// Moves an authorized payment to `to` (with the captured amount) or says why it cannot.
@@ -483,17 +502,15 @@ impl MoneyStore for SqliteStore {
     }
 
     async fn get_payment(&self, account: AccountId, id: i64) -> Result<Option<Payment>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            payment_cols!(),
-            " FROM payments WHERE account_id = ? AND id = ?"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.readers)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(payment).transpose()
+        row_by!(
+            &self.readers,
+            payment_cols,
+            "payments",
+            "id",
+            account,
+            id,
+            payment
+        )
     }
 
     async fn list_payments(
@@ -654,31 +671,27 @@ impl MoneyStore for SqliteStore {
         account: AccountId,
         operation_id: i64,
     ) -> Result<Option<Refund>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            refund_cols!(),
-            " FROM refunds WHERE account_id = ? AND operation_id = ?"
-        ))
-        .bind(account)
-        .bind(operation_id)
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(refund).transpose()
+        row_by!(
+            &self.writer,
+            refund_cols,
+            "refunds",
+            "operation_id",
+            account,
+            operation_id,
+            refund
+        )
     }
 
     async fn get_refund(&self, account: AccountId, id: i64) -> Result<Option<Refund>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            refund_cols!(),
-            " FROM refunds WHERE account_id = ? AND id = ?"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.readers)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(refund).transpose()
+        row_by!(
+            &self.readers,
+            refund_cols,
+            "refunds",
+            "id",
+            account,
+            id,
+            refund
+        )
     }
 
     async fn list_refunds(
@@ -778,17 +791,15 @@ impl MoneyStore for SqliteStore {
     }
 
     async fn get_quote(&self, account: AccountId, id: i64) -> Result<Option<Quote>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            quote_cols!(),
-            " FROM fx_quotes WHERE account_id = ? AND id = ?"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.readers)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(quote).transpose()
+        row_by!(
+            &self.readers,
+            quote_cols,
+            "fx_quotes",
+            "id",
+            account,
+            id,
+            quote
+        )
     }
 
     async fn convert(
@@ -874,17 +885,15 @@ impl MoneyStore for SqliteStore {
     }
 
     async fn get_conversion(&self, account: AccountId, id: i64) -> Result<Option<Conversion>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            conversion_cols!(),
-            " FROM conversions WHERE account_id = ? AND id = ?"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.readers)
-        .await
-        .map_err(err)?;
-        row.as_ref().map(conversion).transpose()
+        row_by!(
+            &self.readers,
+            conversion_cols,
+            "conversions",
+            "id",
+            account,
+            id,
+            conversion
+        )
     }
 
     async fn balances(&self, account: AccountId) -> Result<Vec<Balance>> {
