@@ -5,7 +5,9 @@
 //! so callers branch on the stable `error_code` rather than on message text.
 
 use bursar_api::{
-    CreateCustomer, CreateOrder, Customer, ErrorBody, List, Order, UpdateCustomer, UpdateOrder,
+    Balance, CapturePayment, Conversion, CreateConversion, CreateCustomer, CreateOrder,
+    CreatePayment, CreateQuote, CreateRefund, Customer, ErrorBody, LedgerEntry, List, Order,
+    Payment, Quote, Refund, UpdateCustomer, UpdateOrder,
 };
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, RequestBuilder, StatusCode};
@@ -209,6 +211,105 @@ impl Client {
 
     pub async fn cancel_order(&self, id: i64) -> Result<Reply<Order>, Error> {
         self.send(self.request(Method::POST, &format!("/api/orders/{id}/cancel")))
+            .await
+    }
+
+    /// POSTs a money create under `idempotency_key`: payments, captures, cancels, refunds,
+    /// quotes and conversions all call third parties or move money, so the key is required
+    /// here — retrying with the same key is what makes a timeout safe to retry.
+    async fn post_keyed<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        idempotency_key: &str,
+    ) -> Result<Reply<T>, Error> {
+        let r = self
+            .request(Method::POST, path)
+            .header("idempotency-key", idempotency_key)
+            .json(body);
+        self.send(r).await
+    }
+
+    /// Pays an order (authorizes, and captures unless `capture: false`). A decline is
+    /// [`Error::Api`] with `card_declined` and the failed payment's id in `extra`.
+    pub async fn create_payment(
+        &self,
+        req: &CreatePayment,
+        idempotency_key: &str,
+    ) -> Result<Reply<Payment>, Error> {
+        self.post_keyed("/api/payments", req, idempotency_key).await
+    }
+
+    /// Captures an authorized payment, in full or `req.amount` of it.
+    pub async fn capture_payment(
+        &self,
+        id: i64,
+        req: &CapturePayment,
+        idempotency_key: &str,
+    ) -> Result<Reply<Payment>, Error> {
+        self.post_keyed(&format!("/api/payments/{id}/capture"), req, idempotency_key)
+            .await
+    }
+
+    /// Voids an authorized payment.
+    pub async fn cancel_payment(
+        &self,
+        id: i64,
+        idempotency_key: &str,
+    ) -> Result<Reply<Payment>, Error> {
+        let empty = serde_json::Map::new();
+        self.post_keyed(
+            &format!("/api/payments/{id}/cancel"),
+            &empty,
+            idempotency_key,
+        )
+        .await
+    }
+
+    pub async fn get_payment(&self, id: i64) -> Result<Reply<Payment>, Error> {
+        self.send(self.request(Method::GET, &format!("/api/payments/{id}")))
+            .await
+    }
+
+    pub async fn create_refund(
+        &self,
+        req: &CreateRefund,
+        idempotency_key: &str,
+    ) -> Result<Reply<Refund>, Error> {
+        self.post_keyed("/api/refunds", req, idempotency_key).await
+    }
+
+    /// Per-currency balances of the account's ledger accounts.
+    pub async fn balances(&self) -> Result<Reply<List<Balance>>, Error> {
+        self.send(self.request(Method::GET, "/api/balances")).await
+    }
+
+    /// One page of the journal, newest first.
+    pub async fn ledger_entries(
+        &self,
+        page: PageParams,
+    ) -> Result<Reply<List<LedgerEntry>>, Error> {
+        self.send(
+            self.request(Method::GET, "/api/ledger_entries")
+                .query(&page),
+        )
+        .await
+    }
+
+    pub async fn create_quote(
+        &self,
+        req: &CreateQuote,
+        idempotency_key: &str,
+    ) -> Result<Reply<Quote>, Error> {
+        self.post_keyed("/api/quotes", req, idempotency_key).await
+    }
+
+    pub async fn create_conversion(
+        &self,
+        req: &CreateConversion,
+        idempotency_key: &str,
+    ) -> Result<Reply<Conversion>, Error> {
+        self.post_keyed("/api/conversions", req, idempotency_key)
             .await
     }
 }

@@ -68,4 +68,5 @@ api_suite!(
     conversions_round_half_even_and_refuse_cleanly,
     random_money_traffic_keeps_the_ledger_balanced,
     an_order_is_charged_once_under_concurrent_payments,
+    the_sdk_pays_refunds_and_converts,
 );

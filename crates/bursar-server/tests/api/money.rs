@@ -913,3 +913,124 @@ pub async fn an_order_is_charged_once_under_concurrent_payments(base: &TestApp) 
     check_ledger(app).await;
     r.app.stop().await;
 }
+
+/// The SDK's typed calls cover the money API: pay, capture part, refund, read the ledger,
+/// quote and convert; a decline comes back as a typed API error.
+pub async fn the_sdk_pays_refunds_and_converts(base: &TestApp) {
+    use bursar_api::{
+        Amount, CapturePayment, CreateConversion, CreatePayment, CreateQuote, CreateRefund,
+        PaymentStatus, RefundStatus,
+    };
+    let r = rig(base, |_| {}).await;
+    let (app, sdk) = (&r.app, &r.app.a);
+    load_rates(
+        app.store.as_ref(),
+        &bursar_server::services::money::rates_json(&[("USD", "JPY", "150")]),
+        r.clock.now(),
+    )
+    .await
+    .unwrap();
+    let o = order(app, "30.00", "USD").await;
+    let pay = |capture, method: &str| CreatePayment {
+        order_id: o,
+        amount: None,
+        payment_method: method.into(),
+        capture: Some(capture),
+    };
+    let declined = sdk
+        .create_payment(&pay(true, "pm_card_declined"), "sdk-declined")
+        .await
+        .unwrap_err();
+    assert_eq!(declined.code(), Some("card_declined"));
+    let p = sdk
+        .create_payment(&pay(false, "pm_card_visa"), "sdk-pay")
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(p.status, PaymentStatus::RequiresCapture);
+    let captured = sdk
+        .capture_payment(
+            p.id,
+            &CapturePayment {
+                amount: Amount::number("20.00"),
+            },
+            "sdk-capture",
+        )
+        .await
+        .unwrap();
+    assert_eq!(captured.etag_version(), Some(2));
+    assert_eq!(captured.body.amount_captured_minor, 2000);
+    let refund = sdk
+        .create_refund(
+            &CreateRefund {
+                payment_id: p.id,
+                amount: Amount::number("5.00"),
+            },
+            "sdk-refund",
+        )
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(
+        (refund.status, refund.amount_minor),
+        (RefundStatus::Succeeded, 500)
+    );
+    let quote = sdk
+        .create_quote(
+            &CreateQuote {
+                from_currency: "USD".into(),
+                to_currency: "JPY".into(),
+                amount: Amount::number("10.00").unwrap(),
+            },
+            "sdk-quote",
+        )
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(quote.to_amount_minor, 1500);
+    let conversion = sdk
+        .create_conversion(&CreateConversion { quote_id: quote.id }, "sdk-convert")
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(conversion.to_amount_minor, 1500);
+    let balances = sdk.balances().await.unwrap().body.data;
+    let usd = balances.iter().find(|b| b.currency == "USD").unwrap();
+    assert_eq!(usd.available_minor, 2000 - 500 - 1000);
+    let jpy = balances.iter().find(|b| b.currency == "JPY").unwrap();
+    assert_eq!(jpy.available_minor, 1500);
+    let journal = sdk
+        .ledger_entries(bursar_sdk::PageParams {
+            limit: Some(100),
+            starting_after: None,
+        })
+        .await
+        .unwrap()
+        .body;
+    let kinds: Vec<&str> = journal.data.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["conversion", "refund", "capture", "authorization"]);
+    let o2 = order(app, "1.00", "USD").await;
+    let auth = sdk
+        .create_payment(
+            &CreatePayment {
+                order_id: o2,
+                ..pay(false, "pm_card_visa")
+            },
+            "sdk-auth-2",
+        )
+        .await
+        .unwrap()
+        .body;
+    let voided = sdk
+        .cancel_payment(auth.id, "sdk-cancel")
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(voided.status, PaymentStatus::Canceled);
+    assert_eq!(
+        sdk.get_payment(auth.id).await.unwrap().body.status,
+        PaymentStatus::Canceled
+    );
+    check_ledger(app).await;
+    r.app.stop().await;
+}
