@@ -159,6 +159,8 @@ async fn sandbox_processor() -> (Child, String) {
         .strip_prefix("Sandbox processor listening on ")
         .expect("the URL is printed")
         .to_owned();
+    // Keep reading: a closed pipe would make the sandbox's next line fail.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, url)
 }
 
