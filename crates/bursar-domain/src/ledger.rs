@@ -210,15 +210,6 @@ pub fn is_balanced(postings: &[Posting]) -> bool {
     sums.values().all(|s| *s == 0)
 }
 
-/// Signed minor units as decimal text with exactly the currency's decimals (`-12.50`), for
-/// balances, which unlike charges can be zero or negative.
-pub fn signed_decimal_string(minor: i64, currency: Currency) -> String {
-    let mut d = rust_decimal::Decimal::from(minor);
-    d.set_scale(u32::from(currency.minor_units()))
-        .expect("minor units are at most 4, far below Decimal's limit of 28");
-    d.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,14 +268,5 @@ mod tests {
         for k in EntryKind::ALL {
             assert_eq!(EntryKind::parse(k.as_str()), Some(k));
         }
-    }
-
-    #[test]
-    fn signed_amounts_render_with_the_currency_decimals() {
-        let usd = Currency::from_code("USD").unwrap();
-        assert_eq!(signed_decimal_string(-1250, usd), "-12.50");
-        assert_eq!(signed_decimal_string(0, usd), "0.00");
-        let jpy = Currency::from_code("JPY").unwrap();
-        assert_eq!(signed_decimal_string(500, jpy), "500");
     }
 }

@@ -98,15 +98,30 @@ impl Money {
 
     /// The amount as decimal text with exactly the currency's decimals: `199.00`, `500`, `1.500`.
     pub fn to_decimal_string(self) -> String {
-        let mut d = Decimal::from(self.minor);
-        d.set_scale(u32::from(self.currency.minor_units()))
-            .expect("minor units are at most 4, far below Decimal's limit of 28");
-        d.to_string()
+        decimal_string(self.minor, self.currency)
     }
+}
+
+/// Minor units as decimal text with exactly the currency's decimals (`-12.50`, `0.00`,
+/// `500`): also for what, unlike a charge, can be zero or negative (balances, postings).
+pub fn decimal_string(minor: i64, currency: Currency) -> String {
+    let mut d = Decimal::from(minor);
+    d.set_scale(u32::from(currency.minor_units()))
+        .expect("minor units are at most 4, far below Decimal's limit of 28");
+    d.to_string()
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn signed_amounts_render_with_the_currency_decimals() {
+        let usd = Currency::from_code("USD").unwrap();
+        assert_eq!(decimal_string(-1250, usd), "-12.50");
+        assert_eq!(decimal_string(0, usd), "0.00");
+        let jpy = Currency::from_code("JPY").unwrap();
+        assert_eq!(decimal_string(500, jpy), "500");
+    }
+
     use super::*;
 
     fn cur(c: &str) -> Currency {

@@ -159,21 +159,27 @@ struct Problem<'a> {
     body: &'a ErrorBody,
 }
 
+/// The error envelope of `err`, attributed to the request it answers. Phased work stored by
+/// a later driver (which has no `RequestInfo`) builds its answers from this too.
+pub fn envelope(err: &ApiError, request_id: &str, trace_id: &str, latency_ms: u64) -> ErrorBody {
+    ErrorBody {
+        status: Value::from("error"),
+        error_code: err.code.as_str().to_owned(),
+        message: err.message.clone(),
+        request_id: request_id.to_owned(),
+        trace_id: trace_id.to_owned(),
+        latency_ms,
+        details: err.details.clone(),
+        extra: err.extra.clone(),
+    }
+}
+
 /// The bytes of an error body for this request, in the form it asked for (the envelope, or
 /// RFC 9457 under `Accept: application/problem+json`). Also used to render an error that is
 /// stored as an idempotent outcome, so the stored bytes are the ones the client got.
 pub fn error_body(err: &ApiError, info: &RequestInfo) -> (&'static str, Vec<u8>) {
     let latency_ms = u64::try_from(info.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let mut body = ErrorBody {
-        status: Value::from("error"),
-        error_code: err.code.as_str().to_owned(),
-        message: err.message.clone(),
-        request_id: info.request_id.clone(),
-        trace_id: info.trace.trace_id.clone(),
-        latency_ms,
-        details: err.details.clone(),
-        extra: err.extra.clone(),
-    };
+    let mut body = envelope(err, &info.request_id, &info.trace.trace_id, latency_ms);
     let (content_type, bytes) = if info.wants_problem {
         body.status = Value::from(err.status().as_u16());
         let problem = Problem {

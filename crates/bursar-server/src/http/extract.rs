@@ -143,13 +143,18 @@ impl<S: Send + Sync> FromRequest<S> for OptionalJsonBytes {
             if bytes.is_empty() {
                 return Ok(OptionalJsonBytes(bytes));
             }
-            return Err(ApiError::new(
-                ErrorCode::UnsupportedMediaType,
-                "Send the body as Content-Type: application/json.",
-            ));
+            return Err(not_json());
         }
         json_bytes(req, state).await.map(OptionalJsonBytes)
     }
+}
+
+/// 415: a body that is not sent as JSON.
+fn not_json() -> ApiError {
+    ApiError::new(
+        ErrorCode::UnsupportedMediaType,
+        "Send the body as Content-Type: application/json.",
+    )
 }
 
 /// The body of a request that must be `application/json`, within the body limit.
@@ -164,10 +169,7 @@ async fn json_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, Ap
             mime == "application/json" || mime.ends_with("+json")
         });
     if !is_json {
-        return Err(ApiError::new(
-            ErrorCode::UnsupportedMediaType,
-            "Send the body as Content-Type: application/json.",
-        ));
+        return Err(not_json());
     }
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {

@@ -41,8 +41,7 @@ pub fn order(o: &Order) -> api::Order {
         id: o.id,
         object: "order".into(),
         customer_id: o.customer_id,
-        amount: api::Amount::number(&o.amount.to_decimal_string())
-            .expect("a decimal string with digits and one dot is a JSON number"),
+        amount: amount(o.amount.minor, o.amount.currency),
         amount_minor: o.amount.minor,
         currency: o.amount.currency.code().to_owned(),
         status: status(o.status),
@@ -100,10 +99,8 @@ pub fn not_modified(version: i64) -> Response {
 /// An amount that may be zero or negative (captured so far, a balance, a posting), with
 /// exactly the currency's decimals.
 pub fn amount(minor: i64, currency: bursar_domain::Currency) -> api::Amount {
-    api::Amount::number(&bursar_domain::ledger::signed_decimal_string(
-        minor, currency,
-    ))
-    .expect("a signed decimal string is a JSON number")
+    api::Amount::number(&bursar_domain::money::decimal_string(minor, currency))
+        .expect("a signed decimal string is a JSON number")
 }
 
 /// A 200 as a phased operation stores it (a capture, a cancel): the same status, headers

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bursar_api::{ErrorCode, FieldIssue};
-use bursar_domain::Metadata;
+use bursar_domain::{AmountError, Currency, Metadata, Money};
 use bursar_storage::{Precondition, WriteMeta};
 use std::collections::BTreeMap;
 
@@ -126,6 +126,38 @@ pub fn check_metadata(
             None
         }
     }
+}
+
+/// The problem with an amount that is not decimal text at all (neither a JSON number nor a
+/// string), whatever the currency.
+pub fn amount_shape_issue(field: &str) -> FieldIssue {
+    issue(
+        field,
+        "invalid_amount",
+        "must be a JSON number or a decimal string such as \"199.00\"",
+    )
+}
+
+/// Parses `amount` in `currency`, or names the field's problem: the one rule for every
+/// amount a request carries (orders, payments, captures, refunds, quotes).
+pub fn parse_amount(
+    field: &str,
+    amount: &bursar_api::Amount,
+    currency: Currency,
+) -> Result<Money, FieldIssue> {
+    let text = amount.text().ok_or_else(|| amount_shape_issue(field))?;
+    Money::parse(&text, currency).map_err(|e| {
+        let msg = match e {
+            AmountError::TooManyDecimals => {
+                format!(
+                    "{currency} allows at most {} decimals",
+                    currency.minor_units()
+                )
+            }
+            other => other.to_string(),
+        };
+        issue(field, e.code(), msg)
+    })
 }
 
 /// Ends validation: every collected problem in one 422, or nothing.

@@ -35,7 +35,7 @@ use bursar_storage::money::{
 use bursar_storage::operations::STARTED;
 use bursar_storage::{Rule, StorageError, StoredResponse};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::operations::{Operation, Operations, Phase, PhaseCtx, PhaseError};
 use crate::http::error::{ApiError, issue};
@@ -87,17 +87,9 @@ fn request<T: serde::de::DeserializeOwned>(ctx: &PhaseCtx) -> Result<T, ApiError
     parse_json(&ctx.request)
 }
 
-/// Parses `amount` in `currency`, naming the field in the 422.
+/// Parses `amount` in `currency` (`services::parse_amount`) as a 422.
 fn money_in(field: &str, amount: &Amount, currency: Currency) -> Result<Money, ApiError> {
-    let text = amount.text().ok_or_else(|| {
-        ApiError::validation(vec![issue(
-            field,
-            "invalid_type",
-            "must be a decimal number",
-        )])
-    })?;
-    Money::parse(&text, currency)
-        .map_err(|e| ApiError::validation(vec![issue(field, e.code(), e.to_string())]))
+    super::parse_amount(field, amount, currency).map_err(|i| ApiError::validation(vec![i]))
 }
 
 fn payment_state(current: PaymentStatus, wanted: &str) -> ApiError {
@@ -373,7 +365,7 @@ fn check_amount_shape(issues: &mut Vec<FieldIssue>, field: &str, amount: Option<
     if let Some(a) = amount
         && a.text().is_none()
     {
-        issues.push(issue(field, "invalid_type", "must be a decimal number"));
+        issues.push(super::amount_shape_issue(field));
     }
 }
 
@@ -393,6 +385,24 @@ struct SettlePaymentOp {
     capture: bool,
 }
 
+impl SettlePaymentOp {
+    /// The body, checked: a cancel takes no amount; an amount must be decimal text.
+    fn parse(&self, body: &[u8]) -> Result<CapturePayment, ApiError> {
+        let req: CapturePayment = parse_json(body)?;
+        if !self.capture && req.amount.is_some() {
+            return Err(ApiError::validation(vec![issue(
+                "amount",
+                "unknown_field",
+                "a cancel releases the whole authorization",
+            )]));
+        }
+        let mut issues = Vec::new();
+        check_amount_shape(&mut issues, "amount", req.amount.as_ref());
+        super::finish(issues)?;
+        Ok(req)
+    }
+}
+
 /// The stored request of a capture or cancel: the path id folded into the body.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -409,17 +419,7 @@ impl Operation for SettlePaymentOp {
     }
 
     fn validate(&self, body: &[u8]) -> Result<(), ApiError> {
-        let req: CapturePayment = parse_json(body)?;
-        if !self.capture && req.amount.is_some() {
-            return Err(ApiError::validation(vec![issue(
-                "amount",
-                "unknown_field",
-                "a cancel releases the whole authorization",
-            )]));
-        }
-        let mut issues = Vec::new();
-        check_amount_shape(&mut issues, "amount", req.amount.as_ref());
-        super::finish(issues)
+        self.parse(body).map(|_| ())
     }
 
     fn prepare(&self, params: &[(String, String)], body: &[u8]) -> Result<Vec<u8>, ApiError> {
@@ -430,8 +430,7 @@ impl Operation for SettlePaymentOp {
         } else {
             body
         };
-        self.validate(body)?;
-        let req: CapturePayment = parse_json(body)?;
+        let req = self.parse(body)?;
         Ok(serde_json::to_vec(&SettleRequest {
             payment_id,
             amount: req.amount,
@@ -863,15 +862,4 @@ pub async fn load_rates(
     }
     store.set_rates(&rates, at).await?;
     Ok(rates.len())
-}
-
-/// Used by tests and the admin command to describe what a rate set looks like.
-pub fn rates_json(rates: &[(&str, &str, &str)]) -> String {
-    json!({
-        "rates": rates
-            .iter()
-            .map(|(b, q, r)| json!({"base": b, "quote": q, "rate": r}))
-            .collect::<Vec<_>>()
-    })
-    .to_string()
 }

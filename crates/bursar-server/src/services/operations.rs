@@ -131,16 +131,7 @@ impl PhaseCtx {
     /// A stored error answer in the envelope, attributed to the originating request. (The
     /// client's `Accept` is not known to a later driver, so it is always the JSON envelope.)
     pub fn error_response(&self, err: &ApiError) -> StoredResponse {
-        let body = bursar_api::ErrorBody {
-            status: Value::from("error"),
-            error_code: err.code.as_str().to_owned(),
-            message: err.message.clone(),
-            request_id: self.request_id.clone(),
-            trace_id: self.trace_id.clone(),
-            latency_ms: 0,
-            details: err.details.clone(),
-            extra: err.extra.clone(),
-        };
+        let body = crate::http::context::envelope(err, &self.request_id, &self.trace_id, 0);
         StoredResponse {
             status: err.status().as_u16(),
             headers: vec![("content-type".into(), "application/json".into())],

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::response::Response;
 use bursar_api::{CreateOrder, UpdateOrder};
-use bursar_domain::{Currency, Money, OrderAction, Timestamp};
+use bursar_domain::{Currency, OrderAction, Timestamp};
 use bursar_storage::{
     IdempotencyClaim, Idempotent, NewOrder, Order, OrderFilter, OrderPatch, OrderResponder, Page,
     StorageError, StoredResponse,
@@ -44,30 +44,18 @@ fn validate(req: CreateOrder) -> Result<NewOrder, ApiError> {
             ),
         ));
     }
-    let amount = match (req.amount.text(), currency) {
-        (None, _) => {
-            issues.push(issue(
-                "amount",
-                "invalid_amount",
-                "must be a JSON number or a decimal string such as \"199.00\"",
-            ));
+    let amount = match currency {
+        Some(c) => super::parse_amount("amount", &req.amount, c)
+            .map_err(|i| issues.push(i))
+            .ok(),
+        // Without a currency the allowed decimals are unknown: only the shape is checked,
+        // and the currency issue is reported.
+        None => {
+            if req.amount.text().is_none() {
+                issues.push(super::amount_shape_issue("amount"));
+            }
             None
         }
-        // Without a currency the allowed decimals are unknown; the currency issue is reported.
-        (Some(_), None) => None,
-        (Some(text), Some(c)) => match Money::parse(&text, c) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                let msg = match e {
-                    bursar_domain::AmountError::TooManyDecimals => {
-                        format!("{c} allows at most {} decimals", c.minor_units())
-                    }
-                    other => other.to_string(),
-                };
-                issues.push(issue("amount", e.code(), msg));
-                None
-            }
-        },
     };
     check_text(
         &mut issues,
