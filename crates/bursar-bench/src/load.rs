@@ -84,9 +84,19 @@ pub enum Op {
     Get,
     /// GET the baseline's hello-world route: the floor of any HTTP handler.
     Hello,
-    /// Pay a pending order created earlier: `POST /api/payments` (capture false), then
-    /// `POST /api/payments/{id}/capture`. One op, two requests; a failure of either fails it.
-    Pay,
+    /// Pay a pending order created earlier, capturing the full amount (see [`PayFlow`]).
+    Pay(PayFlow),
+}
+
+/// How a pay op captures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum PayFlow {
+    /// `POST /api/payments` (capture false), then `POST /api/payments/{id}/capture`: one op,
+    /// two requests (and two processor calls); a failure of either fails it.
+    TwoStep,
+    /// `POST /api/payments` with the default `capture: true`: authorized and captured by one
+    /// request and one processor call.
+    OneStep,
 }
 
 impl Op {
@@ -95,7 +105,7 @@ impl Op {
             Op::Create => "create",
             Op::Get => "get",
             Op::Hello => "hello",
-            Op::Pay => "pay",
+            Op::Pay(_) => "pay",
         }
     }
 }
@@ -202,7 +212,7 @@ pub async fn run_phase(
     s: Settings,
 ) -> Result<Sample> {
     ensure!(
-        !matches!(op, Op::Get | Op::Pay) || !ids.is_empty(),
+        !matches!(op, Op::Get | Op::Pay(_)) || !ids.is_empty(),
         "{}: no orders to {}",
         target.name,
         op.name()
@@ -229,7 +239,7 @@ pub async fn run_phase(
         sample.absorb(task.await.context("load task panicked")?);
     }
     sample.measured = s.duration;
-    if op == Op::Pay {
+    if matches!(op, Op::Pay(_)) {
         let taken = phase.taken.load(Ordering::Relaxed).min(phase.ids.len());
         sample.ids = phase.ids[taken..].to_vec();
     }
@@ -262,7 +272,7 @@ async fn worker(p: Arc<Phase>, task: usize) -> Sample {
                 let req = t.client.get(format!("{}/{id}", t.orders_url));
                 send(t.authed(req)).await.map(|_| None)
             }
-            Op::Pay => {
+            Op::Pay(flow) => {
                 let taken = p.taken.fetch_add(1, Ordering::Relaxed);
                 let Some(order) = p.ids.get(taken) else {
                     // The supply was sized too small: stop rather than pay an order twice.
@@ -272,7 +282,7 @@ async fn worker(p: Arc<Phase>, task: usize) -> Sample {
                     s.errors += 1;
                     return s;
                 };
-                pay(t, order, &mut key).await.map(|()| None)
+                pay(t, order, flow, &mut key).await.map(|()| None)
             }
         };
         match done {
@@ -293,16 +303,25 @@ async fn worker(p: Arc<Phase>, task: usize) -> Sample {
     }
 }
 
-/// Pays `order` in full without capture, then captures the payment.
+/// Pays `order` in full and captures the payment, by `flow`.
 async fn pay(
     t: &Target,
     order: &str,
+    flow: PayFlow,
     key: &mut impl FnMut() -> Option<String>,
 ) -> Result<(), String> {
     // Ids go into the body with their JSON type: a number as a number.
     let order_id = order
         .parse::<i64>()
         .map_or_else(|_| Value::from(order), Value::from);
+    if flow == PayFlow::OneStep {
+        let body = format!(r#"{{"order_id":{order_id},"payment_method":"pm_card_visa"}}"#);
+        let resp = send(t.authed(t.post(&t.payments_url, body, key()))).await;
+        let paid = resp.and_then(|body| new_id(&body, Some("succeeded")));
+        return paid
+            .map(drop)
+            .map_err(|e| format!("paying order {order}: {e}"));
+    }
     let body =
         format!(r#"{{"order_id":{order_id},"payment_method":"pm_card_visa","capture":false}}"#);
     let resp = send(t.authed(t.post(&t.payments_url, body, key()))).await;

@@ -18,7 +18,7 @@ use clap::{Parser, ValueEnum};
 use reqwest::Client;
 use sqlx::{AssertSqlSafe, Connection};
 
-use load::{Keys, Op, Sample, Target};
+use load::{Keys, Op, PayFlow, Sample, Target};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 pub enum Backend {
@@ -60,6 +60,11 @@ struct Args {
     /// then capture: one op) through the sandbox processor running inside `bursar serve`.
     #[arg(long, value_enum, default_value_t = Scenario::Crud)]
     scenario: Scenario,
+    /// `payments` only: how a pay op captures. `two-step`: create with capture false, then
+    /// capture (two requests, two processor calls). `one-step`: create with the default
+    /// capture true (one request, one processor call).
+    #[arg(long, value_enum, default_value_t = PayFlow::TwoStep)]
+    pay_flow: PayFlow,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -71,7 +76,7 @@ enum Scenario {
 
 impl Scenario {
     /// The two phases of a round for `target`: (op, keys) for the first and the second.
-    fn phases(self, target: &str) -> [(Op, Keys); 2] {
+    fn phases(self, target: &str, flow: PayFlow) -> [(Op, Keys); 2] {
         let bursar = target == "bursar";
         match self {
             Scenario::Crud => [(Op::Create, Keys::None), (Op::Get, Keys::None)],
@@ -80,7 +85,7 @@ impl Scenario {
             }
             Scenario::Idempotency => [(Op::Create, Keys::None), (Op::Hello, Keys::None)],
             // A real client sends a key of its own with every payment request.
-            Scenario::Payments => [(Op::Create, Keys::None), (Op::Pay, Keys::Fresh)],
+            Scenario::Payments => [(Op::Create, Keys::None), (Op::Pay(flow), Keys::Fresh)],
         }
     }
 
@@ -178,7 +183,7 @@ async fn measure(args: &Args, targets: &[Arc<Target>]) -> Result<Results> {
     let mut unpaid = Unpaid::default();
     for round in 1..=args.rounds {
         for (t, (_, firsts, seconds)) in targets.iter().zip(&mut results) {
-            let [(op1, keys1), (op2, keys2)] = args.scenario.phases(t.name);
+            let [(op1, keys1), (op2, keys2)] = args.scenario.phases(t.name, args.pay_flow);
             eprintln!(
                 "round {round}/{}: {} {:?}",
                 args.rounds, t.name, args.scenario
@@ -186,12 +191,12 @@ async fn measure(args: &Args, targets: &[Arc<Target>]) -> Result<Results> {
             let mut first = load::run_phase(t, op1, keys1, vec![], settings).await?;
             let mut ids = std::mem::take(&mut first.ids);
             firsts.absorb(first);
-            if op2 == Op::Pay {
+            if matches!(op2, Op::Pay(_)) {
                 ids = unpaid.supply(t, ids, args.concurrency, firsts).await?;
             }
             let given = ids.len();
             let mut second = load::run_phase(t, op2, keys2, ids, settings).await?;
-            if op2 == Op::Pay {
+            if matches!(op2, Op::Pay(_)) {
                 unpaid.put_back(given, std::mem::take(&mut second.ids));
             }
             seconds.absorb(second);
@@ -255,7 +260,7 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
     println!(
         "backend: {backend}  scenario: {scenario}  concurrency: {c}  duration: {d}s x {r} rounds  warmup: {w}s"
     );
-    // A pay op is two requests (create and capture); every other op is one.
+    // A two-step pay op is two requests (create and capture); every other op is one.
     let unit = if args.scenario == Scenario::Payments {
         "ops/s"
     } else {
@@ -278,7 +283,8 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
     match &results[..] {
         [(_, creates, pays)] if args.scenario == Scenario::Payments => {
             let r = ratio(pays, creates);
-            println!("ratio payment(create+capture)/order create: {r:.2}   (ops/s)");
+            let flow = format!("{:?}", args.pay_flow).to_lowercase();
+            println!("ratio payment(create+capture, {flow})/order create: {r:.2}   (ops/s)");
         }
         [(_, base_c, base_g), (_, bursar_c, bursar_g)] => {
             let (c, g) = (ratio(bursar_c, base_c), ratio(bursar_g, base_g));
