@@ -5,12 +5,17 @@
 pub mod amount;
 pub mod customers;
 pub mod error;
+pub mod events;
 pub mod money;
 pub mod orders;
 
 pub use amount::Amount;
 pub use customers::{CreateCustomer, Customer, UpdateCustomer};
 pub use error::{ErrorBody, ErrorCode, FieldIssue};
+pub use events::{
+    CreateWebhookEndpoint, Redeliver, UpdateWebhookEndpoint, WebhookAttempt, WebhookDelivery,
+    WebhookEndpoint,
+};
 pub use money::{
     Balance, CapturePayment, Conversion, CreateConversion, CreatePayment, CreateQuote,
     CreateRefund, LedgerEntry, Payment, PaymentStatus, Posting, Quote, Rate, Refund, RefundStatus,

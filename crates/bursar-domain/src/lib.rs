@@ -11,6 +11,7 @@ pub mod metadata;
 pub mod money;
 pub mod order;
 pub mod time;
+pub mod webhook;
 
 pub use currency::Currency;
 pub use fx::{FxError, Rate};

@@ -14,6 +14,8 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod webhooks;
+
 pub use bursar_api as api;
 pub use reqwest;
 

@@ -81,6 +81,36 @@ spread_bps = 50
 # How long a quote's rate is locked, in seconds.
 quote_ttl_secs = 60
 
+[webhooks]
+# Run the event relay and the webhook delivery worker inside `bursar serve` (`bursar worker`
+# runs them alone; any number of either may share one database).
+run_workers = true
+# Addresses webhook URLs may resolve to although they are private, loopback or link-local,
+# as CIDRs, e.g. ["127.0.0.0/8"] for local development (`--webhook-allow-cidr`). Every other
+# non-public address is refused when the endpoint is created and again at connect time.
+allow_cidrs = []
+# Require https:// URLs. Empty (the default): required unless allow_cidrs is set, i.e. in
+# local development.
+require_https = ""
+# The key that encrypts endpoint secrets at rest: 32 bytes, base64. Empty: a key file
+# <data_dir>/webhook-secrets.key is created on first use. Instances sharing a database must
+# share the key.
+encryption_key = ""
+# Delays before attempts 2, 3, … in seconds (±20 % jitter); after the last, a delivery fails.
+schedule_secs = [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+# After a timeout, 429, 502 or 504, the next attempt waits at least this long.
+overload_floor_secs = 60
+# Each delivery attempt's time limit.
+timeout_ms = 15000
+# A claimed delivery's lease; a worker that dies mid-send loses it after this long.
+lease_secs = 90
+# How often the relay and the worker look for work when idle.
+poll_interval_ms = 25
+# Deliveries in flight per process.
+concurrency = 32
+# How long a rotated-out secret keeps signing deliveries.
+rotation_grace_secs = 86400
+
 [log]
 # "json": one JSON object per line on stderr. "pretty": human-readable.
 format = "json"
@@ -99,7 +129,85 @@ pub struct Config {
     pub idempotency: IdempotencyConfig,
     pub processor: ProcessorConfig,
     pub fx: FxConfig,
+    pub webhooks: WebhooksConfig,
     pub log: LogConfig,
+}
+
+/// Events and webhook delivery (issue 5). `Debug` masks the encryption key.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    pub run_workers: bool,
+    pub allow_cidrs: Vec<String>,
+    /// `None`: required unless `allow_cidrs` is set.
+    #[serde(deserialize_with = "empty_as_none_bool")]
+    pub require_https: Option<bool>,
+    #[serde(deserialize_with = "empty_as_none")]
+    pub encryption_key: Option<String>,
+    pub schedule_secs: Vec<u64>,
+    pub overload_floor_secs: u64,
+    pub timeout_ms: u64,
+    pub lease_secs: u64,
+    pub poll_interval_ms: u64,
+    pub concurrency: usize,
+    pub rotation_grace_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            run_workers: true,
+            allow_cidrs: Vec::new(),
+            require_https: None,
+            encryption_key: None,
+            schedule_secs: vec![5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400],
+            overload_floor_secs: 60,
+            timeout_ms: 15_000,
+            lease_secs: 90,
+            poll_interval_ms: 25,
+            concurrency: 32,
+            rotation_grace_secs: 86_400,
+        }
+    }
+}
+
+impl std::fmt::Debug for WebhooksConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhooksConfig")
+            .field("run_workers", &self.run_workers)
+            .field("allow_cidrs", &self.allow_cidrs)
+            .field("require_https", &self.require_https)
+            .field(
+                "encryption_key",
+                &self.encryption_key.as_ref().map(|_| "<set>"),
+            )
+            .field("schedule_secs", &self.schedule_secs)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("lease_secs", &self.lease_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhooksConfig {
+    pub fn https_required(&self) -> bool {
+        self.require_https.unwrap_or(self.allow_cidrs.is_empty())
+    }
+}
+
+/// `""` (or absent) is `None`; `true`/`false` as usual.
+fn empty_as_none_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bool(bool),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Bool(b)) => Ok(Some(b)),
+        Some(Raw::Text(t)) if t.is_empty() => Ok(None),
+        Some(Raw::Text(t)) => t.parse().map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -275,6 +383,7 @@ impl Default for Config {
             idempotency: IdempotencyConfig::default(),
             processor: ProcessorConfig::default(),
             fx: FxConfig::default(),
+            webhooks: WebhooksConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -322,6 +431,7 @@ impl std::fmt::Debug for Config {
             .field("idempotency", &self.idempotency)
             .field("processor_url", &self.redacted_processor_url())
             .field("fx", &self.fx)
+            .field("webhooks", &self.webhooks)
             .field("log", &self.log)
             .finish()
     }

@@ -6,9 +6,11 @@ pub mod config;
 pub mod http;
 pub mod processor;
 pub mod services;
+pub mod ssrf;
 pub mod state;
 pub mod store;
 pub mod trace;
+pub mod webhooks;
 
 pub use config::Config;
 pub use state::{AppState, FaultPoint, SystemClock};
@@ -32,6 +34,13 @@ pub async fn serve(
     // With no operation registered there is no work a completer could finish.
     let completer = (state.operations.all().next().is_some())
         .then(|| tokio::spawn(complete_abandoned(state.clone())));
+    let (stop_workers, workers_stop) = tokio::sync::watch::channel(false);
+    let workers = state.config.webhooks.run_workers.then(|| {
+        (
+            tokio::spawn(webhooks::relay::run(state.clone())),
+            tokio::spawn(webhooks::worker::run(state.clone(), workers_stop, grace)),
+        )
+    });
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -52,6 +61,12 @@ pub async fn serve(
         () = drained => tracing::warn!(grace_ms = self::millis(grace), "grace period over; abandoning in-flight requests"),
     }
     sweeper.abort();
+    if let Some((relay, worker)) = workers {
+        relay.abort();
+        let _ = stop_workers.send(true);
+        // The worker lets its sends finish (up to the grace) and hands back the rest.
+        let _ = worker.await;
+    }
     if let Some(completer) = completer {
         completer.abort();
     }

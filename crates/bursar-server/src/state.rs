@@ -29,6 +29,8 @@ pub struct AppState {
     /// The payment processor (`processor`), once `serve` has set one up: the configured URL,
     /// or the sandbox running in-process.
     pub processor: Option<Arc<dyn crate::processor::Processor>>,
+    /// Event relay, webhook worker and endpoint secrets (`webhooks`).
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
 }
 
 /// See [`AppState::replays`]. Keyed by account and client key; bounded by the bytes of the
@@ -154,8 +156,14 @@ impl Default for KeyCache {
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Storage>, clock: Arc<dyn Clock>, config: Config) -> AppState {
-        AppState {
+    /// Fails on a bad webhook configuration (allow-list, encryption key).
+    pub fn new(
+        store: Arc<dyn Storage>,
+        clock: Arc<dyn Clock>,
+        config: Config,
+    ) -> anyhow::Result<AppState> {
+        let webhooks = Arc::new(crate::webhooks::Webhooks::from_config(&config)?);
+        Ok(AppState {
             store,
             clock,
             config: Arc::new(config),
@@ -164,7 +172,8 @@ impl AppState {
             fault: None,
             operations: Arc::new(Operations::money()),
             processor: None,
-        }
+            webhooks,
+        })
     }
 }
 

@@ -172,6 +172,7 @@ macro_rules! order_cols {
 
 // Declared after the SQL macros above, which it uses.
 mod batch;
+mod events;
 mod money;
 mod ops;
 

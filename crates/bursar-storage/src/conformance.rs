@@ -11,8 +11,10 @@ use bursar_domain::{Currency, Metadata, Money, OrderAction, OrderStatus, Timesta
 
 use crate::*;
 
+mod events;
 mod money;
 mod operations;
+pub use events::*;
 pub use money::*;
 pub use operations::*;
 
@@ -53,7 +55,14 @@ macro_rules! conformance_tests {
             conversions_move_available_funds_once,
             concurrent_conversions_never_overdraw,
             money_is_scoped_to_its_account,
-            an_order_takes_one_payment_at_a_time
+            an_order_takes_one_payment_at_a_time,
+            events_are_sequenced_per_account_once,
+            concurrent_sequencers_never_share_a_seq,
+            fan_out_follows_endpoint_filters_once,
+            endpoints_are_scoped_and_rotate,
+            deliveries_are_leased_fenced_and_retried,
+            a_gone_receiver_disables_its_endpoint,
+            concurrent_workers_never_claim_one_delivery_twice
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -7,11 +7,13 @@
 //! [`conformance`] suite.
 
 pub mod conformance;
+pub mod events;
 pub mod group_commit;
 pub mod money;
 pub mod operations;
 mod records;
 
+pub use events::EventLogStore;
 pub use money::{MoneyStore, Rule, Step, StepEnd};
 pub use operations::{Begun, Lease, LeasedOperation, OperationStore};
 pub use records::*;
@@ -152,6 +154,7 @@ pub trait Storage:
     + OperationStore
     + MoneyStore
     + EventStore
+    + EventLogStore
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

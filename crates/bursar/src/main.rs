@@ -321,7 +321,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     println!("Press Ctrl-C to stop.");
     tracing::info!(listen = %addr, backend = store.backend(), "serving");
-    let mut state = AppState::new(store, clock, config);
+    let mut state = AppState::new(store, clock, config)?;
     state.processor = Some(Arc::new(processor));
     if let Ok(name) = std::env::var("BURSAR_TEST_FAULT") {
         let point = FaultPoint::parse(&name)

@@ -19,7 +19,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
-use routes::{customers, money, orders, system};
+use routes::{customers, events, money, orders, system};
 
 /// The whole application. Layer order, outermost first: request context (id, trace, error
 /// rendering, access log) → panic guard → timeout (innermost, so a timed-out request is still
@@ -49,6 +49,34 @@ pub fn router(state: AppState) -> Router {
         .route("/api/rates", get(money::rates))
         .route("/api/quotes/{id}", get(money::get_quote))
         .route("/api/conversions/{id}", get(money::get_conversion))
+        .route("/api/events", get(events::list_events))
+        .route("/api/events/{id}", get(events::get_event))
+        .route(
+            "/api/webhook_endpoints",
+            post(events::create_endpoint).get(events::list_endpoints),
+        )
+        .route(
+            "/api/webhook_endpoints/{id}",
+            get(events::get_endpoint)
+                .patch(events::update_endpoint)
+                .delete(events::delete_endpoint),
+        )
+        .route(
+            "/api/webhook_endpoints/{id}/rotate_secret",
+            post(events::rotate_secret),
+        )
+        .route(
+            "/api/webhook_endpoints/{id}/deliveries",
+            get(events::deliveries),
+        )
+        .route(
+            "/api/webhook_endpoints/{id}/attempts",
+            get(events::attempts),
+        )
+        .route(
+            "/api/webhook_endpoints/{id}/redeliver",
+            post(events::redeliver),
+        )
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz));
     for op in state.operations.all() {

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::routes::{customers, money, orders, system};
+use super::routes::{customers, events, money, orders, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,9 @@ use super::routes::{customers, money, orders, system};
     ),
     paths(
         customers::create, customers::list, customers::get, customers::update,
+        events::list_events, events::get_event, events::create_endpoint, events::list_endpoints,
+        events::get_endpoint, events::update_endpoint, events::delete_endpoint,
+        events::rotate_secret, events::deliveries, events::attempts, events::redeliver,
         orders::create, orders::list, orders::get, orders::update, orders::cancel,
         money::create_payment, money::list_payments, money::get_payment,
         money::capture_payment, money::cancel_payment,
@@ -35,6 +38,8 @@ use super::routes::{customers, money, orders, system};
         (name = "refunds", description = "Refunds of captured payments, never more than captured"),
         (name = "ledger", description = "Balances and the double-entry journal behind them"),
         (name = "fx", description = "Rates, quotes that lock a rate, and conversions"),
+        (name = "events", description = "The event log: every committed change, in order per account"),
+        (name = "webhooks", description = "Signed webhook endpoints, their deliveries and attempts"),
         (name = "system", description = "Health and readiness"),
     )
 )]

@@ -43,6 +43,8 @@ pub struct TestApp {
 /// The configuration of a test server; `None` when the backend is not available here.
 pub fn test_config(backend: Backend) -> Option<(Config, Option<tempfile::TempDir>)> {
     let mut config = Config::default();
+    // A fixed key: no key file is written beside the tests (PostgreSQL has no data_dir).
+    config.webhooks.encryption_key = Some("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into());
     match backend {
         Backend::Sqlite => {
             let dir = tempfile::tempdir().unwrap();
@@ -131,7 +133,7 @@ impl TestApp {
                     .unwrap(),
             );
         }
-        let mut state = AppState::new(store.clone(), clock, config.clone());
+        let mut state = AppState::new(store.clone(), clock, config.clone()).unwrap();
         state.operations = Arc::new(operations);
         state.processor = processor;
         TestApp::run(backend, state, config, keys, ids[0], dir).await
@@ -184,7 +186,7 @@ impl TestApp {
         let old = self.state.clone();
         self.stop().await;
         let store = bursar_server::store::open(&config).await.unwrap();
-        let mut state = AppState::new(store, old.clock.clone(), config.clone());
+        let mut state = AppState::new(store, old.clock.clone(), config.clone()).unwrap();
         state.operations = old.operations.clone();
         state.processor = old.processor.clone();
         TestApp::run(backend, state, config, keys, account_a, dir).await

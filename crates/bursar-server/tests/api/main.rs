@@ -6,6 +6,7 @@ mod harness;
 mod idempotency;
 mod money;
 mod operations;
+mod webhooks;
 
 macro_rules! api_suite {
     ($($case:ident),* $(,)?) => {
@@ -36,6 +37,7 @@ use cases::*;
 use idempotency::*;
 use money::*;
 use operations::*;
+use webhooks::*;
 
 api_suite!(
     canonical_order_request,
@@ -69,4 +71,6 @@ api_suite!(
     random_money_traffic_keeps_the_ledger_balanced,
     an_order_is_charged_once_under_concurrent_payments,
     the_sdk_pays_refunds_and_converts,
+    a_receiver_outage_loses_no_event,
+    webhook_endpoints_are_guarded_scoped_and_rotate,
 );

@@ -1,6 +1,7 @@
 //! Handlers: parse, authenticate, call a service, render. Nothing else.
 
 pub mod customers;
+pub mod events;
 pub mod money;
 pub mod operations;
 pub mod orders;

@@ -1,0 +1,376 @@
+//! The delivery worker: claims due deliveries under a lease (storage: `SKIP LOCKED` /
+//! `BEGIN IMMEDIATE`), sends each outside any transaction, and completes it in one
+//! transaction guarded by the lease token — so a worker that stalled past its lease writes
+//! nothing but a `lease_lost` attempt. Any number of workers, in any number of processes.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bursar_domain::Timestamp;
+use bursar_domain::webhook::{self, WebhookSecret};
+use bursar_storage::events::{Attempt, ClaimedDelivery, Completion, Outcome};
+use rand::RngExt;
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use tokio::sync::{Semaphore, watch};
+
+use crate::AppState;
+use crate::ssrf;
+
+/// At most this much of a receiver's answer is kept.
+pub const SNIPPET_BYTES: usize = 16 * 1024;
+/// `Retry-After` is honoured up to this long.
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(24 * 3600);
+
+/// How one send went.
+#[derive(Debug)]
+struct Sent {
+    status: Option<StatusCode>,
+    error_kind: Option<&'static str>,
+    retry_after: Option<Duration>,
+    snippet: Option<String>,
+}
+
+/// Runs until `stop` turns true; then claims nothing more, lets sends in flight finish for
+/// up to `grace`, and hands back the leases of those that did not (due again at once).
+pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Duration) {
+    let hooks = state.webhooks.clone();
+    let slots = Arc::new(Semaphore::new(hooks.config.concurrency.max(1)));
+    let tokens: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let idle = hooks.poll_interval();
+    while !*stop.borrow() {
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                _ = slots.acquire() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let now = state.clock.now();
+        let lease = Duration::from_secs(hooks.config.lease_secs.max(1));
+        let lease_until = Timestamp(now.0 + millis(lease));
+        let limit = u32::try_from(free.min(64)).unwrap_or(64);
+        let claimed = match state
+            .store
+            .claim_deliveries(now, lease_until, &token, limit)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming webhook deliveries failed; will retry");
+                tokio::time::sleep(idle * 20).await;
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            tokio::select! {
+                () = tokio::time::sleep(idle) => {}
+                () = hooks.relayed.notified() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        lock(&tokens).insert(token.clone());
+        let batch = Arc::new(BatchLease {
+            token,
+            left: std::sync::atomic::AtomicUsize::new(claimed.len()),
+            tokens: tokens.clone(),
+        });
+        for c in claimed {
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let (state, batch) = (state.clone(), batch.clone());
+            tokio::spawn(async move {
+                deliver(&state, c, &batch.token).await;
+                batch.done();
+                drop(permit);
+            });
+        }
+    }
+    let all = u32::try_from(hooks.config.concurrency.max(1)).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        let left: Vec<String> = lock(&tokens).iter().cloned().collect();
+        for token in left {
+            match state
+                .store
+                .release_deliveries(&token, state.clock.now())
+                .await
+            {
+                Ok(n) => tracing::info!(released = n, "released unfinished webhook deliveries"),
+                Err(e) => tracing::warn!(error = %e, "releasing webhook leases failed"),
+            }
+        }
+    }
+}
+
+/// The lease token of one claim, forgotten once all its deliveries are done.
+struct BatchLease {
+    token: String,
+    left: std::sync::atomic::AtomicUsize,
+    tokens: Arc<Mutex<HashSet<String>>>,
+}
+
+impl BatchLease {
+    fn done(&self) {
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            lock(&self.tokens).remove(&self.token);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Sends one claimed delivery and records the attempt.
+pub async fn deliver(state: &AppState, c: ClaimedDelivery, token: &str) {
+    let started = Instant::now();
+    let at = state.clock.now();
+    let sent = match signed_request(state, &c, at) {
+        Ok(headers) => send(state, &c, headers).await,
+        Err(kind) => Sent {
+            status: None,
+            error_kind: Some(kind),
+            retry_after: None,
+            snippet: None,
+        },
+    };
+    let outcome = outcome(state, &c, &sent);
+    let attempt = Attempt {
+        delivery_id: c.delivery_id,
+        attempt_no: c.attempt_no,
+        status_code: sent.status.map(|s| i64::from(s.as_u16())),
+        duration_ms: millis(started.elapsed()),
+        error_kind: sent.error_kind.map(str::to_owned),
+        response_snippet: sent.snippet,
+        created_at: at,
+    };
+    let done = Completion {
+        delivery_id: c.delivery_id,
+        lease_token: token.to_owned(),
+        attempt,
+        outcome,
+    };
+    match state.store.complete_delivery(done, state.clock.now()).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            delivery_id = c.delivery_id,
+            attempt = c.attempt_no,
+            "webhook lease lost before the attempt was recorded"
+        ),
+        Err(e) => tracing::warn!(
+            delivery_id = c.delivery_id,
+            error = %e,
+            "recording a webhook attempt failed; the lease will lapse and it is sent again"
+        ),
+    }
+}
+
+/// The delivery's headers, signed now; `Err(kind)` when it cannot be sent at all.
+fn signed_request(
+    state: &AppState,
+    c: &ClaimedDelivery,
+    at: Timestamp,
+) -> Result<HeaderMap, &'static str> {
+    let hooks = &state.webhooks;
+    let open = |sealed: &str| {
+        let clear = hooks.secrets.open(sealed).ok()?;
+        WebhookSecret::parse(&clear).ok()
+    };
+    let Some(current) = open(&c.secret_enc) else {
+        tracing::error!(
+            endpoint_id = c.endpoint_id,
+            "a webhook secret could not be opened; is webhooks.encryption_key the one it was sealed with?"
+        );
+        return Err("secret");
+    };
+    let previous = c
+        .previous_secret_enc
+        .as_deref()
+        .filter(|_| c.previous_secret_expires_at.is_some_and(|t| t > at))
+        .and_then(open);
+    let body = c.body.as_bytes();
+    let ts = at.0.div_euclid(1000);
+    let mut keys = vec![&current];
+    keys.extend(previous.as_ref());
+    let mut h = HeaderMap::new();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    };
+    put("content-type", "application/json".into());
+    put(webhook::HEADER_ID, c.event_id.clone());
+    put(webhook::HEADER_TIMESTAMP, ts.to_string());
+    put(
+        webhook::HEADER_SIGNATURE,
+        webhook::signature_header(&keys, &c.event_id, ts, body),
+    );
+    put(
+        webhook::HEADER_HEX_SIGNATURE,
+        webhook::sign_hex(current.as_str(), body),
+    );
+    if let Some(prev) = &previous {
+        put(
+            webhook::HEADER_HEX_SIGNATURE_PREVIOUS,
+            webhook::sign_hex(prev.as_str(), body),
+        );
+    }
+    put(
+        "x-bursar-delivery-id",
+        format!("dlv_{}_{}", c.delivery_id, c.attempt_no),
+    );
+    put("x-request-id", c.request_id.clone());
+    if c.trace_id.len() == 32 {
+        let span: u64 = rand::rng().random();
+        put("traceparent", format!("00-{}-{span:016x}-01", c.trace_id));
+    }
+    Ok(h)
+}
+
+async fn send(state: &AppState, c: &ClaimedDelivery, headers: HeaderMap) -> Sent {
+    let hooks = &state.webhooks;
+    let failed = |kind| Sent {
+        status: None,
+        error_kind: Some(kind),
+        retry_after: None,
+        snippet: None,
+    };
+    let Ok(url) = reqwest::Url::parse(&c.url) else {
+        return failed("connect");
+    };
+    // IP literals never reach the guarded resolver: check them here, at every send.
+    if let Err(p) = ssrf::check_url(&hooks.policy, &url) {
+        return failed(if p.kind() == "blocked_ip" {
+            "blocked_ip"
+        } else {
+            "connect"
+        });
+    }
+    let req = hooks.client.post(url).headers(headers).body(c.body.clone());
+    let mut resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => return failed(error_kind(&e)),
+    };
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, state.clock.now()));
+    let mut snippet = Vec::new();
+    let mut kind = None;
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = SNIPPET_BYTES - snippet.len();
+                snippet.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if snippet.len() >= SNIPPET_BYTES {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                if e.is_timeout() {
+                    kind = Some("timeout");
+                }
+                break;
+            }
+        }
+    }
+    Sent {
+        status: Some(status),
+        error_kind: kind.or((!status.is_success()).then_some("http_status")),
+        retry_after,
+        snippet: Some(String::from_utf8_lossy(&snippet).into_owned()),
+    }
+}
+
+/// The spec's error kinds for a request that got no answer.
+fn error_kind(e: &reqwest::Error) -> &'static str {
+    if ssrf::is_blocked(e) {
+        "blocked_ip"
+    } else if e.is_timeout() {
+        "timeout"
+    } else if format!("{e:?}").contains("tls") || format!("{e:?}").contains("certificate") {
+        "tls"
+    } else {
+        "connect"
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date; garbage is ignored.
+fn parse_retry_after(v: &str, now: Timestamp) -> Option<Duration> {
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v.trim()).ok()?;
+    let ms = at.timestamp_millis() - now.0;
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+/// What this attempt means for the delivery: the answer handling of spec §2.2.
+fn outcome(state: &AppState, c: &ClaimedDelivery, sent: &Sent) -> Outcome {
+    match sent.status {
+        Some(s) if s.is_success() && sent.error_kind.is_none() => return Outcome::Succeeded,
+        Some(StatusCode::GONE) => return Outcome::Gone,
+        _ => {}
+    }
+    let cfg = &state.webhooks.config;
+    let Some(base) = usize::try_from(c.attempt_no - 1)
+        .ok()
+        .and_then(|i| cfg.schedule_secs.get(i))
+    else {
+        return Outcome::Exhausted;
+    };
+    let jitter: u64 = rand::rng().random_range(800..=1200);
+    let mut delay = Duration::from_millis(base.saturating_mul(jitter));
+    let overloaded = sent.error_kind == Some("timeout")
+        || matches!(
+            sent.status,
+            Some(
+                StatusCode::TOO_MANY_REQUESTS
+                    | StatusCode::BAD_GATEWAY
+                    | StatusCode::GATEWAY_TIMEOUT
+            )
+        );
+    if overloaded {
+        delay = delay.max(Duration::from_secs(cfg.overload_floor_secs));
+    }
+    if let Some(after) = sent.retry_after {
+        delay = delay.max(after.min(RETRY_AFTER_CAP));
+    }
+    Outcome::Retry(Timestamp(state.clock.now().0 + millis(delay)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_ignores_garbage() {
+        let now = Timestamp(1_700_000_000_000);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Tue, 14 Nov 2023 22:15:20 GMT", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

@@ -1,0 +1,756 @@
+//! PostgreSQL's side of the event log and webhook delivery (`bursar_storage::events`), the
+//! SQLite backend's behaviour translated to PostgreSQL. There is no writer lock here, so what
+//! SQLite gets from `BEGIN IMMEDIATE` is spelled out:
+//!
+//! - Sequencing is serialised across relays by a transaction-scoped advisory lock, taken
+//!   before anything is read. Each later statement of the (READ COMMITTED) transaction sees
+//!   every relay transaction that ran before it, so `seq` is handed out in the order the
+//!   relays commit, and only to committed rows: a `seq > last` reader never skips a row that
+//!   committed late, because the row only gets its `seq` after it committed.
+//! - Claiming takes due deliveries with `SKIP LOCKED`: concurrent workers lease disjoint rows
+//!   and never wait for each other.
+//! - Completion is guarded by the lease token in the `UPDATE`'s `WHERE`, re-checked against
+//!   the newest row version after any wait, so a worker whose lease was taken over changes
+//!   nothing.
+//!
+//! Lock order, so concurrent commands wait instead of deadlocking: an endpoint before its
+//! deliveries (as the cascade of an endpoint's deletion takes them).
+
+use async_trait::async_trait;
+use bursar_domain::{AccountId, Timestamp};
+use bursar_storage::events::{
+    Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
+    LoggedEvent, NewEndpoint, Outcome, render_body, state, type_matches,
+};
+use bursar_storage::{PageRequest, Result, StorageError};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use crate::{PostgresStore, err};
+
+/// The advisory lock key that serialises relays (`pg_advisory_xact_lock`): "BURSAR" and the
+/// issue that introduced the event log. Advisory locks are per database, not per schema, so
+/// deployments sharing a database in separate schemas sequence one after the other (still
+/// correct, merely not in parallel).
+const SEQUENCER_LOCK: i64 = 0x4255_5253_4152_0005;
+
+macro_rules! event_cols {
+    () => {
+        "event_id, seq, account_id, event_type, aggregate_type, aggregate_id, \
+         aggregate_version, request_id, trace_id, created_at, body"
+    };
+}
+
+macro_rules! endpoint_cols {
+    () => {
+        "id, account_id, url, description, event_types, secret_enc, previous_secret_enc, \
+         previous_secret_expires_at, enabled, disabled_reason, max_concurrency, version, \
+         created_at, updated_at"
+    };
+}
+
+macro_rules! delivery_cols {
+    () => {
+        "d.id, d.account_id, d.endpoint_id, d.event_id, e.event_type, d.state, \
+         d.attempt_count, d.next_attempt_at, d.last_status, d.last_error, d.created_at, \
+         d.updated_at"
+    };
+}
+
+/// Sequences a batch, in one statement: picks the oldest committed unsequenced rows, moves
+/// each account's counter past them at once, and numbers the account's rows from the old
+/// counter value in `id` order, so every account's `seq` stays dense. Nothing else writes
+/// `event_seq`, and relays hold the advisory lock, so the counter rows are never contended.
+const SEQUENCE_BATCH: &str = "\
+    WITH batch AS MATERIALIZED (\
+       SELECT id, account_id, event_type, aggregate_type, aggregate_id, aggregate_version, \
+              payload::text AS payload, request_id, trace_id, created_at \
+       FROM outbox_events WHERE seq IS NULL ORDER BY id LIMIT $1), \
+     counts AS (SELECT account_id, count(*) AS n FROM batch GROUP BY account_id), \
+     bumped AS (UPDATE accounts a SET event_seq = a.event_seq + c.n FROM counts c \
+                WHERE a.id = c.account_id RETURNING a.id, a.event_seq - c.n AS base) \
+    SELECT b.*, k.base + row_number() OVER (PARTITION BY b.account_id ORDER BY b.id) AS seq \
+    FROM batch b JOIN bumped k ON k.id = b.account_id ORDER BY b.id";
+
+/// Stores the sequenced events and fans them out, in one statement. The deliveries' foreign
+/// key to `outbox_events (event_id)` is checked at the end of the statement, after the `UPDATE`
+/// gave the rows their ids. A delivery is only paired with an event of the endpoint's account.
+const STORE_AND_FAN_OUT: &str = "\
+    WITH sequenced AS (\
+       UPDATE outbox_events o SET event_id = u.event_id, seq = u.seq, body = u.body, \
+              sequenced_at = $5 \
+       FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[]) AS u (id, event_id, seq, body) \
+       WHERE o.id = u.id \
+       RETURNING o.account_id, o.event_id) \
+    INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, next_attempt_at, \
+                                    created_at, updated_at) \
+    SELECT s.account_id, f.endpoint_id, s.event_id, 'pending', $5, $5, $5 \
+    FROM unnest($6::bigint[], $7::bigint[], $8::text[]) WITH ORDINALITY \
+           AS f (account_id, endpoint_id, event_id, n) \
+    JOIN sequenced s ON s.event_id = f.event_id AND s.account_id = f.account_id \
+    ORDER BY f.n \
+    ON CONFLICT (event_id, endpoint_id) DO NOTHING";
+
+/// Leases due deliveries, in one statement. `FOR NO KEY UPDATE` is the lock the claiming
+/// `UPDATE` takes anyway; unlike `FOR UPDATE` it does not conflict with the `KEY SHARE` locks
+/// of foreign-key checks, so a fenced-off worker recording its lost attempt never waits for a
+/// claimer (and a claimer never skips a row only because of such a check). A taken-over
+/// in-flight delivery gets its lost attempt recorded here, for the rows this statement locked
+/// only, so two claimers never record the same one; the fenced-off worker's own record of it
+/// then does nothing (`ON CONFLICT`).
+const CLAIM: &str = "\
+    WITH due AS MATERIALIZED (\
+       SELECT d.id, d.endpoint_id, d.state, d.attempt_count \
+       FROM webhook_deliveries d JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
+       WHERE ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= $1) \
+              OR (d.state = 'in_flight' AND d.lease_expires_at < $1)) \
+         AND ep.enabled \
+       ORDER BY d.next_attempt_at, d.id LIMIT $2 \
+       FOR NO KEY UPDATE OF d SKIP LOCKED), \
+     lost AS (\
+       INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, duration_ms, \
+                                     error_kind, created_at) \
+       SELECT id, endpoint_id, attempt_count, 0, 'lease_lost', $1 FROM due \
+       WHERE state = 'in_flight' \
+       ON CONFLICT (delivery_id, attempt_no) DO NOTHING), \
+     claimed AS (\
+       UPDATE webhook_deliveries w SET state = 'in_flight', lease_token = $3, \
+              lease_expires_at = $4, attempt_count = w.attempt_count + 1, updated_at = $1 \
+       FROM due WHERE w.id = due.id \
+       RETURNING w.id, w.account_id, w.endpoint_id, w.attempt_count, w.event_id, \
+                 w.next_attempt_at) \
+    SELECT c.id, c.account_id, c.endpoint_id, c.attempt_count, c.event_id, e.body, \
+           e.request_id, e.trace_id, ep.url, ep.secret_enc, ep.previous_secret_enc, \
+           ep.previous_secret_expires_at \
+    FROM claimed c JOIN outbox_events e ON e.event_id = c.event_id \
+    JOIN webhook_endpoints ep ON ep.id = c.endpoint_id \
+    ORDER BY c.next_attempt_at, c.id";
+
+/// Ends a lease and records its attempt, in one statement. The attempt is recorded whether or
+/// not the lease is still `$7`'s; when it is not, as `lease_lost` (its number may already be
+/// recorded so, by the worker that took over). A `Gone` outcome (`$12`) of a lease still held
+/// disables the endpoint. Returns the delivery when the lease was held.
+///
+/// A held lease's attempt comes from the `UPDATE`'s own row. A lost one's comes from the
+/// delivery read under a `KEY SHARE` lock, so a delivery deleted meanwhile (with its endpoint)
+/// records nothing instead of failing the attempt's foreign key; that read is only used when
+/// the `UPDATE` matched nothing, because a locking read skips a row the same statement has
+/// already updated.
+const COMPLETE: &str = "\
+    WITH owned AS (\
+       UPDATE webhook_deliveries SET state = $1, next_attempt_at = COALESCE($2, next_attempt_at), \
+              lease_token = NULL, lease_expires_at = NULL, last_status = $3, last_error = $4, \
+              updated_at = $5 \
+       WHERE id = $6 AND lease_token = $7 RETURNING id, account_id, endpoint_id), \
+     unowned AS (SELECT id, endpoint_id FROM webhook_deliveries WHERE id = $6 FOR KEY SHARE), \
+     recorded AS (\
+       INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
+                                     duration_ms, error_kind, response_snippet, created_at) \
+       SELECT t.id, t.endpoint_id, $8, $3, $9, t.kind, $10, $11 \
+       FROM (SELECT id, endpoint_id, $4::text AS kind FROM owned \
+             UNION ALL \
+             SELECT id, endpoint_id, 'lease_lost' FROM unowned \
+             WHERE NOT EXISTS (SELECT 1 FROM owned)) AS t \
+       ON CONFLICT (delivery_id, attempt_no) DO NOTHING), \
+     disabled AS (\
+       UPDATE webhook_endpoints ep SET enabled = FALSE, disabled_reason = 'gone', \
+              version = ep.version + 1, updated_at = $5 \
+       FROM owned o WHERE $12 AND ep.account_id = o.account_id AND ep.id = o.endpoint_id) \
+    SELECT account_id, endpoint_id FROM owned";
+
+fn logged(r: &PgRow) -> Result<LoggedEvent> {
+    let get = || -> std::result::Result<LoggedEvent, sqlx::Error> {
+        Ok(LoggedEvent {
+            event_id: r.try_get("event_id")?,
+            seq: r.try_get("seq")?,
+            account_id: r.try_get("account_id")?,
+            event_type: r.try_get("event_type")?,
+            aggregate_type: r.try_get("aggregate_type")?,
+            aggregate_id: r.try_get("aggregate_id")?,
+            aggregate_version: r.try_get("aggregate_version")?,
+            request_id: r.try_get("request_id")?,
+            trace_id: r.try_get("trace_id")?,
+            created_at: Timestamp(r.try_get("created_at")?),
+            body: r.try_get("body")?,
+        })
+    };
+    get().map_err(err)
+}
+
+fn endpoint(r: &PgRow) -> Result<Endpoint> {
+    let get = || -> std::result::Result<Endpoint, sqlx::Error> {
+        let types: String = r.try_get("event_types")?;
+        Ok(Endpoint {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            url: r.try_get("url")?,
+            description: r.try_get("description")?,
+            event_types: serde_json::from_str(&types)
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            secret_enc: r.try_get("secret_enc")?,
+            previous_secret_enc: r.try_get("previous_secret_enc")?,
+            previous_secret_expires_at: r
+                .try_get::<Option<i64>, _>("previous_secret_expires_at")?
+                .map(Timestamp),
+            enabled: r.try_get("enabled")?,
+            disabled_reason: r.try_get("disabled_reason")?,
+            max_concurrency: r.try_get("max_concurrency")?,
+            version: r.try_get("version")?,
+            created_at: Timestamp(r.try_get("created_at")?),
+            updated_at: Timestamp(r.try_get("updated_at")?),
+        })
+    };
+    get().map_err(err)
+}
+
+fn delivery(r: &PgRow) -> Result<Delivery> {
+    let get = || -> std::result::Result<Delivery, sqlx::Error> {
+        Ok(Delivery {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            endpoint_id: r.try_get("endpoint_id")?,
+            event_id: r.try_get("event_id")?,
+            event_type: r.try_get("event_type")?,
+            state: r.try_get("state")?,
+            attempt_count: r.try_get("attempt_count")?,
+            next_attempt_at: Timestamp(r.try_get("next_attempt_at")?),
+            last_status: r.try_get("last_status")?,
+            last_error: r.try_get("last_error")?,
+            created_at: Timestamp(r.try_get("created_at")?),
+            updated_at: Timestamp(r.try_get("updated_at")?),
+        })
+    };
+    get().map_err(err)
+}
+
+fn attempt(r: &PgRow) -> Result<Attempt> {
+    let get = || -> std::result::Result<Attempt, sqlx::Error> {
+        Ok(Attempt {
+            delivery_id: r.try_get("delivery_id")?,
+            attempt_no: r.try_get("attempt_no")?,
+            status_code: r.try_get("status_code")?,
+            duration_ms: r.try_get("duration_ms")?,
+            error_kind: r.try_get("error_kind")?,
+            response_snippet: r.try_get("response_snippet")?,
+            created_at: Timestamp(r.try_get("created_at")?),
+        })
+    };
+    get().map_err(err)
+}
+
+fn claimed(r: &PgRow) -> Result<ClaimedDelivery> {
+    let get = || -> std::result::Result<ClaimedDelivery, sqlx::Error> {
+        Ok(ClaimedDelivery {
+            delivery_id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            endpoint_id: r.try_get("endpoint_id")?,
+            attempt_no: r.try_get("attempt_count")?,
+            event_id: r.try_get("event_id")?,
+            body: r.try_get("body")?,
+            url: r.try_get("url")?,
+            secret_enc: r.try_get("secret_enc")?,
+            previous_secret_enc: r.try_get("previous_secret_enc")?,
+            previous_secret_expires_at: r
+                .try_get::<Option<i64>, _>("previous_secret_expires_at")?
+                .map(Timestamp),
+            request_id: r.try_get("request_id")?,
+            trace_id: r.try_get("trace_id")?,
+        })
+    };
+    get().map_err(err)
+}
+
+fn types_json(types: &[String]) -> String {
+    serde_json::to_string(types).expect("a list of strings always serialises")
+}
+
+#[async_trait]
+impl EventLogStore for PostgresStore {
+    /// Statements: the advisory lock, the batch with its `seq`s, the matching endpoints, and
+    /// the write of the events with their deliveries.
+    async fn sequence_events(
+        &self,
+        limit: u32,
+        now: Timestamp,
+        new_id: &(dyn Fn() -> String + Send + Sync),
+    ) -> Result<Vec<LoggedEvent>> {
+        let mut tx = self.write_tx().await?;
+        // First, in its own statement: a statement's snapshot is taken before it runs, so only
+        // the statements after this one see everything the previous relay committed.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(SEQUENCER_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        let rows = sqlx::query(SEQUENCE_BATCH)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let payload: String = r.try_get("payload").map_err(err)?;
+            let mut event = LoggedEvent {
+                event_id: new_id(),
+                seq: r.try_get("seq").map_err(err)?,
+                account_id: r.try_get("account_id").map_err(err)?,
+                event_type: r.try_get("event_type").map_err(err)?,
+                aggregate_type: r.try_get("aggregate_type").map_err(err)?,
+                aggregate_id: r.try_get("aggregate_id").map_err(err)?,
+                aggregate_version: r.try_get("aggregate_version").map_err(err)?,
+                request_id: r.try_get("request_id").map_err(err)?,
+                trace_id: r.try_get("trace_id").map_err(err)?,
+                created_at: Timestamp(r.try_get("created_at").map_err(err)?),
+                body: String::new(),
+            };
+            event.body = render_body(&event, &payload)?;
+            events.push(event);
+        }
+        // The enabled endpoints of the batch's accounts, share-locked until commit: an
+        // endpoint being disabled or deleted meanwhile waits for this fan-out to commit (and
+        // then cancels or deletes its deliveries too), or is waited for and left out.
+        let mut accounts: Vec<AccountId> = events.iter().map(|e| e.account_id).collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        let endpoints = sqlx::query(
+            "SELECT id, account_id, event_types FROM webhook_endpoints \
+             WHERE account_id = ANY($1) AND enabled ORDER BY id FOR SHARE",
+        )
+        .bind(&accounts)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| {
+            let types: String = r.try_get("event_types").map_err(err)?;
+            let types: Vec<String> =
+                serde_json::from_str(&types).map_err(|e| StorageError::Internal(Box::new(e)))?;
+            Ok((
+                r.try_get::<AccountId, _>("account_id").map_err(err)?,
+                r.try_get::<i64, _>("id").map_err(err)?,
+                types,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+        let (mut fan_accounts, mut fan_endpoints, mut fan_events) = (vec![], vec![], vec![]);
+        for e in &events {
+            for (account, endpoint_id, types) in &endpoints {
+                if *account == e.account_id && type_matches(types, &e.event_type) {
+                    fan_accounts.push(*account);
+                    fan_endpoints.push(*endpoint_id);
+                    fan_events.push(e.event_id.as_str());
+                }
+            }
+        }
+        let ids: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(err)?;
+        let event_ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
+        sqlx::query(STORE_AND_FAN_OUT)
+            .bind(&ids)
+            .bind(&event_ids)
+            .bind(&seqs)
+            .bind(&bodies)
+            .bind(now.0)
+            .bind(&fan_accounts)
+            .bind(&fan_endpoints)
+            .bind(&fan_events)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(events)
+    }
+
+    async fn events_after(
+        &self,
+        account: AccountId,
+        after: i64,
+        types: &[String],
+        limit: u32,
+    ) -> Result<Vec<LoggedEvent>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_cols!(),
+            " FROM outbox_events WHERE account_id = $1 AND seq > $2 \
+             AND (cardinality($3::text[]) = 0 OR event_type = ANY($3)) \
+             ORDER BY seq LIMIT $4"
+        ))
+        .bind(account)
+        .bind(after)
+        .bind(types)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter().map(logged).collect()
+    }
+
+    async fn list_events(
+        &self,
+        account: AccountId,
+        types: &[String],
+        page: PageRequest,
+    ) -> Result<Vec<LoggedEvent>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_cols!(),
+            " FROM outbox_events WHERE account_id = $1 AND seq < $2 \
+             AND (cardinality($3::text[]) = 0 OR event_type = ANY($3)) \
+             ORDER BY seq DESC LIMIT $4"
+        ))
+        .bind(account)
+        .bind(page.before_id())
+        .bind(types)
+        .bind(page.fetch_limit())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter().map(logged).collect()
+    }
+
+    async fn get_event(&self, account: AccountId, event_id: &str) -> Result<Option<LoggedEvent>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            event_cols!(),
+            " FROM outbox_events WHERE account_id = $1 AND event_id = $2"
+        ))
+        .bind(account)
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.as_ref().map(logged).transpose()
+    }
+
+    async fn mark_published(&self, event_ids: &[String], now: Timestamp) -> Result<()> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("UPDATE outbox_events SET published_at = $1 WHERE event_id = ANY($2)")
+            .bind(now.0)
+            .bind(event_ids)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn create_endpoint(
+        &self,
+        account: AccountId,
+        new: NewEndpoint,
+        now: Timestamp,
+    ) -> Result<Endpoint> {
+        let row = sqlx::query(concat!(
+            "INSERT INTO webhook_endpoints (account_id, url, description, event_types, \
+             secret_enc, max_concurrency, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ",
+            endpoint_cols!()
+        ))
+        .bind(account)
+        .bind(&new.url)
+        .bind(&new.description)
+        .bind(types_json(&new.event_types))
+        .bind(&new.secret_enc)
+        .bind(new.max_concurrency)
+        .bind(now.0)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(err)?;
+        endpoint(&row)
+    }
+
+    async fn get_endpoint(&self, account: AccountId, id: i64) -> Result<Option<Endpoint>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            endpoint_cols!(),
+            " FROM webhook_endpoints WHERE account_id = $1 AND id = $2"
+        ))
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.as_ref().map(endpoint).transpose()
+    }
+
+    async fn list_endpoints(&self, account: AccountId, page: PageRequest) -> Result<Vec<Endpoint>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            endpoint_cols!(),
+            " FROM webhook_endpoints WHERE account_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(account)
+        .bind(page.before_id())
+        .bind(page.fetch_limit())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter().map(endpoint).collect()
+    }
+
+    async fn update_endpoint(
+        &self,
+        account: AccountId,
+        id: i64,
+        patch: EndpointPatch,
+        now: Timestamp,
+    ) -> Result<Endpoint> {
+        let (set_description, description) = match patch.description {
+            Some(d) => (true, d),
+            None => (false, None),
+        };
+        let row = sqlx::query(concat!(
+            "UPDATE webhook_endpoints SET url = COALESCE($1::text, url), \
+             description = CASE WHEN $2 THEN $3::text ELSE description END, \
+             event_types = COALESCE($4::text, event_types), \
+             enabled = COALESCE($5::boolean, enabled), \
+             disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
+             version = version + 1, updated_at = $7 \
+             WHERE account_id = $8 AND id = $9 RETURNING ",
+            endpoint_cols!()
+        ))
+        .bind(&patch.url)
+        .bind(set_description)
+        .bind(&description)
+        .bind(patch.event_types.as_deref().map(types_json))
+        .bind(patch.enabled)
+        .bind(patch.enabled == Some(true))
+        .bind(now.0)
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.as_ref()
+            .map(endpoint)
+            .transpose()?
+            .ok_or(StorageError::NotFound)
+    }
+
+    async fn delete_endpoint(&self, account: AccountId, id: i64) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM webhook_endpoints WHERE account_id = $1 AND id = $2")
+            .bind(account)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotate_secret(
+        &self,
+        account: AccountId,
+        id: i64,
+        new_secret_enc: &str,
+        previous_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<Endpoint> {
+        let row = sqlx::query(concat!(
+            "UPDATE webhook_endpoints SET previous_secret_enc = secret_enc, \
+             previous_secret_expires_at = $1, secret_enc = $2, version = version + 1, \
+             updated_at = $3 WHERE account_id = $4 AND id = $5 RETURNING ",
+            endpoint_cols!()
+        ))
+        .bind(previous_expires_at.0)
+        .bind(new_secret_enc)
+        .bind(now.0)
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.as_ref()
+            .map(endpoint)
+            .transpose()?
+            .ok_or(StorageError::NotFound)
+    }
+
+    async fn list_deliveries(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        page: PageRequest,
+    ) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            delivery_cols!(),
+            " FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
+             WHERE d.account_id = $1 AND d.endpoint_id = $2 AND d.id < $3 \
+             ORDER BY d.id DESC LIMIT $4"
+        ))
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(page.before_id())
+        .bind(page.fetch_limit())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter().map(delivery).collect()
+    }
+
+    async fn list_attempts(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        page: PageRequest,
+    ) -> Result<Vec<Attempt>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.delivery_id, a.attempt_no, a.status_code, a.duration_ms, \
+             a.error_kind, a.response_snippet, a.created_at \
+             FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id \
+             WHERE d.account_id = $1 AND a.endpoint_id = $2 AND a.id < $3 \
+             ORDER BY a.id DESC LIMIT $4",
+        )
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(page.before_id())
+        .bind(page.fetch_limit())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter().map(attempt).collect()
+    }
+
+    /// One statement: the upsert, and the delivery it leaves, read with its event's type.
+    /// `ON CONFLICT DO UPDATE` decides on the newest version of an existing delivery (after
+    /// waiting for a claimer holding it), so one just claimed stays in flight. The endpoint is
+    /// key-share-locked, so one deleted meanwhile answers `NotFound`, not a foreign-key error.
+    async fn redeliver(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        event_id: &str,
+        now: Timestamp,
+    ) -> Result<Delivery> {
+        let row = sqlx::query(concat!(
+            "WITH queued AS (\
+               INSERT INTO webhook_deliveries AS w (account_id, endpoint_id, event_id, state, \
+                      next_attempt_at, created_at, updated_at) \
+               SELECT $1, ep.id, ev.event_id, 'pending', $2, $2, $2 \
+               FROM webhook_endpoints ep, outbox_events ev \
+               WHERE ep.account_id = $1 AND ep.id = $3 AND ev.account_id = $1 \
+                 AND ev.event_id = $4 FOR KEY SHARE OF ep \
+               ON CONFLICT (event_id, endpoint_id) DO UPDATE SET \
+                 state = CASE WHEN w.state = 'in_flight' THEN w.state ELSE 'pending' END, \
+                 next_attempt_at = CASE WHEN w.state = 'in_flight' THEN w.next_attempt_at \
+                                   ELSE EXCLUDED.next_attempt_at END, \
+                 updated_at = EXCLUDED.updated_at \
+               RETURNING w.*) \
+             SELECT ",
+            delivery_cols!(),
+            " FROM queued d JOIN outbox_events e ON e.event_id = d.event_id"
+        ))
+        .bind(account)
+        .bind(now.0)
+        .bind(endpoint_id)
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.as_ref()
+            .map(delivery)
+            .transpose()?
+            .ok_or(StorageError::NotFound)
+    }
+
+    /// One statement (see `CLAIM`), its own transaction.
+    async fn claim_deliveries(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        lease_token: &str,
+        limit: u32,
+    ) -> Result<Vec<ClaimedDelivery>> {
+        let rows = sqlx::query(CLAIM)
+            .bind(now.0)
+            .bind(i64::from(limit))
+            .bind(lease_token)
+            .bind(lease_until.0)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?;
+        rows.iter().map(claimed).collect()
+    }
+
+    /// One statement (see `COMPLETE`) in the common case. A `Gone` outcome is a transaction:
+    /// it first locks the endpoint (the lock order: endpoint, then delivery), then runs the
+    /// statement, then cancels the endpoint's pending deliveries in a statement of its own,
+    /// whose snapshot includes every fan-out that committed before the endpoint was disabled
+    /// (a relay share-locks the endpoints it fans out to).
+    async fn complete_delivery(&self, c: Completion, now: Timestamp) -> Result<bool> {
+        let (new_state, next_at) = match c.outcome {
+            Outcome::Succeeded => (state::SUCCEEDED, None),
+            Outcome::Retry(at) => (state::RETRYING, Some(at.0)),
+            Outcome::Exhausted => (state::FAILED, None),
+            Outcome::Gone => (state::CANCELLED, None),
+        };
+        let gone = c.outcome == Outcome::Gone;
+        let a = &c.attempt;
+        let complete = sqlx::query(COMPLETE)
+            .bind(new_state)
+            .bind(next_at)
+            .bind(a.status_code)
+            .bind(&a.error_kind)
+            .bind(now.0)
+            .bind(c.delivery_id)
+            .bind(&c.lease_token)
+            .bind(a.attempt_no)
+            .bind(a.duration_ms)
+            .bind(&a.response_snippet)
+            .bind(a.created_at.0)
+            .bind(gone);
+        if !gone {
+            let owned = complete.fetch_optional(&self.pool).await.map_err(err)?;
+            return Ok(owned.is_some());
+        }
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "SELECT 1 FROM webhook_endpoints ep JOIN webhook_deliveries d \
+             ON d.account_id = ep.account_id AND d.endpoint_id = ep.id \
+             WHERE d.id = $1 AND FALSE",
+        )
+        .bind(c.delivery_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let owned = complete.fetch_optional(&mut *tx).await.map_err(err)?;
+        if let Some(row) = &owned {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
+                 updated_at = $1 WHERE account_id = $2 AND endpoint_id = $3 \
+                 AND state IN ('pending', 'retrying')",
+            )
+            .bind(now.0)
+            .bind(row.try_get::<AccountId, _>("account_id").map_err(err)?)
+            .bind(row.try_get::<i64, _>("endpoint_id").map_err(err)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(owned.is_some())
+    }
+
+    async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET lease_expires_at = $1, updated_at = $2 \
+             WHERE lease_token = $3 AND state = 'in_flight'",
+        )
+        .bind(now.0 - 1)
+        .bind(now.0)
+        .bind(lease_token)
+        .execute(&self.pool)
+        .await
+        .map_err(err)?;
+        Ok(done.rows_affected())
+    }
+}

@@ -1,0 +1,719 @@
+//! SQLite's side of the event log and webhook delivery (`bursar_storage::events`). Every
+//! write that must be serialised (sequencing, claiming) runs under `BEGIN IMMEDIATE`, which
+//! SQLite's single writer lock makes one step for every process sharing the file; since
+//! writers are serialised, the relay's `seq` follows commit order.
+
+use async_trait::async_trait;
+use bursar_domain::{AccountId, Timestamp};
+use bursar_storage::events::{
+    Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
+    LoggedEvent, NewEndpoint, Outcome, render_body, state, type_matches,
+};
+use bursar_storage::{PageRequest, Result, StorageError};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::{SqliteStore, err};
+
+macro_rules! event_cols {
+    () => {
+        "event_id, seq, account_id, event_type, aggregate_type, aggregate_id, \
+         aggregate_version, request_id, trace_id, created_at, body"
+    };
+}
+
+macro_rules! endpoint_cols {
+    () => {
+        "id, account_id, url, description, event_types, secret_enc, previous_secret_enc, \
+         previous_secret_expires_at, enabled, disabled_reason, max_concurrency, version, \
+         created_at, updated_at"
+    };
+}
+
+macro_rules! delivery_cols {
+    () => {
+        "d.id, d.account_id, d.endpoint_id, d.event_id, e.event_type, d.state, \
+         d.attempt_count, d.next_attempt_at, d.last_status, d.last_error, d.created_at, \
+         d.updated_at"
+    };
+}
+
+fn logged(r: &SqliteRow) -> Result<LoggedEvent> {
+    let get = || -> std::result::Result<LoggedEvent, sqlx::Error> {
+        Ok(LoggedEvent {
+            event_id: r.try_get("event_id")?,
+            seq: r.try_get("seq")?,
+            account_id: r.try_get("account_id")?,
+            event_type: r.try_get("event_type")?,
+            aggregate_type: r.try_get("aggregate_type")?,
+            aggregate_id: r.try_get("aggregate_id")?,
+            aggregate_version: r.try_get("aggregate_version")?,
+            request_id: r.try_get("request_id")?,
+            trace_id: r.try_get("trace_id")?,
+            created_at: Timestamp(r.try_get("created_at")?),
+            body: r.try_get("body")?,
+        })
+    };
+    get().map_err(err)
+}
+
+fn endpoint(r: &SqliteRow) -> Result<Endpoint> {
+    let get = || -> std::result::Result<Endpoint, sqlx::Error> {
+        let types: String = r.try_get("event_types")?;
+        Ok(Endpoint {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            url: r.try_get("url")?,
+            description: r.try_get("description")?,
+            event_types: serde_json::from_str(&types)
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            secret_enc: r.try_get("secret_enc")?,
+            previous_secret_enc: r.try_get("previous_secret_enc")?,
+            previous_secret_expires_at: r
+                .try_get::<Option<i64>, _>("previous_secret_expires_at")?
+                .map(Timestamp),
+            enabled: r.try_get("enabled")?,
+            disabled_reason: r.try_get("disabled_reason")?,
+            max_concurrency: r.try_get("max_concurrency")?,
+            version: r.try_get("version")?,
+            created_at: Timestamp(r.try_get("created_at")?),
+            updated_at: Timestamp(r.try_get("updated_at")?),
+        })
+    };
+    get().map_err(err)
+}
+
+fn delivery(r: &SqliteRow) -> Result<Delivery> {
+    let get = || -> std::result::Result<Delivery, sqlx::Error> {
+        Ok(Delivery {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            endpoint_id: r.try_get("endpoint_id")?,
+            event_id: r.try_get("event_id")?,
+            event_type: r.try_get("event_type")?,
+            state: r.try_get("state")?,
+            attempt_count: r.try_get("attempt_count")?,
+            next_attempt_at: Timestamp(r.try_get("next_attempt_at")?),
+            last_status: r.try_get("last_status")?,
+            last_error: r.try_get("last_error")?,
+            created_at: Timestamp(r.try_get("created_at")?),
+            updated_at: Timestamp(r.try_get("updated_at")?),
+        })
+    };
+    get().map_err(err)
+}
+
+fn types_json(types: &[String]) -> String {
+    serde_json::to_string(types).expect("a list of strings always serialises")
+}
+
+/// `(? = '' OR event_type IN (SELECT value FROM json_each(?)))` binds: the filter as a JSON
+/// list, empty for none.
+fn type_filter(types: &[String]) -> String {
+    if types.is_empty() {
+        String::new()
+    } else {
+        types_json(types)
+    }
+}
+
+impl SqliteStore {
+    async fn delivery_by_id(&self, account: AccountId, id: i64) -> Result<Delivery> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            delivery_cols!(),
+            " FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
+             WHERE d.account_id = ? AND d.id = ?"
+        ))
+        .bind(account)
+        .bind(id)
+        .fetch_one(&self.writer)
+        .await
+        .map_err(err)?;
+        delivery(&row)
+    }
+}
+
+#[async_trait]
+impl EventLogStore for SqliteStore {
+    async fn sequence_events(
+        &self,
+        limit: u32,
+        now: Timestamp,
+        new_id: &(dyn Fn() -> String + Send + Sync),
+    ) -> Result<Vec<LoggedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let rows = sqlx::query(
+            "SELECT id, account_id, event_type, aggregate_type, aggregate_id, \
+             aggregate_version, payload, request_id, trace_id, created_at \
+             FROM outbox_events WHERE seq IS NULL ORDER BY id LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut endpoints: std::collections::HashMap<AccountId, Vec<(i64, Vec<String>)>> =
+            Default::default();
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let account: AccountId = r.get("account_id");
+            let seq: i64 = sqlx::query_scalar(
+                "UPDATE accounts SET event_seq = event_seq + 1 WHERE id = ? RETURNING event_seq",
+            )
+            .bind(account)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+            let payload: String = r.get("payload");
+            let mut event = LoggedEvent {
+                event_id: new_id(),
+                seq,
+                account_id: account,
+                event_type: r.get("event_type"),
+                aggregate_type: r.get("aggregate_type"),
+                aggregate_id: r.get("aggregate_id"),
+                aggregate_version: r.get("aggregate_version"),
+                request_id: r.get("request_id"),
+                trace_id: r.get("trace_id"),
+                created_at: Timestamp(r.get("created_at")),
+                body: String::new(),
+            };
+            event.body = render_body(&event, &payload)?;
+            sqlx::query(
+                "UPDATE outbox_events SET event_id = ?, seq = ?, body = ?, sequenced_at = ? \
+                 WHERE id = ?",
+            )
+            .bind(&event.event_id)
+            .bind(seq)
+            .bind(&event.body)
+            .bind(now.0)
+            .bind(r.get::<i64, _>("id"))
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+            if let std::collections::hash_map::Entry::Vacant(slot) = endpoints.entry(account) {
+                let eps = sqlx::query(
+                    "SELECT id, event_types FROM webhook_endpoints \
+                     WHERE account_id = ? AND enabled = 1",
+                )
+                .bind(account)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(err)?;
+                let eps = eps
+                    .iter()
+                    .map(|e| {
+                        let types: String = e.get("event_types");
+                        let types = serde_json::from_str(&types)
+                            .map_err(|e| StorageError::Internal(Box::new(e)))?;
+                        Ok((e.get("id"), types))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                slot.insert(eps);
+            }
+            for (endpoint_id, types) in &endpoints[&account] {
+                if type_matches(types, &event.event_type) {
+                    sqlx::query(
+                        "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, \
+                         state, next_attempt_at, created_at, updated_at) \
+                         VALUES (?, ?, ?, 'pending', ?, ?, ?) \
+                         ON CONFLICT (event_id, endpoint_id) DO NOTHING",
+                    )
+                    .bind(account)
+                    .bind(endpoint_id)
+                    .bind(&event.event_id)
+                    .bind(now.0)
+                    .bind(now.0)
+                    .bind(now.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                }
+            }
+            out.push(event);
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(out)
+    }
+
+    async fn events_after(
+        &self,
+        account: AccountId,
+        after: i64,
+        types: &[String],
+        limit: u32,
+    ) -> Result<Vec<LoggedEvent>> {
+        let filter = type_filter(types);
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_cols!(),
+            " FROM outbox_events WHERE account_id = ? AND seq > ? \
+             AND (? = '' OR event_type IN (SELECT value FROM json_each(?))) \
+             ORDER BY seq LIMIT ?"
+        ))
+        .bind(account)
+        .bind(after)
+        .bind(&filter)
+        .bind(&filter)
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        rows.iter().map(logged).collect()
+    }
+
+    async fn list_events(
+        &self,
+        account: AccountId,
+        types: &[String],
+        page: PageRequest,
+    ) -> Result<Vec<LoggedEvent>> {
+        let filter = type_filter(types);
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_cols!(),
+            " FROM outbox_events WHERE account_id = ? AND seq IS NOT NULL AND seq < ? \
+             AND (? = '' OR event_type IN (SELECT value FROM json_each(?))) \
+             ORDER BY seq DESC LIMIT ?"
+        ))
+        .bind(account)
+        .bind(page.before_id())
+        .bind(&filter)
+        .bind(&filter)
+        .bind(page.fetch_limit())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        rows.iter().map(logged).collect()
+    }
+
+    async fn get_event(&self, account: AccountId, event_id: &str) -> Result<Option<LoggedEvent>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            event_cols!(),
+            " FROM outbox_events WHERE account_id = ? AND event_id = ?"
+        ))
+        .bind(account)
+        .bind(event_id)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(err)?;
+        row.as_ref().map(logged).transpose()
+    }
+
+    async fn mark_published(&self, event_ids: &[String], now: Timestamp) -> Result<()> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE outbox_events SET published_at = ? \
+             WHERE event_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(now.0)
+        .bind(types_json(event_ids))
+        .execute(&self.writer)
+        .await
+        .map_err(err)?;
+        Ok(())
+    }
+
+    async fn create_endpoint(
+        &self,
+        account: AccountId,
+        new: NewEndpoint,
+        now: Timestamp,
+    ) -> Result<Endpoint> {
+        let row = sqlx::query(concat!(
+            "INSERT INTO webhook_endpoints (account_id, url, description, event_types, \
+             secret_enc, max_concurrency, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
+            endpoint_cols!()
+        ))
+        .bind(account)
+        .bind(&new.url)
+        .bind(&new.description)
+        .bind(types_json(&new.event_types))
+        .bind(&new.secret_enc)
+        .bind(new.max_concurrency)
+        .bind(now.0)
+        .bind(now.0)
+        .fetch_one(&self.writer)
+        .await
+        .map_err(err)?;
+        endpoint(&row)
+    }
+
+    async fn get_endpoint(&self, account: AccountId, id: i64) -> Result<Option<Endpoint>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            endpoint_cols!(),
+            " FROM webhook_endpoints WHERE account_id = ? AND id = ?"
+        ))
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(err)?;
+        row.as_ref().map(endpoint).transpose()
+    }
+
+    async fn list_endpoints(&self, account: AccountId, page: PageRequest) -> Result<Vec<Endpoint>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            endpoint_cols!(),
+            " FROM webhook_endpoints WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(account)
+        .bind(page.before_id())
+        .bind(page.fetch_limit())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        rows.iter().map(endpoint).collect()
+    }
+
+    async fn update_endpoint(
+        &self,
+        account: AccountId,
+        id: i64,
+        patch: EndpointPatch,
+        now: Timestamp,
+    ) -> Result<Endpoint> {
+        let (set_description, description) = match patch.description {
+            Some(d) => (true, d),
+            None => (false, None),
+        };
+        let row = sqlx::query(concat!(
+            "UPDATE webhook_endpoints SET url = COALESCE(?, url), \
+             description = CASE WHEN ? THEN ? ELSE description END, \
+             event_types = COALESCE(?, event_types), \
+             enabled = COALESCE(?, enabled), \
+             disabled_reason = CASE WHEN ? THEN NULL ELSE disabled_reason END, \
+             version = version + 1, updated_at = ? \
+             WHERE account_id = ? AND id = ? RETURNING ",
+            endpoint_cols!()
+        ))
+        .bind(&patch.url)
+        .bind(set_description)
+        .bind(&description)
+        .bind(patch.event_types.as_deref().map(types_json))
+        .bind(patch.enabled)
+        .bind(patch.enabled == Some(true))
+        .bind(now.0)
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(err)?;
+        row.as_ref()
+            .map(endpoint)
+            .transpose()?
+            .ok_or(StorageError::NotFound)
+    }
+
+    async fn delete_endpoint(&self, account: AccountId, id: i64) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM webhook_endpoints WHERE account_id = ? AND id = ?")
+            .bind(account)
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .map_err(err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn rotate_secret(
+        &self,
+        account: AccountId,
+        id: i64,
+        new_secret_enc: &str,
+        previous_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<Endpoint> {
+        let row = sqlx::query(concat!(
+            "UPDATE webhook_endpoints SET previous_secret_enc = secret_enc, \
+             previous_secret_expires_at = ?, secret_enc = ?, version = version + 1, \
+             updated_at = ? WHERE account_id = ? AND id = ? RETURNING ",
+            endpoint_cols!()
+        ))
+        .bind(previous_expires_at.0)
+        .bind(new_secret_enc)
+        .bind(now.0)
+        .bind(account)
+        .bind(id)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(err)?;
+        row.as_ref()
+            .map(endpoint)
+            .transpose()?
+            .ok_or(StorageError::NotFound)
+    }
+
+    async fn list_deliveries(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        page: PageRequest,
+    ) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            delivery_cols!(),
+            " FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
+             WHERE d.account_id = ? AND d.endpoint_id = ? AND d.id < ? \
+             ORDER BY d.id DESC LIMIT ?"
+        ))
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(page.before_id())
+        .bind(page.fetch_limit())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        rows.iter().map(delivery).collect()
+    }
+
+    async fn list_attempts(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        page: PageRequest,
+    ) -> Result<Vec<Attempt>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.delivery_id, a.attempt_no, a.status_code, a.duration_ms, \
+             a.error_kind, a.response_snippet, a.created_at \
+             FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id \
+             WHERE d.account_id = ? AND a.endpoint_id = ? AND a.id < ? \
+             ORDER BY a.id DESC LIMIT ?",
+        )
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(page.before_id())
+        .bind(page.fetch_limit())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Attempt {
+                    delivery_id: r.get("delivery_id"),
+                    attempt_no: r.get("attempt_no"),
+                    status_code: r.get("status_code"),
+                    duration_ms: r.get("duration_ms"),
+                    error_kind: r.get("error_kind"),
+                    response_snippet: r.get("response_snippet"),
+                    created_at: Timestamp(r.get("created_at")),
+                })
+            })
+            .collect()
+    }
+
+    async fn redeliver(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        event_id: &str,
+        now: Timestamp,
+    ) -> Result<Delivery> {
+        let mut tx = self.write_tx().await?;
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
+             next_attempt_at, created_at, updated_at) \
+             SELECT ?, ep.id, ev.event_id, 'pending', ?, ?, ? \
+             FROM webhook_endpoints ep, outbox_events ev \
+             WHERE ep.account_id = ? AND ep.id = ? AND ev.account_id = ? AND ev.event_id = ? \
+             ON CONFLICT (event_id, endpoint_id) DO UPDATE SET \
+               state = CASE WHEN state = 'in_flight' THEN state ELSE 'pending' END, \
+               next_attempt_at = CASE WHEN state = 'in_flight' THEN next_attempt_at \
+                                 ELSE excluded.next_attempt_at END, \
+               updated_at = excluded.updated_at \
+             RETURNING id",
+        )
+        .bind(account)
+        .bind(now.0)
+        .bind(now.0)
+        .bind(now.0)
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(account)
+        .bind(event_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        self.delivery_by_id(account, id.ok_or(StorageError::NotFound)?)
+            .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        lease_token: &str,
+        limit: u32,
+    ) -> Result<Vec<ClaimedDelivery>> {
+        let mut tx = self.write_tx().await?;
+        // An in-flight delivery whose lease lapsed lost its attempt (a crashed or stalled
+        // worker): record it before the attempt count moves on.
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, duration_ms, \
+             error_kind, created_at) \
+             SELECT id, endpoint_id, attempt_count, 0, 'lease_lost', ? FROM webhook_deliveries \
+             WHERE state = 'in_flight' AND lease_expires_at < ? \
+             ON CONFLICT (delivery_id, attempt_no) DO NOTHING",
+        )
+        .bind(now.0)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let rows = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'in_flight', lease_token = ?, \
+             lease_expires_at = ?, attempt_count = attempt_count + 1, updated_at = ? \
+             WHERE id IN (SELECT d.id FROM webhook_deliveries d \
+                          JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
+                          WHERE ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ?) \
+                                 OR (d.state = 'in_flight' AND d.lease_expires_at < ?)) \
+                          AND ep.enabled = 1 \
+                          ORDER BY d.next_attempt_at, d.id LIMIT ?) \
+             RETURNING id",
+        )
+        .bind(lease_token)
+        .bind(lease_until.0)
+        .bind(now.0)
+        .bind(now.0)
+        .bind(now.0)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get("id")).collect();
+        let ids = serde_json::to_string(&ids).expect("integers serialise");
+        let rows = sqlx::query(
+            "SELECT d.id, d.account_id, d.endpoint_id, d.attempt_count, d.event_id, e.body, \
+             e.request_id, e.trace_id, ep.url, ep.secret_enc, ep.previous_secret_enc, \
+             ep.previous_secret_expires_at \
+             FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
+             JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
+             WHERE d.id IN (SELECT value FROM json_each(?)) AND d.lease_token = ? \
+             ORDER BY d.next_attempt_at, d.id",
+        )
+        .bind(ids)
+        .bind(lease_token)
+        .fetch_all(&self.writer)
+        .await
+        .map_err(err)?;
+        Ok(rows
+            .iter()
+            .map(|r| ClaimedDelivery {
+                delivery_id: r.get("id"),
+                account_id: r.get("account_id"),
+                endpoint_id: r.get("endpoint_id"),
+                attempt_no: r.get("attempt_count"),
+                event_id: r.get("event_id"),
+                body: r.get("body"),
+                url: r.get("url"),
+                secret_enc: r.get("secret_enc"),
+                previous_secret_enc: r.get("previous_secret_enc"),
+                previous_secret_expires_at: r
+                    .get::<Option<i64>, _>("previous_secret_expires_at")
+                    .map(Timestamp),
+                request_id: r.get("request_id"),
+                trace_id: r.get("trace_id"),
+            })
+            .collect())
+    }
+
+    async fn complete_delivery(&self, c: Completion, now: Timestamp) -> Result<bool> {
+        let mut tx = self.write_tx().await?;
+        let (new_state, next_at) = match c.outcome {
+            Outcome::Succeeded => (state::SUCCEEDED, None),
+            Outcome::Retry(at) => (state::RETRYING, Some(at.0)),
+            Outcome::Exhausted => (state::FAILED, None),
+            Outcome::Gone => (state::CANCELLED, None),
+        };
+        let a = &c.attempt;
+        let owned = sqlx::query(
+            "UPDATE webhook_deliveries SET state = ?, \
+             next_attempt_at = COALESCE(?, next_attempt_at), lease_token = NULL, \
+             lease_expires_at = NULL, last_status = ?, last_error = ?, updated_at = ? \
+             WHERE id = ? AND lease_token = ? RETURNING endpoint_id",
+        )
+        .bind(new_state)
+        .bind(next_at)
+        .bind(a.status_code)
+        .bind(&a.error_kind)
+        .bind(now.0)
+        .bind(c.delivery_id)
+        .bind(&c.lease_token)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let error_kind = if owned.is_some() {
+            a.error_kind.clone()
+        } else {
+            Some("lease_lost".to_owned())
+        };
+        // The attempt number is the lease's; a lost lease's number may already be recorded
+        // (as `lease_lost`, by the worker that took over).
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
+             duration_ms, error_kind, response_snippet, created_at) \
+             SELECT id, endpoint_id, ?, ?, ?, ?, ?, ? FROM webhook_deliveries WHERE id = ? \
+             ON CONFLICT (delivery_id, attempt_no) DO NOTHING",
+        )
+        .bind(a.attempt_no)
+        .bind(a.status_code)
+        .bind(a.duration_ms)
+        .bind(&error_kind)
+        .bind(&a.response_snippet)
+        .bind(a.created_at.0)
+        .bind(c.delivery_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        if let (Some(row), Outcome::Gone) = (&owned, c.outcome) {
+            let endpoint_id: i64 = row.get("endpoint_id");
+            sqlx::query(
+                "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = 'gone', \
+                 version = version + 1, updated_at = ? WHERE id = ?",
+            )
+            .bind(now.0)
+            .bind(endpoint_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+            sqlx::query(
+                "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
+                 updated_at = ? WHERE endpoint_id = ? AND state IN ('pending', 'retrying')",
+            )
+            .bind(now.0)
+            .bind(endpoint_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(owned.is_some())
+    }
+
+    async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET lease_expires_at = ?, updated_at = ? \
+             WHERE lease_token = ? AND state = 'in_flight'",
+        )
+        .bind(now.0 - 1)
+        .bind(now.0)
+        .bind(lease_token)
+        .execute(&self.writer)
+        .await
+        .map_err(err)?;
+        Ok(done.rows_affected())
+    }
+}
