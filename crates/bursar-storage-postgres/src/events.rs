@@ -79,7 +79,8 @@ const STORE_AND_FAN_OUT: &str = "\
     WITH sequenced AS (\
        UPDATE outbox_events o SET event_id = u.event_id, seq = u.seq, body = u.body, \
               sequenced_at = $5 \
-       FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[]) AS u (id, event_id, seq, body) \
+       FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[]) \
+            AS u (id, event_id, seq, body) \
        WHERE o.id = u.id \
        RETURNING o.account_id, o.event_id) \
     INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, next_attempt_at, \
@@ -129,7 +130,7 @@ const CLAIM: &str = "\
 /// Ends a lease and records its attempt, in one statement. The attempt is recorded whether or
 /// not the lease is still `$7`'s; when it is not, as `lease_lost` (its number may already be
 /// recorded so, by the worker that took over). A `Gone` outcome (`$12`) of a lease still held
-/// disables the endpoint. Returns the delivery when the lease was held.
+/// disables the endpoint. Returns the delivery's account and endpoint when the lease was held.
 ///
 /// A held lease's attempt comes from the `UPDATE`'s own row. A lost one's comes from the
 /// delivery read under a `KEY SHARE` lock, so a delivery deleted meanwhile (with its endpoint)
@@ -310,8 +311,9 @@ impl EventLogStore for PostgresStore {
             events.push(event);
         }
         // The enabled endpoints of the batch's accounts, share-locked until commit: an
-        // endpoint being disabled or deleted meanwhile waits for this fan-out to commit (and
-        // then cancels or deletes its deliveries too), or is waited for and left out.
+        // endpoint a 410 disables or a deletion removes meanwhile either waits for this
+        // fan-out to commit (and then cancels or deletes these deliveries too), or is waited
+        // for and left out.
         let mut accounts: Vec<AccountId> = events.iter().map(|e| e.account_id).collect();
         accounts.sort_unstable();
         accounts.dedup();
@@ -716,7 +718,7 @@ impl EventLogStore for PostgresStore {
         sqlx::query(
             "SELECT 1 FROM webhook_endpoints ep JOIN webhook_deliveries d \
              ON d.account_id = ep.account_id AND d.endpoint_id = ep.id \
-             WHERE d.id = $1 AND FALSE",
+             WHERE d.id = $1 FOR NO KEY UPDATE OF ep",
         )
         .bind(c.delivery_id)
         .execute(&mut *tx)

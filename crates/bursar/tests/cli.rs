@@ -27,13 +27,16 @@ fn sqlite() -> Db {
 
 fn postgres() -> Option<Db> {
     let url = bursar_storage::conformance::postgres_test_url()?;
+    let dir = tempfile::tempdir().unwrap();
+    // The data dir still holds files on PostgreSQL (the webhook key): keep them out of the tree.
+    let data_dir = dir.path().display().to_string();
     Some(Db {
-        args: vec!["--database-url".into(), url],
+        args: vec!["--database-url".into(), url, "--data-dir".into(), data_dir],
         env: vec![(
             "BURSAR_DATABASE__SCHEMA".into(),
             format!("t_{}", uuid::Uuid::new_v4().simple()),
         )],
-        _dir: tempfile::tempdir().unwrap(),
+        _dir: dir,
     })
 }
 
