@@ -89,9 +89,9 @@ run_workers = true
 # as CIDRs, e.g. ["127.0.0.0/8"] for local development (`--webhook-allow-cidr`). Every other
 # non-public address is refused when the endpoint is created and again at connect time.
 allow_cidrs = []
-# Require https:// URLs. Empty (the default): required unless allow_cidrs is set, i.e. in
+# Require https:// URLs. Unset (the default): required unless allow_cidrs is set, i.e. in
 # local development.
-require_https = ""
+# require_https = true
 # The key that encrypts endpoint secrets at rest: 32 bytes, base64. Empty: a key file
 # <data_dir>/webhook-secrets.key is created on first use. Instances sharing a database must
 # share the key.
@@ -140,7 +140,6 @@ pub struct WebhooksConfig {
     pub run_workers: bool,
     pub allow_cidrs: Vec<String>,
     /// `None`: required unless `allow_cidrs` is set.
-    #[serde(deserialize_with = "empty_as_none_bool")]
     pub require_https: Option<bool>,
     #[serde(deserialize_with = "empty_as_none")]
     pub encryption_key: Option<String>,
@@ -191,22 +190,6 @@ impl std::fmt::Debug for WebhooksConfig {
 impl WebhooksConfig {
     pub fn https_required(&self) -> bool {
         self.require_https.unwrap_or(self.allow_cidrs.is_empty())
-    }
-}
-
-/// `""` (or absent) is `None`; `true`/`false` as usual.
-fn empty_as_none_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Bool(bool),
-        Text(String),
-    }
-    match Option::<Raw>::deserialize(d)? {
-        None => Ok(None),
-        Some(Raw::Bool(b)) => Ok(Some(b)),
-        Some(Raw::Text(t)) if t.is_empty() => Ok(None),
-        Some(Raw::Text(t)) => t.parse().map(Some).map_err(serde::de::Error::custom),
     }
 }
 

@@ -432,19 +432,6 @@ impl EventLogStore for PostgresStore {
         row.as_ref().map(logged).transpose()
     }
 
-    async fn mark_published(&self, event_ids: &[String], now: Timestamp) -> Result<()> {
-        if event_ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query("UPDATE outbox_events SET published_at = $1 WHERE event_id = ANY($2)")
-            .bind(now.0)
-            .bind(event_ids)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
-        Ok(())
-    }
-
     async fn create_endpoint(
         &self,
         account: AccountId,

@@ -304,22 +304,6 @@ impl EventLogStore for SqliteStore {
         row.as_ref().map(logged).transpose()
     }
 
-    async fn mark_published(&self, event_ids: &[String], now: Timestamp) -> Result<()> {
-        if event_ids.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(
-            "UPDATE outbox_events SET published_at = ? \
-             WHERE event_id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(now.0)
-        .bind(types_json(event_ids))
-        .execute(&self.writer)
-        .await
-        .map_err(err)?;
-        Ok(())
-    }
-
     async fn create_endpoint(
         &self,
         account: AccountId,
@@ -517,7 +501,6 @@ impl EventLogStore for SqliteStore {
         event_id: &str,
         now: Timestamp,
     ) -> Result<Delivery> {
-        let mut tx = self.write_tx().await?;
         let id: Option<i64> = sqlx::query_scalar(
             "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
              next_attempt_at, created_at, updated_at) \
@@ -539,10 +522,9 @@ impl EventLogStore for SqliteStore {
         .bind(endpoint_id)
         .bind(account)
         .bind(event_id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.writer)
         .await
         .map_err(err)?;
-        tx.commit().await.map_err(err)?;
         self.delivery_by_id(account, id.ok_or(StorageError::NotFound)?)
             .await
     }
@@ -555,46 +537,49 @@ impl EventLogStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<ClaimedDelivery>> {
         let mut tx = self.write_tx().await?;
-        // An in-flight delivery whose lease lapsed lost its attempt (a crashed or stalled
-        // worker): record it before the attempt count moves on.
-        sqlx::query(
-            "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, duration_ms, \
-             error_kind, created_at) \
-             SELECT id, endpoint_id, attempt_count, 0, 'lease_lost', ? FROM webhook_deliveries \
-             WHERE state = 'in_flight' AND lease_expires_at < ? \
-             ON CONFLICT (delivery_id, attempt_no) DO NOTHING",
+        let due: Vec<i64> = sqlx::query_scalar(
+            "SELECT d.id FROM webhook_deliveries d \
+             JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
+             WHERE ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ?) \
+                    OR (d.state = 'in_flight' AND d.lease_expires_at < ?)) \
+             AND ep.enabled = 1 ORDER BY d.next_attempt_at, d.id LIMIT ?",
         )
-        .bind(now.0)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        let rows = sqlx::query(
-            "UPDATE webhook_deliveries SET state = 'in_flight', lease_token = ?, \
-             lease_expires_at = ?, attempt_count = attempt_count + 1, updated_at = ? \
-             WHERE id IN (SELECT d.id FROM webhook_deliveries d \
-                          JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
-                          WHERE ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ?) \
-                                 OR (d.state = 'in_flight' AND d.lease_expires_at < ?)) \
-                          AND ep.enabled = 1 \
-                          ORDER BY d.next_attempt_at, d.id LIMIT ?) \
-             RETURNING id",
-        )
-        .bind(lease_token)
-        .bind(lease_until.0)
-        .bind(now.0)
         .bind(now.0)
         .bind(now.0)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await
         .map_err(err)?;
-        tx.commit().await.map_err(err)?;
-        if rows.is_empty() {
+        if due.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.get("id")).collect();
-        let ids = serde_json::to_string(&ids).expect("integers serialise");
+        let ids = serde_json::to_string(&due).expect("integers serialise");
+        // A delivery taken over in flight lost its attempt (a crashed or stalled worker):
+        // record it before the attempt count moves on.
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, duration_ms, \
+             error_kind, created_at) \
+             SELECT id, endpoint_id, attempt_count, 0, 'lease_lost', ? FROM webhook_deliveries \
+             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight' \
+             ON CONFLICT (delivery_id, attempt_no) DO NOTHING",
+        )
+        .bind(now.0)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'in_flight', lease_token = ?, \
+             lease_expires_at = ?, attempt_count = attempt_count + 1, updated_at = ? \
+             WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(lease_token)
+        .bind(lease_until.0)
+        .bind(now.0)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
         let rows = sqlx::query(
             "SELECT d.id, d.account_id, d.endpoint_id, d.attempt_count, d.event_id, e.body, \
              e.request_id, e.trace_id, ep.url, ep.secret_enc, ep.previous_secret_enc, \
@@ -604,11 +589,12 @@ impl EventLogStore for SqliteStore {
              WHERE d.id IN (SELECT value FROM json_each(?)) AND d.lease_token = ? \
              ORDER BY d.next_attempt_at, d.id",
         )
-        .bind(ids)
+        .bind(&ids)
         .bind(lease_token)
-        .fetch_all(&self.writer)
+        .fetch_all(&mut *tx)
         .await
         .map_err(err)?;
+        tx.commit().await.map_err(err)?;
         Ok(rows
             .iter()
             .map(|r| ClaimedDelivery {

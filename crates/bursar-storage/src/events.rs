@@ -65,7 +65,7 @@ pub fn render_body(e: &LoggedEvent, payload: &str) -> Result<String> {
     let envelope = Envelope {
         id: &e.event_id,
         event_type: &e.event_type,
-        timestamp: rfc3339_millis(e.created_at),
+        timestamp: e.created_at.rfc3339(),
         seq: e.seq,
         account_id: e.account_id,
         request_id: &e.request_id,
@@ -78,14 +78,6 @@ pub fn render_body(e: &LoggedEvent, payload: &str) -> Result<String> {
         },
     };
     serde_json::to_string(&envelope).map_err(|err| crate::StorageError::Internal(Box::new(err)))
-}
-
-/// `2026-11-28T10:15:30.123Z` for Unix milliseconds.
-fn rfc3339_millis(t: Timestamp) -> String {
-    chrono::DateTime::from_timestamp_millis(t.0)
-        .unwrap_or_default()
-        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-        .to_string()
 }
 
 /// Does `event_type` match one of `patterns`? `*` matches everything; `order.*` matches every
@@ -249,9 +241,6 @@ pub trait EventLogStore: Send + Sync {
     ) -> Result<Vec<LoggedEvent>>;
 
     async fn get_event(&self, account: AccountId, event_id: &str) -> Result<Option<LoggedEvent>>;
-
-    /// Marks events as published to NATS (after the PubAck).
-    async fn mark_published(&self, event_ids: &[String], now: Timestamp) -> Result<()>;
 
     async fn create_endpoint(
         &self,

@@ -9,9 +9,7 @@ use serde::Serialize;
 
 /// RFC 3339 in UTC with milliseconds: `2026-03-25T09:14:07.123Z`.
 pub fn time(t: Timestamp) -> String {
-    chrono::DateTime::from_timestamp_millis(t.0)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
+    t.rfc3339()
 }
 
 pub fn customer(c: &Customer) -> api::Customer {

@@ -10,8 +10,7 @@ pub mod worker;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bursar_storage::events::LoggedEvent;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::Notify;
 
 use crate::config::{Config, WebhooksConfig};
 use crate::ssrf;
@@ -19,18 +18,12 @@ use crate::ssrf;
 /// `User-Agent` of every delivery.
 pub const USER_AGENT: &str = concat!("Bursar-Webhooks/", env!("CARGO_PKG_VERSION"));
 
-/// How many sequenced events the in-process live tail holds for slow subscribers.
-const LIVE_CAPACITY: usize = 4096;
-
 /// What the relay, the worker and the endpoint API share.
 pub struct Webhooks {
     pub config: WebhooksConfig,
     pub secrets: crypto::SecretBox,
     pub policy: Arc<ssrf::Policy>,
     pub client: reqwest::Client,
-    /// Every event this process's relay sequenced, in `seq` order per account: the live
-    /// tail for streams.
-    pub live: broadcast::Sender<Arc<LoggedEvent>>,
     /// Woken by the relay after a fan-out, so the worker does not wait for its poll.
     pub relayed: Notify,
 }
@@ -60,7 +53,6 @@ impl Webhooks {
             secrets,
             policy,
             client,
-            live: broadcast::channel(LIVE_CAPACITY).0,
             relayed: Notify::new(),
         })
     }

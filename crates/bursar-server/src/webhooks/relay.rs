@@ -1,9 +1,7 @@
-//! The relay: sequences committed outbox rows (id, per-account `seq`, rendered body), fans
-//! them out to webhook deliveries in the same transaction (storage), then hands them to the
-//! live tail. Any number of relays may run against one database; the storage command
+//! The relay: sequences committed outbox rows (id, per-account `seq`, rendered body) and fans
+//! them out to webhook deliveries in the same transaction (storage), then wakes the delivery
+//! worker. Any number of relays may run against one database; the storage command
 //! serialises them, so `seq` is handed out once and in commit order.
-
-use std::sync::Arc;
 
 use crate::AppState;
 
@@ -17,20 +15,14 @@ pub fn new_event_id() -> String {
 
 /// One relay pass: how many events it sequenced.
 pub async fn relay_once(state: &AppState) -> bursar_storage::Result<usize> {
-    let hooks = &state.webhooks;
     let events = state
         .store
         .sequence_events(BATCH, state.clock.now(), &new_event_id)
         .await?;
-    let n = events.len();
-    if n > 0 {
-        hooks.relayed.notify_waiters();
-        for e in events {
-            // No subscriber is not an error: the log is durable, the tail is a convenience.
-            let _ = hooks.live.send(Arc::new(e));
-        }
+    if !events.is_empty() {
+        state.webhooks.relayed.notify_waiters();
     }
-    Ok(n)
+    Ok(events.len())
 }
 
 /// Runs until the task is dropped; a failed pass is logged and retried after a pause.

@@ -333,6 +333,12 @@ pub async fn webhook_endpoints_are_guarded_scoped_and_rotate(app: &TestApp) {
         v.verify_hex(&again.headers, &again.body).unwrap();
     }
 
+    // The `order.*` filter held: no customer event ever reached this endpoint.
+    for r in receiver.received() {
+        let payload: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(payload["type"], "order.created", "{payload}");
+    }
+
     // 410 Gone disables the endpoint.
     receiver.status.store(410, Ordering::SeqCst);
     assert_eq!(

@@ -12,7 +12,7 @@ use bursar_storage::events::{Attempt, Delivery, Endpoint, LoggedEvent};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::parse_page;
+use super::{PageQuery, parse_page};
 use crate::http::error::ApiError;
 use crate::http::extract::{Id, Json, Params};
 use crate::http::render::{self, time};
@@ -30,18 +30,6 @@ pub struct EventsQuery {
     pub starting_after: Option<String>,
     /// Only these event types (comma-separated), e.g. `order.created,order.paid`.
     pub types: Option<String>,
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct PageQuery {
-    /// Page size, 1–100 (default 10).
-    #[param(value_type = Option<u32>)]
-    pub limit: Option<String>,
-    /// Return rows older than this id (the last id of the previous page).
-    #[param(value_type = Option<i64>)]
-    pub starting_after: Option<String>,
 }
 
 /// The stored body, byte for byte: what webhooks were signed over.

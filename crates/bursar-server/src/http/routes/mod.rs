@@ -1,5 +1,31 @@
 //! Handlers: parse, authenticate, call a service, render. Nothing else.
 
+/// Declares one list's query parameters: a page (`limit`, `starting_after`) and the list's
+/// own filters, with `deny_unknown_fields`, so a filter of another list is a 400 and the
+/// OpenAPI document shows each list's filters only.
+macro_rules! list_query {
+    ($name:ident $(, $filter:ident: $doc:literal)*) => {
+        #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+        #[serde(deny_unknown_fields)]
+        #[into_params(parameter_in = Query)]
+        pub struct $name {
+            /// Page size, 1–100 (default 10).
+            #[param(value_type = Option<u32>)]
+            pub limit: Option<String>,
+            /// The last id of the previous page.
+            #[param(value_type = Option<i64>)]
+            pub starting_after: Option<String>,
+            $(
+                #[doc = $doc]
+                #[param(value_type = Option<i64>)]
+                pub $filter: Option<String>,
+            )*
+        }
+    };
+}
+
+list_query!(PageQuery);
+
 pub mod customers;
 pub mod events;
 pub mod money;

@@ -9,42 +9,15 @@ use bursar_api::{
     CreateRefund, ErrorBody, LedgerEntry, List, Payment, Quote, Rate, Refund,
 };
 use bursar_storage::money::PaymentFilter;
-use serde::Deserialize;
-use utoipa::IntoParams;
 
-use super::{parse_id, parse_page};
+use super::{PageQuery, parse_id, parse_page};
 use crate::http::error::ApiError;
 use crate::http::extract::{Id, Params, if_none_match_hits};
 use crate::http::render;
 use crate::services::Call;
 
-/// Declares one list's query parameters: a page (`limit`, `starting_after`) and the list's
-/// own filters, with `deny_unknown_fields`, so a filter of another list is a 400 and the
-/// OpenAPI document shows each list's filters only.
-macro_rules! list_query {
-    ($name:ident $(, $filter:ident: $doc:literal)*) => {
-        #[derive(Debug, Deserialize, IntoParams)]
-        #[serde(deny_unknown_fields)]
-        #[into_params(parameter_in = Query)]
-        pub struct $name {
-            /// Page size, 1–100 (default 10).
-            #[param(value_type = Option<u32>)]
-            pub limit: Option<String>,
-            /// The last id of the previous page.
-            #[param(value_type = Option<i64>)]
-            pub starting_after: Option<String>,
-            $(
-                #[doc = $doc]
-                #[param(value_type = Option<i64>)]
-                pub $filter: Option<String>,
-            )*
-        }
-    };
-}
-
 list_query!(PaymentsQuery, order_id: "Payments of this order only.");
 list_query!(RefundsQuery, payment_id: "Refunds of this payment only.");
-list_query!(PageQuery);
 
 // The creates are phased operations mounted by the operations registry
 // (`services::money`); these items only document them.
