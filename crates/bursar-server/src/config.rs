@@ -111,6 +111,28 @@ concurrency = 32
 # How long a rotated-out secret keeps signing deliveries.
 rotation_grace_secs = 86400
 
+[live]
+# Events this process keeps for its live subscribers (SSE and WebSocket). A subscriber that
+# falls further behind is disconnected and resumes from the log with its last seq.
+buffer = 4096
+# How often an idle stream gets a keep-alive: an SSE comment or a WebSocket ping.
+keep_alive_secs = 15
+# The reconnect delay SSE clients are told (the `retry:` field), in milliseconds.
+retry_ms = 3000
+
+[nats]
+# NATS server with JetStream, e.g. "nats://127.0.0.1:4222" (`--nats-url`). Set: every event is
+# published to <subject_prefix>.events.<account>.<type> (Nats-Msg-Id = the event id), and
+# live subscribers see events from every instance. Empty: no publishing, and live
+# subscribers see the events this process sequenced (one instance, or a resume from the log).
+url = ""
+# First subject token. The stream is named after it: upper-cased, with "_EVENTS" appended.
+subject_prefix = "bursar"
+# How long JetStream remembers a Nats-Msg-Id to drop a re-published copy.
+duplicate_window_secs = 120
+# How long the stream keeps events (0: until removed by other limits).
+max_age_secs = 604800
+
 [log]
 # "json": one JSON object per line on stderr. "pretty": human-readable.
 format = "json"
@@ -130,7 +152,80 @@ pub struct Config {
     pub processor: ProcessorConfig,
     pub fx: FxConfig,
     pub webhooks: WebhooksConfig,
+    pub live: LiveConfig,
+    pub nats: NatsConfig,
     pub log: LogConfig,
+}
+
+/// Live streams (SSE, WebSocket).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LiveConfig {
+    pub buffer: usize,
+    pub keep_alive_secs: u64,
+    pub retry_ms: u64,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            buffer: 4096,
+            keep_alive_secs: 15,
+            retry_ms: 3000,
+        }
+    }
+}
+
+impl LiveConfig {
+    pub fn keep_alive(&self) -> Duration {
+        Duration::from_secs(self.keep_alive_secs.max(1))
+    }
+}
+
+/// NATS JetStream publishing and the cross-instance live tail. `Debug` hides the URL's
+/// credentials, if any.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    #[serde(deserialize_with = "empty_as_none")]
+    pub url: Option<String>,
+    pub subject_prefix: String,
+    pub duplicate_window_secs: u64,
+    pub max_age_secs: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: None,
+            subject_prefix: "bursar".into(),
+            duplicate_window_secs: 120,
+            max_age_secs: 604_800,
+        }
+    }
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url.clone().map(redact_password))
+            .field("subject_prefix", &self.subject_prefix)
+            .field("duplicate_window_secs", &self.duplicate_window_secs)
+            .field("max_age_secs", &self.max_age_secs)
+            .finish()
+    }
+}
+
+impl NatsConfig {
+    /// The URL for banners and logs: a password in it is masked.
+    pub fn redacted_url(&self) -> String {
+        self.url.clone().map(redact_password).unwrap_or_default()
+    }
+
+    /// The JetStream stream: the prefix upper-cased, then `_EVENTS`.
+    pub fn stream_name(&self) -> String {
+        format!("{}_EVENTS", self.subject_prefix.to_ascii_uppercase())
+    }
 }
 
 /// Events and webhook delivery (issue 5). `Debug` masks the encryption key.
@@ -367,6 +462,8 @@ impl Default for Config {
             processor: ProcessorConfig::default(),
             fx: FxConfig::default(),
             webhooks: WebhooksConfig::default(),
+            live: LiveConfig::default(),
+            nats: NatsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -415,6 +512,8 @@ impl std::fmt::Debug for Config {
             .field("processor_url", &self.redacted_processor_url())
             .field("fx", &self.fx)
             .field("webhooks", &self.webhooks)
+            .field("live", &self.live)
+            .field("nats", &self.nats)
             .field("log", &self.log)
             .finish()
     }
@@ -459,6 +558,24 @@ impl Config {
             return Err(format!(
                 "idempotency.required_routes: {bad:?} is not \"METHOD /route\""
             ));
+        }
+        let prefix = &self.nats.subject_prefix;
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "nats.subject_prefix must be letters, digits, '_' or '-', got {prefix:?}"
+            ));
+        }
+        if let Some(url) = &self.nats.url
+            && !(url.starts_with("nats://") || url.starts_with("tls://"))
+        {
+            return Err("nats.url must be nats://… or tls://…".into());
+        }
+        if self.live.buffer == 0 {
+            return Err("live.buffer must be at least 1".into());
         }
         if self.http.request_timeout_ms == 0 || self.database.max_connections == 0 {
             return Err("http.request_timeout_ms and database.max_connections must be > 0".into());

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod http;
+pub mod live;
 pub mod processor;
 pub mod services;
 pub mod ssrf;
@@ -34,18 +35,25 @@ pub async fn serve(
     // With no operation registered there is no work a completer could finish.
     let completer = (state.operations.all().next().is_some())
         .then(|| tokio::spawn(complete_abandoned(state.clone())));
-    let (stop_workers, workers_stop) = tokio::sync::watch::channel(false);
-    let workers = state.config.webhooks.run_workers.then(|| {
-        (
-            tokio::spawn(webhooks::relay::run(state.clone())),
-            tokio::spawn(webhooks::worker::run(state.clone(), workers_stop, grace)),
-        )
-    });
+    let workers = state
+        .config
+        .webhooks
+        .run_workers
+        .then(|| Workers::start(&state, grace));
+    // The live tail from every instance, for this process's SSE and WebSocket subscribers.
+    let subscriber = state
+        .nats
+        .clone()
+        .map(|link| tokio::spawn(live::nats::run_subscriber(state.clone(), link)));
+    let live = state.live.clone();
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!("shutdown requested; draining in-flight requests");
+        // Live streams never finish by themselves: end them, so their clients reconnect
+        // (elsewhere) with their last seq instead of holding the shutdown for the grace.
+        live.close();
         let _ = stopping_tx.send(());
     });
     let drained = async move {
@@ -61,11 +69,11 @@ pub async fn serve(
         () = drained => tracing::warn!(grace_ms = self::millis(grace), "grace period over; abandoning in-flight requests"),
     }
     sweeper.abort();
-    if let Some((relay, worker)) = workers {
-        relay.abort();
-        let _ = stop_workers.send(true);
-        // The worker lets its sends finish (up to the grace) and hands back the rest.
-        let _ = worker.await;
+    if let Some(subscriber) = subscriber {
+        subscriber.abort();
+    }
+    if let Some(workers) = workers {
+        workers.stop().await;
     }
     if let Some(completer) = completer {
         completer.abort();
@@ -73,6 +81,59 @@ pub async fn serve(
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs the background workers alone (`bursar worker`): the event relay, the webhook delivery
+/// worker and, with NATS, the publisher. Any number of these may run beside any number of
+/// `bursar serve` processes on one database. On `shutdown` the delivery worker lets its sends
+/// finish for up to the grace period and hands back the rest.
+pub async fn work(
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = state.store.clone();
+    let workers = Workers::start(&state, state.config.shutdown_grace());
+    shutdown.await;
+    tracing::info!("shutdown requested; finishing deliveries in flight");
+    workers.stop().await;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The relay, the delivery worker and the NATS publisher of one process.
+struct Workers {
+    relay: tokio::task::JoinHandle<()>,
+    publisher: Option<tokio::task::JoinHandle<()>>,
+    worker: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Workers {
+    fn start(state: &AppState, grace: std::time::Duration) -> Workers {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        Workers {
+            relay: tokio::spawn(webhooks::relay::run(state.clone())),
+            publisher: state
+                .nats
+                .clone()
+                .map(|link| tokio::spawn(live::nats::run_publisher(state.clone(), link))),
+            worker: tokio::spawn(webhooks::worker::run(state.clone(), stopped, grace)),
+            stop,
+        }
+    }
+
+    /// Stops claiming; what was sequenced but not published waits in the log for the next
+    /// publisher.
+    async fn stop(self) {
+        self.relay.abort();
+        if let Some(publisher) = self.publisher {
+            publisher.abort();
+        }
+        let _ = self.stop.send(true);
+        // The worker lets its sends finish (up to the grace) and hands back the rest.
+        let _ = self.worker.await;
+    }
 }
 
 /// Deletes expired idempotency records in bounded batches, so no sweep holds the writer for

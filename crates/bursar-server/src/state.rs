@@ -31,6 +31,10 @@ pub struct AppState {
     pub processor: Option<Arc<dyn crate::processor::Processor>>,
     /// Event relay, webhook worker and endpoint secrets (`webhooks`).
     pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// The live tail for SSE and WebSocket subscribers (`live`).
+    pub live: Arc<crate::live::Live>,
+    /// NATS JetStream, when configured ([`AppState::connect_nats`]).
+    pub nats: Option<Arc<crate::live::nats::Link>>,
 }
 
 /// See [`AppState::replays`]. Keyed by account and client key; bounded by the bytes of the
@@ -163,6 +167,7 @@ impl AppState {
         config: Config,
     ) -> anyhow::Result<AppState> {
         let webhooks = Arc::new(crate::webhooks::Webhooks::from_config(&config)?);
+        let live = Arc::new(crate::live::Live::new(config.live.buffer));
         Ok(AppState {
             store,
             clock,
@@ -173,7 +178,16 @@ impl AppState {
             operations: Arc::new(Operations::money()),
             processor: None,
             webhooks,
+            live,
+            nats: None,
         })
+    }
+
+    /// Connects to NATS when `nats.url` is configured (the connection keeps retrying in the
+    /// background if the server is not up yet).
+    pub async fn connect_nats(&mut self) -> anyhow::Result<()> {
+        self.nats = crate::live::nats::Link::connect(&self.config.nats).await?;
+        Ok(())
     }
 }
 

@@ -395,6 +395,36 @@ impl EventLogStore for PostgresStore {
         rows.iter().map(logged).collect()
     }
 
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<LoggedEvent>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_cols!(),
+            " FROM outbox_events WHERE seq IS NOT NULL AND published_at IS NULL \
+             ORDER BY sequenced_at, account_id, seq LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        rows.iter().map(logged).collect()
+    }
+
+    async fn mark_published(&self, event_ids: &[String], now: Timestamp) -> Result<u64> {
+        if event_ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "UPDATE outbox_events SET published_at = $1 \
+             WHERE event_id = ANY($2) AND published_at IS NULL",
+        )
+        .bind(now.0)
+        .bind(event_ids)
+        .execute(&self.pool)
+        .await
+        .map_err(err)?;
+        Ok(done.rows_affected())
+    }
+
     async fn list_events(
         &self,
         account: AccountId,

@@ -265,6 +265,38 @@ impl EventLogStore for SqliteStore {
         rows.iter().map(logged).collect()
     }
 
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<LoggedEvent>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            event_cols!(),
+            " FROM outbox_events WHERE seq IS NOT NULL AND published_at IS NULL \
+             ORDER BY sequenced_at, account_id, seq LIMIT ?"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(err)?;
+        rows.iter().map(logged).collect()
+    }
+
+    async fn mark_published(&self, event_ids: &[String], now: Timestamp) -> Result<u64> {
+        if event_ids.is_empty() {
+            return Ok(0);
+        }
+        let ids =
+            serde_json::to_string(event_ids).map_err(|e| StorageError::Internal(Box::new(e)))?;
+        let done = sqlx::query(
+            "UPDATE outbox_events SET published_at = ? \
+             WHERE event_id IN (SELECT value FROM json_each(?)) AND published_at IS NULL",
+        )
+        .bind(now.0)
+        .bind(ids)
+        .execute(&self.writer)
+        .await
+        .map_err(err)?;
+        Ok(done.rows_affected())
+    }
+
     async fn list_events(
         &self,
         account: AccountId,

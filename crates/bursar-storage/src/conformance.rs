@@ -62,7 +62,8 @@ macro_rules! conformance_tests {
             endpoints_are_scoped_and_rotate,
             deliveries_are_leased_fenced_and_retried,
             a_gone_receiver_disables_its_endpoint,
-            concurrent_workers_never_claim_one_delivery_twice
+            concurrent_workers_never_claim_one_delivery_twice,
+            published_events_leave_the_backlog
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -232,6 +232,16 @@ pub trait EventLogStore: Send + Sync {
         limit: u32,
     ) -> Result<Vec<LoggedEvent>>;
 
+    /// Sequenced events not yet handed to the live fan-out, oldest sequencing first (per
+    /// account in `seq` order): the publisher's backlog. Publishing is at least once; a
+    /// crash between the hand-off and [`EventLogStore::mark_published`] re-sends, and
+    /// JetStream drops the copy by its `Nats-Msg-Id`.
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<LoggedEvent>>;
+
+    /// Records that these events were published (after JetStream acknowledged them, or the
+    /// in-process broadcast took them). Returns how many were newly marked.
+    async fn mark_published(&self, event_ids: &[String], now: Timestamp) -> Result<u64>;
+
     /// Events of `account`, newest first, `seq < before` when given (the events API).
     async fn list_events(
         &self,

@@ -1,5 +1,5 @@
-//! `bursar`: the one binary. `serve` runs the API; `migrate`, `config` and `admin` are the
-//! operator's tools. Admin commands print only what they created on stdout, so scripts can
+//! `bursar`: the one binary. `serve` runs the API; `worker` runs only the background workers;
+//! `migrate`, `config` and `admin` are the operator's tools. Admin commands print only what they created on stdout, so scripts can
 //! capture it: `KEY=$(bursar admin keys create --account acme)`.
 
 use std::net::SocketAddr;
@@ -40,6 +40,16 @@ enum Command {
         /// processor runs in-process (test mode).
         #[arg(long)]
         processor_url: Option<String>,
+        #[command(flatten)]
+        events: EventFlags,
+    },
+    /// Run only the background workers: the event relay, webhook delivery and (with NATS) the
+    /// JetStream publisher. Any number may run beside `bursar serve` on one database.
+    Worker {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        events: EventFlags,
     },
     /// Create or upgrade the database schema, then exit.
     Migrate {
@@ -158,6 +168,32 @@ struct Common {
     database_url: Option<String>,
 }
 
+/// Flags of the processes that move events (`serve`, `worker`).
+#[derive(Args)]
+struct EventFlags {
+    /// NATS server with JetStream: events are published there, and live streams see every
+    /// instance's events [env: BURSAR_NATS__URL]
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Let webhook URLs reach this private range, e.g. 127.0.0.0/8 for receivers on this
+    /// machine; repeatable [config: webhooks.allow_cidrs]
+    #[arg(long = "webhook-allow-cidr", value_name = "CIDR")]
+    webhook_allow_cidrs: Vec<String>,
+}
+
+impl EventFlags {
+    /// Flags win over the file and the environment.
+    fn apply(self, config: &mut Config) -> anyhow::Result<()> {
+        if let Some(url) = self.nats_url {
+            config.nats.url = Some(url);
+        }
+        config.webhooks.allow_cidrs.extend(self.webhook_allow_cidrs);
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+    }
+}
+
 /// Top-level keys that may come from `BURSAR_*` variables; others (BURSAR_CONFIG, variables of
 /// the test suites) are not configuration keys.
 const ENV_KEYS: &[&str] = &[
@@ -169,6 +205,9 @@ const ENV_KEYS: &[&str] = &[
     "idempotency",
     "processor",
     "fx",
+    "webhooks",
+    "live",
+    "nats",
     "log",
 ];
 
@@ -321,8 +360,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     println!("Press Ctrl-C to stop.");
     tracing::info!(listen = %addr, backend = store.backend(), "serving");
+    let nats = config
+        .nats
+        .url
+        .is_some()
+        .then(|| config.nats.redacted_url());
     let mut state = AppState::new(store, clock, config)?;
     state.processor = Some(Arc::new(processor));
+    state.connect_nats().await?;
+    if let Some(url) = nats {
+        tracing::info!(nats = %url, "publishing events to NATS JetStream");
+    }
     if let Ok(name) = std::env::var("BURSAR_TEST_FAULT") {
         let point = FaultPoint::parse(&name)
             .ok_or_else(|| anyhow::anyhow!("unknown BURSAR_TEST_FAULT {name:?}"))?;
@@ -330,6 +378,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         state.fault = Some(point);
     }
     bursar_server::serve(listener, state, shutdown).await
+}
+
+/// `bursar worker`: the relay, webhook delivery and NATS publisher, without the HTTP API.
+async fn worker(config: Config) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
+    let store = bursar_server::store::open(&config)
+        .await
+        .with_context(|| format!("opening database {}", config.redacted_database_url()))?;
+    println!("Bursar {} worker is running.", env!("CARGO_PKG_VERSION"));
+    println!("  Database: {}", config.redacted_database_url());
+    if config.nats.url.is_some() {
+        println!("  NATS:     {}", config.nats.redacted_url());
+    }
+    println!("Press Ctrl-C to stop.");
+    tracing::info!(backend = store.backend(), "working");
+    let mut state = AppState::new(store, Arc::new(SystemClock), config)?;
+    state.connect_nats().await?;
+    bursar_server::work(state, shutdown).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -344,16 +410,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             common,
             listen,
             processor_url,
+            events,
         } => {
             let mut config = load_config(&common, listen)?;
             if let Some(url) = processor_url {
                 config.processor.url = Some(url);
-                config
-                    .validate()
-                    .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
             }
+            events.apply(&mut config)?;
             let _log = init_logging(&config, false);
             serve(config).await
+        }
+        Command::Worker { common, events } => {
+            let mut config = load_config(&common, None)?;
+            events.apply(&mut config)?;
+            let _log = init_logging(&config, false);
+            worker(config).await
         }
         Command::SandboxProcessor {
             listen,

@@ -19,7 +19,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
-use routes::{customers, events, money, orders, system};
+use routes::{customers, events, live, money, orders, system};
 
 /// The whole application. Layer order, outermost first: request context (id, trace, error
 /// rendering, access log) → panic guard → timeout (innermost, so a timed-out request is still
@@ -50,6 +50,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/quotes/{id}", get(money::get_quote))
         .route("/api/conversions/{id}", get(money::get_conversion))
         .route("/api/events", get(events::list_events))
+        .route("/api/events/stream", get(live::sse))
+        .route("/api/events/ws", get(live::websocket))
         .route("/api/events/{id}", get(events::get_event))
         .route(
             "/api/webhook_endpoints",

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::routes::{customers, events, money, orders, system};
+use super::routes::{customers, events, live, money, orders, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,7 +17,7 @@ use super::routes::{customers, events, money, orders, system};
     ),
     paths(
         customers::create, customers::list, customers::get, customers::update,
-        events::list_events, events::get_event, events::create_endpoint, events::list_endpoints,
+        events::list_events, live::sse, live::websocket, events::get_event, events::create_endpoint, events::list_endpoints,
         events::get_endpoint, events::update_endpoint, events::delete_endpoint,
         events::rotate_secret, events::deliveries, events::attempts, events::redeliver,
         orders::create, orders::list, orders::get, orders::update, orders::cancel,

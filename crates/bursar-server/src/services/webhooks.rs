@@ -22,12 +22,18 @@ pub struct Created {
     pub secret: String,
 }
 
-/// Event types are dot-separated `[A-Za-z0-9_]` segments; a pattern may end in `.*` or be `*`.
 fn check_types(issues: &mut Vec<FieldIssue>, types: &Option<Vec<String>>) {
-    let Some(types) = types else { return };
+    if let Some(types) = types {
+        check_patterns(issues, "event_types", types);
+    }
+}
+
+/// Event types are dot-separated `[A-Za-z0-9_]` segments; a pattern may end in `.*` or be `*`.
+/// The same patterns filter webhook endpoints and live streams.
+pub fn check_patterns(issues: &mut Vec<FieldIssue>, field: &str, types: &[String]) {
     if types.is_empty() || types.len() > TYPES_MAX {
         issues.push(issue(
-            "event_types",
+            field,
             "invalid",
             format!("must list 1 to {TYPES_MAX} event types"),
         ));
@@ -39,7 +45,7 @@ fn check_types(issues: &mut Vec<FieldIssue>, types: &Option<Vec<String>>) {
         let ok = t == "*" || (t.len() <= TYPE_MAX && body.split('.').all(segment));
         if !ok {
             issues.push(issue(
-                "event_types",
+                field,
                 "invalid",
                 format!("{t:?} is not an event type, a `prefix.*` pattern or `*`"),
             ));

@@ -1,9 +1,10 @@
 //! The relay: sequences committed outbox rows (id, per-account `seq`, rendered body) and fans
 //! them out to webhook deliveries in the same transaction (storage), then wakes the delivery
-//! worker. Any number of relays may run against one database; the storage command
+//! worker, hands the events to this process's live subscribers and wakes the NATS publisher. Any number of relays may run against one database; the storage command
 //! serialises them, so `seq` is handed out once and in commit order.
 
 use crate::AppState;
+use crate::live::LiveEvent;
 
 /// Events sequenced per transaction.
 const BATCH: u32 = 500;
@@ -19,8 +20,21 @@ pub async fn relay_once(state: &AppState) -> bursar_storage::Result<usize> {
         .store
         .sequence_events(BATCH, state.clock.now(), &new_event_id)
         .await?;
-    if !events.is_empty() {
-        state.webhooks.relayed.notify_waiters();
+    if events.is_empty() {
+        return Ok(0);
+    }
+    state.webhooks.relayed.notify_waiters();
+    // This process's live subscribers get them now; other instances through NATS.
+    for e in &events {
+        state.live.hub.publish(LiveEvent::from(e));
+    }
+    if state.nats.is_some() {
+        state.live.sequenced.notify_one();
+    } else {
+        // Without NATS the broadcast is the publication; marking keeps the backlog (and its
+        // metric) meaning "not yet handed on".
+        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+        state.store.mark_published(&ids, state.clock.now()).await?;
     }
     Ok(events.len())
 }

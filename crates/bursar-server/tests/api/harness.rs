@@ -27,7 +27,9 @@ pub struct TestApp {
     pub a: Client,
     pub b: Client,
     pub key_a: String,
+    pub key_b: String,
     pub account_a: i64,
+    pub account_b: i64,
     pub store: Arc<dyn Storage>,
     /// The server's state (shared store, clock and registered operations).
     pub state: AppState,
@@ -136,17 +138,18 @@ impl TestApp {
         let mut state = AppState::new(store.clone(), clock, config.clone()).unwrap();
         state.operations = Arc::new(operations);
         state.processor = processor;
-        TestApp::run(backend, state, config, keys, ids[0], dir).await
+        TestApp::run(backend, state, config, keys, (ids[0], ids[1]), dir).await
     }
 
     async fn run(
         backend: Backend,
-        state: AppState,
+        mut state: AppState,
         config: Config,
         keys: Vec<String>,
-        account_a: i64,
+        (account_a, account_b): (i64, i64),
         dir: Option<tempfile::TempDir>,
     ) -> TestApp {
+        state.connect_nats().await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
@@ -159,7 +162,9 @@ impl TestApp {
             a: Client::with_http(http.clone(), &url, &keys[0]),
             b: Client::with_http(http.clone(), &url, &keys[1]),
             key_a: keys[0].clone(),
+            key_b: keys[1].clone(),
             account_a,
+            account_b,
             url,
             store: state.store.clone(),
             state,
@@ -177,11 +182,11 @@ impl TestApp {
     /// port.
     pub async fn restart(mut self) -> TestApp {
         let dir = self._dir.take();
-        let (backend, config, keys, account_a) = (
+        let (backend, config, keys, accounts) = (
             self.backend,
             self.config.clone(),
             self.keys.clone(),
-            self.account_a,
+            (self.account_a, self.account_b),
         );
         let old = self.state.clone();
         self.stop().await;
@@ -189,7 +194,27 @@ impl TestApp {
         let mut state = AppState::new(store, old.clock.clone(), config.clone()).unwrap();
         state.operations = old.operations.clone();
         state.processor = old.processor.clone();
-        TestApp::run(backend, state, config, keys, account_a, dir).await
+        TestApp::run(backend, state, config, keys, accounts, dir).await
+    }
+
+    /// A second server over the same database (same accounts and keys), as another instance
+    /// of one deployment; `change` adjusts its configuration. Stop it before `self`.
+    pub async fn twin(&self, change: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = self.config.clone();
+        change(&mut config);
+        let store = bursar_server::store::open(&config).await.unwrap();
+        let mut state = AppState::new(store, self.state.clock.clone(), config.clone()).unwrap();
+        state.operations = self.state.operations.clone();
+        state.processor = self.state.processor.clone();
+        TestApp::run(
+            self.backend,
+            state,
+            config,
+            self.keys.clone(),
+            (self.account_a, self.account_b),
+            None,
+        )
+        .await
     }
 
     /// Signals shutdown and waits for the server to drain and close its pools.

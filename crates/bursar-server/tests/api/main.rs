@@ -4,6 +4,7 @@
 mod cases;
 mod harness;
 mod idempotency;
+mod live;
 mod money;
 mod operations;
 mod webhooks;
@@ -35,6 +36,7 @@ macro_rules! api_suite {
 
 use cases::*;
 use idempotency::*;
+use live::*;
 use money::*;
 use operations::*;
 use webhooks::*;
@@ -73,4 +75,11 @@ api_suite!(
     the_sdk_pays_refunds_and_converts,
     a_receiver_outage_loses_no_event,
     webhook_endpoints_are_guarded_scoped_and_rotate,
+    sse_resumes_from_the_log_then_goes_live,
+    a_slow_subscriber_is_dropped_and_resumes,
+    websocket_subscribes_resumes_and_unsubscribes,
+    two_instances_share_events_through_nats,
+    events_wait_in_the_log_while_nats_is_down,
+    reconnecting_under_load_never_gaps_or_repeats,
+    a_replayed_create_emits_one_event,
 );

@@ -12,7 +12,7 @@ use bursar_storage::events::{Attempt, Delivery, Endpoint, LoggedEvent};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::{PageQuery, parse_page};
+use super::{PageQuery, parse_page, split_types};
 use crate::http::error::ApiError;
 use crate::http::extract::{Id, Json, Params};
 use crate::http::render::{self, time};
@@ -52,14 +52,7 @@ fn event_list(events: &[LoggedEvent], has_more: bool) -> String {
     security(("api_key" = [])))]
 pub async fn list_events(call: Call, Params(q): Params<EventsQuery>) -> Result<Response, ApiError> {
     let page = parse_page(q.limit.as_deref(), q.starting_after.as_deref())?;
-    let types: Vec<String> = q
-        .types
-        .iter()
-        .flat_map(|t| t.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let types = split_types(q.types.as_deref());
     let p = webhooks::list_events(&call, &types, page).await?;
     Ok(raw_json(StatusCode::OK, event_list(&p.items, p.has_more)))
 }

@@ -28,6 +28,7 @@ list_query!(PageQuery);
 
 pub mod customers;
 pub mod events;
+pub mod live;
 pub mod money;
 pub mod operations;
 pub mod orders;
@@ -42,12 +43,22 @@ use bursar_api::ErrorCode;
 pub const DEFAULT_LIMIT: u32 = 10;
 pub const MAX_LIMIT: u32 = 100;
 
-fn bad_param(field: &str, message: String) -> ApiError {
+pub fn bad_param(field: &str, message: String) -> ApiError {
     ApiError::new(
         ErrorCode::InvalidParameter,
         format!("Invalid query parameter `{field}`: {message}."),
     )
     .with_details(vec![issue(field, "invalid", message)])
+}
+
+/// `types=a,b` as a list (blanks dropped); an absent parameter is the empty list.
+pub fn split_types(raw: Option<&str>) -> Vec<String> {
+    raw.iter()
+        .flat_map(|t| t.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A positive integer id given as a query parameter.
