@@ -3,7 +3,8 @@
 //! and on PostgreSQL (a fresh schema via `BURSAR_DATABASE__SCHEMA`) when configured.
 
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -560,6 +561,355 @@ async fn two_processes_one_key_one_order() {
     assert!(b.terminate().await.success());
 }
 
+/// One webhook request as [`hook_receiver`] got it.
+#[derive(Clone, Debug)]
+struct Hook {
+    /// Names lower-cased.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    at: Instant,
+}
+
+impl Hook {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+    }
+}
+
+/// A webhook receiver in the test process (plain HTTP/1.1 over TCP).
+struct HookReceiver {
+    url: String,
+    got: Arc<Mutex<Vec<Hook>>>,
+}
+
+impl HookReceiver {
+    fn received(&self) -> Vec<Hook> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` requests arrived, for at most `limit`.
+    async fn wait_for(&self, n: usize, limit: Duration) -> Vec<Hook> {
+        let waited = async {
+            loop {
+                let got = self.received();
+                if got.len() >= n {
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(limit, waited)
+            .await
+            .unwrap_or_else(|_| panic!("{n} webhook requests within {limit:?}"))
+    }
+}
+
+/// Records every request and answers 200; with `hold_first`, the first request is never
+/// answered (its connection stays open until the sender goes away).
+async fn hook_receiver(hold_first: bool) -> HookReceiver {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let got: Arc<Mutex<Vec<Hook>>> = Arc::default();
+    let all = got.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let all = all.clone();
+            tokio::spawn(async move {
+                let mut conn = BufReader::new(conn);
+                while let Some(hook) = read_request(&mut conn).await {
+                    let first = {
+                        let mut all = all.lock().unwrap();
+                        all.push(hook);
+                        all.len() == 1
+                    };
+                    if first && hold_first {
+                        let mut rest = Vec::new();
+                        let _ = conn.read_to_end(&mut rest).await;
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
+                    if conn.get_mut().write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    HookReceiver { url, got }
+}
+
+/// One HTTP/1.1 request with a `Content-Length` body; `None` once the connection ends.
+async fn read_request(conn: &mut BufReader<TcpStream>) -> Option<Hook> {
+    let mut line = String::new();
+    if conn.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    assert!(line.starts_with("POST /hooks "), "{line}");
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if conn.read_line(&mut line).await.ok()? == 0 {
+            return None;
+        }
+        let Some((name, value)) = line.trim_end().split_once(':') else {
+            break;
+        };
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("deliveries carry a Content-Length");
+    let mut body = vec![0; len];
+    conn.read_exact(&mut body).await.ok()?;
+    Some(Hook {
+        headers,
+        body,
+        at: Instant::now(),
+    })
+}
+
+/// Lets the delivery worker reach receivers on this machine over plain HTTP.
+const WEBHOOKS_TO_LOCALHOST: (&str, &str) = ("BURSAR_WEBHOOKS__ALLOW_CIDRS", r#"["127.0.0.0/8"]"#);
+
+/// An API request with the key, answered with JSON: (status, body).
+async fn api(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    key: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = http.request(method, url).bearer_auth(key);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+/// An endpoint for `order.*` events at `receiver`, and an order (the one event it gets):
+/// (endpoint id, order id).
+async fn endpoint_and_order(
+    http: &reqwest::Client,
+    server: &Server,
+    key: &str,
+    receiver: &HookReceiver,
+) -> (i64, i64) {
+    let base = &server.base;
+    let (status, endpoint) = api(
+        http,
+        reqwest::Method::POST,
+        format!("{base}/api/webhook_endpoints"),
+        key,
+        Some(serde_json::json!({"url": receiver.url, "event_types": ["order.*"]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{endpoint}");
+    let customer = create_customer(http, base, key).await;
+    let (status, order) = api(
+        http,
+        reqwest::Method::POST,
+        format!("{base}/api/orders"),
+        key,
+        Some(
+            serde_json::json!({"customer_id": customer["id"], "amount": "12.50",
+                                "currency": "EUR"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{order}");
+    (
+        endpoint["id"].as_i64().unwrap(),
+        order["id"].as_i64().unwrap(),
+    )
+}
+
+/// The account's `order.created` events through the events API.
+async fn order_events(http: &reqwest::Client, base: &str, key: &str) -> Vec<serde_json::Value> {
+    let url = format!("{base}/api/events?types=order.created");
+    let (status, events) = api(http, reqwest::Method::GET, url, key, None).await;
+    assert_eq!(status, 200, "{events}");
+    events["data"].as_array().unwrap().clone()
+}
+
+/// The endpoint's one delivery, once it is `succeeded`.
+async fn succeeded_delivery(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    endpoint: i64,
+) -> serde_json::Value {
+    let url = format!("{base}/api/webhook_endpoints/{endpoint}/deliveries");
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (status, page) = api(http, reqwest::Method::GET, url.clone(), key, None).await;
+        assert_eq!(status, 200, "{page}");
+        let data = page["data"].as_array().unwrap();
+        assert_eq!(data.len(), 1, "{page}");
+        if data[0]["state"] == "succeeded" {
+            return data[0].clone();
+        }
+        last = page;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the delivery did not succeed: {last}");
+}
+
+/// SIGKILL: no shutdown, no flushing.
+async fn kill_9(server: Server) {
+    let mut child = server.child;
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(!status.success(), "killed, not exited");
+}
+
+/// Spec checklist B12: `kill -9` after the business commit and before the relay ran (the
+/// workers are off, so the order's event is committed but neither sequenced nor sent). After
+/// a restart with the workers on, the receiver gets it within the poll interval + 5 s, with
+/// `webhook-id` = the event id of `GET /api/events` and the event's stored body, exactly once.
+async fn an_event_committed_before_a_crash_is_delivered_after_restart(db: Db) {
+    let receiver = hook_receiver(false).await;
+    let http = client();
+    let off = [
+        WEBHOOKS_TO_LOCALHOST,
+        ("BURSAR_WEBHOOKS__RUN_WORKERS", "false"),
+    ];
+    let first = serve(&db, &off).await;
+    let key = first.key().expect("first start prints a key");
+    let (endpoint, order) = endpoint_and_order(&http, &first, &key, &receiver).await;
+    // Committed, not relayed: the event has no id yet, so the events API lists nothing.
+    assert_eq!(
+        order_events(&http, &first.base, &key).await,
+        Vec::<serde_json::Value>::new()
+    );
+    kill_9(first).await;
+    assert!(receiver.received().is_empty());
+
+    let poll = Duration::from_millis(200);
+    let on = [
+        WEBHOOKS_TO_LOCALHOST,
+        ("BURSAR_WEBHOOKS__POLL_INTERVAL_MS", "200"),
+    ];
+    let again = serve(&db, &on).await;
+    let hooks = receiver.wait_for(1, poll + Duration::from_secs(5)).await;
+    let events = order_events(&http, &again.base, &key).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let event = &events[0];
+    assert_eq!(event["data"]["aggregate_id"], order, "{event}");
+    let event_id = event["id"].as_str().unwrap();
+    assert!(event_id.starts_with("evt_"), "{event}");
+    assert_eq!(hooks[0].header("webhook-id"), event_id);
+    let stored = http
+        .get(format!("{}/api/events/{event_id}", again.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(hooks[0].body, stored, "the stored bytes are sent");
+    let delivery = succeeded_delivery(&http, &again.base, &key, endpoint).await;
+    assert_eq!(delivery["event_id"], event_id);
+    assert_eq!(delivery["attempt_count"], 1, "{delivery}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 1, "sent once");
+    assert!(again.terminate().await.success());
+}
+
+/// Spec checklist B13: `kill -9` while the receiver holds the first request (sent, never
+/// answered, attempt not recorded). After a restart, once the 3 s lease lapsed, the delivery
+/// is sent again with the same `webhook-id` and body: the receiver saw exactly 2 copies, the
+/// delivery is `succeeded`, and the attempts log shows attempt 1 `lease_lost` (recorded by the
+/// claim that took it over) and attempt 2 answered 200.
+async fn a_crash_mid_delivery_resends_after_the_lease(db: Db) {
+    let receiver = hook_receiver(true).await;
+    let http = client();
+    let lease = Duration::from_secs(3);
+    let poll = Duration::from_millis(200);
+    let env = [
+        WEBHOOKS_TO_LOCALHOST,
+        ("BURSAR_WEBHOOKS__LEASE_SECS", "3"),
+        ("BURSAR_WEBHOOKS__POLL_INTERVAL_MS", "200"),
+    ];
+    let first = serve(&db, &env).await;
+    let key = first.key().expect("first start prints a key");
+    let (endpoint, order) = endpoint_and_order(&http, &first, &key, &receiver).await;
+    let held = receiver.wait_for(1, Duration::from_secs(10)).await;
+    kill_9(first).await;
+
+    let again = serve(&db, &env).await;
+    let restarted = Instant::now();
+    let hooks = receiver
+        .wait_for(2, lease + poll + Duration::from_secs(5))
+        .await;
+    let (first_copy, second_copy) = (&held[0], &hooks[1]);
+    // Not before the lease lapsed (it was taken just before the first copy was sent).
+    let gap = second_copy.at - first_copy.at;
+    assert!(
+        gap >= lease - Duration::from_millis(500),
+        "resent after {gap:?}"
+    );
+    assert!(
+        second_copy.at - restarted <= lease + poll + Duration::from_secs(1),
+        "resent {:?} after the restart",
+        second_copy.at - restarted
+    );
+    let events = order_events(&http, &again.base, &key).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["data"]["aggregate_id"], order);
+    let event_id = events[0]["id"].as_str().unwrap();
+    for copy in [first_copy, second_copy] {
+        assert_eq!(copy.header("webhook-id"), event_id);
+    }
+    assert_eq!(first_copy.body, second_copy.body, "byte-identical copies");
+    let delivery = succeeded_delivery(&http, &again.base, &key, endpoint).await;
+    assert_eq!(delivery["attempt_count"], 2, "{delivery}");
+    let id = delivery["id"].as_i64().unwrap();
+    assert_eq!(
+        first_copy.header("x-bursar-delivery-id"),
+        format!("dlv_{id}_1")
+    );
+    assert_eq!(
+        second_copy.header("x-bursar-delivery-id"),
+        format!("dlv_{id}_2")
+    );
+    let url = format!("{}/api/webhook_endpoints/{endpoint}/attempts", again.base);
+    let (status, page) = api(&http, reqwest::Method::GET, url, &key, None).await;
+    assert_eq!(status, 200, "{page}");
+    let mut attempts = page["data"].as_array().unwrap().clone();
+    attempts.sort_by_key(|a| a["attempt_no"].as_i64());
+    let summary: Vec<_> = attempts
+        .iter()
+        .map(|a| {
+            (
+                a["delivery_id"].as_i64(),
+                a["attempt_no"].as_i64(),
+                a["status_code"].as_i64(),
+                a["error_kind"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Some(id), Some(1), None, Some("lease_lost")),
+            (Some(id), Some(2), Some(200), None),
+        ],
+        "{page}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 2, "exactly two copies");
+    assert!(again.terminate().await.success());
+}
+
 macro_rules! on_both_backends {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -742,6 +1092,8 @@ on_both_backends!(
     configuration,
     crash_after_commit_is_answered_by_the_retry,
     crash_mid_transaction_leaves_nothing,
+    an_event_committed_before_a_crash_is_delivered_after_restart,
+    a_crash_mid_delivery_resends_after_the_lease,
 );
 
 /// `bursar sandbox-processor` serves the sandbox over HTTP: a charge, its replay under the

@@ -8,6 +8,7 @@ mod live;
 mod money;
 mod operations;
 mod webhooks;
+mod workers;
 
 macro_rules! api_suite {
     ($($case:ident),* $(,)?) => {
@@ -40,6 +41,7 @@ use live::*;
 use money::*;
 use operations::*;
 use webhooks::*;
+use workers::*;
 
 api_suite!(
     canonical_order_request,
@@ -74,7 +76,9 @@ api_suite!(
     an_order_is_charged_once_under_concurrent_payments,
     the_sdk_pays_refunds_and_converts,
     a_receiver_outage_loses_no_event,
+    a_refusing_receiver_loses_no_event,
     webhook_endpoints_are_guarded_scoped_and_rotate,
+    many_workers_send_each_delivery_once,
     sse_resumes_from_the_log_then_goes_live,
     a_slow_subscriber_is_dropped_and_resumes,
     websocket_subscribes_resumes_and_unsubscribes,

@@ -2,6 +2,7 @@
 //! worker inside the test server, and the SDK's verifier on every delivery.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,7 +11,8 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use bursar_sdk::Client;
 use bursar_sdk::webhooks::Verifier;
-use bursar_server::SystemClock;
+use bursar_server::{Config, SystemClock};
+use bursar_storage::PageRequest;
 use serde_json::{Value, json};
 
 use crate::harness::{TestApp, error_body};
@@ -32,7 +34,14 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(status: u16) -> Receiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Receiver::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), status).await
+    }
+
+    /// A receiver on a given address (a port that refused connections until now).
+    pub async fn start_at(addr: SocketAddr, status: u16) -> Receiver {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("binding the receiver to {addr}: {e}"));
         let url = format!("http://{}/hooks", listener.local_addr().unwrap());
         let status = Arc::new(AtomicU16::new(status));
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
@@ -64,11 +73,17 @@ impl Receiver {
 /// A server of the same backend whose worker may reach 127.0.0.1 over plain HTTP and
 /// retries after about a second.
 async fn webhook_app(app: &TestApp) -> TestApp {
+    webhook_app_with(app, |_| {}).await
+}
+
+/// [`webhook_app`] with a further change to its configuration.
+async fn webhook_app_with(app: &TestApp, change: impl FnOnce(&mut Config)) -> TestApp {
     app.sibling(
         |c| {
             c.webhooks.allow_cidrs = vec!["127.0.0.0/8".into()];
             c.webhooks.schedule_secs = vec![1; 9];
             c.webhooks.timeout_ms = 5_000;
+            change(c);
         },
         Arc::new(SystemClock),
     )
@@ -84,15 +99,16 @@ async fn create_endpoint(client: &Client, body: Value) -> reqwest::Response {
         .unwrap()
 }
 
-/// Every event id of the account, through the events API (all pages).
-async fn all_event_ids(client: &Client) -> Vec<String> {
+/// Every event id of the account, through the events API (all pages); `types` as the API's
+/// filter (comma-separated), or empty for every type.
+async fn all_event_ids(client: &Client, types: &str) -> Vec<String> {
     let mut ids = Vec::new();
     let mut after: Option<i64> = None;
     loop {
-        let path = match after {
-            Some(seq) => format!("/api/events?limit=100&starting_after={seq}"),
-            None => "/api/events?limit=100".into(),
-        };
+        let mut path = format!("/api/events?limit=100&types={types}");
+        if let Some(seq) = after {
+            path.push_str(&format!("&starting_after={seq}"));
+        }
         let page: Value = call_json(client, reqwest::Method::GET, &path).await;
         for e in page["data"].as_array().unwrap() {
             ids.push(e["id"].as_str().unwrap().to_owned());
@@ -102,6 +118,21 @@ async fn all_event_ids(client: &Client) -> Vec<String> {
             return ids;
         }
     }
+}
+
+/// The `n` event ids of `types` the account produced, once the relay has sequenced them all
+/// (it does within a poll interval).
+async fn produced_events(client: &Client, types: &str, n: usize) -> BTreeSet<String> {
+    let mut produced = BTreeSet::new();
+    for _ in 0..100 {
+        produced = all_event_ids(client, types).await.into_iter().collect();
+        if produced.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(produced.len(), n, "events listed: {produced:?}");
+    produced
 }
 
 /// A request without a body, answered with JSON.
@@ -126,47 +157,39 @@ fn now_secs() -> i64 {
     now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
-/// Spec checklist B10 (503 variant) with A1–A4 and A7 on every delivery: a receiver that
-/// fails while 100 events are produced gets all of them once it recovers, every request
-/// verifies in both schemes, and duplicates are identical retries.
-pub async fn a_receiver_outage_loses_no_event(app: &TestApp) {
-    let app = webhook_app(app).await;
-    let receiver = Receiver::start(503).await;
-    let resp = create_endpoint(&app.a, json!({"url": receiver.url, "event_types": ["*"]})).await;
+/// Creates an endpoint for every `types` pattern at the receiver: its JSON (secret in full).
+async fn endpoint_at(app: &TestApp, receiver: &Receiver, types: Value) -> Value {
+    let resp = create_endpoint(&app.a, json!({"url": receiver.url, "event_types": types})).await;
     assert_eq!(resp.status(), 201);
     let endpoint: Value = resp.json().await.unwrap();
-    let secret = endpoint["secret"].as_str().unwrap().to_owned();
-    assert!(secret.starts_with("whsec_"), "{endpoint}");
-    // 100 events: 10 customers with 9 orders each.
-    for _ in 0..10 {
-        let customer = app.customer(&app.a).await;
-        for i in 0..9 {
-            let body = json!({"customer_id": customer, "amount": format!("{}.10", i + 1), "currency": "EUR"});
-            let resp = app.post_order_raw(&app.a, body.to_string()).await;
-            assert_eq!(resp.status(), 201);
-        }
-    }
-    // Failing deliveries are retried while the receiver is down.
-    wait_for("failed attempts", || {
-        receiver
-            .received()
-            .iter()
-            .filter(|r| r.answered == 503)
-            .count()
-            >= 10
-    })
-    .await;
-    receiver.status.store(200, Ordering::SeqCst);
-    // Events are listed once the relay has sequenced them (within a poll interval).
-    let mut produced = BTreeSet::new();
-    for _ in 0..100 {
-        produced = all_event_ids(&app.a).await.into_iter().collect();
-        if produced.len() == 100 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(produced.len(), 100);
+    assert!(
+        endpoint["secret"].as_str().unwrap().starts_with("whsec_"),
+        "{endpoint}"
+    );
+    endpoint
+}
+
+/// The deliveries of an endpoint through the API (newest first, the first 100).
+async fn deliveries(app: &TestApp, endpoint: &Value) -> Vec<Value> {
+    let id = endpoint["id"].as_i64().unwrap();
+    let path = format!("/api/webhook_endpoints/{id}/deliveries?limit=100");
+    let page: Value = call_json(&app.a, reqwest::Method::GET, &path).await;
+    page["data"].as_array().unwrap().clone()
+}
+
+/// The end of an outage (checklist B10), once the receiver answers 200 again: every produced
+/// event arrives, exactly once with a 200; every request carries the event's id, verifies in
+/// both schemes and has the A3 headers; a retry repeats the body byte for byte; every delivery
+/// ends `succeeded`; and each delivery's attempts log is `1..=n` with one success, the last,
+/// after failures recorded as `failure` (error kind and status: `("http_status", Some(503))`,
+/// `("connect", None)`).
+async fn assert_recovered(
+    app: &TestApp,
+    receiver: &Receiver,
+    endpoint: &Value,
+    produced: &BTreeSet<String>,
+    failure: (&str, Option<i64>),
+) {
     wait_for("every event delivered", || {
         let ok: BTreeSet<String> = receiver
             .received()
@@ -174,11 +197,13 @@ pub async fn a_receiver_outage_loses_no_event(app: &TestApp) {
             .filter(|r| r.answered == 200)
             .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
             .collect();
-        ok == produced
+        ok == *produced
     })
     .await;
-    let verifier = Verifier::new([secret.as_str()]).unwrap();
+    let secret = endpoint["secret"].as_str().unwrap();
+    let verifier = Verifier::new([secret]).unwrap();
     let mut bodies: BTreeMap<String, Bytes> = BTreeMap::new();
+    let mut successes: BTreeMap<String, usize> = BTreeMap::new();
     for r in receiver.received() {
         let id = r.headers["webhook-id"].to_str().unwrap().to_owned();
         assert!(produced.contains(&id), "an event nobody produced: {id}");
@@ -202,27 +227,213 @@ pub async fn a_receiver_outage_loses_no_event(app: &TestApp) {
         if let Some(first) = bodies.insert(id.clone(), r.body.clone()) {
             assert_eq!(first, r.body, "a retry of {id} changed its body");
         }
+        if r.answered == 200 {
+            *successes.entry(id).or_default() += 1;
+        }
     }
-    // The delivery log agrees: every delivery succeeded, after failed attempts.
-    let id = endpoint["id"].as_i64().unwrap();
-    let path = format!("/api/webhook_endpoints/{id}/deliveries?limit=100");
-    let page: Value = call_json(&app.a, reqwest::Method::GET, &path).await;
-    let data = page["data"].as_array().unwrap();
-    assert_eq!(data.len(), 100);
-    assert!(data.iter().all(|d| d["state"] == "succeeded"), "{page}");
+    let twice: Vec<_> = successes.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+
+    // The delivery log agrees: every delivery succeeded, after failed attempts. The last
+    // completion may land a moment after the receiver answered.
+    let mut data = Vec::new();
+    for _ in 0..100 {
+        data = deliveries(app, endpoint).await;
+        if data.len() == produced.len() && data.iter().all(|d| d["state"] == "succeeded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(data.len(), produced.len());
+    assert!(data.iter().all(|d| d["state"] == "succeeded"), "{data:#?}");
     assert!(
         data.iter().any(|d| d["attempt_count"].as_i64() >= Some(2)),
-        "{page}"
+        "{data:#?}"
     );
+    let logged: BTreeSet<String> = data
+        .iter()
+        .map(|d| d["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(&logged, produced);
+    // The whole attempts log, from the store: the API pages it by an id it does not show.
+    let all = PageRequest {
+        limit: 100_000,
+        starting_after: None,
+    };
+    let endpoint_id = endpoint["id"].as_i64().unwrap();
+    let attempts = app
+        .store
+        .list_attempts(app.account_a, endpoint_id, all)
+        .await
+        .unwrap();
+    let mut by_delivery: BTreeMap<i64, Vec<_>> = BTreeMap::new();
+    for a in &attempts {
+        by_delivery.entry(a.delivery_id).or_default().push(a);
+    }
+    assert_eq!(by_delivery.len(), produced.len());
+    for d in &data {
+        let id = d["id"].as_i64().unwrap();
+        let mut tries = by_delivery.remove(&id).unwrap_or_default();
+        tries.sort_by_key(|a| a.attempt_no);
+        let numbers: Vec<i64> = tries.iter().map(|a| a.attempt_no).collect();
+        let count = d["attempt_count"].as_i64().unwrap();
+        assert_eq!(numbers, (1..=count).collect::<Vec<_>>(), "delivery {id}");
+        let (last, failed) = tries.split_last().unwrap();
+        assert_eq!(
+            (last.status_code, last.error_kind.as_deref()),
+            (Some(200), None)
+        );
+        for a in failed {
+            assert_eq!(
+                (a.error_kind.as_deref(), a.status_code),
+                (Some(failure.0), failure.1),
+                "{a:?}"
+            );
+        }
+    }
+}
+
+/// Spec checklist B10 (503 variant) with A1–A4 and A7 on every delivery: a receiver that
+/// fails while 100 events are produced gets all of them once it recovers, every request
+/// verifies in both schemes, and duplicates are identical retries.
+pub async fn a_receiver_outage_loses_no_event(app: &TestApp) {
+    let app = webhook_app(app).await;
+    let receiver = Receiver::start(503).await;
+    let endpoint = endpoint_at(&app, &receiver, json!(["*"])).await;
+    // 100 events: 10 customers with 9 orders each.
+    for _ in 0..10 {
+        let customer = app.customer(&app.a).await;
+        for i in 0..9 {
+            let body = json!({"customer_id": customer, "amount": format!("{}.10", i + 1), "currency": "EUR"});
+            let resp = app.post_order_raw(&app.a, body.to_string()).await;
+            assert_eq!(resp.status(), 201);
+        }
+    }
+    // Failing deliveries are retried while the receiver is down.
+    wait_for("failed attempts", || {
+        receiver
+            .received()
+            .iter()
+            .filter(|r| r.answered == 503)
+            .count()
+            >= 10
+    })
+    .await;
+    receiver.status.store(200, Ordering::SeqCst);
+    let produced = produced_events(&app.a, "", 100).await;
+    assert_recovered(
+        &app,
+        &receiver,
+        &endpoint,
+        &produced,
+        ("http_status", Some(503)),
+    )
+    .await;
+    app.stop().await;
+}
+
+/// Spec checklist B10, refused-connection variant: nothing listens on the endpoint's port
+/// while 100 events of 10 orders (each created, then updated nine times) are produced, so
+/// every attempt fails with `connect`; then a receiver starts on that port and gets every
+/// event exactly once (each order's versions 1–10, each once).
+pub async fn a_refusing_receiver_loses_no_event(app: &TestApp) {
+    // Enough attempts that none runs out during the outage.
+    let app = webhook_app_with(app, |c| c.webhooks.schedule_secs = vec![1; 30]).await;
+    // A port nobody listens on: connections are refused until the receiver binds it.
+    let addr = {
+        let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        reserved.local_addr().unwrap()
+    };
+    let url = format!("http://{addr}/hooks");
+    let resp = create_endpoint(&app.a, json!({"url": url, "event_types": ["order.*"]})).await;
+    assert_eq!(resp.status(), 201);
+    let endpoint: Value = resp.json().await.unwrap();
+    let customer = app.customer(&app.a).await;
+    let mut orders: Vec<(i64, i64)> = Vec::new();
+    for round in 0..10 {
+        if round == 0 {
+            for i in 0..10 {
+                let body = json!({"customer_id": customer, "amount": format!("{}.00", i + 1), "currency": "EUR"});
+                let resp = app.post_order_raw(&app.a, body.to_string()).await;
+                assert_eq!(resp.status(), 201);
+                let order: Value = resp.json().await.unwrap();
+                orders.push((
+                    order["id"].as_i64().unwrap(),
+                    order["version"].as_i64().unwrap(),
+                ));
+            }
+            continue;
+        }
+        for (id, version) in &mut orders {
+            let resp = app
+                .a
+                .request(reqwest::Method::PATCH, &format!("/api/orders/{id}"))
+                .json(&json!({"description": format!("revision {round}"), "version": *version}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            let order: Value = resp.json().await.unwrap();
+            *version = order["version"].as_i64().unwrap();
+        }
+    }
+    let produced = produced_events(&app.a, "order.created,order.updated", 100).await;
+    // Every delivery fails with `connect` and is retried.
+    let mut data = Vec::new();
+    for _ in 0..300 {
+        data = deliveries(&app, &endpoint).await;
+        if data.len() == 100
+            && data.iter().all(|d| d["last_error"] == "connect")
+            && data.iter().any(|d| d["attempt_count"].as_i64() >= Some(2))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(data.len(), 100);
+    for d in &data {
+        assert_eq!(d["last_error"], "connect", "{d}");
+        assert!(d["last_status"].is_null(), "{d}");
+        assert_ne!(d["state"], "succeeded", "{d}");
+        assert_ne!(
+            d["state"], "failed",
+            "ran out of attempts during the outage: {d}"
+        );
+    }
+    assert!(
+        data.iter().any(|d| d["attempt_count"].as_i64() >= Some(2)),
+        "retried: {data:#?}"
+    );
+    let id = endpoint["id"].as_i64().unwrap();
     let path = format!("/api/webhook_endpoints/{id}/attempts?limit=100");
     let page: Value = call_json(&app.a, reqwest::Method::GET, &path).await;
     let attempts = page["data"].as_array().unwrap();
-    assert_eq!(attempts.len(), 100);
-    assert!(
-        attempts
-            .iter()
-            .all(|a| a["status_code"] == 200 && a["error_kind"].is_null())
-    );
+    assert_eq!(attempts.len(), 100, "{page}");
+    for a in attempts {
+        assert_eq!(a["error_kind"], "connect", "{a}");
+        assert!(a["status_code"].is_null(), "{a}");
+    }
+    // The receiver comes up on the refused port and answers 200.
+    let receiver = Receiver::start_at(addr, 200).await;
+    assert_recovered(&app, &receiver, &endpoint, &produced, ("connect", None)).await;
+    // Nothing failed at the receiver, so nothing was sent twice.
+    assert_eq!(receiver.received().len(), 100);
+    // Ordering metadata (checklist 26): each order's ten versions arrived, each once.
+    let mut versions: BTreeMap<i64, BTreeSet<i64>> = BTreeMap::new();
+    for r in receiver.received() {
+        let payload: Value = serde_json::from_slice(&r.body).unwrap();
+        let data = &payload["data"];
+        assert_eq!(data["aggregate_type"], "order", "{payload}");
+        let fresh = versions
+            .entry(data["aggregate_id"].as_i64().unwrap())
+            .or_default()
+            .insert(data["aggregate_version"].as_i64().unwrap());
+        assert!(fresh, "one version twice: {payload}");
+    }
+    assert_eq!(versions.len(), 10);
+    for (order, seen) in &versions {
+        assert_eq!(*seen, (1..=10).collect(), "order {order}");
+    }
     app.stop().await;
 }
 
