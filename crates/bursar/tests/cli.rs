@@ -580,7 +580,7 @@ impl Hook {
     }
 }
 
-/// A webhook receiver in the test process (plain HTTP/1.1 over TCP).
+/// A webhook receiver in the test process.
 struct HookReceiver {
     url: String,
     got: Arc<Mutex<Vec<Hook>>>,
@@ -611,67 +611,39 @@ impl HookReceiver {
 /// Records every request and answers 200; with `hold_first`, the first request is never
 /// answered (its connection stays open until the sender goes away).
 async fn hook_receiver(hold_first: bool) -> HookReceiver {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hooks", listener.local_addr().unwrap());
     let got: Arc<Mutex<Vec<Hook>>> = Arc::default();
     let all = got.clone();
-    tokio::spawn(async move {
-        while let Ok((conn, _)) = listener.accept().await {
+    let app = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
             let all = all.clone();
-            tokio::spawn(async move {
-                let mut conn = BufReader::new(conn);
-                while let Some(hook) = read_request(&mut conn).await {
-                    let first = {
-                        let mut all = all.lock().unwrap();
-                        all.push(hook);
-                        all.len() == 1
-                    };
-                    if first && hold_first {
-                        let mut rest = Vec::new();
-                        let _ = conn.read_to_end(&mut rest).await;
-                        return;
-                    }
-                    let ok = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok";
-                    if conn.get_mut().write_all(ok).await.is_err() {
-                        return;
-                    }
+            async move {
+                let hook = Hook {
+                    headers: headers
+                        .iter()
+                        .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                        .collect(),
+                    body: body.to_vec(),
+                    at: Instant::now(),
+                };
+                let first = {
+                    let mut all = all.lock().unwrap();
+                    all.push(hook);
+                    all.len() == 1
+                };
+                if first && hold_first {
+                    std::future::pending::<()>().await;
                 }
-            });
-        }
-    });
+                "ok"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
     HookReceiver { url, got }
-}
-
-/// One HTTP/1.1 request with a `Content-Length` body; `None` once the connection ends.
-async fn read_request(conn: &mut BufReader<TcpStream>) -> Option<Hook> {
-    let mut line = String::new();
-    if conn.read_line(&mut line).await.ok()? == 0 {
-        return None;
-    }
-    assert!(line.starts_with("POST /hooks "), "{line}");
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        if conn.read_line(&mut line).await.ok()? == 0 {
-            return None;
-        }
-        let Some((name, value)) = line.trim_end().split_once(':') else {
-            break;
-        };
-        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map(|(_, v)| v.parse().unwrap())
-        .expect("deliveries carry a Content-Length");
-    let mut body = vec![0; len];
-    conn.read_exact(&mut body).await.ok()?;
-    Some(Hook {
-        headers,
-        body,
-        at: Instant::now(),
-    })
 }
 
 /// Lets the delivery worker reach receivers on this machine over plain HTTP.
@@ -822,6 +794,60 @@ async fn an_event_committed_before_a_crash_is_delivered_after_restart(db: Db) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.received().len(), 1, "sent once");
     assert!(again.terminate().await.success());
+}
+
+/// `bursar worker` alone does the background work: `serve` runs without workers, a separate
+/// worker process sequences the event and delivers it, and SIGTERM stops it cleanly.
+async fn a_separate_worker_process_delivers(db: Db) {
+    let receiver = hook_receiver(false).await;
+    let http = client();
+    let off = [
+        WEBHOOKS_TO_LOCALHOST,
+        ("BURSAR_WEBHOOKS__RUN_WORKERS", "false"),
+    ];
+    let api_only = serve(&db, &off).await;
+    let key = api_only.key().expect("first start prints a key");
+    let (endpoint, order) = endpoint_and_order(&http, &api_only, &key, &receiver).await;
+    let mut worker = bursar(&db, &["worker"])
+        .envs([WEBHOOKS_TO_LOCALHOST])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(worker.stdout.take().unwrap()).lines();
+    let banner = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut banner = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let done = line.starts_with("Press Ctrl-C");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+        banner
+    })
+    .await
+    .expect("worker start");
+    assert!(banner[0].contains("worker is running"), "{banner:?}");
+    let hooks = receiver.wait_for(1, Duration::from_secs(10)).await;
+    let events = order_events(&http, &api_only.base, &key).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["data"]["aggregate_id"], order);
+    assert_eq!(hooks[0].header("webhook-id"), events[0]["id"].as_str().unwrap());
+    succeeded_delivery(&http, &api_only.base, &key, endpoint).await;
+    let pid = worker.id().unwrap().to_string();
+    let term = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(term.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(api_only.terminate().await.success());
 }
 
 /// Spec checklist B13: `kill -9` while the receiver holds the first request (sent, never
@@ -1094,6 +1120,7 @@ on_both_backends!(
     crash_mid_transaction_leaves_nothing,
     an_event_committed_before_a_crash_is_delivered_after_restart,
     a_crash_mid_delivery_resends_after_the_lease,
+    a_separate_worker_process_delivers,
 );
 
 /// `bursar sandbox-processor` serves the sandbox over HTTP: a charge, its replay under the
