@@ -73,4 +73,7 @@ api_suite!(
     the_sdk_pays_refunds_and_converts,
     a_receiver_outage_loses_no_event,
     webhook_endpoints_are_guarded_scoped_and_rotate,
+    the_circuit_breaker_holds_back_probes_and_drains,
+    a_failing_endpoint_is_disabled_with_an_event,
+    replay_resends_the_same_events,
 );
