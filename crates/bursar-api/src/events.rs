@@ -21,6 +21,9 @@ pub struct CreateWebhookEndpoint {
     pub event_types: Option<Vec<String>>,
     #[serde(default)]
     pub description: Option<String>,
+    /// At most this many deliveries to it at once (1–100, default 4).
+    #[serde(default)]
+    pub max_concurrency: Option<i64>,
 }
 
 /// `PATCH /api/webhook_endpoints/{id}`: only the fields present change.
@@ -33,9 +36,13 @@ pub struct UpdateWebhookEndpoint {
     pub event_types: Option<Vec<String>>,
     #[serde(default)]
     pub description: Option<String>,
-    /// `false` pauses deliveries; `true` resumes them (also after an automatic disable).
+    /// `false` pauses deliveries; `true` resumes them (also after an automatic disable) and
+    /// resets the endpoint's health: the failure clock and the circuit breaker.
     #[serde(default)]
     pub enabled: Option<bool>,
+    /// At most this many deliveries to it at once (1–100).
+    #[serde(default)]
+    pub max_concurrency: Option<i64>,
 }
 
 /// A webhook endpoint. `secret` is shown in full only when created or rotated; otherwise
@@ -49,8 +56,19 @@ pub struct WebhookEndpoint {
     pub description: Option<String>,
     pub event_types: Vec<String>,
     pub enabled: bool,
-    /// Why Bursar disabled it (`gone`: the receiver answered 410).
+    /// Why Bursar disabled it (`gone`: the receiver answered 410; `failing`: every attempt
+    /// failed for longer than the operator's `disable_after`, 5 days by default).
     pub disabled_reason: Option<String>,
+    /// At most this many deliveries to it are in flight at once.
+    pub max_concurrency: i64,
+    /// `closed` (deliveries flow), `open` (held back until `circuit_open_until`, attempts not
+    /// spent) or `half_open` (one probe at a time; its success closes the circuit).
+    pub circuit_state: String,
+    pub circuit_open_until: Option<String>,
+    /// When the current run of failed attempts began; null after any 2xx.
+    pub first_failure_at: Option<String>,
+    /// Failed attempts since the last 2xx.
+    pub consecutive_failures: i64,
     pub secret: String,
     /// While a rotated-out secret still signs deliveries: until when (RFC 3339).
     pub previous_secret_expires_at: Option<String>,
@@ -94,5 +112,47 @@ pub struct WebhookAttempt {
     pub error_kind: Option<String>,
     /// At most 16 KiB of the receiver's answer.
     pub response_snippet: Option<String>,
+    pub created_at: String,
+}
+
+/// `POST /api/webhook_endpoints/{id}/replay`: resend the endpoint's events of a time range.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateReplay {
+    /// Events at or after this event time (RFC 3339).
+    pub since: String,
+    /// Events before this event time (RFC 3339); default: now.
+    #[serde(default)]
+    pub until: Option<String>,
+    /// Also resend events the endpoint already received (default false).
+    #[serde(default)]
+    pub include_succeeded: Option<bool>,
+}
+
+/// A replay and what it queued. Replays run within the request, so `status` is `completed`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WebhookReplay {
+    pub id: i64,
+    /// Always `"webhook_replay"`.
+    pub object: String,
+    pub endpoint_id: i64,
+    pub status: String,
+    pub since: String,
+    pub until: String,
+    pub include_succeeded: bool,
+    /// Events of the range that the endpoint's `event_types` match, oldest first, at most
+    /// `max_events`.
+    pub events_matched: i64,
+    /// Deliveries created for matched events the endpoint never had.
+    pub deliveries_created: i64,
+    /// Failed or cancelled (with `include_succeeded`, also succeeded) deliveries queued again.
+    pub deliveries_requeued: i64,
+    /// More events matched than `max_events`; the oldest were taken.
+    pub capped: bool,
+    /// When capped: the `since` of the next replay (the event time of the first event left
+    /// out; events already queued are not queued twice).
+    pub next_since: Option<String>,
+    /// The most events one replay resends (10,000).
+    pub max_events: i64,
     pub created_at: String,
 }

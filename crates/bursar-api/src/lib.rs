@@ -13,8 +13,8 @@ pub use amount::Amount;
 pub use customers::{CreateCustomer, Customer, UpdateCustomer};
 pub use error::{ErrorBody, ErrorCode, FieldIssue};
 pub use events::{
-    CreateWebhookEndpoint, Redeliver, UpdateWebhookEndpoint, WebhookAttempt, WebhookDelivery,
-    WebhookEndpoint,
+    CreateReplay, CreateWebhookEndpoint, Redeliver, UpdateWebhookEndpoint, WebhookAttempt,
+    WebhookDelivery, WebhookEndpoint, WebhookReplay,
 };
 pub use money::{
     Balance, CapturePayment, Conversion, CreateConversion, CreatePayment, CreateQuote,

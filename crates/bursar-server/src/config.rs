@@ -110,6 +110,14 @@ poll_interval_ms = 25
 concurrency = 32
 # How long a rotated-out secret keeps signing deliveries.
 rotation_grace_secs = 86400
+# Circuit breaker per endpoint: this many failed attempts in a row open it; while open its
+# deliveries wait (without spending attempts); after the cooldown one probe goes out: success
+# closes it and sends the backlog at once, failure reopens it.
+circuit_failure_threshold = 5
+circuit_cooldown_secs = 60
+# An endpoint whose attempts have all failed for longer than this (no 2xx in between) is
+# disabled, with a webhook.endpoint.disabled event. 432000 s = 5 days.
+disable_after_secs = 432000
 
 [live]
 # Events this process keeps for its live subscribers (SSE and WebSocket). A subscriber that
@@ -245,6 +253,12 @@ pub struct WebhooksConfig {
     pub poll_interval_ms: u64,
     pub concurrency: usize,
     pub rotation_grace_secs: u64,
+    /// Failed attempts in a row that open an endpoint's circuit.
+    pub circuit_failure_threshold: u32,
+    /// How long an open circuit holds deliveries back before it lets one probe through.
+    pub circuit_cooldown_secs: u64,
+    /// Failing with no success for longer than this disables an endpoint.
+    pub disable_after_secs: u64,
 }
 
 impl Default for WebhooksConfig {
@@ -261,6 +275,9 @@ impl Default for WebhooksConfig {
             poll_interval_ms: 25,
             concurrency: 32,
             rotation_grace_secs: 86_400,
+            circuit_failure_threshold: 5,
+            circuit_cooldown_secs: 60,
+            disable_after_secs: 432_000,
         }
     }
 }
@@ -278,6 +295,9 @@ impl std::fmt::Debug for WebhooksConfig {
             .field("schedule_secs", &self.schedule_secs)
             .field("timeout_ms", &self.timeout_ms)
             .field("lease_secs", &self.lease_secs)
+            .field("circuit_failure_threshold", &self.circuit_failure_threshold)
+            .field("circuit_cooldown_secs", &self.circuit_cooldown_secs)
+            .field("disable_after_secs", &self.disable_after_secs)
             .finish_non_exhaustive()
     }
 }
@@ -285,6 +305,16 @@ impl std::fmt::Debug for WebhooksConfig {
 impl WebhooksConfig {
     pub fn https_required(&self) -> bool {
         self.require_https.unwrap_or(self.allow_cidrs.is_empty())
+    }
+
+    /// The endpoint health rules every completion applies.
+    pub fn health_policy(&self) -> bursar_storage::events::HealthPolicy {
+        let ms = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        bursar_storage::events::HealthPolicy {
+            breaker_threshold: i64::from(self.circuit_failure_threshold.max(1)),
+            cooldown_ms: ms(self.circuit_cooldown_secs),
+            disable_after_ms: ms(self.disable_after_secs),
+        }
     }
 }
 
@@ -576,6 +606,9 @@ impl Config {
         }
         if self.live.buffer == 0 {
             return Err("live.buffer must be at least 1".into());
+        }
+        if self.webhooks.circuit_failure_threshold == 0 {
+            return Err("webhooks.circuit_failure_threshold must be at least 1".into());
         }
         if self.http.request_timeout_ms == 0 || self.database.max_connections == 0 {
             return Err("http.request_timeout_ms and database.max_connections must be > 0".into());

@@ -8,23 +8,31 @@
 //!   relays commit, and only to committed rows: a `seq > last` reader never skips a row that
 //!   committed late, because the row only gets its `seq` after it committed.
 //! - Claiming takes due deliveries with `SKIP LOCKED`: concurrent workers lease disjoint rows
-//!   and never wait for each other.
+//!   and never wait for each other. The per-endpoint cap needs more than row locks: two
+//!   claimers could each see room for the same endpoint. So a claim first takes a
+//!   transaction-scoped advisory lock per endpoint it means to serve (`pg_try_…`: an endpoint
+//!   another claimer holds is left to it), then, in a later statement whose snapshot sees every
+//!   claim committed before the lock was granted, counts the endpoint's live leases and claims
+//!   only into the room left. Claims never wait on a lock.
 //! - Completion is guarded by the lease token in the `UPDATE`'s `WHERE`, re-checked against
 //!   the newest row version after any wait, so a worker whose lease was taken over changes
 //!   nothing.
 //!
 //! Lock order, so concurrent commands wait instead of deadlocking: an endpoint before its
-//! deliveries (as the cascade of an endpoint's deletion takes them).
+//! deliveries (as the cascade of an endpoint's deletion takes them). Completions and replays
+//! lock the endpoint row first, then write deliveries; claims take no row lock they could
+//! wait for.
 
 use async_trait::async_trait;
 use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
-    LoggedEvent, NewEndpoint, Outcome, render_body, state, type_matches,
+    Finished, Health, LoggedEvent, NewEndpoint, Outcome, Replay, ReplayRequest, TypeFilter,
+    delivery_events, endpoint_disabled_event, render_body, state, type_matches,
 };
-use bursar_storage::{PageRequest, Result, StorageError};
-use sqlx::Row;
+use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row, Transaction};
 
 use crate::{PostgresStore, err};
 
@@ -45,7 +53,16 @@ macro_rules! endpoint_cols {
     () => {
         "id, account_id, url, description, event_types, secret_enc, previous_secret_enc, \
          previous_secret_expires_at, enabled, disabled_reason, max_concurrency, version, \
-         created_at, updated_at"
+         created_at, updated_at, first_failure_at, consecutive_failures, circuit_state, \
+         circuit_open_until"
+    };
+}
+
+macro_rules! replay_cols {
+    () => {
+        "id, account_id, endpoint_id, since_at, until_at, include_succeeded, status, \
+         events_matched, deliveries_created, deliveries_requeued, capped, next_since_at, \
+         created_at"
     };
 }
 
@@ -64,7 +81,7 @@ macro_rules! delivery_cols {
 const SEQUENCE_BATCH: &str = "\
     WITH batch AS MATERIALIZED (\
        SELECT id, account_id, event_type, aggregate_type, aggregate_id, aggregate_version, \
-              payload::text AS payload, request_id, trace_id, created_at \
+              payload::text AS payload, request_id, trace_id, created_at, about_endpoint_id \
        FROM outbox_events WHERE seq IS NULL ORDER BY id LIMIT $1), \
      counts AS (SELECT account_id, count(*) AS n FROM batch GROUP BY account_id), \
      bumped AS (UPDATE accounts a SET event_seq = a.event_seq + c.n FROM counts c \
@@ -92,20 +109,78 @@ const STORE_AND_FAN_OUT: &str = "\
     ORDER BY f.n \
     ON CONFLICT (event_id, endpoint_id) DO NOTHING";
 
-/// Leases due deliveries, in one statement. `FOR NO KEY UPDATE` is the lock the claiming
-/// `UPDATE` takes anyway; unlike `FOR UPDATE` it does not conflict with the `KEY SHARE` locks
-/// of foreign-key checks, so a fenced-off worker recording its lost attempt never waits for a
-/// claimer (and a claimer never skips a row only because of such a check). A taken-over
-/// in-flight delivery gets its lost attempt recorded here, for the rows this statement locked
-/// only, so two claimers never record the same one; the fenced-off worker's own record of it
-/// then does nothing (`ON CONFLICT`).
-const CLAIM: &str = "\
-    WITH due AS MATERIALIZED (\
-       SELECT d.id, d.endpoint_id, d.state, d.attempt_count \
+/// Where `$1` is now: a delivery is due (pending or retrying and due, or in flight under a
+/// lapsed lease) for an enabled endpoint whose circuit lets something through.
+macro_rules! due {
+    () => {
+        "((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= $1) \
+          OR (d.state = 'in_flight' AND d.lease_expires_at < $1)) \
+         AND ep.enabled AND (ep.circuit_state = 'closed' OR ep.circuit_open_until <= $1)"
+    };
+}
+
+/// How many more deliveries of endpoint `ep` may be leased: its cap, or one probe for a
+/// half-open circuit, less its live leases (`live.n`).
+macro_rules! room {
+    () => {
+        "(CASE WHEN ep.circuit_state = 'closed' THEN ep.max_concurrency ELSE 1 END \
+          - COALESCE(live.n, 0))"
+    };
+}
+
+/// A claim's first statement: up to `$2` endpoints with due deliveries and room for more (as
+/// this snapshot sees it), oldest due first, each advisory-locked for this transaction; those
+/// another claimer holds are skipped. The lock key pairs a hash of the schema with the endpoint
+/// id, so deployments sharing a database in separate schemas never share a lock.
+const CLAIM_ENDPOINTS: &str = concat!(
+    "WITH live AS (\
+       SELECT endpoint_id, count(*) AS n FROM webhook_deliveries \
+       WHERE state = 'in_flight' AND lease_expires_at >= $1 GROUP BY endpoint_id), \
+     candidates AS MATERIALIZED (\
+       SELECT d.endpoint_id, min(d.next_attempt_at) AS first_due \
        FROM webhook_deliveries d JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
-       WHERE ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= $1) \
+       LEFT JOIN live ON live.endpoint_id = d.endpoint_id \
+       WHERE ",
+    due!(),
+    " AND ",
+    room!(),
+    " > 0 \
+       GROUP BY d.endpoint_id ORDER BY first_due, d.endpoint_id LIMIT $2) \
+    SELECT endpoint_id FROM candidates \
+    WHERE pg_try_advisory_xact_lock(hashtext(current_schema()), \
+                                    (endpoint_id % 2147483647)::integer)"
+);
+
+/// A claim's second statement, on the endpoints locked by the first (`$5`): leases each one's
+/// oldest due deliveries up to its room, counted afresh (this statement's snapshot sees every
+/// claim that committed before the locks were granted; completions only make room).
+/// `FOR NO KEY UPDATE` is the lock the claiming `UPDATE` takes anyway; unlike `FOR UPDATE` it
+/// does not conflict with the `KEY SHARE` locks of foreign-key checks, so a fenced-off worker
+/// recording its lost attempt never waits for a claimer (and a claimer never skips a row only
+/// because of such a check). A taken-over in-flight delivery gets its lost attempt recorded
+/// here, for the rows this statement locked only, so two claimers never record the same one;
+/// the fenced-off worker's own record of it then does nothing (`ON CONFLICT`).
+const CLAIM: &str = concat!(
+    "WITH live AS (\
+       SELECT endpoint_id, count(*) AS n FROM webhook_deliveries \
+       WHERE state = 'in_flight' AND lease_expires_at >= $1 AND endpoint_id = ANY($5) \
+       GROUP BY endpoint_id), \
+     ranked AS (\
+       SELECT d.id, row_number() OVER (PARTITION BY d.endpoint_id \
+                                       ORDER BY d.next_attempt_at, d.id) AS rn, ",
+    room!(),
+    " AS room \
+       FROM webhook_deliveries d JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
+       LEFT JOIN live ON live.endpoint_id = d.endpoint_id \
+       WHERE d.endpoint_id = ANY($5) AND ",
+    due!(),
+    "), \
+     due AS MATERIALIZED (\
+       SELECT d.id, d.endpoint_id, d.state, d.attempt_count \
+       FROM webhook_deliveries d \
+       WHERE d.id IN (SELECT id FROM ranked WHERE rn <= room) \
+         AND ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= $1) \
               OR (d.state = 'in_flight' AND d.lease_expires_at < $1)) \
-         AND ep.enabled \
        ORDER BY d.next_attempt_at, d.id LIMIT $2 \
        FOR NO KEY UPDATE OF d SKIP LOCKED), \
      lost AS (\
@@ -125,12 +200,14 @@ const CLAIM: &str = "\
            ep.previous_secret_expires_at \
     FROM claimed c JOIN outbox_events e ON e.event_id = c.event_id \
     JOIN webhook_endpoints ep ON ep.id = c.endpoint_id \
-    ORDER BY c.next_attempt_at, c.id";
+    ORDER BY c.next_attempt_at, c.id"
+);
 
 /// Ends a lease and records its attempt, in one statement. The attempt is recorded whether or
 /// not the lease is still `$7`'s; when it is not, as `lease_lost` (its number may already be
-/// recorded so, by the worker that took over). A `Gone` outcome (`$12`) of a lease still held
-/// disables the endpoint. Returns the delivery's account and endpoint when the lease was held.
+/// recorded so, by the worker that took over). Returns, when the lease was held, the delivery
+/// with its error before this attempt (`prev`: this statement's snapshot, taken before its
+/// `UPDATE`) and the event it carries.
 ///
 /// A held lease's attempt comes from the `UPDATE`'s own row. A lost one's comes from the
 /// delivery read under a `KEY SHARE` lock, so a delivery deleted meanwhile (with its endpoint)
@@ -138,11 +215,12 @@ const CLAIM: &str = "\
 /// the `UPDATE` matched nothing, because a locking read skips a row the same statement has
 /// already updated.
 const COMPLETE: &str = "\
-    WITH owned AS (\
+    WITH prev AS (SELECT last_error FROM webhook_deliveries WHERE id = $6), \
+     owned AS (\
        UPDATE webhook_deliveries SET state = $1, next_attempt_at = COALESCE($2, next_attempt_at), \
               lease_token = NULL, lease_expires_at = NULL, last_status = $3, last_error = $4, \
               updated_at = $5 \
-       WHERE id = $6 AND lease_token = $7 RETURNING id, account_id, endpoint_id), \
+       WHERE id = $6 AND lease_token = $7 RETURNING id, account_id, endpoint_id, event_id), \
      unowned AS (SELECT id, endpoint_id FROM webhook_deliveries WHERE id = $6 FOR KEY SHARE), \
      recorded AS (\
        INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
@@ -152,12 +230,43 @@ const COMPLETE: &str = "\
              UNION ALL \
              SELECT id, endpoint_id, 'lease_lost' FROM unowned \
              WHERE NOT EXISTS (SELECT 1 FROM owned)) AS t \
-       ON CONFLICT (delivery_id, attempt_no) DO NOTHING), \
-     disabled AS (\
-       UPDATE webhook_endpoints ep SET enabled = FALSE, disabled_reason = 'gone', \
-              version = ep.version + 1, updated_at = $5 \
-       FROM owned o WHERE $12 AND ep.account_id = o.account_id AND ep.id = o.endpoint_id) \
-    SELECT account_id, endpoint_id FROM owned";
+       ON CONFLICT (delivery_id, attempt_no) DO NOTHING) \
+    SELECT o.account_id, o.endpoint_id, o.event_id, (SELECT last_error FROM prev) AS prev_error, \
+           e.event_type, e.request_id, e.trace_id \
+    FROM owned o JOIN outbox_events e ON e.event_id = o.event_id";
+
+/// Appends an operational event about endpoint `about` to the outbox, like a business
+/// command appends its events (`crate::append_event`), in the caller's transaction; the
+/// relay sequences and fans it out like any other.
+async fn append_operational(
+    tx: &mut Transaction<'static, Postgres>,
+    account: AccountId,
+    about: i64,
+    request_id: String,
+    trace_id: String,
+    at: Timestamp,
+    ev: NewEvent,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
+         aggregate_version, payload, request_id, trace_id, created_at, about_endpoint_id) \
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, $10)",
+    )
+    .bind(account)
+    .bind(ev.event_type)
+    .bind(ev.aggregate_type)
+    .bind(ev.aggregate_id)
+    .bind(ev.aggregate_version)
+    .bind(ev.payload)
+    .bind(request_id)
+    .bind(trace_id)
+    .bind(at.0)
+    .bind(about)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(())
+}
 
 fn logged(r: &PgRow) -> Result<LoggedEvent> {
     let get = || -> std::result::Result<LoggedEvent, sqlx::Error> {
@@ -196,9 +305,40 @@ fn endpoint(r: &PgRow) -> Result<Endpoint> {
             enabled: r.try_get("enabled")?,
             disabled_reason: r.try_get("disabled_reason")?,
             max_concurrency: r.try_get("max_concurrency")?,
+            health: Health {
+                first_failure_at: r
+                    .try_get::<Option<i64>, _>("first_failure_at")?
+                    .map(Timestamp),
+                consecutive_failures: r.try_get("consecutive_failures")?,
+                circuit_open: r.try_get::<String, _>("circuit_state")? == "open",
+                circuit_open_until: r
+                    .try_get::<Option<i64>, _>("circuit_open_until")?
+                    .map(Timestamp),
+            },
             version: r.try_get("version")?,
             created_at: Timestamp(r.try_get("created_at")?),
             updated_at: Timestamp(r.try_get("updated_at")?),
+        })
+    };
+    get().map_err(err)
+}
+
+fn replay(r: &PgRow) -> Result<Replay> {
+    let get = || -> std::result::Result<Replay, sqlx::Error> {
+        Ok(Replay {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            endpoint_id: r.try_get("endpoint_id")?,
+            since: Timestamp(r.try_get("since_at")?),
+            until: Timestamp(r.try_get("until_at")?),
+            include_succeeded: r.try_get("include_succeeded")?,
+            status: r.try_get("status")?,
+            events_matched: r.try_get("events_matched")?,
+            deliveries_created: r.try_get("deliveries_created")?,
+            deliveries_requeued: r.try_get("deliveries_requeued")?,
+            capped: r.try_get("capped")?,
+            next_since: r.try_get::<Option<i64>, _>("next_since_at")?.map(Timestamp),
+            created_at: Timestamp(r.try_get("created_at")?),
         })
     };
     get().map_err(err)
@@ -338,9 +478,13 @@ impl EventLogStore for PostgresStore {
         })
         .collect::<Result<Vec<_>>>()?;
         let (mut fan_accounts, mut fan_endpoints, mut fan_events) = (vec![], vec![], vec![]);
-        for e in &events {
+        for (e, r) in events.iter().zip(&rows) {
+            let about: Option<i64> = r.try_get("about_endpoint_id").map_err(err)?;
             for (account, endpoint_id, types) in &endpoints {
-                if *account == e.account_id && type_matches(types, &e.event_type) {
+                if *account == e.account_id
+                    && about != Some(*endpoint_id)
+                    && type_matches(types, &e.event_type)
+                {
                     fan_accounts.push(*account);
                     fan_endpoints.push(*endpoint_id);
                     fan_events.push(e.event_id.as_str());
@@ -533,7 +677,12 @@ impl EventLogStore for PostgresStore {
              event_types = COALESCE($4::text, event_types), \
              enabled = COALESCE($5::boolean, enabled), \
              disabled_reason = CASE WHEN $6 THEN NULL ELSE disabled_reason END, \
-             version = version + 1, updated_at = $7 \
+             first_failure_at = CASE WHEN $6 THEN NULL ELSE first_failure_at END, \
+             consecutive_failures = CASE WHEN $6 THEN 0 ELSE consecutive_failures END, \
+             circuit_state = CASE WHEN $6 THEN 'closed' ELSE circuit_state END, \
+             circuit_open_until = CASE WHEN $6 THEN NULL ELSE circuit_open_until END, \
+             version = version + 1, updated_at = $7, \
+             max_concurrency = COALESCE($10::bigint, max_concurrency) \
              WHERE account_id = $8 AND id = $9 RETURNING ",
             endpoint_cols!()
         ))
@@ -546,6 +695,7 @@ impl EventLogStore for PostgresStore {
         .bind(now.0)
         .bind(account)
         .bind(id)
+        .bind(patch.max_concurrency)
         .fetch_optional(&self.pool)
         .await
         .map_err(err)?;
@@ -681,7 +831,8 @@ impl EventLogStore for PostgresStore {
             .ok_or(StorageError::NotFound)
     }
 
-    /// One statement (see `CLAIM`), its own transaction.
+    /// Two statements in one transaction: `CLAIM_ENDPOINTS` locks the endpoints to serve,
+    /// `CLAIM` leases their deliveries.
     async fn claim_deliveries(
         &self,
         now: Timestamp,
@@ -689,22 +840,35 @@ impl EventLogStore for PostgresStore {
         lease_token: &str,
         limit: u32,
     ) -> Result<Vec<ClaimedDelivery>> {
+        let mut tx = self.write_tx().await?;
+        let endpoints: Vec<i64> = sqlx::query_scalar(CLAIM_ENDPOINTS)
+            .bind(now.0)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
+        if endpoints.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows = sqlx::query(CLAIM)
             .bind(now.0)
             .bind(i64::from(limit))
             .bind(lease_token)
             .bind(lease_until.0)
-            .fetch_all(&self.pool)
+            .bind(&endpoints)
+            .fetch_all(&mut *tx)
             .await
             .map_err(err)?;
+        tx.commit().await.map_err(err)?;
         rows.iter().map(claimed).collect()
     }
 
-    /// One statement (see `COMPLETE`) in the common case. A `Gone` outcome is a transaction:
-    /// it first locks the endpoint (the lock order: endpoint, then delivery), then runs the
-    /// statement, then cancels the endpoint's pending deliveries in a statement of its own,
-    /// whose snapshot includes every fan-out that committed before the endpoint was disabled
-    /// (a relay share-locks the endpoints it fans out to).
+    /// A transaction: it first locks the delivery's endpoint (the lock order: endpoint, then
+    /// deliveries) and reads its health, then runs `COMPLETE`; with the lease held, it moves
+    /// the endpoint's health (`Health::after`), defers, drains or cancels the endpoint's
+    /// backlog in statements of their own, and appends the operational events. A 410's
+    /// cancellation sees every fan-out that committed before the endpoint was disabled (a
+    /// relay share-locks the endpoints it fans out to).
     async fn complete_delivery(&self, c: Completion, now: Timestamp) -> Result<bool> {
         let (new_state, next_at) = match c.outcome {
             Outcome::Succeeded => (state::SUCCEEDED, None),
@@ -712,9 +876,30 @@ impl EventLogStore for PostgresStore {
             Outcome::Exhausted => (state::FAILED, None),
             Outcome::Gone => (state::CANCELLED, None),
         };
-        let gone = c.outcome == Outcome::Gone;
         let a = &c.attempt;
-        let complete = sqlx::query(COMPLETE)
+        let mut tx = self.write_tx().await?;
+        let ep = sqlx::query(concat!(
+            "SELECT ",
+            endpoint_cols!(),
+            " FROM webhook_endpoints \
+             WHERE id = (SELECT endpoint_id FROM webhook_deliveries WHERE id = $1) \
+             FOR NO KEY UPDATE"
+        ))
+        .bind(c.delivery_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let ep = ep.as_ref().map(endpoint).transpose()?;
+        // What this attempt does to the endpoint, applied below if the lease was held.
+        let change = ep
+            .as_ref()
+            .and_then(|ep| ep.health.after(c.outcome, now, &c.policy));
+        let next_at = change
+            .as_ref()
+            .and_then(|ch| ch.next_attempt(c.outcome))
+            .map(|t| t.0)
+            .or(next_at);
+        let held = sqlx::query(COMPLETE)
             .bind(new_state)
             .bind(next_at)
             .bind(a.status_code)
@@ -726,37 +911,112 @@ impl EventLogStore for PostgresStore {
             .bind(a.duration_ms)
             .bind(&a.response_snippet)
             .bind(a.created_at.0)
-            .bind(gone);
-        if !gone {
-            let owned = complete.fetch_optional(&self.pool).await.map_err(err)?;
-            return Ok(owned.is_some());
-        }
-        let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "SELECT 1 FROM webhook_endpoints ep JOIN webhook_deliveries d \
-             ON d.account_id = ep.account_id AND d.endpoint_id = ep.id \
-             WHERE d.id = $1 FOR NO KEY UPDATE OF ep",
-        )
-        .bind(c.delivery_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        let owned = complete.fetch_optional(&mut *tx).await.map_err(err)?;
-        if let Some(row) = &owned {
-            sqlx::query(
-                "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
-                 updated_at = $1 WHERE account_id = $2 AND endpoint_id = $3 \
-                 AND state IN ('pending', 'retrying')",
-            )
-            .bind(now.0)
-            .bind(row.try_get::<AccountId, _>("account_id").map_err(err)?)
-            .bind(row.try_get::<i64, _>("endpoint_id").map_err(err)?)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(err)?;
+        let (Some(held), Some(ep)) = (held, ep) else {
+            tx.commit().await.map_err(err)?;
+            return Ok(false);
+        };
+        let account: AccountId = held.try_get("account_id").map_err(err)?;
+        let mut notices = Vec::new();
+        if let Some(change) = change {
+            // A disabled endpoint is only disabled again by a 410 (which names the reason).
+            let disable = change.disable.filter(|r| ep.enabled || *r == "gone");
+            let h = &change.health;
+            let row = sqlx::query(concat!(
+                "UPDATE webhook_endpoints SET first_failure_at = $1, consecutive_failures = $2, \
+                 circuit_state = $3, circuit_open_until = $4, \
+                 enabled = CASE WHEN $5::text IS NULL THEN enabled ELSE FALSE END, \
+                 disabled_reason = COALESCE($5::text, disabled_reason), \
+                 version = CASE WHEN $5::text IS NULL THEN version ELSE version + 1 END, \
+                 updated_at = CASE WHEN $5::text IS NULL THEN updated_at ELSE $6 END \
+                 WHERE id = $7 RETURNING ",
+                endpoint_cols!()
+            ))
+            .bind(h.first_failure_at.map(|t| t.0))
+            .bind(h.consecutive_failures)
+            .bind(if h.circuit_open { "open" } else { "closed" })
+            .bind(h.circuit_open_until.map(|t| t.0))
+            .bind(disable)
+            .bind(now.0)
+            .bind(ep.id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+            let updated = endpoint(&row)?;
+            if let Some(until) = change.defer_backlog_until {
+                sqlx::query(
+                    "UPDATE webhook_deliveries SET next_attempt_at = $1, updated_at = $2 \
+                     WHERE account_id = $3 AND endpoint_id = $4 \
+                     AND state IN ('pending', 'retrying') AND next_attempt_at < $1",
+                )
+                .bind(until.0)
+                .bind(now.0)
+                .bind(account)
+                .bind(ep.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+            }
+            if change.drain_backlog {
+                sqlx::query(
+                    "UPDATE webhook_deliveries SET next_attempt_at = $1, updated_at = $1 \
+                     WHERE account_id = $2 AND endpoint_id = $3 \
+                     AND state IN ('pending', 'retrying') AND next_attempt_at > $1",
+                )
+                .bind(now.0)
+                .bind(account)
+                .bind(ep.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+            }
+            if disable == Some("gone") {
+                sqlx::query(
+                    "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
+                     updated_at = $1 WHERE account_id = $2 AND endpoint_id = $3 \
+                     AND state IN ('pending', 'retrying')",
+                )
+                .bind(now.0)
+                .bind(account)
+                .bind(ep.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+            }
+            if disable.is_some() && ep.enabled {
+                notices.push(endpoint_disabled_event(&updated));
+            }
+        }
+        let event_id: String = held.try_get("event_id").map_err(err)?;
+        let event_type: String = held.try_get("event_type").map_err(err)?;
+        let previous_error: Option<String> = held.try_get("prev_error").map_err(err)?;
+        let finished = Finished {
+            delivery_id: c.delivery_id,
+            endpoint_id: ep.id,
+            event_id: &event_id,
+            event_type: &event_type,
+            attempt: a,
+            outcome: c.outcome,
+            previous_error: previous_error.as_deref(),
+        };
+        let mut all = delivery_events(&finished);
+        all.append(&mut notices);
+        for ev in all {
+            append_operational(
+                &mut tx,
+                account,
+                ep.id,
+                held.try_get("request_id").map_err(err)?,
+                held.try_get("trace_id").map_err(err)?,
+                now,
+                ev,
+            )
+            .await?;
         }
         tx.commit().await.map_err(err)?;
-        Ok(owned.is_some())
+        Ok(true)
     }
 
     async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64> {
@@ -771,5 +1031,126 @@ impl EventLogStore for PostgresStore {
         .await
         .map_err(err)?;
         Ok(done.rows_affected())
+    }
+
+    /// One transaction: the endpoint locked first (so its completions' backlog updates and
+    /// this never wait on each other's deliveries), the matching events read once, then the
+    /// requeue, the new deliveries and the record.
+    async fn replay(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        req: ReplayRequest,
+        now: Timestamp,
+    ) -> Result<Replay> {
+        let mut tx = self.write_tx().await?;
+        let types: Option<String> = sqlx::query_scalar(
+            "SELECT event_types FROM webhook_endpoints WHERE account_id = $1 AND id = $2 \
+             FOR NO KEY UPDATE",
+        )
+        .bind(account)
+        .bind(endpoint_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let types: Vec<String> = serde_json::from_str(&types.ok_or(StorageError::NotFound)?)
+            .map_err(|e| StorageError::Internal(Box::new(e)))?;
+        let filter = TypeFilter::new(&types);
+        let found: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT event_id, created_at FROM outbox_events \
+             WHERE account_id = $1 AND seq IS NOT NULL AND created_at >= $2 AND created_at < $3 \
+               AND (about_endpoint_id IS NULL OR about_endpoint_id <> $4) \
+               AND ($5 OR event_type = ANY($6) \
+                    OR EXISTS (SELECT 1 FROM unnest($7::text[]) AS p (prefix) \
+                               WHERE left(event_type, length(p.prefix) + 1) = p.prefix || '.')) \
+             ORDER BY seq LIMIT $8",
+        )
+        .bind(account)
+        .bind(req.since.0)
+        .bind(req.until.0)
+        .bind(endpoint_id)
+        .bind(filter.all)
+        .bind(&filter.exact)
+        .bind(&filter.prefixes)
+        .bind(req.max_events.saturating_add(1))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
+        let max = usize::try_from(req.max_events.max(0)).unwrap_or(usize::MAX);
+        let next_since = found.get(max).map(|(_, at)| Timestamp(*at));
+        let matched: Vec<String> = found.into_iter().take(max).map(|(id, _)| id).collect();
+        let requeued = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = $1, \
+             updated_at = $1 \
+             WHERE account_id = $2 AND endpoint_id = $3 AND event_id = ANY($4) \
+               AND (state IN ('failed', 'cancelled') OR ($5 AND state = 'succeeded'))",
+        )
+        .bind(now.0)
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(&matched)
+        .bind(req.include_succeeded)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?
+        .rows_affected();
+        let created = sqlx::query(
+            "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
+             next_attempt_at, created_at, updated_at) \
+             SELECT $1, $2, u.event_id, 'pending', $3, $3, $3 \
+             FROM unnest($4::text[]) WITH ORDINALITY AS u (event_id, n) ORDER BY u.n \
+             ON CONFLICT (event_id, endpoint_id) DO NOTHING",
+        )
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(now.0)
+        .bind(&matched)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?
+        .rows_affected();
+        let row = sqlx::query(concat!(
+            "INSERT INTO webhook_replays (account_id, endpoint_id, since_at, until_at, \
+             include_succeeded, status, events_matched, deliveries_created, \
+             deliveries_requeued, capped, next_since_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, 'completed', $6, $7, $8, $9, $10, $11) RETURNING ",
+            replay_cols!()
+        ))
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(req.since.0)
+        .bind(req.until.0)
+        .bind(req.include_succeeded)
+        .bind(matched.len() as i64)
+        .bind(created as i64)
+        .bind(requeued as i64)
+        .bind(next_since.is_some())
+        .bind(next_since.map(|t| t.0))
+        .bind(now.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        replay(&row)
+    }
+
+    async fn get_replay(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        id: i64,
+    ) -> Result<Option<Replay>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            replay_cols!(),
+            " FROM webhook_replays WHERE account_id = $1 AND endpoint_id = $2 AND id = $3"
+        ))
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err)?;
+        row.as_ref().map(replay).transpose()
     }
 }

@@ -7,11 +7,12 @@ use async_trait::async_trait;
 use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
-    LoggedEvent, NewEndpoint, Outcome, render_body, state, type_matches,
+    Finished, Health, LoggedEvent, NewEndpoint, Outcome, Replay, ReplayRequest, TypeFilter,
+    delivery_events, endpoint_disabled_event, render_body, state, type_matches,
 };
-use bursar_storage::{PageRequest, Result, StorageError};
-use sqlx::Row;
+use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, Sqlite, Transaction};
 
 use crate::{SqliteStore, err};
 
@@ -26,7 +27,16 @@ macro_rules! endpoint_cols {
     () => {
         "id, account_id, url, description, event_types, secret_enc, previous_secret_enc, \
          previous_secret_expires_at, enabled, disabled_reason, max_concurrency, version, \
-         created_at, updated_at"
+         created_at, updated_at, first_failure_at, consecutive_failures, circuit_state, \
+         circuit_open_until"
+    };
+}
+
+macro_rules! replay_cols {
+    () => {
+        "id, account_id, endpoint_id, since_at, until_at, include_succeeded, status, \
+         events_matched, deliveries_created, deliveries_requeued, capped, next_since_at, \
+         created_at"
     };
 }
 
@@ -75,9 +85,40 @@ fn endpoint(r: &SqliteRow) -> Result<Endpoint> {
             enabled: r.try_get("enabled")?,
             disabled_reason: r.try_get("disabled_reason")?,
             max_concurrency: r.try_get("max_concurrency")?,
+            health: Health {
+                first_failure_at: r
+                    .try_get::<Option<i64>, _>("first_failure_at")?
+                    .map(Timestamp),
+                consecutive_failures: r.try_get("consecutive_failures")?,
+                circuit_open: r.try_get::<String, _>("circuit_state")? == "open",
+                circuit_open_until: r
+                    .try_get::<Option<i64>, _>("circuit_open_until")?
+                    .map(Timestamp),
+            },
             version: r.try_get("version")?,
             created_at: Timestamp(r.try_get("created_at")?),
             updated_at: Timestamp(r.try_get("updated_at")?),
+        })
+    };
+    get().map_err(err)
+}
+
+fn replay(r: &SqliteRow) -> Result<Replay> {
+    let get = || -> std::result::Result<Replay, sqlx::Error> {
+        Ok(Replay {
+            id: r.try_get("id")?,
+            account_id: r.try_get("account_id")?,
+            endpoint_id: r.try_get("endpoint_id")?,
+            since: Timestamp(r.try_get("since_at")?),
+            until: Timestamp(r.try_get("until_at")?),
+            include_succeeded: r.try_get("include_succeeded")?,
+            status: r.try_get("status")?,
+            events_matched: r.try_get("events_matched")?,
+            deliveries_created: r.try_get("deliveries_created")?,
+            deliveries_requeued: r.try_get("deliveries_requeued")?,
+            capped: r.try_get("capped")?,
+            next_since: r.try_get::<Option<i64>, _>("next_since_at")?.map(Timestamp),
+            created_at: Timestamp(r.try_get("created_at")?),
         })
     };
     get().map_err(err)
@@ -117,6 +158,39 @@ fn type_filter(types: &[String]) -> String {
     }
 }
 
+/// Appends an operational event about endpoint `about` to the outbox, like a business
+/// command appends its events (`crate::append_event`), in the caller's transaction; the
+/// relay sequences and fans it out like any other.
+async fn append_operational(
+    tx: &mut Transaction<'static, Sqlite>,
+    account: AccountId,
+    about: i64,
+    request_id: String,
+    trace_id: String,
+    at: Timestamp,
+    ev: NewEvent,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
+         aggregate_version, payload, request_id, trace_id, created_at, about_endpoint_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(account)
+    .bind(ev.event_type)
+    .bind(ev.aggregate_type)
+    .bind(ev.aggregate_id)
+    .bind(ev.aggregate_version)
+    .bind(ev.payload)
+    .bind(request_id)
+    .bind(trace_id)
+    .bind(at.0)
+    .bind(about)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(())
+}
+
 impl SqliteStore {
     async fn delivery_by_id(&self, account: AccountId, id: i64) -> Result<Delivery> {
         let row = sqlx::query(concat!(
@@ -145,7 +219,7 @@ impl EventLogStore for SqliteStore {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
             "SELECT id, account_id, event_type, aggregate_type, aggregate_id, \
-             aggregate_version, payload, request_id, trace_id, created_at \
+             aggregate_version, payload, request_id, trace_id, created_at, about_endpoint_id \
              FROM outbox_events WHERE seq IS NULL ORDER BY id LIMIT ?",
         )
         .bind(i64::from(limit))
@@ -214,8 +288,9 @@ impl EventLogStore for SqliteStore {
                     .collect::<Result<Vec<_>>>()?;
                 slot.insert(eps);
             }
+            let about: Option<i64> = r.get("about_endpoint_id");
             for (endpoint_id, types) in &endpoints[&account] {
-                if type_matches(types, &event.event_type) {
+                if about != Some(*endpoint_id) && type_matches(types, &event.event_type) {
                     sqlx::query(
                         "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, \
                          state, next_attempt_at, created_at, updated_at) \
@@ -403,13 +478,18 @@ impl EventLogStore for SqliteStore {
             None => (false, None),
         };
         let row = sqlx::query(concat!(
-            "UPDATE webhook_endpoints SET url = COALESCE(?, url), \
-             description = CASE WHEN ? THEN ? ELSE description END, \
-             event_types = COALESCE(?, event_types), \
-             enabled = COALESCE(?, enabled), \
-             disabled_reason = CASE WHEN ? THEN NULL ELSE disabled_reason END, \
-             version = version + 1, updated_at = ? \
-             WHERE account_id = ? AND id = ? RETURNING ",
+            "UPDATE webhook_endpoints SET url = COALESCE(?1, url), \
+             description = CASE WHEN ?2 THEN ?3 ELSE description END, \
+             event_types = COALESCE(?4, event_types), \
+             enabled = COALESCE(?5, enabled), \
+             max_concurrency = COALESCE(?6, max_concurrency), \
+             disabled_reason = CASE WHEN ?7 THEN NULL ELSE disabled_reason END, \
+             first_failure_at = CASE WHEN ?7 THEN NULL ELSE first_failure_at END, \
+             consecutive_failures = CASE WHEN ?7 THEN 0 ELSE consecutive_failures END, \
+             circuit_state = CASE WHEN ?7 THEN 'closed' ELSE circuit_state END, \
+             circuit_open_until = CASE WHEN ?7 THEN NULL ELSE circuit_open_until END, \
+             version = version + 1, updated_at = ?8 \
+             WHERE account_id = ?9 AND id = ?10 RETURNING ",
             endpoint_cols!()
         ))
         .bind(&patch.url)
@@ -417,6 +497,7 @@ impl EventLogStore for SqliteStore {
         .bind(&description)
         .bind(patch.event_types.as_deref().map(types_json))
         .bind(patch.enabled)
+        .bind(patch.max_concurrency)
         .bind(patch.enabled == Some(true))
         .bind(now.0)
         .bind(account)
@@ -569,14 +650,26 @@ impl EventLogStore for SqliteStore {
         limit: u32,
     ) -> Result<Vec<ClaimedDelivery>> {
         let mut tx = self.write_tx().await?;
+        // Under the write lock: no other claim runs meanwhile, so each endpoint's room (its
+        // cap, or one probe for a half-open circuit, less its live leases) is exact.
         let due: Vec<i64> = sqlx::query_scalar(
-            "SELECT d.id FROM webhook_deliveries d \
-             JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
-             WHERE ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ?) \
-                    OR (d.state = 'in_flight' AND d.lease_expires_at < ?)) \
-             AND ep.enabled = 1 ORDER BY d.next_attempt_at, d.id LIMIT ?",
+            "WITH live AS (\
+               SELECT endpoint_id, count(*) AS n FROM webhook_deliveries \
+               WHERE state = 'in_flight' AND lease_expires_at >= ?1 GROUP BY endpoint_id), \
+             ranked AS (\
+               SELECT d.id, d.next_attempt_at, \
+                      row_number() OVER (PARTITION BY d.endpoint_id \
+                                         ORDER BY d.next_attempt_at, d.id) AS rn, \
+                      CASE WHEN ep.circuit_state = 'closed' THEN ep.max_concurrency ELSE 1 END \
+                        - COALESCE(live.n, 0) AS room \
+               FROM webhook_deliveries d JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
+               LEFT JOIN live ON live.endpoint_id = d.endpoint_id \
+               WHERE ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ?1) \
+                      OR (d.state = 'in_flight' AND d.lease_expires_at < ?1)) \
+                 AND ep.enabled = 1 \
+                 AND (ep.circuit_state = 'closed' OR ep.circuit_open_until <= ?1)) \
+             SELECT id FROM ranked WHERE rn <= room ORDER BY next_attempt_at, id LIMIT ?2",
         )
-        .bind(now.0)
         .bind(now.0)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
@@ -657,23 +750,61 @@ impl EventLogStore for SqliteStore {
             Outcome::Gone => (state::CANCELLED, None),
         };
         let a = &c.attempt;
-        let owned = sqlx::query(
-            "UPDATE webhook_deliveries SET state = ?, \
-             next_attempt_at = COALESCE(?, next_attempt_at), lease_token = NULL, \
-             lease_expires_at = NULL, last_status = ?, last_error = ?, updated_at = ? \
-             WHERE id = ? AND lease_token = ? RETURNING endpoint_id",
+        // The delivery as it was before this attempt, if the lease is still this worker's.
+        let held = sqlx::query(
+            "SELECT d.account_id, d.endpoint_id, d.event_id, d.last_error, e.event_type, \
+             e.request_id, e.trace_id \
+             FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
+             WHERE d.id = ? AND d.lease_token = ?",
         )
-        .bind(new_state)
-        .bind(next_at)
-        .bind(a.status_code)
-        .bind(&a.error_kind)
-        .bind(now.0)
         .bind(c.delivery_id)
         .bind(&c.lease_token)
         .fetch_optional(&mut *tx)
         .await
         .map_err(err)?;
-        let error_kind = if owned.is_some() {
+        // The endpoint's health and what this attempt does to it (applied below, with the
+        // lease held).
+        let ep = match &held {
+            Some(h) => {
+                let row = sqlx::query(concat!(
+                    "SELECT ",
+                    endpoint_cols!(),
+                    " FROM webhook_endpoints WHERE id = ?"
+                ))
+                .bind(h.get::<i64, _>("endpoint_id"))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(err)?;
+                Some(endpoint(&row)?)
+            }
+            None => None,
+        };
+        let change = ep
+            .as_ref()
+            .and_then(|ep| ep.health.after(c.outcome, now, &c.policy));
+        let next_at = change
+            .as_ref()
+            .and_then(|ch| ch.next_attempt(c.outcome))
+            .map(|t| t.0)
+            .or(next_at);
+        if held.is_some() {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET state = ?, \
+                 next_attempt_at = COALESCE(?, next_attempt_at), lease_token = NULL, \
+                 lease_expires_at = NULL, last_status = ?, last_error = ?, updated_at = ? \
+                 WHERE id = ?",
+            )
+            .bind(new_state)
+            .bind(next_at)
+            .bind(a.status_code)
+            .bind(&a.error_kind)
+            .bind(now.0)
+            .bind(c.delivery_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        }
+        let error_kind = if held.is_some() {
             a.error_kind.clone()
         } else {
             Some("lease_lost".to_owned())
@@ -696,29 +827,106 @@ impl EventLogStore for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(err)?;
-        if let (Some(row), Outcome::Gone) = (&owned, c.outcome) {
-            let endpoint_id: i64 = row.get("endpoint_id");
-            sqlx::query(
-                "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = 'gone', \
-                 version = version + 1, updated_at = ? WHERE id = ?",
-            )
+        let (Some(held), Some(ep)) = (held, ep) else {
+            tx.commit().await.map_err(err)?;
+            return Ok(false);
+        };
+        let account: AccountId = held.get("account_id");
+        let endpoint_id = ep.id;
+        let mut notices = Vec::new();
+        if let Some(change) = change {
+            // A disabled endpoint is only disabled again by a 410 (which names the reason).
+            let disable = change.disable.filter(|r| ep.enabled || *r == "gone");
+            let h = &change.health;
+            let row = sqlx::query(concat!(
+                "UPDATE webhook_endpoints SET first_failure_at = ?1, consecutive_failures = ?2, \
+                 circuit_state = ?3, circuit_open_until = ?4, \
+                 enabled = CASE WHEN ?5 IS NULL THEN enabled ELSE 0 END, \
+                 disabled_reason = COALESCE(?5, disabled_reason), \
+                 version = CASE WHEN ?5 IS NULL THEN version ELSE version + 1 END, \
+                 updated_at = CASE WHEN ?5 IS NULL THEN updated_at ELSE ?6 END \
+                 WHERE id = ?7 RETURNING ",
+                endpoint_cols!()
+            ))
+            .bind(h.first_failure_at.map(|t| t.0))
+            .bind(h.consecutive_failures)
+            .bind(if h.circuit_open { "open" } else { "closed" })
+            .bind(h.circuit_open_until.map(|t| t.0))
+            .bind(disable)
             .bind(now.0)
             .bind(endpoint_id)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(err)?;
-            sqlx::query(
-                "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
-                 updated_at = ? WHERE endpoint_id = ? AND state IN ('pending', 'retrying')",
+            let updated = endpoint(&row)?;
+            if let Some(until) = change.defer_backlog_until {
+                sqlx::query(
+                    "UPDATE webhook_deliveries SET next_attempt_at = ?1, updated_at = ?2 \
+                     WHERE endpoint_id = ?3 AND state IN ('pending', 'retrying') \
+                     AND next_attempt_at < ?1",
+                )
+                .bind(until.0)
+                .bind(now.0)
+                .bind(endpoint_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+            }
+            if change.drain_backlog {
+                sqlx::query(
+                    "UPDATE webhook_deliveries SET next_attempt_at = ?1, updated_at = ?1 \
+                     WHERE endpoint_id = ?2 AND state IN ('pending', 'retrying') \
+                     AND next_attempt_at > ?1",
+                )
+                .bind(now.0)
+                .bind(endpoint_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+            }
+            if disable == Some("gone") {
+                sqlx::query(
+                    "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
+                     updated_at = ? WHERE endpoint_id = ? AND state IN ('pending', 'retrying')",
+                )
+                .bind(now.0)
+                .bind(endpoint_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+            }
+            if disable.is_some() && ep.enabled {
+                notices.push(endpoint_disabled_event(&updated));
+            }
+        }
+        let event_id: String = held.get("event_id");
+        let event_type: String = held.get("event_type");
+        let previous_error: Option<String> = held.get("last_error");
+        let finished = Finished {
+            delivery_id: c.delivery_id,
+            endpoint_id,
+            event_id: &event_id,
+            event_type: &event_type,
+            attempt: a,
+            outcome: c.outcome,
+            previous_error: previous_error.as_deref(),
+        };
+        let mut all = delivery_events(&finished);
+        all.append(&mut notices);
+        for ev in all {
+            append_operational(
+                &mut tx,
+                account,
+                endpoint_id,
+                held.get("request_id"),
+                held.get("trace_id"),
+                now,
+                ev,
             )
-            .bind(now.0)
-            .bind(endpoint_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
+            .await?;
         }
         tx.commit().await.map_err(err)?;
-        Ok(owned.is_some())
+        Ok(true)
     }
 
     async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64> {
@@ -733,5 +941,123 @@ impl EventLogStore for SqliteStore {
         .await
         .map_err(err)?;
         Ok(done.rows_affected())
+    }
+
+    async fn replay(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        req: ReplayRequest,
+        now: Timestamp,
+    ) -> Result<Replay> {
+        let mut tx = self.write_tx().await?;
+        let types: Option<String> = sqlx::query_scalar(
+            "SELECT event_types FROM webhook_endpoints WHERE account_id = ? AND id = ?",
+        )
+        .bind(account)
+        .bind(endpoint_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        let types: Vec<String> = serde_json::from_str(&types.ok_or(StorageError::NotFound)?)
+            .map_err(|e| StorageError::Internal(Box::new(e)))?;
+        let filter = TypeFilter::new(&types);
+        let found: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT event_id, created_at FROM outbox_events \
+             WHERE account_id = ?1 AND seq IS NOT NULL AND created_at >= ?2 AND created_at < ?3 \
+               AND (about_endpoint_id IS NULL OR about_endpoint_id <> ?4) \
+               AND (?5 OR event_type IN (SELECT value FROM json_each(?6)) \
+                    OR EXISTS (SELECT 1 FROM json_each(?7) p \
+                               WHERE substr(event_type, 1, length(p.value) + 1) = p.value || '.')) \
+             ORDER BY seq LIMIT ?8",
+        )
+        .bind(account)
+        .bind(req.since.0)
+        .bind(req.until.0)
+        .bind(endpoint_id)
+        .bind(filter.all)
+        .bind(types_json(&filter.exact))
+        .bind(types_json(&filter.prefixes))
+        .bind(req.max_events.saturating_add(1))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
+        let max = usize::try_from(req.max_events.max(0)).unwrap_or(usize::MAX);
+        let next_since = found.get(max).map(|(_, at)| Timestamp(*at));
+        let matched: Vec<String> = found.into_iter().take(max).map(|(id, _)| id).collect();
+        let ids = types_json(&matched);
+        let requeued = sqlx::query(
+            "UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = ?1, \
+             updated_at = ?1 \
+             WHERE account_id = ?2 AND endpoint_id = ?3 \
+               AND event_id IN (SELECT value FROM json_each(?4)) \
+               AND (state IN ('failed', 'cancelled') OR (?5 AND state = 'succeeded'))",
+        )
+        .bind(now.0)
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(&ids)
+        .bind(req.include_succeeded)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?
+        .rows_affected();
+        let created = sqlx::query(
+            "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
+             next_attempt_at, created_at, updated_at) \
+             SELECT ?1, ?2, value, 'pending', ?3, ?3, ?3 FROM json_each(?4) WHERE true \
+             ON CONFLICT (event_id, endpoint_id) DO NOTHING",
+        )
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(now.0)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?
+        .rows_affected();
+        let row = sqlx::query(concat!(
+            "INSERT INTO webhook_replays (account_id, endpoint_id, since_at, until_at, \
+             include_succeeded, status, events_matched, deliveries_created, \
+             deliveries_requeued, capped, next_since_at, created_at) \
+             VALUES (?, ?, ?, ?, ?, 'completed', ?, ?, ?, ?, ?, ?) RETURNING ",
+            replay_cols!()
+        ))
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(req.since.0)
+        .bind(req.until.0)
+        .bind(req.include_succeeded)
+        .bind(matched.len() as i64)
+        .bind(created as i64)
+        .bind(requeued as i64)
+        .bind(next_since.is_some())
+        .bind(next_since.map(|t| t.0))
+        .bind(now.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        replay(&row)
+    }
+
+    async fn get_replay(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        id: i64,
+    ) -> Result<Option<Replay>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            replay_cols!(),
+            " FROM webhook_replays WHERE account_id = ? AND endpoint_id = ? AND id = ?"
+        ))
+        .bind(account)
+        .bind(endpoint_id)
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(err)?;
+        row.as_ref().map(replay).transpose()
     }
 }

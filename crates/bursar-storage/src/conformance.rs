@@ -63,7 +63,12 @@ macro_rules! conformance_tests {
             deliveries_are_leased_fenced_and_retried,
             a_gone_receiver_disables_its_endpoint,
             concurrent_workers_never_claim_one_delivery_twice,
-            published_events_leave_the_backlog
+            published_events_leave_the_backlog,
+            claims_never_exceed_an_endpoints_concurrency,
+            the_circuit_opens_probes_and_closes,
+            failing_too_long_disables_and_a_success_resets_the_clock,
+            operational_events_are_written_once_and_never_loop,
+            replays_requeue_without_duplicates
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {

@@ -14,7 +14,7 @@ use bursar_domain::{AccountId, Timestamp};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::{PageRequest, Result};
+use crate::{NewEvent, PageRequest, Result};
 
 /// A sequenced event, as the events API, SSE, NATS and webhooks serve it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +109,9 @@ pub struct Endpoint {
     pub previous_secret_expires_at: Option<Timestamp>,
     pub enabled: bool,
     pub disabled_reason: Option<String>,
+    /// At most this many of its deliveries are in flight at once, across all workers.
     pub max_concurrency: i64,
+    pub health: Health,
     pub version: i64,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -129,7 +131,10 @@ pub struct EndpointPatch {
     pub url: Option<String>,
     pub description: Option<Option<String>>,
     pub event_types: Option<Vec<String>>,
+    /// `Some(true)` also clears the disabled reason and the endpoint's health (failure clock,
+    /// circuit).
     pub enabled: Option<bool>,
+    pub max_concurrency: Option<i64>,
 }
 
 /// Delivery states (spec §2.3).
@@ -207,6 +212,361 @@ pub struct Completion {
     pub lease_token: String,
     pub attempt: Attempt,
     pub outcome: Outcome,
+    /// How the attempt moves its endpoint's health (circuit breaker, auto-disable).
+    pub policy: HealthPolicy,
+}
+
+/// The endpoint health rules (spec §2.3), applied by the completion of each attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// This many consecutive failed attempts open the circuit.
+    pub breaker_threshold: i64,
+    /// How long an open circuit sends nothing before it lets one probe through.
+    pub cooldown_ms: i64,
+    /// Failing for longer than this with no success disables the endpoint.
+    pub disable_after_ms: i64,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        HealthPolicy {
+            breaker_threshold: 5,
+            cooldown_ms: 60_000,
+            disable_after_ms: 5 * 24 * 3_600_000,
+        }
+    }
+}
+
+/// An endpoint's health, as stored on the endpoint row.
+///
+/// The circuit is *closed* (deliveries flow up to `max_concurrency` at once), *open* (nothing
+/// is claimed until `circuit_open_until`), or *half-open*: open with `circuit_open_until`
+/// past, when claims let one delivery at a time through, the probe. Only completions change
+/// it (see [`Health::after`]); claims only read it, so a half-open circuit needs no state of
+/// its own: the probe's live lease is what keeps a second one from being claimed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Health {
+    /// When the current unbroken run of failed attempts began; `None` after any 2xx.
+    pub first_failure_at: Option<Timestamp>,
+    pub consecutive_failures: i64,
+    pub circuit_open: bool,
+    pub circuit_open_until: Option<Timestamp>,
+}
+
+/// What one finished attempt does to its endpoint (see [`Health::after`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthChange {
+    /// The endpoint's health from now on.
+    pub health: Health,
+    /// The circuit (re)opened: pending and retrying deliveries of the endpoint that are due
+    /// earlier wait until then (their attempt count does not move).
+    pub defer_backlog_until: Option<Timestamp>,
+    /// The circuit closed: the backlog is due now (the recovery fast path).
+    pub drain_backlog: bool,
+    /// Disable the endpoint, for this reason (`gone`: a 410; `failing`: failures for longer
+    /// than `disable_after`).
+    pub disable: Option<&'static str>,
+}
+
+/// Circuit states as the API shows them.
+pub mod circuit {
+    pub const CLOSED: &str = "closed";
+    pub const OPEN: &str = "open";
+    pub const HALF_OPEN: &str = "half_open";
+}
+
+impl HealthChange {
+    /// When a failed attempt's delivery is next due: the schedule's time, or the end of the
+    /// cooldown if the circuit is open until later (the attempt was in flight when it opened).
+    pub fn next_attempt(&self, outcome: Outcome) -> Option<Timestamp> {
+        let Outcome::Retry(at) = outcome else {
+            return None;
+        };
+        match (self.health.circuit_open, self.health.circuit_open_until) {
+            (true, Some(until)) if until > at => Some(until),
+            _ => Some(at),
+        }
+    }
+}
+
+impl Health {
+    /// `closed`, `open`, or `half_open` (open, cooldown over: one probe at a time).
+    pub fn circuit_state(&self, now: Timestamp) -> &'static str {
+        match (self.circuit_open, self.circuit_open_until) {
+            (false, _) => circuit::CLOSED,
+            (true, Some(until)) if until <= now => circuit::HALF_OPEN,
+            (true, _) => circuit::OPEN,
+        }
+    }
+
+    /// How an attempt of the endpoint that ended with `outcome` at `now` changes its health;
+    /// `None` when nothing changes. Both backends apply exactly this, inside the attempt's
+    /// completion transaction.
+    ///
+    /// - A 2xx resets the failure clock and closes an open circuit (a probe's success, or
+    ///   any attempt that was still in flight when it opened), draining the backlog.
+    /// - A failure counts; the `breaker_threshold`-th in a row opens a closed circuit for
+    ///   `cooldown_ms`, and any failure of a half-open circuit (the probe's) reopens it. A
+    ///   failure while it is open and cooling down (an attempt in flight when it opened)
+    ///   changes nothing but the count.
+    /// - A failure more than `disable_after_ms` after the first of an unbroken run disables
+    ///   the endpoint (`failing`); a 410 disables it at once (`gone`).
+    pub fn after(
+        &self,
+        outcome: Outcome,
+        now: Timestamp,
+        p: &HealthPolicy,
+    ) -> Option<HealthChange> {
+        let mut change = HealthChange {
+            health: self.clone(),
+            defer_backlog_until: None,
+            drain_backlog: false,
+            disable: None,
+        };
+        match outcome {
+            Outcome::Succeeded => {
+                if *self == Health::default() {
+                    return None;
+                }
+                change.health = Health::default();
+                change.drain_backlog = self.circuit_open;
+            }
+            Outcome::Gone => change.disable = Some("gone"),
+            Outcome::Retry(_) | Outcome::Exhausted => {
+                let h = &mut change.health;
+                h.consecutive_failures += 1;
+                let since = *h.first_failure_at.get_or_insert(now);
+                let reopen = match (self.circuit_open, self.circuit_open_until) {
+                    (false, _) => h.consecutive_failures >= p.breaker_threshold,
+                    (true, Some(until)) => until <= now,
+                    (true, None) => true,
+                };
+                if reopen {
+                    let until = Timestamp(now.0.saturating_add(p.cooldown_ms));
+                    h.circuit_open = true;
+                    h.circuit_open_until = Some(until);
+                    change.defer_backlog_until = Some(until);
+                }
+                if now.0 - since.0 > p.disable_after_ms {
+                    change.disable = Some("failing");
+                }
+            }
+        }
+        Some(change)
+    }
+}
+
+/// Operational events (spec §2.2): written to the outbox by the completion that causes them,
+/// in its transaction, so each is written once; then sequenced, listed and delivered like
+/// business events, with two rules that keep them from feeding themselves:
+///
+/// - an operational event names the endpoint it is about (`outbox_events.about_endpoint_id`)
+///   and is never fanned out or replayed to that endpoint;
+/// - deliveries of operational events never cause operational events (their failures still
+///   count for the circuit and the failure clock). Without this, two failing endpoints that
+///   both subscribe to `*` would notify each other about each other's notifications forever.
+pub mod operational {
+    pub const DELIVERY_FAILING: &str = "webhook.delivery.failing";
+    pub const DELIVERY_EXHAUSTED: &str = "webhook.delivery.exhausted";
+    pub const DELIVERY_RECOVERED: &str = "webhook.delivery.recovered";
+    pub const ENDPOINT_DISABLED: &str = "webhook.endpoint.disabled";
+    /// `webhook.delivery.failing` follows the failure of this attempt of a delivery;
+    /// `webhook.delivery.recovered` a success after it.
+    pub const FAILING_AFTER_ATTEMPTS: i64 = 4;
+
+    /// Is `event_type` an operational event?
+    pub fn is_operational(event_type: &str) -> bool {
+        event_type.starts_with("webhook.")
+    }
+}
+
+/// The object of a `webhook.delivery.*` event: the delivery after the attempt.
+#[derive(Serialize)]
+struct DeliveryNotice<'a> {
+    id: i64,
+    endpoint_id: i64,
+    event_id: &'a str,
+    event_type: &'a str,
+    state: &'a str,
+    attempt_count: i64,
+    next_attempt_at: Option<Timestamp>,
+    last_status: Option<i64>,
+    last_error: Option<&'a str>,
+}
+
+/// The object of a `webhook.endpoint.disabled` event: the endpoint, without its secrets.
+#[derive(Serialize)]
+struct EndpointNotice<'a> {
+    id: i64,
+    url: &'a str,
+    description: Option<&'a str>,
+    event_types: &'a [String],
+    enabled: bool,
+    disabled_reason: Option<&'a str>,
+    max_concurrency: i64,
+    version: i64,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+/// An attempt whose completion held its lease, as the completion saw it.
+pub struct Finished<'a> {
+    pub delivery_id: i64,
+    pub endpoint_id: i64,
+    pub event_id: &'a str,
+    /// The type of the event delivered.
+    pub event_type: &'a str,
+    pub attempt: &'a Attempt,
+    pub outcome: Outcome,
+    /// The delivery's `last_error` before this attempt: `Some` when its previous attempt failed.
+    pub previous_error: Option<&'a str>,
+}
+
+fn notice_event(
+    event_type: &str,
+    aggregate_type: &'static str,
+    id: i64,
+    version: i64,
+    object: &impl Serialize,
+) -> NewEvent {
+    NewEvent {
+        event_type: event_type.to_owned(),
+        aggregate_type,
+        aggregate_id: id,
+        aggregate_version: version,
+        payload: serde_json::to_string(object)
+            .expect("notices are plain data and always serialise"),
+    }
+}
+
+/// The `webhook.delivery.*` events an attempt causes: `failing` when its attempt number
+/// [`FAILING_AFTER_ATTEMPTS`](operational::FAILING_AFTER_ATTEMPTS) fails and more follow,
+/// `exhausted` when its last attempt fails, `recovered` when it succeeds after a failed attempt
+/// at or past that number. Their aggregate is the delivery, versioned by attempt number.
+pub fn delivery_events(f: &Finished<'_>) -> Vec<NewEvent> {
+    use operational::*;
+    if is_operational(f.event_type) {
+        return Vec::new();
+    }
+    let n = f.attempt.attempt_no;
+    let (event_type, state, next) = match f.outcome {
+        Outcome::Retry(at) if n == FAILING_AFTER_ATTEMPTS => {
+            (DELIVERY_FAILING, state::RETRYING, Some(at))
+        }
+        Outcome::Exhausted => (DELIVERY_EXHAUSTED, state::FAILED, None),
+        Outcome::Succeeded if n > FAILING_AFTER_ATTEMPTS && f.previous_error.is_some() => {
+            (DELIVERY_RECOVERED, state::SUCCEEDED, None)
+        }
+        _ => return Vec::new(),
+    };
+    let notice = DeliveryNotice {
+        id: f.delivery_id,
+        endpoint_id: f.endpoint_id,
+        event_id: f.event_id,
+        event_type: f.event_type,
+        state,
+        attempt_count: n,
+        next_attempt_at: next,
+        last_status: f.attempt.status_code,
+        last_error: f.attempt.error_kind.as_deref(),
+    };
+    vec![notice_event(
+        event_type,
+        "webhook_delivery",
+        f.delivery_id,
+        n,
+        &notice,
+    )]
+}
+
+/// The `webhook.endpoint.disabled` event of an endpoint just disabled (versioned by the
+/// endpoint's version).
+pub fn endpoint_disabled_event(e: &Endpoint) -> NewEvent {
+    let notice = EndpointNotice {
+        id: e.id,
+        url: &e.url,
+        description: e.description.as_deref(),
+        event_types: &e.event_types,
+        enabled: e.enabled,
+        disabled_reason: e.disabled_reason.as_deref(),
+        max_concurrency: e.max_concurrency,
+        version: e.version,
+        created_at: e.created_at,
+        updated_at: e.updated_at,
+    };
+    notice_event(
+        operational::ENDPOINT_DISABLED,
+        "webhook_endpoint",
+        e.id,
+        e.version,
+        &notice,
+    )
+}
+
+/// At most this many events are replayed by one request; the replay says when it hit it.
+pub const REPLAY_MAX_EVENTS: i64 = 10_000;
+
+/// What a replay asks for: events with `since <= event time < until`.
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    pub since: Timestamp,
+    pub until: Timestamp,
+    /// Also resend events the endpoint already got (succeeded deliveries).
+    pub include_succeeded: bool,
+    /// Take at most this many events, the oldest (the API uses [`REPLAY_MAX_EVENTS`]).
+    pub max_events: i64,
+}
+
+/// A replay as recorded. It runs in one transaction within the request, so it is always
+/// `completed` when it is seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub id: i64,
+    pub account_id: AccountId,
+    pub endpoint_id: i64,
+    pub since: Timestamp,
+    pub until: Timestamp,
+    pub include_succeeded: bool,
+    pub status: String,
+    /// Events in the range that the endpoint's filter matches (at most `max_events`).
+    pub events_matched: i64,
+    /// Deliveries created for matched events the endpoint never had.
+    pub deliveries_created: i64,
+    /// Failed or cancelled (and, with `include_succeeded`, succeeded) deliveries made pending.
+    pub deliveries_requeued: i64,
+    /// More events matched than `max_events`; the oldest were taken.
+    pub capped: bool,
+    /// When capped: the event time of the first event left out, the `since` of the next
+    /// replay (events of that same time already queued are not queued twice).
+    pub next_since: Option<Timestamp>,
+    pub created_at: Timestamp,
+}
+
+/// An endpoint's patterns split for SQL: `*`, exact types, and `prefix.*` prefixes.
+pub struct TypeFilter {
+    pub all: bool,
+    pub exact: Vec<String>,
+    pub prefixes: Vec<String>,
+}
+
+impl TypeFilter {
+    pub fn new(patterns: &[String]) -> TypeFilter {
+        let mut f = TypeFilter {
+            all: false,
+            exact: Vec::new(),
+            prefixes: Vec::new(),
+        };
+        for p in patterns {
+            if p == "*" {
+                f.all = true;
+            } else if let Some(prefix) = p.strip_suffix(".*") {
+                f.prefixes.push(prefix.to_owned());
+            } else {
+                f.exact.push(p.clone());
+            }
+        }
+        f
+    }
 }
 
 /// Events and webhooks, for both backends. Every method scoped to an account takes it.
@@ -214,7 +574,8 @@ pub struct Completion {
 pub trait EventLogStore: Send + Sync {
     /// Sequences up to `limit` committed, unsequenced events in commit order: each gets
     /// `event_id` from `new_id`, the next `seq` of its account and its body, and one pending
-    /// delivery per enabled endpoint of its account whose patterns match. One transaction,
+    /// delivery per enabled endpoint of its account whose patterns match (but never to the
+    /// endpoint an operational event is about). One transaction,
     /// serialised against other relays. Returns the events sequenced, in `seq` order.
     async fn sequence_events(
         &self,
@@ -305,7 +666,12 @@ pub trait EventLogStore: Send + Sync {
     /// Leases up to `limit` due deliveries (pending or retrying and due, or in flight with a
     /// lapsed lease) of enabled endpoints, under `lease_token` until `lease_until`; each claim
     /// counts an attempt. An in-flight delivery taken over gets its lost attempt recorded as
-    /// `lease_lost`.
+    /// `lease_lost`. Oldest due first, within each endpoint's room:
+    ///
+    /// - an endpoint never has more than `max_concurrency` deliveries under a live lease
+    ///   (`lease_expires_at >= now`), whatever the number of claimers;
+    /// - an open circuit (see [`Health`]) gets nothing claimed until `circuit_open_until`;
+    ///   after it, one delivery at a time (the probe) while no other is under a live lease.
     async fn claim_deliveries(
         &self,
         now: Timestamp,
@@ -316,8 +682,34 @@ pub trait EventLogStore: Send + Sync {
 
     /// Records the attempt and applies the outcome if the lease is still `lease_token`'s;
     /// otherwise records the attempt as `lease_lost` and changes nothing else (`false`).
+    /// With the lease held, in the same transaction: the endpoint's health moves as
+    /// [`Health::after`] says (deferring or draining its backlog, disabling it; a 410 also
+    /// cancels its pending deliveries), and the operational events of [`delivery_events`] and
+    /// [`endpoint_disabled_event`] are appended to the outbox.
     async fn complete_delivery(&self, c: Completion, now: Timestamp) -> Result<bool>;
 
     /// Ends leases held under `lease_token` (graceful shutdown): due again now.
     async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64>;
+
+    /// Queues the endpoint's events of `req`'s time range again, in one transaction: the
+    /// sequenced events of `account` with `since <= created_at < until` that the endpoint's
+    /// patterns match (operational events about the endpoint itself excepted), the oldest
+    /// `max_events` by `seq`. Events it never had get a pending delivery; failed and
+    /// cancelled deliveries (and succeeded ones with `include_succeeded`) become pending now;
+    /// pending, retrying and in-flight ones stay as they are, so no event is queued twice.
+    /// Records and returns the replay. `NotFound` when the endpoint is not the account's.
+    async fn replay(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        req: ReplayRequest,
+        now: Timestamp,
+    ) -> Result<Replay>;
+
+    async fn get_replay(
+        &self,
+        account: AccountId,
+        endpoint_id: i64,
+        id: i64,
+    ) -> Result<Option<Replay>>;
 }

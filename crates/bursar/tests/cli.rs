@@ -833,7 +833,10 @@ async fn a_separate_worker_process_delivers(db: Db) {
     let events = order_events(&http, &api_only.base, &key).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["data"]["aggregate_id"], order);
-    assert_eq!(hooks[0].header("webhook-id"), events[0]["id"].as_str().unwrap());
+    assert_eq!(
+        hooks[0].header("webhook-id"),
+        events[0]["id"].as_str().unwrap()
+    );
     succeeded_delivery(&http, &api_only.base, &key, endpoint).await;
     let pid = worker.id().unwrap().to_string();
     let term = Command::new("kill")

@@ -79,6 +79,14 @@ pub fn router(state: AppState) -> Router {
             "/api/webhook_endpoints/{id}/redeliver",
             post(events::redeliver),
         )
+        .route(
+            "/api/webhook_endpoints/{id}/replay",
+            post(events::create_replay),
+        )
+        .route(
+            "/api/webhook_endpoints/{id}/replays/{replay_id}",
+            get(events::get_replay),
+        )
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz));
     for op in state.operations.all() {

@@ -20,6 +20,7 @@ use super::routes::{customers, events, live, money, orders, system};
         events::list_events, live::sse, live::websocket, events::get_event, events::create_endpoint, events::list_endpoints,
         events::get_endpoint, events::update_endpoint, events::delete_endpoint,
         events::rotate_secret, events::deliveries, events::attempts, events::redeliver,
+        events::create_replay, events::get_replay,
         orders::create, orders::list, orders::get, orders::update, orders::cancel,
         money::create_payment, money::list_payments, money::get_payment,
         money::capture_payment, money::cancel_payment,

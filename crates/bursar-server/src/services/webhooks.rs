@@ -1,10 +1,11 @@
 //! Events API and webhook endpoint use cases (issue 5).
 
-use bursar_api::{CreateWebhookEndpoint, FieldIssue, UpdateWebhookEndpoint};
+use bursar_api::{CreateReplay, CreateWebhookEndpoint, FieldIssue, UpdateWebhookEndpoint};
 use bursar_domain::Timestamp;
 use bursar_domain::webhook::WebhookSecret;
 use bursar_storage::events::{
-    Attempt, Delivery, Endpoint, EndpointPatch, LoggedEvent, NewEndpoint,
+    Attempt, Delivery, Endpoint, EndpointPatch, LoggedEvent, NewEndpoint, REPLAY_MAX_EVENTS,
+    Replay, ReplayRequest,
 };
 use bursar_storage::{Page, PageRequest, StorageError};
 
@@ -15,6 +16,9 @@ use crate::ssrf;
 const DESCRIPTION_MAX: usize = 500;
 const TYPES_MAX: usize = 50;
 const TYPE_MAX: usize = 100;
+/// `max_concurrency` bounds, and the default.
+const CONCURRENCY_MAX: i64 = 100;
+const CONCURRENCY_DEFAULT: i64 = 4;
 
 /// A new endpoint and its secret in clear, shown this once.
 pub struct Created {
@@ -50,6 +54,16 @@ pub fn check_patterns(issues: &mut Vec<FieldIssue>, field: &str, types: &[String
                 format!("{t:?} is not an event type, a `prefix.*` pattern or `*`"),
             ));
         }
+    }
+}
+
+fn check_concurrency(issues: &mut Vec<FieldIssue>, value: Option<i64>) {
+    if value.is_some_and(|n| !(1..=CONCURRENCY_MAX).contains(&n)) {
+        issues.push(issue(
+            "max_concurrency",
+            "invalid",
+            format!("must be from 1 to {CONCURRENCY_MAX}"),
+        ));
     }
 }
 
@@ -95,6 +109,7 @@ pub async fn create(call: &Call, req: CreateWebhookEndpoint) -> Result<Created, 
         &req.description,
         DESCRIPTION_MAX,
     );
+    check_concurrency(&mut issues, req.max_concurrency);
     finish(issues)?;
     let secret = new_secret(call)?;
     let new = NewEndpoint {
@@ -102,7 +117,7 @@ pub async fn create(call: &Call, req: CreateWebhookEndpoint) -> Result<Created, 
         description: req.description,
         event_types: req.event_types.unwrap_or_else(|| vec!["*".into()]),
         secret_enc: seal(call, &secret)?,
-        max_concurrency: 4,
+        max_concurrency: req.max_concurrency.unwrap_or(CONCURRENCY_DEFAULT),
     };
     let endpoint = call
         .state
@@ -155,12 +170,14 @@ pub async fn update(
         &req.description,
         DESCRIPTION_MAX,
     );
+    check_concurrency(&mut issues, req.max_concurrency);
     finish(issues)?;
     let patch = EndpointPatch {
         url: req.url,
         description: req.description.map(Some),
         event_types: req.event_types,
         enabled: req.enabled,
+        max_concurrency: req.max_concurrency,
     };
     call.state
         .store
@@ -260,6 +277,60 @@ pub async fn redeliver(
         })?;
     call.state.webhooks.relayed.notify_waiters();
     Ok(d)
+}
+
+/// Resends the endpoint's events of a time range (at most [`REPLAY_MAX_EVENTS`], the oldest),
+/// queued at once in one transaction and recorded; the worker then sends them with their
+/// original ids and bodies.
+pub async fn replay(call: &Call, endpoint_id: i64, req: CreateReplay) -> Result<Replay, ApiError> {
+    let now = call.state.clock.now();
+    let mut issues = Vec::new();
+    let mut time = |field: &str, raw: &str| match chrono::DateTime::parse_from_rfc3339(raw) {
+        Ok(t) => Some(Timestamp(t.timestamp_millis())),
+        Err(_) => {
+            issues.push(issue(field, "invalid", "must be an RFC 3339 time"));
+            None
+        }
+    };
+    let since = time("since", &req.since);
+    let until = match &req.until {
+        Some(raw) => time("until", raw),
+        None => Some(now),
+    };
+    let (since, until) = match (since, until) {
+        (Some(since), Some(until)) if since < until => (since, until),
+        (Some(_), Some(_)) => {
+            issues.push(issue("until", "invalid", "must be later than since"));
+            return Err(ApiError::validation(issues));
+        }
+        _ => return Err(ApiError::validation(issues)),
+    };
+    let r = call
+        .state
+        .store
+        .replay(
+            call.auth.account_id,
+            endpoint_id,
+            ReplayRequest {
+                since,
+                until,
+                include_succeeded: req.include_succeeded.unwrap_or(false),
+                max_events: REPLAY_MAX_EVENTS,
+            },
+            now,
+        )
+        .await
+        .map_err(endpoint_not_found)?;
+    call.state.webhooks.relayed.notify_waiters();
+    Ok(r)
+}
+
+pub async fn get_replay(call: &Call, endpoint_id: i64, id: i64) -> Result<Replay, ApiError> {
+    call.state
+        .store
+        .get_replay(call.auth.account_id, endpoint_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook replay"))
 }
 
 pub async fn list_events(

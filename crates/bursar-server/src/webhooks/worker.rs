@@ -163,6 +163,7 @@ async fn deliver(state: &AppState, c: ClaimedDelivery, token: &str) {
         lease_token: token.to_owned(),
         attempt,
         outcome,
+        policy: state.webhooks.config.health_policy(),
     };
     match state.store.complete_delivery(done, state.clock.now()).await {
         Ok(true) => {}

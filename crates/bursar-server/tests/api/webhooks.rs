@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,11 +25,15 @@ pub struct Received {
     pub answered: u16,
 }
 
-/// A webhook receiver: records every request and answers with the current status.
+/// A webhook receiver: records every request and answers with the current status, after
+/// `delay_ms`; it measures how many requests it is serving at once.
 pub struct Receiver {
     pub url: String,
     pub status: Arc<AtomicU16>,
     pub got: Arc<Mutex<Vec<Received>>>,
+    pub delay_ms: Arc<AtomicU64>,
+    /// The most requests served at once (reset by storing 0).
+    pub peak: Arc<AtomicI64>,
 }
 
 impl Receiver {
@@ -45,24 +49,38 @@ impl Receiver {
         let url = format!("http://{}/hooks", listener.local_addr().unwrap());
         let status = Arc::new(AtomicU16::new(status));
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let (s, g) = (status.clone(), got.clone());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (peak, serving) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicI64::new(0)));
+        let (s, g, d, p) = (status.clone(), got.clone(), delay_ms.clone(), peak.clone());
         let app = axum::Router::new().route(
             "/hooks",
             axum::routing::post(move |headers: HeaderMap, body: Bytes| {
-                let (s, g) = (s.clone(), g.clone());
+                let (s, g, d, p, n) = (s.clone(), g.clone(), d.clone(), p.clone(), serving.clone());
                 async move {
+                    p.fetch_max(n.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    let delay = d.load(Ordering::SeqCst);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
                     let answered = s.load(Ordering::SeqCst);
                     g.lock().unwrap().push(Received {
                         headers,
                         body,
                         answered,
                     });
+                    n.fetch_sub(1, Ordering::SeqCst);
                     StatusCode::from_u16(answered).unwrap()
                 }
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver { url, status, got }
+        Receiver {
+            url,
+            status,
+            got,
+            delay_ms,
+            peak,
+        }
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -70,8 +88,8 @@ impl Receiver {
     }
 }
 
-/// A server of the same backend whose worker may reach 127.0.0.1 over plain HTTP and
-/// retries after about a second.
+/// A server of the same backend whose worker may reach 127.0.0.1 over plain HTTP, retries
+/// after about a second, and probes an open circuit after a second.
 async fn webhook_app(app: &TestApp) -> TestApp {
     webhook_app_with(app, |_| {}).await
 }
@@ -83,6 +101,7 @@ async fn webhook_app_with(app: &TestApp, change: impl FnOnce(&mut Config)) -> Te
             c.webhooks.allow_cidrs = vec!["127.0.0.0/8".into()];
             c.webhooks.schedule_secs = vec![1; 9];
             c.webhooks.timeout_ms = 5_000;
+            c.webhooks.circuit_cooldown_secs = 1;
             change(c);
         },
         Arc::new(SystemClock),
@@ -378,12 +397,17 @@ pub async fn a_refusing_receiver_loses_no_event(app: &TestApp) {
         }
     }
     let produced = produced_events(&app.a, "order.created,order.updated", 100).await;
-    // Every delivery fails with `connect` and is retried.
+    // Deliveries fail with `connect` and are retried; after 5 failures in a row the
+    // endpoint's circuit opens, so the rest wait (unattempted) for its probes.
+    let attempted = |d: &Value| d["attempt_count"].as_i64() > Some(0);
     let mut data = Vec::new();
     for _ in 0..300 {
         data = deliveries(&app, &endpoint).await;
         if data.len() == 100
-            && data.iter().all(|d| d["last_error"] == "connect")
+            && data
+                .iter()
+                .filter(|d| attempted(d))
+                .all(|d| d["last_error"] == "connect")
             && data.iter().any(|d| d["attempt_count"].as_i64() >= Some(2))
         {
             break;
@@ -392,7 +416,9 @@ pub async fn a_refusing_receiver_loses_no_event(app: &TestApp) {
     }
     assert_eq!(data.len(), 100);
     for d in &data {
-        assert_eq!(d["last_error"], "connect", "{d}");
+        if attempted(d) {
+            assert_eq!(d["last_error"], "connect", "{d}");
+        }
         assert!(d["last_status"].is_null(), "{d}");
         assert_ne!(d["state"], "succeeded", "{d}");
         assert_ne!(
@@ -405,10 +431,17 @@ pub async fn a_refusing_receiver_loses_no_event(app: &TestApp) {
         "retried: {data:#?}"
     );
     let id = endpoint["id"].as_i64().unwrap();
+    let shown: Value = call_json(
+        &app.a,
+        reqwest::Method::GET,
+        &format!("/api/webhook_endpoints/{id}"),
+    )
+    .await;
+    assert_eq!(shown["circuit_state"], "open", "{shown}");
     let path = format!("/api/webhook_endpoints/{id}/attempts?limit=100");
     let page: Value = call_json(&app.a, reqwest::Method::GET, &path).await;
     let attempts = page["data"].as_array().unwrap();
-    assert_eq!(attempts.len(), 100, "{page}");
+    assert!(attempts.len() >= 6, "5 failures, then probes: {page}");
     for a in attempts {
         assert_eq!(a["error_kind"], "connect", "{a}");
         assert!(a["status_code"].is_null(), "{a}");
@@ -574,5 +607,425 @@ pub async fn webhook_endpoints_are_guarded_scoped_and_rotate(app: &TestApp) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
+    app.stop().await;
+}
+
+/// Creates a customer and `orders` orders for it: `1 + orders` events.
+async fn produce(app: &TestApp, orders: usize) {
+    let customer = app.customer(&app.a).await;
+    for i in 0..orders {
+        let body =
+            json!({"customer_id": customer, "amount": format!("{}.00", i + 1), "currency": "EUR"});
+        let resp = app.post_order_raw(&app.a, body.to_string()).await;
+        assert_eq!(resp.status(), 201);
+    }
+}
+
+/// Polls `GET path` until `done` holds for its JSON, which it returns.
+async fn wait_json(
+    client: &Client,
+    path: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    for _ in 0..600 {
+        let v = call_json(client, reqwest::Method::GET, path).await;
+        if done(&v) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Event bodies of the given type, through the events API.
+async fn events_of_type(client: &Client, event_type: &str) -> Vec<Value> {
+    let page = call_json(
+        client,
+        reqwest::Method::GET,
+        &format!("/api/events?limit=100&types={event_type}"),
+    )
+    .await;
+    page["data"].as_array().unwrap().clone()
+}
+
+/// Milliseconds from the server's now to an RFC 3339 time it rendered.
+fn millis_until(app: &TestApp, rfc3339: &str) -> i64 {
+    let at = chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap();
+    at.timestamp_millis() - app.state.clock.now().0
+}
+
+/// Spec checklist 24 (and 10's fast path): five failures in a row open the circuit; while it
+/// is open the receiver gets nothing and no attempt is spent; after the cooldown exactly one
+/// probe; once a probe succeeds the backlog drains at once, never more than the endpoint's
+/// `max_concurrency` in flight (measured by the receiver).
+pub async fn the_circuit_breaker_holds_back_probes_and_drains(app: &TestApp) {
+    let app = webhook_app_with(app, |c| c.webhooks.circuit_cooldown_secs = 3).await;
+    let receiver = Receiver::start(503).await;
+    let resp = create_endpoint(
+        &app.a,
+        json!({"url": receiver.url, "event_types": ["*"], "max_concurrency": 2}),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let created: Value = resp.json().await.unwrap();
+    assert_eq!(created["max_concurrency"], 2);
+    assert_eq!(created["circuit_state"], "closed");
+    let id = created["id"].as_i64().unwrap();
+    let path = format!("/api/webhook_endpoints/{id}");
+    produce(&app, 9).await;
+    let open = wait_json(&app.a, &path, "the circuit to open", |e| {
+        e["circuit_state"] == "open"
+    })
+    .await;
+    assert!(open["consecutive_failures"].as_i64() >= Some(5), "{open}");
+    assert!(open["first_failure_at"].is_string(), "{open}");
+    let until = open["circuit_open_until"].as_str().unwrap().to_owned();
+    // Attempts that were in flight when it opened finish; then, until the cooldown ends,
+    // nothing reaches the receiver and no delivery's attempt count moves.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deliveries = format!("/api/webhook_endpoints/{id}/deliveries?limit=100");
+    let counts = |page: &Value| -> Vec<(i64, i64)> {
+        let mut c: Vec<_> = page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["id"].as_i64().unwrap(),
+                    d["attempt_count"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        c.sort();
+        c
+    };
+    let before = call_json(&app.a, reqwest::Method::GET, &deliveries).await;
+    assert_eq!(before["data"].as_array().unwrap().len(), 10);
+    let sent = receiver.received().len();
+    let window = millis_until(&app, &until) - 300;
+    assert!(
+        window > 1_000,
+        "the open window is mostly left: {window} ms"
+    );
+    tokio::time::sleep(Duration::from_millis(window as u64)).await;
+    assert_eq!(
+        receiver.received().len(),
+        sent,
+        "requests while the circuit was open"
+    );
+    let after = call_json(&app.a, reqwest::Method::GET, &deliveries).await;
+    assert_eq!(counts(&after), counts(&before), "attempts spent while open");
+    // After the cooldown: exactly one probe. It fails, and the circuit opens again.
+    wait_for("the probe", || receiver.received().len() > sent).await;
+    let reopened = wait_json(&app.a, &path, "the circuit to reopen", |e| {
+        e["circuit_state"] == "open" && e["circuit_open_until"].as_str() != Some(until.as_str())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), sent + 1, "one probe, not more");
+    // The receiver recovers (and answers slowly, so deliveries overlap): the next probe
+    // succeeds, and the whole backlog follows at once, two at a time at most.
+    receiver.status.store(200, Ordering::SeqCst);
+    receiver.delay_ms.store(200, Ordering::SeqCst);
+    receiver.peak.store(0, Ordering::SeqCst);
+    let until = reopened["circuit_open_until"].as_str().unwrap();
+    assert!(millis_until(&app, until) > 0);
+    let delivered = wait_json(&app.a, &deliveries, "the backlog to drain", |page| {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "succeeded")
+    })
+    .await;
+    assert_eq!(delivered["data"].as_array().unwrap().len(), 10);
+    let peak = receiver.peak.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&peak),
+        "{peak} requests at once; max_concurrency is 2"
+    );
+    let closed = call_json(&app.a, reqwest::Method::GET, &path).await;
+    assert_eq!(closed["circuit_state"], "closed", "{closed}");
+    assert_eq!(closed["consecutive_failures"], 0);
+    assert!(closed["first_failure_at"].is_null());
+    // Every event arrived once with a 200, and nothing about the endpoint reached it.
+    let ok: Vec<String> = receiver
+        .received()
+        .iter()
+        .filter(|r| r.answered == 200)
+        .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
+        .collect();
+    let distinct: BTreeSet<_> = ok.iter().cloned().collect();
+    assert_eq!((ok.len(), distinct.len()), (10, 10));
+    for r in receiver.received() {
+        let payload: Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(
+            !payload["type"].as_str().unwrap().starts_with("webhook."),
+            "{payload}"
+        );
+    }
+    app.stop().await;
+}
+
+/// Spec checklist 23 and the operational events of §2.2: an endpoint that fails for longer
+/// than `disable_after` is disabled (`failing`); `webhook.delivery.failing` and
+/// `webhook.endpoint.disabled` are in the events API and reach another endpoint subscribed to
+/// `*`, never the failing one; the disabled endpoint gets nothing more.
+pub async fn a_failing_endpoint_is_disabled_with_an_event(app: &TestApp) {
+    // Attempts about a second apart, then 4 s before the fifth: the fourth (and the failing
+    // event) comes well within `disable_after`, the fifth well past it.
+    let app = webhook_app_with(app, |c| {
+        c.webhooks.schedule_secs = vec![1, 1, 1, 4, 1, 1, 1, 1, 1];
+        c.webhooks.disable_after_secs = 5;
+        c.webhooks.circuit_failure_threshold = 100;
+    })
+    .await;
+    let failing = Receiver::start(500).await;
+    let watcher = Receiver::start(200).await;
+    let resp = create_endpoint(&app.a, json!({"url": failing.url, "event_types": ["*"]})).await;
+    let id = resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let resp = create_endpoint(
+        &app.a,
+        json!({"url": watcher.url, "event_types": ["webhook.*"]}),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    produce(&app, 0).await;
+    let path = format!("/api/webhook_endpoints/{id}");
+    let disabled = wait_json(&app.a, &path, "the endpoint to be disabled", |e| {
+        e["enabled"] == json!(false)
+    })
+    .await;
+    assert_eq!(disabled["disabled_reason"], "failing", "{disabled}");
+    // In the event log (once the relay sequenced it), once each, with the endpoint's account.
+    let listed = "/api/events?limit=100&types=webhook.endpoint.disabled";
+    wait_json(&app.a, listed, "the disabled event", |page| {
+        !page["data"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let gone = events_of_type(&app.a, "webhook.endpoint.disabled").await;
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    let object = &gone[0]["data"]["object"];
+    assert_eq!(object["id"], id);
+    assert_eq!(object["disabled_reason"], "failing");
+    assert_eq!(object["enabled"], false);
+    assert_eq!(gone[0]["data"]["aggregate_type"], "webhook_endpoint");
+    let failing_events = events_of_type(&app.a, "webhook.delivery.failing").await;
+    assert_eq!(failing_events.len(), 1, "{failing_events:?}");
+    assert_eq!(failing_events[0]["data"]["object"]["endpoint_id"], id);
+    assert_eq!(failing_events[0]["data"]["object"]["attempt_count"], 4);
+    let other = call_json(
+        &app.b,
+        reqwest::Method::GET,
+        "/api/events?types=webhook.endpoint.disabled",
+    )
+    .await;
+    assert_eq!(
+        other["data"].as_array().unwrap().len(),
+        0,
+        "another account sees nothing"
+    );
+    // The other endpoint gets both by webhook; the failing one never gets one about itself.
+    let want: BTreeSet<String> = [&gone[0], &failing_events[0]]
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    wait_for("the operational webhooks", || {
+        let got: BTreeSet<String> = watcher
+            .received()
+            .iter()
+            .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
+            .collect();
+        got == want
+    })
+    .await;
+    let sent = failing.received().len();
+    assert!(sent >= 4, "{sent}");
+    for r in failing.received() {
+        let payload: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(payload["type"], "customer.created", "{payload}");
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        failing.received().len(),
+        sent,
+        "a disabled endpoint gets nothing"
+    );
+    // Enabled again: healthy, and its paused delivery goes out.
+    failing.status.store(200, Ordering::SeqCst);
+    let resp = app
+        .a
+        .request(reqwest::Method::PATCH, &path)
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let enabled: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (
+            &enabled["disabled_reason"],
+            &enabled["first_failure_at"],
+            &enabled["circuit_state"]
+        ),
+        (&Value::Null, &Value::Null, &json!("closed"))
+    );
+    wait_for("the paused delivery", || {
+        failing.received().iter().any(|r| r.answered == 200)
+    })
+    .await;
+    app.stop().await;
+}
+
+/// Spec checklist 27: a replay answers 202 with a job that can be fetched, resends the
+/// endpoint's events with their original `webhook-id` and identical bodies, queues nothing
+/// twice, and reaches events an endpoint never had.
+pub async fn replay_resends_the_same_events(app: &TestApp) {
+    let app = webhook_app(app).await;
+    let receiver = Receiver::start(200).await;
+    let resp = create_endpoint(&app.a, json!({"url": receiver.url, "event_types": ["*"]})).await;
+    let id = resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    produce(&app, 2).await;
+    let deliveries = format!("/api/webhook_endpoints/{id}/deliveries?limit=100");
+    let all_succeeded = |page: &Value| {
+        let data = page["data"].as_array().unwrap();
+        data.len() == 3 && data.iter().all(|d| d["state"] == "succeeded")
+    };
+    wait_json(&app.a, &deliveries, "the first deliveries", all_succeeded).await;
+    let since = bursar_domain::Timestamp(app.state.clock.now().0 - 3_600_000).rfc3339();
+    let replay = |endpoint: i64, body: Value| {
+        let a = app.a.clone();
+        async move {
+            a.request(
+                reqwest::Method::POST,
+                &format!("/api/webhook_endpoints/{endpoint}/replay"),
+            )
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+        }
+    };
+    // Everything was delivered: without include_succeeded nothing goes out again.
+    let resp = replay(id, json!({"since": since})).await;
+    assert_eq!(resp.status(), 202);
+    let r: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (
+            &r["events_matched"],
+            &r["deliveries_requeued"],
+            &r["deliveries_created"]
+        ),
+        (&json!(3), &json!(0), &json!(0)),
+        "{r}"
+    );
+    assert_eq!(
+        (&r["status"], &r["max_events"], &r["capped"]),
+        (&json!("completed"), &json!(10_000), &json!(false))
+    );
+    // With it, all three again, byte for byte, with their ids.
+    let resp = replay(id, json!({"since": since, "include_succeeded": true})).await;
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let r: Value = resp.json().await.unwrap();
+    assert_eq!(r["deliveries_requeued"], 3, "{r}");
+    assert_eq!(
+        location,
+        format!("/api/webhook_endpoints/{id}/replays/{}", r["id"])
+    );
+    let fetched = call_json(&app.a, reqwest::Method::GET, &location).await;
+    assert_eq!(fetched, r);
+    let foreign = app
+        .b
+        .request(reqwest::Method::GET, &location)
+        .send()
+        .await
+        .unwrap();
+    error_body(foreign, 404, "resource_not_found").await;
+    wait_json(
+        &app.a,
+        &deliveries,
+        "the replayed deliveries",
+        all_succeeded,
+    )
+    .await;
+    assert_eq!(receiver.received().len(), 6);
+    let mut by_id: BTreeMap<String, Vec<Bytes>> = BTreeMap::new();
+    for r in receiver.received() {
+        let id = r.headers["webhook-id"].to_str().unwrap().to_owned();
+        let payload: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(payload["id"], id.as_str());
+        by_id.entry(id).or_default().push(r.body);
+    }
+    assert_eq!(by_id.len(), 3);
+    for (id, bodies) in &by_id {
+        assert_eq!(bodies.len(), 2, "{id}");
+        assert_eq!(bodies[0], bodies[1], "{id} was re-serialised");
+    }
+    // Replaying while they are queued queues nothing twice.
+    receiver.status.store(503, Ordering::SeqCst);
+    let resp = replay(id, json!({"since": since, "include_succeeded": true})).await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["deliveries_requeued"],
+        3
+    );
+    let resp = replay(id, json!({"since": since, "include_succeeded": true})).await;
+    let r: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (&r["deliveries_requeued"], &r["deliveries_created"]),
+        (&json!(0), &json!(0))
+    );
+    let page = call_json(&app.a, reqwest::Method::GET, &deliveries).await;
+    assert_eq!(
+        page["data"].as_array().unwrap().len(),
+        3,
+        "one delivery per event"
+    );
+    // An endpoint created afterwards never had these events: a replay brings them, with the
+    // same ids and bodies.
+    let late = Receiver::start(200).await;
+    let resp = create_endpoint(&app.a, json!({"url": late.url, "event_types": ["order.*"]})).await;
+    let late_id = resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let r: Value = replay(late_id, json!({"since": since}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (&r["events_matched"], &r["deliveries_created"]),
+        (&json!(2), &json!(2)),
+        "{r}"
+    );
+    wait_for("the late endpoint's deliveries", || {
+        late.received().len() == 2
+    })
+    .await;
+    for r in late.received() {
+        let id = r.headers["webhook-id"].to_str().unwrap();
+        assert_eq!(by_id[id][0], r.body);
+    }
+    // Bad requests.
+    for (body, field) in [
+        (json!({"since": "yesterday"}), "since"),
+        (json!({"since": since, "until": since}), "until"),
+    ] {
+        let resp = replay(id, body).await;
+        let e = error_body(resp, 422, "validation_failed").await;
+        assert_eq!(e["details"][0]["field"], field, "{e}");
+    }
+    let resp = replay(id, json!({"since": since, "extra": 1})).await;
+    assert!(resp.status().is_client_error());
+    let foreign = app
+        .b
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/webhook_endpoints/{id}/replay"),
+        )
+        .json(&json!({"since": since}))
+        .send()
+        .await
+        .unwrap();
+    error_body(foreign, 404, "resource_not_found").await;
     app.stop().await;
 }

@@ -111,7 +111,11 @@ pub async fn many_workers_send_each_delivery_once(app: &TestApp) {
         let resp = app
             .a
             .request(reqwest::Method::POST, "/api/webhook_endpoints")
-            .json(&json!({"url": format!("{base}/{tag}"), "event_types": ["customer.*"]}))
+            .json(
+                &json!({"url": format!("{base}/{tag}"), "event_types": ["customer.*"],
+                           // The cap would otherwise keep all workers to 4 sends per endpoint.
+                           "max_concurrency": 100}),
+            )
             .send()
             .await
             .unwrap();

@@ -278,6 +278,7 @@ pub async fn deliveries_are_leased_fenced_and_retried(s: Store) {
         lease_token: "A".into(),
         attempt: attempt(c, Some(503), Some("http_status")),
         outcome: Outcome::Retry(Timestamp(T0 + 5_000)),
+        policy: HealthPolicy::default(),
     };
     assert!(s.complete_delivery(done, now).await.unwrap());
     assert!(
@@ -303,6 +304,7 @@ pub async fn deliveries_are_leased_fenced_and_retried(s: Store) {
         lease_token: token.into(),
         attempt: attempt(claimed, Some(200), None),
         outcome: Outcome::Succeeded,
+        policy: HealthPolicy::default(),
     };
     assert!(s.complete_delivery(ok(&c3[0], "C"), t).await.unwrap());
     // B wakes up: fenced, changes nothing.
@@ -369,6 +371,7 @@ pub async fn a_gone_receiver_disables_its_endpoint(s: Store) {
         lease_token: "A".into(),
         attempt: attempt(c, Some(410), Some("http_status")),
         outcome: Outcome::Gone,
+        policy: HealthPolicy::default(),
     };
     assert!(s.complete_delivery(gone, Timestamp(T0)).await.unwrap());
     let ep = s.get_endpoint(a, e.id).await.unwrap().unwrap();
@@ -423,6 +426,7 @@ pub async fn concurrent_workers_never_claim_one_delivery_twice(s: Store) {
                             lease_token: token.clone(),
                             attempt: attempt(&c, Some(200), None),
                             outcome: Outcome::Succeeded,
+                            policy: HealthPolicy::default(),
                         };
                         assert!(s.complete_delivery(done, Timestamp(T0)).await.unwrap());
                         got.push(c.delivery_id);
@@ -487,4 +491,722 @@ pub async fn published_events_leave_the_backlog(s: Store) {
         "limit holds"
     );
     assert_eq!(s.mark_published(&[], Timestamp(T0)).await.unwrap(), 0);
+}
+
+fn finish(c: &ClaimedDelivery, token: &str, outcome: Outcome, policy: HealthPolicy) -> Completion {
+    let (status, kind) = match outcome {
+        Outcome::Succeeded => (Some(200), None),
+        Outcome::Gone => (Some(410), Some("http_status")),
+        _ => (Some(503), Some("http_status")),
+    };
+    Completion {
+        delivery_id: c.delivery_id,
+        lease_token: token.into(),
+        attempt: attempt(c, status, kind),
+        outcome,
+        policy,
+    }
+}
+
+fn endpoint_capped(types: &[&str], max_concurrency: i64) -> NewEndpoint {
+    NewEndpoint {
+        max_concurrency,
+        ..endpoint(types)
+    }
+}
+
+/// A policy whose breaker never opens (for cases about something else).
+fn no_breaker() -> HealthPolicy {
+    HealthPolicy {
+        breaker_threshold: i64::MAX,
+        ..HealthPolicy::default()
+    }
+}
+
+/// Spec checklist 24/25: claims never lease more than an endpoint's `max_concurrency` at once,
+/// however many claimers run; another endpoint is served meanwhile; lapsed leases make room.
+pub async fn claims_never_exceed_an_endpoints_concurrency(s: Store) {
+    let a = account(&s, "a").await;
+    let capped = s
+        .create_endpoint(a, endpoint_capped(&["*"], 3), Timestamp(T0))
+        .await
+        .unwrap();
+    let other = s
+        .create_endpoint(a, endpoint_capped(&["*"], 2), Timestamp(T0))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        customer(&s, a).await;
+    }
+    sequence_all(&s, &ids()).await;
+    let (now, lease) = (Timestamp(T0), Timestamp(T0 + 1_000));
+    // One claimer asking for 10 gets 3 of the capped endpoint's and 2 of the other's.
+    let first = s.claim_deliveries(now, lease, "A", 10).await.unwrap();
+    let per = |batch: &[ClaimedDelivery], id| batch.iter().filter(|c| c.endpoint_id == id).count();
+    assert_eq!((per(&first, capped.id), per(&first, other.id)), (3, 2));
+    assert!(
+        s.claim_deliveries(now, lease, "B", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // One completes: room for exactly one more.
+    let done = finish(&first[0], "A", Outcome::Succeeded, HealthPolicy::default());
+    assert!(s.complete_delivery(done, now).await.unwrap());
+    let next = s.claim_deliveries(now, lease, "B", 10).await.unwrap();
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!(next[0].endpoint_id, first[0].endpoint_id);
+    // Lapsed leases are not in flight any more: they are taken over, within the cap.
+    let later = Timestamp(T0 + 1_001);
+    let taken = s
+        .claim_deliveries(later, Timestamp(T0 + 2_000), "C", 10)
+        .await
+        .unwrap();
+    assert_eq!((per(&taken, capped.id), per(&taken, other.id)), (3, 2));
+
+    // Many claimers at once, each holding its leases for a while: the number held for the
+    // endpoint (counted up after a claim commits, down before its completion commits, so never
+    // above the database's own count) never exceeds the cap, and every delivery goes out once.
+    let b = account(&s, "b").await;
+    let ep = s
+        .create_endpoint(b, endpoint_capped(&["*"], 4), Timestamp(T0))
+        .await
+        .unwrap();
+    for _ in 0..60 {
+        customer(&s, b).await;
+    }
+    sequence_all(&s, &ids()).await;
+    let held = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let claimers: Vec<_> = (0..6)
+        .map(|w| {
+            let (s, held, peak) = (s.clone(), held.clone(), peak.clone());
+            tokio::spawn(async move {
+                let token = format!("w{w}");
+                let mut got = Vec::new();
+                let mut idle = 0;
+                while idle < 50 {
+                    let batch = s
+                        .claim_deliveries(Timestamp(T0), Timestamp(T0 + 600_000), &token, 3)
+                        .await
+                        .unwrap();
+                    let mine: Vec<_> = batch.into_iter().filter(|c| c.account_id == b).collect();
+                    if mine.is_empty() {
+                        idle += 1;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    idle = 0;
+                    let n = mine.len() as i64;
+                    let now_held = held.fetch_add(n, Ordering::SeqCst) + n;
+                    peak.fetch_max(now_held, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    for c in mine {
+                        held.fetch_sub(1, Ordering::SeqCst);
+                        let done = finish(&c, &token, Outcome::Succeeded, HealthPolicy::default());
+                        assert!(s.complete_delivery(done, Timestamp(T0)).await.unwrap());
+                        got.push(c.delivery_id);
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for c in claimers {
+        all.extend(c.await.unwrap());
+    }
+    let distinct: BTreeSet<_> = all.iter().copied().collect();
+    assert_eq!((all.len(), distinct.len()), (60, 60));
+    let peak = peak.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&peak), "peak in flight {peak}");
+    let left = s.list_deliveries(b, ep.id, page(100, None)).await.unwrap();
+    assert!(left.iter().all(|d| d.state == "succeeded"));
+}
+
+/// Spec checklist 24: five failures in a row open the circuit; while open nothing is claimed
+/// and attempt counts stand still; after the cooldown exactly one probe goes out; a failed
+/// probe reopens it, a successful one closes it and makes the backlog due at once.
+pub async fn the_circuit_opens_probes_and_closes(s: Store) {
+    let a = account(&s, "a").await;
+    let e = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        customer(&s, a).await;
+    }
+    sequence_all(&s, &ids()).await;
+    let policy = HealthPolicy {
+        breaker_threshold: 5,
+        cooldown_ms: 10_000,
+        disable_after_ms: 3_600_000,
+    };
+    let lease = |t: i64| Timestamp(t + 60_000);
+    let fail = |c: &ClaimedDelivery, tok: &str, t: i64| {
+        finish(c, tok, Outcome::Retry(Timestamp(t + 1_000)), policy)
+    };
+    // Four claimed, four fail: still closed.
+    let t = T0;
+    let first = s
+        .claim_deliveries(Timestamp(t), lease(t), "A", 10)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 4, "the default cap");
+    for c in &first {
+        assert!(
+            s.complete_delivery(fail(c, "A", t), Timestamp(t))
+                .await
+                .unwrap()
+        );
+    }
+    let h = s.get_endpoint(a, e.id).await.unwrap().unwrap().health;
+    assert_eq!((h.consecutive_failures, h.circuit_open), (4, false));
+    assert_eq!(h.first_failure_at, Some(Timestamp(t)));
+    // The other four go out; the first of them to fail is the fifth in a row: open.
+    let second = s
+        .claim_deliveries(Timestamp(t), lease(t), "B", 10)
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 4);
+    let t1 = T0 + 500;
+    assert!(
+        s.complete_delivery(fail(&second[0], "B", t1), Timestamp(t1))
+            .await
+            .unwrap()
+    );
+    let ep = s.get_endpoint(a, e.id).await.unwrap().unwrap();
+    let until = Timestamp(t1 + 10_000);
+    assert_eq!(
+        (ep.health.circuit_open, ep.health.circuit_open_until),
+        (true, Some(until))
+    );
+    assert_eq!(ep.health.circuit_state(Timestamp(t1)), "open");
+    assert_eq!(ep.health.circuit_state(until), "half_open");
+    // The others still in flight fail too: counted, the cooldown unchanged.
+    for c in &second[1..] {
+        assert!(
+            s.complete_delivery(fail(c, "B", t1), Timestamp(t1))
+                .await
+                .unwrap()
+        );
+    }
+    let ep = s.get_endpoint(a, e.id).await.unwrap().unwrap();
+    assert_eq!(
+        (ep.health.consecutive_failures, ep.health.circuit_open_until),
+        (8, Some(until))
+    );
+    // Open: nothing is claimed, the backlog waits for the cooldown, attempts stand still.
+    let snapshot = |s: Store| async move {
+        let mut d = s.list_deliveries(a, e.id, page(100, None)).await.unwrap();
+        d.sort_by_key(|d| d.id);
+        d
+    };
+    let before = snapshot(s.clone()).await;
+    assert!(
+        before
+            .iter()
+            .all(|d| d.next_attempt_at >= until && d.attempt_count == 1)
+    );
+    for t in [t1 + 1_000, t1 + 5_000, until.0 - 1] {
+        assert!(
+            s.claim_deliveries(Timestamp(t), lease(t), "C", 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let counts = |d: &[Delivery]| d.iter().map(|d| d.attempt_count).collect::<Vec<_>>();
+    assert_eq!(counts(&snapshot(s.clone()).await), counts(&before));
+    // Half-open: exactly one probe, the oldest; nothing else while it is out.
+    let probe = s
+        .claim_deliveries(until, lease(until.0), "D", 10)
+        .await
+        .unwrap();
+    assert_eq!(probe.len(), 1);
+    assert_eq!(probe[0].delivery_id, before[0].id);
+    assert!(
+        s.claim_deliveries(until, lease(until.0), "E", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The probe fails: open again for a cooldown.
+    let t2 = until.0 + 100;
+    assert!(
+        s.complete_delivery(fail(&probe[0], "D", t2), Timestamp(t2))
+            .await
+            .unwrap()
+    );
+    let ep = s.get_endpoint(a, e.id).await.unwrap().unwrap();
+    let until2 = Timestamp(t2 + 10_000);
+    assert_eq!(ep.health.circuit_open_until, Some(until2));
+    assert!(
+        s.claim_deliveries(Timestamp(t2 + 1), lease(t2), "F", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A probe whose worker died: its lapsed lease lets the next probe out, still one at a time.
+    let probe = s
+        .claim_deliveries(until2, Timestamp(until2.0 + 10), "G", 10)
+        .await
+        .unwrap();
+    assert_eq!(probe.len(), 1);
+    let t3 = until2.0 + 11;
+    let probe = s
+        .claim_deliveries(Timestamp(t3), lease(t3), "H", 10)
+        .await
+        .unwrap();
+    assert_eq!(probe.len(), 1);
+    assert!(
+        s.claim_deliveries(Timestamp(t3), lease(t3), "I", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The probe succeeds: closed, the clock reset, and the whole backlog due now.
+    let done = finish(&probe[0], "H", Outcome::Succeeded, policy);
+    assert!(s.complete_delivery(done, Timestamp(t3)).await.unwrap());
+    let ep = s.get_endpoint(a, e.id).await.unwrap().unwrap();
+    assert_eq!(ep.health, Health::default());
+    let backlog = snapshot(s.clone()).await;
+    assert!(
+        backlog
+            .iter()
+            .filter(|d| d.state != "succeeded")
+            .all(|d| d.next_attempt_at <= Timestamp(t3)),
+        "{backlog:?}"
+    );
+    let drained = s
+        .claim_deliveries(Timestamp(t3), lease(t3), "J", 10)
+        .await
+        .unwrap();
+    assert_eq!(drained.len(), 4, "the backlog drains at the cap");
+}
+
+/// Spec checklist 23: failures for longer than `disable_after` with no success disable the
+/// endpoint (`failing`) and write `webhook.endpoint.disabled`; any success in between resets
+/// the clock; re-enabling clears the endpoint's health.
+pub async fn failing_too_long_disables_and_a_success_resets_the_clock(s: Store) {
+    let a = account(&s, "a").await;
+    let e = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        customer(&s, a).await;
+    }
+    sequence_all(&s, &ids()).await;
+    let policy = HealthPolicy {
+        breaker_threshold: i64::MAX,
+        cooldown_ms: 1_000,
+        disable_after_ms: 10_000,
+    };
+    let run = |outcome: Outcome, t: i64| {
+        let s = s.clone();
+        async move {
+            let got = s
+                .claim_deliveries(Timestamp(t), Timestamp(t + 1_000), "W", 1)
+                .await
+                .unwrap();
+            let c = got.first().expect("a due delivery");
+            let outcome = match outcome {
+                Outcome::Retry(_) => Outcome::Retry(Timestamp(t)),
+                o => o,
+            };
+            assert!(
+                s.complete_delivery(finish(c, "W", outcome, policy), Timestamp(t))
+                    .await
+                    .unwrap()
+            );
+            s.get_endpoint(a, e.id).await.unwrap().unwrap()
+        }
+    };
+    let retry = Outcome::Retry(Timestamp(0));
+    assert_eq!(
+        run(retry, T0).await.health.first_failure_at,
+        Some(Timestamp(T0))
+    );
+    assert!(run(retry, T0 + 5_000).await.enabled);
+    // A success: the clock starts again at the next failure.
+    let ep = run(Outcome::Succeeded, T0 + 8_000).await;
+    assert_eq!(ep.health, Health::default());
+    let ep = run(retry, T0 + 12_000).await;
+    assert!(ep.enabled, "the clock was reset by the success");
+    assert_eq!(ep.health.first_failure_at, Some(Timestamp(T0 + 12_000)));
+    assert!(
+        run(retry, T0 + 22_000).await.enabled,
+        "exactly disable_after is not longer"
+    );
+    let ep = run(retry, T0 + 22_001).await;
+    assert_eq!(
+        (ep.enabled, ep.disabled_reason.as_deref()),
+        (false, Some("failing"))
+    );
+    // Its deliveries wait (paused, not cancelled); nothing is claimed for it.
+    let states: BTreeSet<_> = s
+        .list_deliveries(a, e.id, page(10, None))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.state)
+        .collect();
+    assert!(!states.contains("cancelled"), "{states:?}");
+    let later = Timestamp(T0 + 100_000);
+    assert!(
+        s.claim_deliveries(later, later, "X", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // One `webhook.endpoint.disabled` event, about the endpoint, without its secret.
+    let logged = sequence_all(&s, &ids()).await;
+    let disabled: Vec<_> = logged
+        .iter()
+        .filter(|e| e.event_type == "webhook.endpoint.disabled")
+        .collect();
+    assert_eq!(disabled.len(), 1);
+    let body: serde_json::Value = serde_json::from_str(&disabled[0].body).unwrap();
+    assert_eq!(body["data"]["aggregate_type"], "webhook_endpoint");
+    assert_eq!(body["data"]["aggregate_id"], e.id);
+    assert_eq!(body["data"]["aggregate_version"], ep.version);
+    assert_eq!(body["data"]["object"]["disabled_reason"], "failing");
+    assert_eq!(body["data"]["object"]["enabled"], false);
+    assert!(!disabled[0].body.contains("enc:secret"));
+    assert_eq!(disabled[0].account_id, a);
+    // Re-enabled: healthy again.
+    let patch = EndpointPatch {
+        enabled: Some(true),
+        ..Default::default()
+    };
+    let ep = s.update_endpoint(a, e.id, patch, later).await.unwrap();
+    assert_eq!(
+        (ep.enabled, ep.disabled_reason, ep.health),
+        (true, None, Health::default())
+    );
+}
+
+/// Spec §2.2: `webhook.delivery.failing` once after the 4th failed attempt, `exhausted` once
+/// after the last, `recovered` when it then succeeds; never delivered to the endpoint they are
+/// about, and deliveries of operational events cause none themselves (no feedback loop).
+pub async fn operational_events_are_written_once_and_never_loop(s: Store) {
+    let a = account(&s, "a").await;
+    let ea = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    let eb = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    customer(&s, a).await;
+    let new_id = ids();
+    let first = sequence_all(&s, &new_id).await;
+    assert_eq!(first.len(), 1);
+    let policy = no_breaker();
+    // Drives one endpoint's due deliveries through `outcomes`, one attempt each.
+    let drive = |endpoint_id: i64, outcomes: Vec<Outcome>, t: i64| {
+        let s = s.clone();
+        async move {
+            for (i, o) in outcomes.into_iter().enumerate() {
+                let at = t + i as i64;
+                let got = s
+                    .claim_deliveries(Timestamp(at), Timestamp(at + 1_000), "W", 10)
+                    .await
+                    .unwrap();
+                for c in got {
+                    let outcome = if c.endpoint_id == endpoint_id {
+                        o
+                    } else {
+                        Outcome::Retry(Timestamp(at + 10_000_000))
+                    };
+                    assert!(
+                        s.complete_delivery(finish(&c, "W", outcome, policy), Timestamp(at))
+                            .await
+                            .unwrap()
+                    );
+                }
+            }
+        }
+    };
+    let now_retry = |t: i64| Outcome::Retry(Timestamp(t));
+    // A fails 4 times (failing), then its 5th and last attempt fails (exhausted).
+    drive(
+        ea.id,
+        (0..4)
+            .map(|i| now_retry(T0 + i + 1))
+            .chain([Outcome::Exhausted])
+            .collect(),
+        T0,
+    )
+    .await;
+    let ops = sequence_all(&s, &new_id).await;
+    let types: Vec<_> = ops.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        vec!["webhook.delivery.failing", "webhook.delivery.exhausted"]
+    );
+    let failing: serde_json::Value = serde_json::from_str(&ops[0].body).unwrap();
+    let object = &failing["data"]["object"];
+    assert_eq!(object["endpoint_id"], ea.id);
+    assert_eq!(object["event_id"], first[0].event_id.as_str());
+    assert_eq!(object["event_type"], "customer.created");
+    assert_eq!(
+        (object["attempt_count"].as_i64(), object["state"].as_str()),
+        (Some(4), Some("retrying"))
+    );
+    assert_eq!(failing["data"]["aggregate_type"], "webhook_delivery");
+    assert_eq!(failing["data"]["aggregate_version"], 4);
+    // They go to B only: never to the endpoint they are about.
+    let types_of = |id: i64| {
+        let s = s.clone();
+        async move {
+            let mut t: Vec<String> = s
+                .list_deliveries(a, id, page(50, None))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| d.event_type)
+                .collect();
+            t.sort();
+            t
+        }
+    };
+    assert_eq!(types_of(ea.id).await, vec!["customer.created"]);
+    assert_eq!(
+        types_of(eb.id).await,
+        vec![
+            "customer.created",
+            "webhook.delivery.exhausted",
+            "webhook.delivery.failing"
+        ]
+    );
+    // B fails its deliveries of them many times over: they cause no operational events.
+    let t = T0 + 1_000;
+    drive(eb.id, (0..6).map(|i| now_retry(t + i + 1)).collect(), t).await;
+    let attempts = s.list_attempts(a, eb.id, page(50, None)).await.unwrap();
+    assert_eq!(attempts.len(), 1 + 2 * 6);
+    assert!(sequence_all(&s, &new_id).await.is_empty());
+    // A's exhausted delivery, resent, succeeds: recovered, once.
+    s.redeliver(a, ea.id, &first[0].event_id, Timestamp(T0 + 2_000))
+        .await
+        .unwrap();
+    drive(ea.id, vec![Outcome::Succeeded], T0 + 2_000).await;
+    let recovered = sequence_all(&s, &new_id).await;
+    let types: Vec<_> = recovered.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, vec!["webhook.delivery.recovered"]);
+    let body: serde_json::Value = serde_json::from_str(&recovered[0].body).unwrap();
+    assert_eq!(body["data"]["object"]["attempt_count"], 6);
+    assert_eq!(body["data"]["object"]["state"], "succeeded");
+    // A success after a failure before the 4th attempt is no recovery.
+    customer(&s, a).await;
+    sequence_all(&s, &new_id).await;
+    drive(
+        ea.id,
+        vec![now_retry(T0 + 3_001), Outcome::Succeeded],
+        T0 + 3_000,
+    )
+    .await;
+    assert!(sequence_all(&s, &new_id).await.is_empty());
+}
+
+/// Spec checklist 27: a replay resends matching events with their original ids and bodies,
+/// requeues failed (and, when asked, succeeded) deliveries, creates those never fanned out,
+/// never queues a pending one twice, is capped, scoped to the account, and recorded.
+pub async fn replays_requeue_without_duplicates(s: Store) {
+    let a = account(&s, "a").await;
+    let e = s
+        .create_endpoint(a, endpoint(&["order.*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    let c = customer(&s, a).await;
+    for i in 1..=5 {
+        order_at(&s, a, c.id, 100 * i, T0 + 1_000 * i).await;
+    }
+    let new_id = ids();
+    let logged = sequence_all(&s, &new_id).await;
+    let orders: Vec<_> = logged
+        .iter()
+        .filter(|e| e.event_type == "order.created")
+        .collect();
+    assert_eq!(orders.len(), 5);
+    // Deliveries: 1 succeeded, 2 failed, 3 retrying, 4 in flight, 5 succeeded.
+    let now = Timestamp(T0 + 10_000);
+    let claimed = s
+        .claim_deliveries(now, Timestamp(now.0 + 60_000), "A", 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    let by_event = |id: &str| claimed.iter().find(|c| c.event_id == id);
+    let policy = no_breaker();
+    let outcomes = [
+        Outcome::Succeeded,
+        Outcome::Exhausted,
+        Outcome::Retry(Timestamp(now.0 + 3_600_000)),
+    ];
+    for (ev, o) in orders.iter().zip(outcomes) {
+        let c = by_event(&ev.event_id).unwrap();
+        assert!(
+            s.complete_delivery(finish(c, "A", o, policy), now)
+                .await
+                .unwrap()
+        );
+    }
+    let fourth = by_event(&orders[3].event_id).unwrap().clone();
+    let fifth = s
+        .claim_deliveries(now, Timestamp(now.0 + 60_000), "B", 10)
+        .await
+        .unwrap();
+    assert_eq!(fifth.len(), 1);
+    assert!(
+        s.complete_delivery(finish(&fifth[0], "B", Outcome::Succeeded, policy), now)
+            .await
+            .unwrap()
+    );
+    let state_of = |s: Store| async move {
+        let mut d: Vec<_> = s
+            .list_deliveries(a, e.id, page(50, None))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.event_id, d.state))
+            .collect();
+        d.sort();
+        d
+    };
+    let req = |since: i64, until: i64, include_succeeded: bool| ReplayRequest {
+        since: Timestamp(since),
+        until: Timestamp(until),
+        include_succeeded,
+        max_events: 10_000,
+    };
+    let t = Timestamp(now.0 + 1);
+    // Only the failed one is requeued; nothing is duplicated.
+    let r = s
+        .replay(a, e.id, req(T0, T0 + 60_000, false), t)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.events_matched,
+            r.deliveries_created,
+            r.deliveries_requeued,
+            r.capped
+        ),
+        (5, 0, 1, false),
+        "the customer event does not match order.*"
+    );
+    assert_eq!(
+        (r.status.as_str(), r.endpoint_id, r.account_id),
+        ("completed", e.id, a)
+    );
+    let states = state_of(s.clone()).await;
+    assert_eq!(states.len(), 5);
+    let mut expect: Vec<_> = orders
+        .iter()
+        .map(|o| o.event_id.clone())
+        .zip(["succeeded", "pending", "retrying", "in_flight", "succeeded"].map(String::from))
+        .collect();
+    expect.sort();
+    assert_eq!(states, expect);
+    // With include_succeeded the two succeeded ones too; again, nothing more.
+    let r = s
+        .replay(a, e.id, req(T0, T0 + 60_000, true), t)
+        .await
+        .unwrap();
+    assert_eq!((r.deliveries_created, r.deliveries_requeued), (0, 2));
+    let r = s
+        .replay(a, e.id, req(T0, T0 + 60_000, true), t)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r.events_matched,
+            r.deliveries_created,
+            r.deliveries_requeued
+        ),
+        (5, 0, 0)
+    );
+    assert_eq!(state_of(s.clone()).await.len(), 5);
+    // They go out again with the original ids and bodies.
+    let resent = s
+        .claim_deliveries(t, Timestamp(t.0 + 60_000), "C", 10)
+        .await
+        .unwrap();
+    let resent_ids: BTreeSet<_> = resent.iter().map(|c| c.event_id.clone()).collect();
+    let want: BTreeSet<_> = [0, 1, 4].map(|i| orders[i].event_id.clone()).into();
+    assert_eq!(resent_ids, want);
+    for c in &resent {
+        let original = orders.iter().find(|o| o.event_id == c.event_id).unwrap();
+        assert_eq!(c.body, original.body);
+    }
+    assert!(resent.iter().all(|c| c.delivery_id != fourth.delivery_id));
+    // The range is on event time, end excluded; the cap takes the oldest.
+    let r = s
+        .replay(a, e.id, req(T0 + 2_000, T0 + 4_000, false), t)
+        .await
+        .unwrap();
+    assert_eq!(r.events_matched, 2);
+    let r = s
+        .replay(
+            a,
+            e.id,
+            ReplayRequest {
+                max_events: 3,
+                ..req(T0, T0 + 60_000, false)
+            },
+            t,
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.events_matched, r.capped), (3, true));
+    assert_eq!(
+        r.next_since,
+        Some(orders[3].created_at),
+        "the first left out"
+    );
+    let r = s
+        .replay(
+            a,
+            e.id,
+            ReplayRequest {
+                max_events: 3,
+                ..req(r.next_since.unwrap().0, T0 + 60_000, false)
+            },
+            t,
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.events_matched, r.capped, r.next_since), (2, false, None));
+    // An endpoint created after the events never had them: a replay creates its deliveries.
+    let late = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    let r = s
+        .replay(a, late.id, req(T0, T0 + 60_000, false), t)
+        .await
+        .unwrap();
+    assert_eq!((r.events_matched, r.deliveries_created), (6, 6));
+    let got: BTreeSet<_> = s
+        .list_deliveries(a, late.id, page(50, None))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.event_id)
+        .collect();
+    assert_eq!(got, logged.iter().map(|e| e.event_id.clone()).collect());
+    // Recorded, and scoped to the account.
+    assert_eq!(
+        s.get_replay(a, late.id, r.id).await.unwrap(),
+        Some(r.clone())
+    );
+    assert_eq!(s.get_replay(a, e.id, r.id).await.unwrap(), None);
+    let b = account(&s, "b").await;
+    assert_eq!(s.get_replay(b, late.id, r.id).await.unwrap(), None);
+    assert!(matches!(
+        s.replay(b, late.id, req(T0, T0 + 60_000, false), t).await,
+        Err(StorageError::NotFound)
+    ));
 }

@@ -5,10 +5,10 @@ use axum::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bursar_api::{
-    CreateWebhookEndpoint, ErrorBody, List, Redeliver, UpdateWebhookEndpoint, WebhookAttempt,
-    WebhookDelivery, WebhookEndpoint,
+    CreateReplay, CreateWebhookEndpoint, ErrorBody, List, Redeliver, UpdateWebhookEndpoint,
+    WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookReplay,
 };
-use bursar_storage::events::{Attempt, Delivery, Endpoint, LoggedEvent};
+use bursar_storage::events::{Attempt, Delivery, Endpoint, LoggedEvent, REPLAY_MAX_EVENTS, Replay};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
@@ -68,7 +68,8 @@ pub async fn get_event(call: Call, Path(id): Path<String>) -> Result<Response, A
     Ok(raw_json(StatusCode::OK, e.body))
 }
 
-fn endpoint(e: &Endpoint, secret: String) -> WebhookEndpoint {
+fn endpoint(call: &Call, e: &Endpoint, secret: String) -> WebhookEndpoint {
+    let h = &e.health;
     WebhookEndpoint {
         id: e.id,
         object: "webhook_endpoint".into(),
@@ -77,6 +78,11 @@ fn endpoint(e: &Endpoint, secret: String) -> WebhookEndpoint {
         event_types: e.event_types.clone(),
         enabled: e.enabled,
         disabled_reason: e.disabled_reason.clone(),
+        max_concurrency: e.max_concurrency,
+        circuit_state: h.circuit_state(call.state.clock.now()).to_owned(),
+        circuit_open_until: h.circuit_open_until.filter(|_| h.circuit_open).map(time),
+        first_failure_at: h.first_failure_at.map(time),
+        consecutive_failures: h.consecutive_failures,
         secret,
         previous_secret_expires_at: e.previous_secret_expires_at.map(time),
         version: e.version,
@@ -86,7 +92,7 @@ fn endpoint(e: &Endpoint, secret: String) -> WebhookEndpoint {
 }
 
 fn masked(call: &Call, e: &Endpoint) -> WebhookEndpoint {
-    endpoint(e, webhooks::masked_secret(call, e))
+    endpoint(call, e, webhooks::masked_secret(call, e))
 }
 
 fn delivery(d: &Delivery) -> WebhookDelivery {
@@ -132,7 +138,7 @@ pub async fn create_endpoint(
     Ok(render::created(
         format!("/api/webhook_endpoints/{}", e.id),
         e.version,
-        &endpoint(e, c.secret),
+        &endpoint(&call, e, c.secret),
     ))
 }
 
@@ -197,7 +203,7 @@ pub async fn delete_endpoint(call: Call, Id(id): Id) -> Result<StatusCode, ApiEr
     security(("api_key" = [])))]
 pub async fn rotate_secret(call: Call, Id(id): Id) -> Result<AxumJson<WebhookEndpoint>, ApiError> {
     let c = webhooks::rotate(&call, id).await?;
-    Ok(AxumJson(endpoint(&c.endpoint, c.secret)))
+    Ok(AxumJson(endpoint(&call, &c.endpoint, c.secret)))
 }
 
 #[utoipa::path(get, path = "/api/webhook_endpoints/{id}/deliveries", tag = "webhooks",
@@ -252,4 +258,65 @@ pub async fn redeliver(
 ) -> Result<(StatusCode, AxumJson<WebhookDelivery>), ApiError> {
     let d = webhooks::redeliver(&call, id, &req.event_id).await?;
     Ok((StatusCode::ACCEPTED, AxumJson(delivery(&d))))
+}
+
+fn replay(r: &Replay) -> WebhookReplay {
+    WebhookReplay {
+        id: r.id,
+        object: "webhook_replay".into(),
+        endpoint_id: r.endpoint_id,
+        status: r.status.clone(),
+        since: time(r.since),
+        until: time(r.until),
+        include_succeeded: r.include_succeeded,
+        events_matched: r.events_matched,
+        deliveries_created: r.deliveries_created,
+        deliveries_requeued: r.deliveries_requeued,
+        capped: r.capped,
+        next_since: r.next_since.map(time),
+        max_events: REPLAY_MAX_EVENTS,
+        created_at: time(r.created_at),
+    }
+}
+
+#[utoipa::path(post, path = "/api/webhook_endpoints/{id}/replay", tag = "webhooks",
+    request_body = CreateReplay,
+    params(("id" = i64, Path, description = "Endpoint id")),
+    responses(
+        (status = 202, description = "Queued: the endpoint's events of the range (by event time, matching its `event_types`, at most 10,000, oldest first) go out again with their original `webhook-id` and body; events already queued are not queued twice", body = WebhookReplay),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn create_replay(
+    call: Call,
+    Id(id): Id,
+    Json(req): Json<CreateReplay>,
+) -> Result<Response, ApiError> {
+    let r = webhooks::replay(&call, id, req).await?;
+    let location = format!("/api/webhook_endpoints/{id}/replays/{}", r.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        AxumJson(replay(&r)),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/api/webhook_endpoints/{id}/replays/{replay_id}", tag = "webhooks",
+    params(
+        ("id" = i64, Path, description = "Endpoint id"),
+        ("replay_id" = i64, Path, description = "Replay id")),
+    responses(
+        (status = 200, description = "The replay and what it queued", body = WebhookReplay),
+        (status = "4XX", description = "Error", body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_replay(
+    call: Call,
+    Path((id, replay_id)): Path<(String, String)>,
+) -> Result<AxumJson<WebhookReplay>, ApiError> {
+    let parse = |raw: &str| raw.parse::<i64>().ok().filter(|&n| n > 0);
+    let (Some(id), Some(replay_id)) = (parse(&id), parse(&replay_id)) else {
+        return Err(ApiError::not_found("webhook replay"));
+    };
+    let r = webhooks::get_replay(&call, id, replay_id).await?;
+    Ok(AxumJson(replay(&r)))
 }
