@@ -86,6 +86,7 @@ api_suite!(
     events_wait_in_the_log_while_nats_is_down,
     reconnecting_under_load_never_gaps_or_repeats,
     a_replayed_create_emits_one_event,
+    answers_are_classified_and_capped,
     the_circuit_breaker_holds_back_probes_and_drains,
     a_failing_endpoint_is_disabled_with_an_event,
     replay_resends_the_same_events,

@@ -1029,3 +1029,123 @@ pub async fn replay_resends_the_same_events(app: &TestApp) {
     error_body(foreign, 404, "resource_not_found").await;
     app.stop().await;
 }
+
+/// Checklist 19, 20 and 30: a 3xx is a failure and its `Location` is never requested; a
+/// receiver slower than the timeout is recorded as `timeout` and retried no sooner than the
+/// overload floor; a 10 MB answer is kept as a snippet of at most 16 KiB.
+pub async fn answers_are_classified_and_capped(app: &TestApp) {
+    let app = webhook_app_with(app, |c| {
+        c.webhooks.timeout_ms = 500;
+        c.webhooks.overload_floor_secs = 60;
+    })
+    .await;
+    let followed = Arc::new(AtomicU64::new(0));
+    let f = followed.clone();
+    let router = axum::Router::new()
+        .route(
+            "/redirect",
+            axum::routing::post(|| async {
+                (
+                    StatusCode::FOUND,
+                    [(axum::http::header::LOCATION, "/target")],
+                )
+            }),
+        )
+        .route(
+            "/target",
+            axum::routing::post(move || {
+                f.fetch_add(1, Ordering::SeqCst);
+                async { StatusCode::OK }
+            }),
+        )
+        .route(
+            "/big",
+            axum::routing::post(|| async { "x".repeat(10 * 1024 * 1024) }),
+        )
+        .route(
+            "/slow",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                StatusCode::OK
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let mut ids = BTreeMap::new();
+    for path in ["redirect", "big", "slow"] {
+        let resp = create_endpoint(
+            &app.a,
+            json!({"url": format!("{base}/{path}"), "event_types": ["customer.*"]}),
+        )
+        .await;
+        assert_eq!(resp.status(), 201);
+        let e: Value = resp.json().await.unwrap();
+        ids.insert(path, e["id"].as_i64().unwrap());
+    }
+    app.customer(&app.a).await;
+    let attempts = |id: i64| {
+        let client = app.a.clone();
+        async move {
+            let path = format!("/api/webhook_endpoints/{id}/attempts");
+            call_json(&client, reqwest::Method::GET, &path).await["data"]
+                .as_array()
+                .unwrap()
+                .clone()
+        }
+    };
+    let mut first = BTreeMap::new();
+    for _ in 0..300 {
+        for (path, id) in &ids {
+            if let Some(a) = attempts(*id).await.last() {
+                first.entry(*path).or_insert_with(|| a.clone());
+            }
+        }
+        if first.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(first.len(), 3, "{first:?}");
+    // 3xx: a failure, recorded with its status; the redirect is not followed, also by retries.
+    assert_eq!(first["redirect"]["status_code"], 302, "{first:?}");
+    assert_eq!(first["redirect"]["error_kind"], "http_status");
+    // A 10 MB answer: success, and at most 16 KiB of it is kept.
+    assert_eq!(first["big"]["status_code"], 200);
+    let snippet = first["big"]["response_snippet"].as_str().unwrap();
+    assert!(
+        !snippet.is_empty() && snippet.len() <= 16 * 1024,
+        "{}",
+        snippet.len()
+    );
+    // Slower than the timeout: `timeout`, cut off near the limit, no status.
+    assert_eq!(first["slow"]["error_kind"], "timeout", "{first:?}");
+    assert!(first["slow"]["status_code"].is_null());
+    let took = first["slow"]["duration_ms"].as_i64().unwrap();
+    assert!((450..2_000).contains(&took), "{took} ms");
+    let time = |v: &Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
+    let slow = deliveries(&app, &json!({"id": ids["slow"]})).await;
+    let wait = time(&slow[0]["next_attempt_at"]) - time(&first["slow"]["created_at"]);
+    assert!(
+        wait >= 59_000,
+        "retried after {wait} ms, under the overload floor"
+    );
+    // The redirect's retry (after about a second) does not follow it either.
+    for _ in 0..100 {
+        if attempts(ids["redirect"]).await.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(attempts(ids["redirect"]).await.len() >= 2, "retried");
+    assert_eq!(
+        followed.load(Ordering::SeqCst),
+        0,
+        "the Location was requested"
+    );
+    app.stop().await;
+}
