@@ -87,6 +87,8 @@ api_suite!(
     reconnecting_under_load_never_gaps_or_repeats,
     a_replayed_create_emits_one_event,
     answers_are_classified_and_capped,
+    a_rotated_secret_stops_signing_after_its_grace,
+    shutdown_hands_back_in_flight_deliveries,
     the_circuit_breaker_holds_back_probes_and_drains,
     a_failing_endpoint_is_disabled_with_an_event,
     replay_resends_the_same_events,

@@ -1149,3 +1149,94 @@ pub async fn answers_are_classified_and_capped(app: &TestApp) {
     );
     app.stop().await;
 }
+
+/// Checklist 8, second point: once the rotation grace is over, only the new secret signs; a
+/// receiver still holding the old one can no longer verify.
+pub async fn a_rotated_secret_stops_signing_after_its_grace(app: &TestApp) {
+    let app = webhook_app_with(app, |c| c.webhooks.rotation_grace_secs = 1).await;
+    let receiver = Receiver::start(200).await;
+    let endpoint = endpoint_at(&app, &receiver, json!(["customer.*"])).await;
+    let old_secret = endpoint["secret"].as_str().unwrap().to_owned();
+    let id = endpoint["id"].as_i64().unwrap();
+    let rotate = format!("/api/webhook_endpoints/{id}/rotate_secret");
+    let rotated: Value = call_json(&app.a, reqwest::Method::POST, &rotate).await;
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    app.customer(&app.a).await;
+    wait_for("the delivery", || !receiver.received().is_empty()).await;
+    let got = receiver.received()[0].clone();
+    let signatures = got.headers["webhook-signature"].to_str().unwrap();
+    assert_eq!(signatures.split(' ').count(), 1, "{signatures}");
+    assert!(!got.headers.contains_key("x-webhook-signature-previous"));
+    let new = Verifier::new([new_secret.as_str()]).unwrap();
+    new.verify(&got.headers, &got.body, now_secs()).unwrap();
+    new.verify_hex(&got.headers, &got.body).unwrap();
+    let old = Verifier::new([old_secret.as_str()]).unwrap();
+    assert!(old.verify(&got.headers, &got.body, now_secs()).is_err());
+    assert!(old.verify_hex(&got.headers, &got.body).is_err());
+    app.stop().await;
+}
+
+/// Checklist 31: shutting down with 20 deliveries in flight hands their leases back, so the
+/// next process sends them at once instead of after the 90 s lease; none is lost.
+pub async fn shutdown_hands_back_in_flight_deliveries(app: &TestApp) {
+    let app = webhook_app_with(app, |c| c.http.shutdown_grace_ms = 300).await;
+    assert_eq!(app.state.config.webhooks.lease_secs, 90);
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let arrived = Arc::new(AtomicU64::new(0));
+    let answered: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let (s, n, ok) = (slow.clone(), arrived.clone(), answered.clone());
+    let router = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move |headers: HeaderMap| {
+            let (s, n, ok) = (s.clone(), n.clone(), ok.clone());
+            async move {
+                n.fetch_add(1, Ordering::SeqCst);
+                if s.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                let id = headers["webhook-id"].to_str().unwrap().to_owned();
+                ok.lock().unwrap().insert(id);
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let resp = create_endpoint(
+        &app.a,
+        json!({"url": url, "event_types": ["customer.*"], "max_concurrency": 20}),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let endpoint: Value = resp.json().await.unwrap();
+    for _ in 0..20 {
+        app.customer(&app.a).await;
+    }
+    wait_for("20 deliveries in flight", || {
+        arrived.load(Ordering::SeqCst) >= 20
+    })
+    .await;
+    slow.store(false, Ordering::SeqCst);
+    // Stop (the sends cannot finish within the 300 ms grace) and start again.
+    let app = app.restart().await;
+    let mut data = Vec::new();
+    for _ in 0..300 {
+        data = deliveries(&app, &endpoint).await;
+        if data.len() == 20 && data.iter().all(|d| d["state"] == "succeeded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(data.len(), 20);
+    for d in &data {
+        assert_eq!(d["state"], "succeeded", "{d}");
+        assert_eq!(
+            d["attempt_count"], 2,
+            "the handed-back send, then the resend: {d}"
+        );
+    }
+    assert_eq!(answered.lock().unwrap().len(), 20);
+    app.stop().await;
+}
