@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
-    Finished, Health, LoggedEvent, NewEndpoint, Outcome, Replay, ReplayRequest, TypeFilter,
-    delivery_events, endpoint_disabled_event, render_body, state, type_matches,
+    EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, Replay, ReplayRequest,
+    TypeFilter, delivery_events, endpoint_disabled_event, render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::postgres::PgRow;
@@ -413,7 +413,7 @@ impl EventLogStore for PostgresStore {
         &self,
         limit: u32,
         now: Timestamp,
-        new_id: &(dyn Fn() -> String + Send + Sync),
+        render: &dyn EventRenderer,
     ) -> Result<Vec<LoggedEvent>> {
         let mut tx = self.write_tx().await?;
         // First, in its own statement: a statement's snapshot is taken before it runs, so only
@@ -435,7 +435,7 @@ impl EventLogStore for PostgresStore {
         for r in &rows {
             let payload: String = r.try_get("payload").map_err(err)?;
             let mut event = LoggedEvent {
-                event_id: new_id(),
+                event_id: render.new_id(),
                 seq: r.try_get("seq").map_err(err)?,
                 account_id: r.try_get("account_id").map_err(err)?,
                 event_type: r.try_get("event_type").map_err(err)?,
@@ -447,7 +447,10 @@ impl EventLogStore for PostgresStore {
                 created_at: Timestamp(r.try_get("created_at").map_err(err)?),
                 body: String::new(),
             };
-            event.body = render_body(&event, &payload)?;
+            let object = render
+                .object(&event.aggregate_type, &payload)
+                .unwrap_or(payload);
+            event.body = render_body(&event, &object)?;
             events.push(event);
         }
         // The enabled endpoints of the batch's accounts, share-locked until commit: an

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
-    Finished, Health, LoggedEvent, NewEndpoint, Outcome, Replay, ReplayRequest, TypeFilter,
-    delivery_events, endpoint_disabled_event, render_body, state, type_matches,
+    EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, Replay, ReplayRequest,
+    TypeFilter, delivery_events, endpoint_disabled_event, render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::sqlite::SqliteRow;
@@ -214,7 +214,7 @@ impl EventLogStore for SqliteStore {
         &self,
         limit: u32,
         now: Timestamp,
-        new_id: &(dyn Fn() -> String + Send + Sync),
+        render: &dyn EventRenderer,
     ) -> Result<Vec<LoggedEvent>> {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
@@ -243,7 +243,7 @@ impl EventLogStore for SqliteStore {
             .map_err(err)?;
             let payload: String = r.get("payload");
             let mut event = LoggedEvent {
-                event_id: new_id(),
+                event_id: render.new_id(),
                 seq,
                 account_id: account,
                 event_type: r.get("event_type"),
@@ -255,7 +255,10 @@ impl EventLogStore for SqliteStore {
                 created_at: Timestamp(r.get("created_at")),
                 body: String::new(),
             };
-            event.body = render_body(&event, &payload)?;
+            let object = render
+                .object(&event.aggregate_type, &payload)
+                .unwrap_or(payload);
+            event.body = render_body(&event, &object)?;
             sqlx::query(
                 "UPDATE outbox_events SET event_id = ?, seq = ?, body = ?, sequenced_at = ? \
                  WHERE id = ?",

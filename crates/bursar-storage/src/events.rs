@@ -56,12 +56,32 @@ struct Data<'a> {
     object: &'a RawValue,
 }
 
+/// What the relay decides for each event it sequences: its public id, and the public form of
+/// the aggregate snapshot written with the business change (the API object, as `GET` of the
+/// resource serves it). Storage writes what the server decides; a plain closure gives ids and
+/// keeps snapshots as stored.
+pub trait EventRenderer: Send + Sync {
+    fn new_id(&self) -> String;
+
+    /// The public JSON of `payload`, a snapshot of an `aggregate_type`; `None` keeps it as is.
+    fn object(&self, aggregate_type: &str, payload: &str) -> Option<String> {
+        let _ = (aggregate_type, payload);
+        None
+    }
+}
+
+impl<F: Fn() -> String + Send + Sync> EventRenderer for F {
+    fn new_id(&self) -> String {
+        self()
+    }
+}
+
 /// Renders an event's body: `{"id","type","timestamp","seq","account_id","request_id",
 /// "trace_id","data":{"aggregate_type","aggregate_id","aggregate_version","object"}}`.
-/// `e.body` is ignored; `payload` is the record snapshot written with the business change.
-pub fn render_body(e: &LoggedEvent, payload: &str) -> Result<String> {
-    let object: &RawValue = serde_json::from_str(payload)
-        .map_err(|err| crate::StorageError::Internal(Box::new(err)))?;
+/// `e.body` is ignored; `object` is the aggregate's JSON (see [`EventRenderer::object`]).
+pub fn render_body(e: &LoggedEvent, object: &str) -> Result<String> {
+    let object: &RawValue =
+        serde_json::from_str(object).map_err(|err| crate::StorageError::Internal(Box::new(err)))?;
     let envelope = Envelope {
         id: &e.event_id,
         event_type: &e.event_type,
@@ -581,7 +601,7 @@ pub trait EventLogStore: Send + Sync {
         &self,
         limit: u32,
         now: Timestamp,
-        new_id: &(dyn Fn() -> String + Send + Sync),
+        render: &dyn EventRenderer,
     ) -> Result<Vec<LoggedEvent>>;
 
     /// Events of `account` with `seq > after`, oldest first (SSE backfill and resume).

@@ -10,7 +10,7 @@
 use async_trait::async_trait;
 use bursar_domain::ledger::{EntryKind, LedgerAccount, Posting};
 use bursar_domain::{AccountId, Currency, Money, OrderStatus, Timestamp};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Lease, Page, PageRequest, Result, StoredResponse, WriteMeta};
 
@@ -41,7 +41,7 @@ pub enum StepEnd {
 pub type Respond<'a, T> = &'a (dyn Fn(&T) -> StoredResponse + Send + Sync);
 
 /// Where a payment is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PaymentStatus {
     /// Authorized; waiting for a capture or a void.
@@ -77,7 +77,7 @@ impl PaymentStatus {
 }
 
 /// A payment as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payment {
     pub id: i64,
     pub account_id: AccountId,
@@ -113,7 +113,7 @@ pub struct NewPayment {
 }
 
 /// Where a refund is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefundStatus {
     /// Reserved against the payment; the processor has not confirmed it yet.
@@ -143,7 +143,7 @@ impl RefundStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refund {
     pub id: i64,
     pub account_id: AccountId,
@@ -199,7 +199,7 @@ pub struct Quote {
     pub used_at: Option<Timestamp>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conversion {
     pub id: i64,
     pub account_id: AccountId,

@@ -2,7 +2,7 @@
 
 use bursar_domain::apikey::KeyMode;
 use bursar_domain::{AccountId, Metadata, Money, OrderStatus, Timestamp};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
@@ -57,7 +57,7 @@ impl Precondition {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Customer {
     pub id: i64,
     pub account_id: AccountId,
@@ -83,7 +83,7 @@ pub struct CustomerPatch {
     pub metadata: Option<Metadata>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     pub id: i64,
     pub account_id: AccountId,

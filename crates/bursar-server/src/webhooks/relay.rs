@@ -3,7 +3,12 @@
 //! worker, hands the events to this process's live subscribers and wakes the NATS publisher. Any number of relays may run against one database; the storage command
 //! serialises them, so `seq` is handed out once and in commit order.
 
+use bursar_storage::events::EventRenderer;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
 use crate::AppState;
+use crate::http::render;
 use crate::live::LiveEvent;
 
 /// Events sequenced per transaction.
@@ -14,11 +19,45 @@ pub fn new_event_id() -> String {
     format!("evt_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// Events as the public sees them: `evt_` ids, and `data.object` in the form the API serves
+/// the resource in (decimal amounts, RFC 3339 times), not the storage snapshot — so a webhook,
+/// an SSE frame and `GET /api/orders/{id}` describe an order the same way.
+pub struct PublicEvents;
+
+impl EventRenderer for PublicEvents {
+    fn new_id(&self) -> String {
+        new_event_id()
+    }
+
+    fn object(&self, aggregate_type: &str, payload: &str) -> Option<String> {
+        fn api<R: DeserializeOwned, A: Serialize>(payload: &str, f: fn(&R) -> A) -> Option<String> {
+            let record: R = serde_json::from_str(payload).ok()?;
+            serde_json::to_string(&f(&record)).ok()
+        }
+        let object = match aggregate_type {
+            "customer" => api(payload, render::customer),
+            "order" => api(payload, render::order),
+            "payment" => api(payload, render::payment),
+            "refund" => api(payload, render::refund),
+            "conversion" => api(payload, render::conversion),
+            // Operational events (`webhook.*`) are written in their public form already.
+            _ => return None,
+        };
+        if object.is_none() {
+            tracing::error!(
+                aggregate_type,
+                "an event snapshot did not parse; it is sent as stored"
+            );
+        }
+        object
+    }
+}
+
 /// One relay pass: how many events it sequenced.
 pub async fn relay_once(state: &AppState) -> bursar_storage::Result<usize> {
     let events = state
         .store
-        .sequence_events(BATCH, state.clock.now(), &new_event_id)
+        .sequence_events(BATCH, state.clock.now(), &PublicEvents)
         .await?;
     if events.is_empty() {
         return Ok(0);

@@ -641,6 +641,18 @@ pub async fn a_replayed_create_emits_one_event(app: &TestApp) {
     let mut sse = open(app, &app.key_a, "?types=order.*", Some(0)).await;
     let f = sse.event().await;
     assert_eq!(f.json()["data"]["aggregate_id"], ids[0]);
+    // `data.object` is the order as the API serves it, not a storage snapshot.
+    let served: Value = app
+        .a
+        .request(reqwest::Method::GET, &format!("/api/orders/{}", ids[0]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(f.json()["data"]["object"], served);
+    assert!(f.data[0].contains(r#""amount":12.50"#), "{}", f.data[0]);
     // One more order: the next order event is that one, so no second event came between.
     let next = create_order(app).await;
     let f = sse.event().await;

@@ -339,7 +339,7 @@ pub async fn a_receiver_outage_loses_no_event(app: &TestApp) {
     })
     .await;
     receiver.status.store(200, Ordering::SeqCst);
-    let produced = produced_events(&app.a, "", 100).await;
+    let produced = produced_events(&app.a, "customer.created,order.created", 100).await;
     assert_recovered(
         &app,
         &receiver,

@@ -33,7 +33,7 @@ fn endpoint(types: &[&str]) -> NewEndpoint {
 }
 
 /// Sequences everything committed so far.
-async fn sequence_all(s: &Store, new_id: &(dyn Fn() -> String + Send + Sync)) -> Vec<LoggedEvent> {
+async fn sequence_all(s: &Store, new_id: &dyn EventRenderer) -> Vec<LoggedEvent> {
     let mut all = Vec::new();
     loop {
         let batch = s.sequence_events(100, Timestamp(T0), new_id).await.unwrap();
