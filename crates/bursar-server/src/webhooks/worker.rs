@@ -307,15 +307,31 @@ fn error_kind(e: &reqwest::Error) -> &'static str {
         "blocked_ip"
     } else if e.is_timeout() {
         "timeout"
-    } else if is_tls(&format!("{e:?}").to_ascii_lowercase()) {
+    } else if is_tls(e) {
         "tls"
     } else {
         "connect"
     }
 }
 
-fn is_tls(described: &str) -> bool {
-    described.contains("tls") || described.contains("certificate")
+/// Whether a rustls error is anywhere in the chain, so a URL that merely contains "tls" is
+/// not mistaken for a handshake failure. An `io::Error` wrapping another error reports that
+/// error's *source* as its own, so the wrapped error itself is followed explicitly.
+fn is_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        next = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(wrapped) => Some(wrapped as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date; garbage is ignored.

@@ -89,6 +89,7 @@ api_suite!(
     answers_are_classified_and_capped,
     a_rotated_secret_stops_signing_after_its_grace,
     shutdown_hands_back_in_flight_deliveries,
+    tls_failures_are_told_from_refused_connections,
     the_circuit_breaker_holds_back_probes_and_drains,
     a_failing_endpoint_is_disabled_with_an_event,
     replay_resends_the_same_events,

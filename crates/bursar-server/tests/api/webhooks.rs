@@ -1240,3 +1240,38 @@ pub async fn shutdown_hands_back_in_flight_deliveries(app: &TestApp) {
     assert_eq!(answered.lock().unwrap().len(), 20);
     app.stop().await;
 }
+
+/// Attempts name what failed: an `https://` URL answered by a plain-HTTP server is `tls`; a
+/// refused connection is `connect`, even when its URL happens to contain "tls".
+pub async fn tls_failures_are_told_from_refused_connections(app: &TestApp) {
+    let app = webhook_app(app).await;
+    let plain = Receiver::start(200).await;
+    let https_url = plain.url.replacen("http://", "https://", 1);
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/tls/certificate", l.local_addr().unwrap())
+    };
+    let mut ids = Vec::new();
+    for url in [&https_url, &refused] {
+        let resp =
+            create_endpoint(&app.a, json!({"url": url, "event_types": ["customer.*"]})).await;
+        assert_eq!(resp.status(), 201);
+        ids.push(resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap());
+    }
+    app.customer(&app.a).await;
+    let mut kinds = Vec::new();
+    for _ in 0..200 {
+        kinds.clear();
+        for id in &ids {
+            let path = format!("/api/webhook_endpoints/{id}/attempts");
+            let page = call_json(&app.a, reqwest::Method::GET, &path).await;
+            kinds.push(page["data"][0]["error_kind"].clone());
+        }
+        if kinds.iter().all(|k| !k.is_null()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(kinds, vec![json!("tls"), json!("connect")]);
+    app.stop().await;
+}
