@@ -1,5 +1,6 @@
-//! Drives the real `bursar` binary: a scratch store, an account and a key via the admin CLI,
-//! `bursar serve` as a child process, and one customer to attach the orders to.
+//! Drives the real `bursar` binary: a scratch store, accounts and keys via the admin CLI,
+//! `bursar serve` as a child process (with a config file of the bench's), and one customer per
+//! account to attach the orders to.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -67,26 +68,83 @@ async fn admin(bin: &Path, flags: &Flags, args: &[&str]) -> Result<String> {
     Ok(stdout.trim().to_owned())
 }
 
-/// Starts `bursar serve` on a free port, waits for `/readyz` and creates the bench customer.
-/// The child is killed when the returned handle is dropped.
-pub async fn start(bin: &Path, flags: &Flags, client: &Client) -> Result<(Child, Target)> {
-    admin(bin, flags, &["admin", "accounts", "create", "bench"]).await?;
-    let key = admin(
-        bin,
-        flags,
-        &["admin", "keys", "create", "--account", "bench"],
-    )
-    .await?;
+/// A running `bursar serve` and the temp dir holding its config file (and, on PostgreSQL, its
+/// data dir: the webhook key file goes there rather than into the working directory). The
+/// process is killed when this is dropped.
+pub struct Server {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// The process id (for reading its memory from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub async fn kill(mut self) -> Result<()> {
+        self.child.kill().await.context("killing bursar")
+    }
+}
+
+/// Starts `bursar serve` on a free port with `config` (TOML) added to its config file, waits
+/// for `/readyz`, and returns one target per `(target name, account name)` in `accounts`:
+/// each account is created with a key (admin CLI, before the server starts) and one customer
+/// that its orders belong to.
+pub async fn start(
+    bin: &Path,
+    flags: &Flags,
+    client: &Client,
+    config: &str,
+    accounts: &[(&'static str, &str)],
+) -> Result<(Server, Vec<Target>)> {
+    let mut keys = Vec::new();
+    for (_, account) in accounts {
+        admin(bin, flags, &["admin", "accounts", "create", account]).await?;
+        let args = ["admin", "keys", "create", "--account", account];
+        keys.push(admin(bin, flags, &args).await?);
+    }
+    let dir = tempfile::tempdir().context("creating Bursar's config dir")?;
+    let data_dir = dir
+        .path()
+        .to_str()
+        .context("a temp dir path that is not UTF-8")?;
+    // A JSON string is a valid TOML basic string. The --data-dir flag (SQLite) wins over it.
+    let text = format!(
+        "# Written by bursar-bench.\ndata_dir = {}\n{config}",
+        serde_json::to_string(data_dir)?
+    );
+    let file = dir.path().join("bursar.toml");
+    std::fs::write(&file, text).context("writing Bursar's config file")?;
+    let file = file.to_str().context("a temp dir path that is not UTF-8")?;
     // The port is free once the probe is dropped; a race with another process is unlikely.
     let probe = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     let listen = probe.local_addr()?.to_string();
     drop(probe);
     // Logs stay on (they are part of Bursar's real cost) but go nowhere.
-    let mut cmd = command(bin, flags, &["serve", "--listen", &listen]);
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut cmd = command(
+        bin,
+        flags,
+        &["serve", "--listen", &listen, "--config", file],
+    );
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut server = Server { child, _dir: dir };
     let base = format!("http://{listen}");
-    wait_ready(&mut child, client, &base).await?;
+    wait_ready(&mut server.child, client, &base).await?;
+    let mut targets = Vec::new();
+    for ((name, _), key) in accounts.iter().zip(keys) {
+        targets.push(with_customer(client, &base, name, &key).await?);
+    }
+    Ok((server, targets))
+}
 
+/// Creates the customer that the target's orders belong to.
+async fn with_customer(
+    client: &Client,
+    base: &str,
+    name: &'static str,
+    key: &str,
+) -> Result<Target> {
     let auth = format!("Bearer {key}");
     let req = client
         .post(format!("{base}/api/customers"))
@@ -106,10 +164,7 @@ pub async fn start(bin: &Path, flags: &Flags, client: &Client) -> Result<(Child,
     };
     let body = format!(r#"{{"customer_id":{customer},"amount":199.00,"currency":"USD"}}"#);
     let orders = format!("{base}/api/orders");
-    Ok((
-        child,
-        Target::new("bursar", client, orders, Some(auth), body),
-    ))
+    Ok(Target::new(name, client, orders, Some(auth), body))
 }
 
 async fn wait_ready(child: &mut Child, client: &Client, base: &str) -> Result<()> {

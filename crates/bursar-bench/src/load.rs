@@ -33,6 +33,15 @@ impl Target {
         self.orders_url.replace("/orders", "/hello")
     }
 
+    /// Another route of the same API, beside the orders: `api("/events")`.
+    pub fn api(&self, path: &str) -> String {
+        self.orders_url.replace("/orders", path)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     pub fn new(
         name: &'static str,
         client: &Client,
@@ -68,7 +77,7 @@ impl Target {
     }
 
     /// Adds the `Authorization` header, if the target wants one.
-    fn authed(&self, req: RequestBuilder) -> RequestBuilder {
+    pub fn authed(&self, req: RequestBuilder) -> RequestBuilder {
         match &self.auth {
             Some(auth) => req.header(AUTHORIZATION, auth),
             None => req,
@@ -365,9 +374,15 @@ pub async fn create_orders(target: &Arc<Target>, n: usize, concurrency: usize) -
     Ok(sample)
 }
 
+/// Creates one order (no key); its id.
+pub async fn create_order(t: &Target) -> Result<String, String> {
+    let req = t.authed(t.post(&t.orders_url, t.create_body.clone(), None));
+    send(req).await.and_then(|body| new_id(&body, None))
+}
+
 /// Sends one request and reads the whole body (so the connection is reused); a non-2xx answer
 /// is an error.
-async fn send(req: RequestBuilder) -> Result<Bytes, String> {
+pub async fn send(req: RequestBuilder) -> Result<Bytes, String> {
     let resp = req.send().await.map_err(|e| format!("transport: {e}"))?;
     let status = resp.status();
     let body = resp.bytes().await.map_err(|e| format!("body: {e}"))?;

@@ -2,11 +2,14 @@
 //! prints the ratio. Absolute numbers depend on the machine; the ratio is what compares across
 //! machines and commits, and interleaving the targets (A B A B) keeps drift from favouring one.
 //! The `payments` scenario needs no baseline: both sides of its ratio are Bursar (payments
-//! against its own order creates, phase after phase in each round).
+//! against its own order creates, phase after phase in each round). Nor does `webhooks`
+//! (`webhooks.rs`): its baseline is Bursar's order creates on an account without endpoints.
 
 mod baseline;
 mod bursar;
+mod live;
 mod load;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,13 +61,46 @@ struct Args {
     /// of one completed key against a hello-world handler. `payments`: Bursar only (no
     /// baseline), order creates, then pays orders created earlier (create with capture false,
     /// then capture: one op) through the sandbox processor running inside `bursar serve`.
+    /// `webhooks`: Bursar only, webhook fan-out of `order.created` to local receivers: order
+    /// creates at a fixed rate (commit-to-delivery latency, every delivery checked), then
+    /// closed-loop creates on an account without endpoints and on one with them (creates/s
+    /// ratio, deliveries/s).
+    /// `live`: Bursar only, `--subscribers` SSE streams on one instance, then `--events`
+    /// order creates at `--event-rate`: server memory (VmRSS) without subscribers (the
+    /// baseline), with them idle and after the fan-out, and every event at every subscriber.
     #[arg(long, value_enum, default_value_t = Scenario::Crud)]
     scenario: Scenario,
+    /// `live` only: concurrent SSE subscribers.
+    #[arg(long, default_value_t = 5000)]
+    subscribers: usize,
+    /// `live` only: events produced (order creates) once every subscriber is connected.
+    #[arg(long, default_value_t = 100)]
+    events: usize,
     /// `payments` only: how a pay op captures. `two-step`: create with capture false, then
     /// capture (two requests, two processor calls). `one-step`: create with the default
     /// capture true (one request, one processor call).
     #[arg(long, value_enum, default_value_t = PayFlow::TwoStep)]
     pay_flow: PayFlow,
+    /// `webhooks` only: order creates per second offered (open loop) in the fixed-rate phase.
+    #[arg(long, default_value_t = 500)]
+    event_rate: u32,
+    /// `webhooks` only: local receivers, each registered as an endpoint for every event.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=32))]
+    receivers: u32,
+    /// `webhooks` only: how long, after a phase's last create, to wait for its deliveries. A
+    /// fixed-rate event not delivered to every receiver by then fails the run; after a
+    /// closed-loop phase the backlog left is reported and dropped.
+    #[arg(long, default_value_t = 30)]
+    drain_secs: u64,
+    /// `webhooks` only, for experiments: Bursar's `webhooks.poll_interval_ms` (default: Bursar's).
+    #[arg(long)]
+    webhook_poll_ms: Option<u64>,
+    /// `webhooks` only, for experiments: Bursar's `webhooks.concurrency` (default: Bursar's).
+    #[arg(long)]
+    webhook_concurrency: Option<usize>,
+    /// `webhooks` only, for experiments: each endpoint's `max_concurrency` (default: Bursar's).
+    #[arg(long)]
+    endpoint_concurrency: Option<u32>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -72,6 +108,8 @@ enum Scenario {
     Crud,
     Idempotency,
     Payments,
+    Webhooks,
+    Live,
 }
 
 impl Scenario {
@@ -86,6 +124,9 @@ impl Scenario {
             Scenario::Idempotency => [(Op::Create, Keys::None), (Op::Hello, Keys::None)],
             // A real client sends a key of its own with every payment request.
             Scenario::Payments => [(Op::Create, Keys::None), (Op::Pay(flow), Keys::Fresh)],
+            Scenario::Webhooks | Scenario::Live => {
+                unreachable!("the webhooks and live scenarios have their own drivers")
+            }
         }
     }
 
@@ -95,6 +136,9 @@ impl Scenario {
             Scenario::Crud => ["create", "get"],
             Scenario::Idempotency => ["create", "replay"],
             Scenario::Payments => ["create", "pay"],
+            Scenario::Webhooks | Scenario::Live => {
+                unreachable!("the webhooks and live scenarios have their own drivers")
+            }
         }
     }
 }
@@ -114,12 +158,24 @@ fn main() -> Result<ExitCode> {
         positive,
         "--concurrency, --duration-secs and --rounds must be at least 1"
     );
-    ensure!(
-        !(args.scenario == Scenario::Payments && args.baseline_only),
-        "--scenario payments measures Bursar only; drop --baseline-only"
+    let bursar_only = matches!(
+        args.scenario,
+        Scenario::Payments | Scenario::Webhooks | Scenario::Live
     );
+    ensure!(
+        !(bursar_only && args.baseline_only),
+        "--scenario {:?} measures Bursar only; drop --baseline-only",
+        args.scenario
+    );
+    ensure!(args.event_rate > 0, "--event-rate must be at least 1");
     // The load generator's runtime; the baseline server gets a runtime of its own.
     let rt = tokio::runtime::Runtime::new().context("building the tokio runtime")?;
+    if args.scenario == Scenario::Live {
+        return rt.block_on(live::run(&args));
+    }
+    if args.scenario == Scenario::Webhooks {
+        return rt.block_on(webhooks::run(&args));
+    }
     let results = rt.block_on(run(&args))?;
     Ok(report(&args, results))
 }
@@ -153,10 +209,12 @@ async fn with_bursar(
 ) -> Result<Results> {
     let (scratch, flags) = bursar::store(args.backend, args.database_url.as_deref()).await?;
     let results = async {
-        let (mut child, target) = bursar::start(bin, &flags, client).await?;
-        let targets: Vec<_> = base.into_iter().chain([Arc::new(target)]).collect();
+        let accounts = [("bursar", "bench")];
+        let (server, bursar) = bursar::start(bin, &flags, client, "", &accounts).await?;
+        let bursar = bursar.into_iter().map(Arc::new);
+        let targets: Vec<_> = base.into_iter().chain(bursar).collect();
         let results = measure(args, &targets).await;
-        finish(results, child.kill().await.context("killing bursar"))
+        finish(results, server.kill().await)
     };
     let results = results.await;
     finish(results, scratch.remove().await)
