@@ -529,12 +529,12 @@ pub async fn two_instances_share_events_through_nats(app: &TestApp) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(a.store.unpublished_events(10).await.unwrap().is_empty());
-    let mut stream = link
+    let stream = link
         .jetstream()
         .get_stream(link.stream_name())
         .await
         .unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 6);
+    assert_eq!(stored_messages(&a).await, 6);
     let logged = a.store.events_after(a.account_a, 0, &[], 10).await.unwrap();
     let last = logged.last().unwrap();
     let subject = format!("{prefix}.events.{}.customer.created", a.account_a);
@@ -558,13 +558,24 @@ pub async fn two_instances_share_events_through_nats(app: &TestApp) {
     // is acknowledged as a duplicate and stored once.
     let acks = link.publish(std::slice::from_ref(last)).await.unwrap();
     assert!(acks[0].duplicate, "{:?}", acks[0]);
-    assert_eq!(stream.info().await.unwrap().state.messages, 6);
+    assert_eq!(stored_messages(&a).await, 6);
     link.jetstream()
         .delete_stream(link.stream_name())
         .await
         .unwrap();
     b.stop().await;
     a.stop().await;
+}
+
+/// Messages in the instance's JetStream stream.
+async fn stored_messages(app: &TestApp) -> u64 {
+    let link = app.state.nats.clone().expect("NATS is configured");
+    let mut stream = link
+        .jetstream()
+        .get_stream(link.stream_name())
+        .await
+        .unwrap();
+    stream.info().await.unwrap().state.messages
 }
 
 /// Waits until the account's newest event has `seq` at least `seq`.
@@ -716,13 +727,7 @@ pub async fn events_wait_in_the_log_while_nats_is_down(app: &TestApp) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(published, "the backlog was published once NATS came up");
-    let link = a.state.nats.clone().unwrap();
-    let mut stream = link
-        .jetstream()
-        .get_stream(link.stream_name())
-        .await
-        .unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 3);
+    assert_eq!(stored_messages(&a).await, 3);
     a.stop().await;
     server.kill().await.unwrap();
 }
