@@ -104,6 +104,8 @@ pub struct WebhookDelivery {
 /// One attempt of a delivery.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WebhookAttempt {
+    /// The cursor for `starting_after` when paging the attempts.
+    pub id: i64,
     pub delivery_id: i64,
     pub attempt_no: i64,
     pub status_code: Option<i64>,

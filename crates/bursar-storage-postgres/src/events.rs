@@ -367,6 +367,7 @@ fn delivery(r: &PgRow) -> Result<Delivery> {
 fn attempt(r: &PgRow) -> Result<Attempt> {
     let get = || -> std::result::Result<Attempt, sqlx::Error> {
         Ok(Attempt {
+            id: r.try_get("id")?,
             delivery_id: r.try_get("delivery_id")?,
             attempt_no: r.try_get("attempt_no")?,
             status_code: r.try_get("status_code")?,

@@ -598,6 +598,7 @@ impl EventLogStore for SqliteStore {
         rows.iter()
             .map(|r| {
                 Ok(Attempt {
+                    id: r.get("id"),
                     delivery_id: r.get("delivery_id"),
                     attempt_no: r.get("attempt_no"),
                     status_code: r.get("status_code"),

@@ -185,6 +185,9 @@ pub struct Delivery {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
+    /// Its id in the delivery log (the `starting_after` cursor of the attempts list); 0 for
+    /// an attempt being recorded.
+    pub id: i64,
     pub delivery_id: i64,
     pub attempt_no: i64,
     pub status_code: Option<i64>,

@@ -150,6 +150,7 @@ async fn deliver(state: &AppState, c: ClaimedDelivery, token: &str) {
     };
     let outcome = outcome(state, &c, &sent);
     let attempt = Attempt {
+        id: 0,
         delivery_id: c.delivery_id,
         attempt_no: c.attempt_no,
         status_code: sent.status.map(|s| i64::from(s.as_u16())),

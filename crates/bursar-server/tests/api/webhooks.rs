@@ -1147,6 +1147,28 @@ pub async fn answers_are_classified_and_capped(app: &TestApp) {
         0,
         "the Location was requested"
     );
+    // The attempts log pages by attempt id, newest first.
+    let page = |after: Option<i64>| {
+        let client = app.a.clone();
+        let base = format!(
+            "/api/webhook_endpoints/{}/attempts?limit=1",
+            ids["redirect"]
+        );
+        async move {
+            let path = match after {
+                Some(id) => format!("{base}&starting_after={id}"),
+                None => base,
+            };
+            call_json(&client, reqwest::Method::GET, &path).await
+        }
+    };
+    let newest = page(None).await;
+    assert_eq!(newest["has_more"], true, "{newest}");
+    let cursor = newest["data"][0]["id"].as_i64().unwrap();
+    let older = page(Some(cursor)).await;
+    let older_id = older["data"][0]["id"].as_i64().unwrap();
+    assert!(older_id < cursor, "{older}");
+    assert!(older["data"][0]["attempt_no"].as_i64() < newest["data"][0]["attempt_no"].as_i64());
     app.stop().await;
 }
 

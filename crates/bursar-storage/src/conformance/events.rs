@@ -239,6 +239,7 @@ pub async fn endpoints_are_scoped_and_rotate(s: Store) {
 
 fn attempt(c: &ClaimedDelivery, status: Option<i64>, kind: Option<&str>) -> Attempt {
     Attempt {
+        id: 0,
         delivery_id: c.delivery_id,
         attempt_no: c.attempt_no,
         status_code: status,

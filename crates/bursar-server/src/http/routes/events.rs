@@ -113,6 +113,7 @@ fn delivery(d: &Delivery) -> WebhookDelivery {
 
 fn attempt(a: &Attempt) -> WebhookAttempt {
     WebhookAttempt {
+        id: a.id,
         delivery_id: a.delivery_id,
         attempt_no: a.attempt_no,
         status_code: a.status_code,
