@@ -126,7 +126,7 @@ struct Fixed {
     create_us: Vec<u64>,
     errors: u64,
     /// Commit-to-delivery latencies of measured events: each receiver-event pair, and each
-    /// event until its last receiver had it, µs.
+    /// event until its last receiver had it, µs; [`LATE`] for those never delivered.
     pair_us: Vec<u64>,
     all_us: Vec<u64>,
     /// Over all fixed-rate events: pairs delivered, expected but not delivered, repeated.
@@ -144,6 +144,19 @@ struct Fixed {
     send_ms: Vec<u64>,
 }
 
+/// What the phases of a run share.
+struct Run<'a> {
+    args: &'a Args,
+    /// The account without endpoints, and the one that gets them.
+    plain: &'a Arc<Target>,
+    hooked: &'a Arc<Target>,
+    receivers: &'a Receivers,
+    db: &'a Db,
+    settings: load::Settings,
+    /// How long to wait for a phase's deliveries after its last create.
+    drain: Duration,
+}
+
 async fn measure(
     args: &Args,
     plain: &Arc<Target>,
@@ -151,43 +164,79 @@ async fn measure(
     receivers: &Receivers,
     db: &Db,
 ) -> Result<Results> {
-    let settings = load::Settings {
-        concurrency: args.concurrency,
-        warmup: Duration::from_secs(args.warmup_secs),
-        duration: Duration::from_secs(args.duration_secs),
+    let run = Run {
+        args,
+        plain,
+        hooked,
+        receivers,
+        db,
+        settings: load::Settings {
+            concurrency: args.concurrency,
+            warmup: Duration::from_secs(args.warmup_secs),
+            duration: Duration::from_secs(args.duration_secs),
+        },
+        drain: Duration::from_secs(args.drain_secs),
     };
-    let drain = Duration::from_secs(args.drain_secs);
-    let n = args.receivers;
     let mut r = Results::default();
     for round in 1..=args.rounds {
         let rounds = args.rounds;
-        eprintln!(
-            "round {round}/{rounds}: fixed rate, {} creates/s",
-            args.event_rate
-        );
-        let endpoints = add_endpoints(hooked, &receivers.urls, args.endpoint_concurrency).await?;
-        let paced = paced_creates(hooked, args.event_rate, settings).await?;
-        let f = &mut r.fixed;
+        let rate = args.event_rate;
+        eprintln!("round {round}/{rounds}: fixed rate, {rate} creates/s");
+        run.fixed_rate(&mut r.fixed).await?;
+        eprintln!("round {round}/{rounds}: closed loop, no endpoints");
+        run.plain_closed_loop(&mut r.plain).await?;
+        let n = args.receivers;
+        eprintln!("round {round}/{rounds}: closed loop, {n} endpoints");
+        run.closed_loop(round, &mut r).await?;
+    }
+    Ok(r)
+}
+
+impl Run<'_> {
+    /// Registers one endpoint per receiver on the hooked account.
+    async fn add_endpoints(&self) -> Result<Vec<i64>> {
+        let cap = self.args.endpoint_concurrency;
+        add_endpoints(self.hooked, &self.receivers.urls, cap).await
+    }
+
+    /// Deletes the endpoints, dropping what is left undelivered so that the next phase starts
+    /// without a backlog, and waits for the relay to sequence up to order `last`.
+    async fn remove_endpoints(&self, endpoints: &[i64], last: i64) -> Result<()> {
+        remove_endpoints(self.hooked, endpoints).await?;
+        caught_up(self.hooked, last).await;
+        Ok(())
+    }
+
+    /// The fixed-rate phase: the creates, the wait for every delivery, the stages from the
+    /// database.
+    async fn fixed_rate(&self, f: &mut Fixed) -> Result<()> {
+        let endpoints = self.add_endpoints().await?;
+        let paced = paced_creates(self.hooked, self.args.event_rate, self.settings).await?;
         f.offered += paced.offered;
         f.offered_measured += paced.offered_measured;
-        f.window += settings.duration;
+        f.window += self.settings.duration;
         f.errors += paced.errors;
         f.create_us.extend(&paced.create_us);
-        let mut tally = Tally::new(n, None);
+        let mut tally = Tally::new(self.args.receivers, None);
         for c in &paced.created {
             tally.expect(c.order, Some(c.at), c.measured);
         }
         let done_at = Instant::now();
-        tally.drain(receivers, done_at + drain).await;
+        tally.drain(self.receivers, done_at + self.drain).await;
+        let last = tally
+            .last_at
+            .map_or(0.0, |t| t.saturating_duration_since(done_at).as_secs_f64());
         eprintln!(
-            "  {} events; every delivery in {:.1} s",
+            "  {} events; last delivery {last:.1} s after the last create; {} missing",
             paced.created.len(),
-            tally
-                .last_at
-                .map_or(0.0, |t| t.saturating_duration_since(done_at).as_secs_f64())
+            tally.missing()
         );
         f.pair_us.append(&mut tally.pair_us);
         f.all_us.append(&mut tally.all_us);
+        // Measured pairs and events not delivered in time rank as later than any delivered.
+        let (pairs, events) = tally.undelivered_measured();
+        f.pair_us.extend(std::iter::repeat_n(LATE, pairs));
+        f.all_us.extend(std::iter::repeat_n(LATE, events));
         f.delivered += tally.delivered;
         f.missing += tally.missing();
         // Deliveries still arriving at the deadline: a backlog rather than a loss.
@@ -197,8 +246,9 @@ async fn measure(
         f.still_arriving |= tally.missing() > 0 && arriving;
         f.duplicates += tally.duplicates;
         f.early += tally.early;
-        if let (Some(lo), Some(hi)) = (tally.events.keys().min(), tally.events.keys().max()) {
-            match db.stages(*lo, *hi).await {
+        let (lo, hi) = (tally.events.keys().min(), tally.events.keys().max());
+        if let (Some(&lo), Some(&hi)) = (lo, hi) {
+            match self.db.stages(lo, hi).await {
                 Ok(stages) => {
                     for [relay, queue, send] in stages {
                         f.relay_ms.push(relay);
@@ -209,43 +259,45 @@ async fn measure(
                 Err(e) => eprintln!("  (could not read delivery stages from the database: {e:#})"),
             }
         }
-        // Drops what is left undelivered, so that the next phase starts without a backlog.
-        remove_endpoints(hooked, &endpoints).await?;
-        caught_up(hooked, tally.events.keys().max().copied().unwrap_or(0)).await;
+        let last = hi.copied().unwrap_or(0);
+        self.remove_endpoints(&endpoints, last).await
+    }
 
-        eprintln!("round {round}/{rounds}: closed loop, no endpoints");
-        let sample = load::run_phase(plain, Op::Create, Keys::None, vec![], settings).await?;
+    /// Closed-loop creates on the account without endpoints: the baseline.
+    async fn plain_closed_loop(&self, plain: &mut Sample) -> Result<()> {
+        let s = self.settings;
+        let sample = load::run_phase(self.plain, Op::Create, Keys::None, vec![], s).await?;
         let last = last_order(&sample.ids);
-        r.plain.absorb(sample);
-        caught_up(plain, last).await;
+        plain.absorb(sample);
+        caught_up(self.plain, last).await;
+        Ok(())
+    }
 
-        eprintln!("round {round}/{rounds}: closed loop, {n} endpoints");
-        let endpoints = add_endpoints(hooked, &receivers.urls, args.endpoint_concurrency).await?;
+    /// Closed-loop creates on the hooked account: the creates, the deliveries of the measured
+    /// window, and what became of the backlog.
+    async fn closed_loop(&self, round: u32, r: &mut Results) -> Result<()> {
+        let s = self.settings;
+        let endpoints = self.add_endpoints().await?;
         let start = Instant::now();
-        let window = (
-            start + settings.warmup,
-            start + settings.warmup + settings.duration,
-        );
-        let mut sample = load::run_phase(hooked, Op::Create, Keys::None, vec![], settings).await?;
+        let window = (start + s.warmup, start + s.warmup + s.duration);
+        let mut sample = load::run_phase(self.hooked, Op::Create, Keys::None, vec![], s).await?;
         let ids = std::mem::take(&mut sample.ids);
         r.hooked.absorb(sample);
-        let mut tally = Tally::new(n, Some(window));
+        let mut tally = Tally::new(self.args.receivers, Some(window));
         for id in &ids {
             tally.expect(parse_order(id)?, None, false);
         }
         let done_at = Instant::now();
-        tally.absorb(receivers.take());
+        tally.absorb(self.receivers.take());
         let backlog = tally.missing();
-        tally.drain(receivers, done_at + drain).await;
+        tally.drain(self.receivers, done_at + self.drain).await;
         r.window_deliveries += tally.window_deliveries;
         r.window_events += tally.window_events;
-        r.window += settings.duration;
-        r.drains
-            .push(tally.drain_line(round, done_at, backlog, drain));
-        remove_endpoints(hooked, &endpoints).await?;
-        caught_up(hooked, last_order(&ids)).await;
+        r.window += s.duration;
+        let line = tally.drain_line(round, done_at, backlog, self.drain);
+        r.drains.push(line);
+        self.remove_endpoints(&endpoints, last_order(&ids)).await
     }
-    Ok(r)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,6 +478,15 @@ impl Tally {
 
     fn full(&self) -> u32 {
         u32::MAX >> (32 - self.receivers)
+    }
+
+    /// Receiver-event pairs, and events, of the measured ones still undelivered.
+    fn undelivered_measured(&self) -> (usize, usize) {
+        let measured = self.events.values().filter(|e| e.measured);
+        let left = measured.map(|e| self.receivers - e.seen.count_ones());
+        left.fold((0, 0), |(pairs, events), n| {
+            (pairs + n as usize, events + usize::from(n > 0))
+        })
     }
 
     fn missing(&self) -> u64 {
@@ -728,6 +789,18 @@ impl Db {
 // ---------------------------------------------------------------------------------------------
 // The report
 
+/// The latency of a delivery that did not arrive within `--drain-secs`.
+const LATE: u64 = u64::MAX;
+
+/// A latency in ms, or a lower bound for [`LATE`].
+fn ms_or_late(us: u64, drain_secs: u64) -> String {
+    if us == LATE {
+        format!("> {drain_secs} s")
+    } else {
+        ms(us)
+    }
+}
+
 /// Nearest-rank percentile (0 without samples); sorts in place.
 fn percentile(v: &mut [u64], pct: usize) -> u64 {
     v.sort_unstable();
@@ -766,14 +839,15 @@ fn report(args: &Args, r: &mut Results) -> ExitCode {
     );
     let sent = per_sec(f.create_us.len() as u64, f.window);
     let create_p50 = ms(percentile(&mut f.create_us, 50));
+    let late = |us| ms_or_late(us, args.drain_secs);
     let (p50, p99, max) = (
-        ms(percentile(&mut f.pair_us, 50)),
-        ms(percentile(&mut f.pair_us, 99)),
-        ms(percentile(&mut f.pair_us, 100)),
+        late(percentile(&mut f.pair_us, 50)),
+        late(percentile(&mut f.pair_us, 99)),
+        late(percentile(&mut f.pair_us, 100)),
     );
     let (all50, all99) = (
-        ms(percentile(&mut f.all_us, 50)),
-        ms(percentile(&mut f.all_us, 99)),
+        late(percentile(&mut f.all_us, 50)),
+        late(percentile(&mut f.all_us, 99)),
     );
     println!(
         "| {sent:>9.0} | {create_p50:>13} | {:>10} | {:>7} | {p50:>10} | {p99:>10} | {max:>10} | {all50:>10} | {all99:>10} | {:>6} |",
@@ -781,11 +855,13 @@ fn report(args: &Args, r: &mut Results) -> ExitCode {
     );
     println!(
         "c2d: commit-to-delivery, receiver arrival − the create's 201 at the bench, per receiver \
-         and event ({} of {} offered creates measured, {} offered with warm-up); all-{recv}: until \
+         and event ({} of {} offered creates measured, {} offered with warm-up), a delivery that \
+         had not arrived {} s after the last create counted as later than that; all-{recv}: until \
          the last receiver had it",
         f.create_us.len(),
         f.offered_measured,
-        f.offered
+        f.offered,
+        args.drain_secs
     );
     if f.duplicates > 0 || f.early > 0 {
         println!(
@@ -898,6 +974,12 @@ mod tests {
         assert_eq!((t.window_deliveries, t.window_events), (3, 1));
         t.absorb(vec![arrive(1, 2, 120)]);
         assert_eq!((t.missing(), t.after_window, t.window_events), (0, 1, 1));
+        assert_eq!(t.undelivered_measured(), (0, 0));
+        t.expect(4, Some(at(0)), true);
+        t.absorb(vec![arrive(1, 4, 130)]);
+        assert_eq!(t.undelivered_measured(), (1, 1));
+        assert_eq!(ms_or_late(LATE, 30), "> 30 s");
+        assert_eq!(ms_or_late(1_234, 30), "1.23");
         assert_eq!(Tally::new(32, None).full(), u32::MAX);
         assert_eq!(percentile(&mut [3, 1, 2], 50), 2);
         assert_eq!(percentile(&mut [], 99), 0);
