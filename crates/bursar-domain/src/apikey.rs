@@ -115,6 +115,98 @@ impl ParsedKey {
     }
 }
 
+/// What a restricted key may touch. A key without scopes has full access; a key with scopes
+/// may only do what they list (spec `api-product.md` §2.1: restriction by scopes, not by
+/// prefixes). `write` implies `read` on the same resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Scope {
+    pub resource: Resource,
+    pub access: Access,
+}
+
+/// The resources scopes name; each API route belongs to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Resource {
+    Customers,
+    Orders,
+    Payments,
+    Refunds,
+    Balances,
+    Fx,
+    Events,
+    WebhookEndpoints,
+    Keys,
+    Usage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 10] = [
+        Resource::Customers,
+        Resource::Orders,
+        Resource::Payments,
+        Resource::Refunds,
+        Resource::Balances,
+        Resource::Fx,
+        Resource::Events,
+        Resource::WebhookEndpoints,
+        Resource::Keys,
+        Resource::Usage,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::Customers => "customers",
+            Resource::Orders => "orders",
+            Resource::Payments => "payments",
+            Resource::Refunds => "refunds",
+            Resource::Balances => "balances",
+            Resource::Fx => "fx",
+            Resource::Events => "events",
+            Resource::WebhookEndpoints => "webhook_endpoints",
+            Resource::Keys => "keys",
+            Resource::Usage => "usage",
+        }
+    }
+}
+
+impl Scope {
+    /// `orders:read`, `payments:write`.
+    pub fn parse(text: &str) -> Option<Scope> {
+        let (resource, access) = text.split_once(':')?;
+        let resource = Resource::ALL.into_iter().find(|r| r.as_str() == resource)?;
+        let access = match access {
+            "read" => Access::Read,
+            "write" => Access::Write,
+            _ => return None,
+        };
+        Some(Scope { resource, access })
+    }
+
+    pub fn render(self) -> String {
+        let access = match self.access {
+            Access::Read => "read",
+            Access::Write => "write",
+        };
+        format!("{}:{access}", self.resource.as_str())
+    }
+
+    /// Whether a key holding `scopes` (`None`: full access) may do `needed`.
+    pub fn allows(scopes: Option<&[Scope]>, needed: Scope) -> bool {
+        scopes.is_none_or(|held| {
+            held.iter().any(|s| {
+                s.resource == needed.resource
+                    && (s.access == needed.access || s.access == Access::Write)
+            })
+        })
+    }
+}
+
 /// CRC32 (IEEE) of `body`, written in base62 and left-padded with `0` to six characters.
 fn checksum(body: &[u8]) -> String {
     let mut n = crc32fast::hash(body);
@@ -129,6 +221,28 @@ fn checksum(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_parse_and_write_implies_read() {
+        let read = Scope::parse("orders:read").unwrap();
+        let write = Scope::parse("orders:write").unwrap();
+        assert_eq!(read.render(), "orders:read");
+        assert!(Scope::parse("orders:admin").is_none());
+        assert!(Scope::parse("ordres:read").is_none());
+        assert!(Scope::parse("orders").is_none());
+        assert!(Scope::allows(None, write));
+        assert!(Scope::allows(Some(&[write]), read));
+        assert!(!Scope::allows(Some(&[read]), write));
+        let pay = Scope::parse("payments:read").unwrap();
+        assert!(!Scope::allows(Some(&[write]), pay));
+        for r in Resource::ALL {
+            let s = Scope {
+                resource: r,
+                access: Access::Write,
+            };
+            assert_eq!(Scope::parse(&s.render()), Some(s));
+        }
+    }
 
     #[test]
     fn matches_the_spec_vector() {

@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod metadata;
 pub mod money;
 pub mod order;
+pub mod pricing;
 pub mod time;
 pub mod webhook;
 

@@ -163,6 +163,7 @@ mod batch;
 mod events;
 mod money;
 mod ops;
+mod product;
 
 #[derive(FromRow)]
 struct CustomerRow {
@@ -336,8 +337,8 @@ impl AccountStore for PostgresStore {
     async fn create_api_key(&self, key: NewApiKey, at: Timestamp) -> Result<i64> {
         let mut tx = self.write_tx().await?;
         let id = sqlx::query_scalar(
-            "INSERT INTO api_keys (account_id, mode, key_hash, start, last4, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            "INSERT INTO api_keys (account_id, mode, key_hash, start, last4, created_at, name, \
+             scopes, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
         )
         .bind(key.account_id)
         .bind(key.mode.as_str())
@@ -345,6 +346,9 @@ impl AccountStore for PostgresStore {
         .bind(&key.start)
         .bind(&key.last4)
         .bind(at.0)
+        .bind(&key.name)
+        .bind(decode::scopes_text(key.scopes.as_deref()))
+        .bind(key.expires_at.map(|t| t.0))
         .fetch_one(&mut *tx)
         .await
         .map_err(err)?;
@@ -354,8 +358,9 @@ impl AccountStore for PostgresStore {
 
     async fn find_api_key(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>> {
         let row = sqlx::query(
-            "SELECT id, account_id, mode, revoked_at IS NOT NULL AS revoked \
-             FROM api_keys WHERE key_hash = $1",
+            "SELECT k.id, k.account_id, k.mode, k.revoked_at IS NOT NULL AS revoked, k.expires_at, \
+             k.scopes, COALESCE(k.limit_id, k.id) AS limit_id, a.plan \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = $1",
         )
         .bind(key_hash)
         .fetch_optional(&self.pool)
@@ -367,6 +372,10 @@ impl AccountStore for PostgresStore {
                 account_id: r.get("account_id"),
                 mode: decode::key_mode(r.get("mode"))?,
                 revoked: r.get("revoked"),
+                expires_at: r.get::<Option<i64>, _>("expires_at").map(Timestamp),
+                scopes: decode::scopes(r.get::<Option<&str>, _>("scopes"))?,
+                limit_id: r.get("limit_id"),
+                plan: r.get("plan"),
             })
         })
         .transpose()

@@ -175,6 +175,7 @@ mod batch;
 mod events;
 mod money;
 mod ops;
+mod product;
 
 #[derive(FromRow)]
 struct CustomerRow {
@@ -346,8 +347,8 @@ impl AccountStore for SqliteStore {
     async fn create_api_key(&self, key: NewApiKey, at: Timestamp) -> Result<i64> {
         let mut tx = self.write_tx().await?;
         let id = sqlx::query_scalar(
-            "INSERT INTO api_keys (account_id, mode, key_hash, start, last4, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO api_keys (account_id, mode, key_hash, start, last4, created_at, name, \
+             scopes, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(key.account_id)
         .bind(key.mode.as_str())
@@ -355,6 +356,9 @@ impl AccountStore for SqliteStore {
         .bind(&key.start)
         .bind(&key.last4)
         .bind(at.0)
+        .bind(&key.name)
+        .bind(decode::scopes_text(key.scopes.as_deref()))
+        .bind(key.expires_at.map(|t| t.0))
         .fetch_one(&mut *tx)
         .await
         .map_err(err)?;
@@ -364,8 +368,9 @@ impl AccountStore for SqliteStore {
 
     async fn find_api_key(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>> {
         let row = sqlx::query(
-            "SELECT id, account_id, mode, revoked_at IS NOT NULL AS revoked \
-             FROM api_keys WHERE key_hash = ?",
+            "SELECT k.id, k.account_id, k.mode, k.revoked_at IS NOT NULL AS revoked, k.expires_at, \
+             k.scopes, COALESCE(k.limit_id, k.id) AS limit_id, a.plan \
+             FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.key_hash = ?",
         )
         .bind(key_hash)
         .fetch_optional(&self.readers)
@@ -377,6 +382,10 @@ impl AccountStore for SqliteStore {
                 account_id: r.get("account_id"),
                 mode: decode::key_mode(r.get("mode"))?,
                 revoked: r.get("revoked"),
+                expires_at: r.get::<Option<i64>, _>("expires_at").map(Timestamp),
+                scopes: decode::scopes(r.get::<Option<&str>, _>("scopes"))?,
+                limit_id: r.get("limit_id"),
+                plan: r.get("plan"),
             })
         })
         .transpose()

@@ -14,9 +14,11 @@ use crate::*;
 mod events;
 mod money;
 mod operations;
+mod product;
 pub use events::*;
 pub use money::*;
 pub use operations::*;
+pub use product::*;
 
 /// Expands the suite for one backend. `$make` is an expression evaluating to a future of a
 /// fresh, migrated, isolated `Option<Arc<dyn Storage>>`; `None` skips the case (a backend whose
@@ -68,7 +70,11 @@ macro_rules! conformance_tests {
             the_circuit_opens_probes_and_closes,
             failing_too_long_disables_and_a_success_resets_the_clock,
             operational_events_are_written_once_and_never_loop,
-            replays_requeue_without_duplicates
+            replays_requeue_without_duplicates,
+            keys_are_listed_rolled_and_revoked_within_their_account,
+            quota_charges_stop_at_the_limit_once_per_key,
+            concurrent_quota_charges_never_pass_the_limit,
+            usage_adds_up_and_moves_last_used
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -185,6 +191,9 @@ pub async fn accounts_and_keys(s: Store) {
         key_hash: hash.clone(),
         start: "bsr_test_abcd".into(),
         last4: "wxyz".into(),
+        name: String::new(),
+        scopes: None,
+        expires_at: None,
     };
     let id = s.create_api_key(key.clone(), Timestamp(7)).await.unwrap();
     let found = s.find_api_key(&hash).await.unwrap().unwrap();
@@ -194,7 +203,11 @@ pub async fn accounts_and_keys(s: Store) {
             id,
             account_id: a.id,
             mode: KeyMode::Test,
-            revoked: false
+            revoked: false,
+            expires_at: None,
+            scopes: None,
+            limit_id: id,
+            plan: None,
         }
     );
     assert!(s.find_api_key(&"cd".repeat(32)).await.unwrap().is_none());

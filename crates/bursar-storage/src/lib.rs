@@ -11,11 +11,13 @@ pub mod events;
 pub mod group_commit;
 pub mod money;
 pub mod operations;
+pub mod product;
 mod records;
 
 pub use events::EventLogStore;
 pub use money::{MoneyStore, Rule, Step, StepEnd};
 pub use operations::{Begun, Lease, LeasedOperation, OperationStore};
+pub use product::ProductStore;
 pub use records::*;
 
 use async_trait::async_trait;
@@ -155,6 +157,7 @@ pub trait Storage:
     + MoneyStore
     + EventStore
     + EventLogStore
+    + ProductStore
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

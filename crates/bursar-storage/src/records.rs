@@ -1,6 +1,6 @@
 //! Plain records passed through the port. They carry domain types, never wire types.
 
-use bursar_domain::apikey::KeyMode;
+use bursar_domain::apikey::{KeyMode, Scope};
 use bursar_domain::{AccountId, Metadata, Money, OrderStatus, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -18,14 +18,81 @@ pub struct NewApiKey {
     pub key_hash: String,
     pub start: String,
     pub last4: String,
+    /// A label for people; never used for lookups.
+    pub name: String,
+    /// `None`: full access.
+    pub scopes: Option<Vec<Scope>>,
+    pub expires_at: Option<Timestamp>,
 }
 
+/// What authentication needs of a key, cached per instance for at most a few seconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyRecord {
     pub id: i64,
     pub account_id: AccountId,
     pub mode: KeyMode,
     pub revoked: bool,
+    pub expires_at: Option<Timestamp>,
+    /// `None`: full access.
+    pub scopes: Option<Vec<Scope>>,
+    /// The key whose rate-limit buckets this key uses: the first key of its roll chain, so a
+    /// rolled key does not start with a fresh burst.
+    pub limit_id: i64,
+    /// The account's plan (`None`: the configured default), read with the key so that the
+    /// limits of a request need no second lookup; a plan change shows within the cache TTL.
+    pub plan: Option<String>,
+}
+
+/// A key as its owner sees it: never the secret, only its start and last four characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub id: i64,
+    pub name: String,
+    pub mode: KeyMode,
+    pub start: String,
+    pub last4: String,
+    pub scopes: Option<Vec<Scope>>,
+    pub created_at: Timestamp,
+    /// Updated with the usage flush, so up to a few seconds behind.
+    pub last_used_at: Option<Timestamp>,
+    pub expires_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+    /// The key this one was rolled from.
+    pub rotated_from: Option<i64>,
+}
+
+/// One request's claim on its account's monthly quota.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaCharge {
+    pub account_id: AccountId,
+    pub period_start: Timestamp,
+    pub limit: i64,
+    pub cost: i64,
+    /// Charged once per key and period: a replay of an idempotent request costs nothing.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaOutcome {
+    /// Charged; `used` is the period's count after this charge.
+    Charged { used: i64 },
+    /// This idempotency key was charged before in the period; nothing was charged now.
+    AlreadyCharged { used: i64 },
+    /// The charge would pass the limit; nothing was written.
+    Exhausted { used: i64 },
+}
+
+/// Requests counted for one (account, key, route class, UTC day).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub account_id: AccountId,
+    pub key_id: i64,
+    pub route_class: String,
+    /// Midnight UTC.
+    pub day: Timestamp,
+    pub requests: i64,
+    /// The latest request among them (sets the key's `last_used_at`).
+    pub last_at: Timestamp,
 }
 
 /// Who is writing, when, and for which request: copied onto the outbox event so every
@@ -276,6 +343,23 @@ pub mod decode {
 
     pub fn headers(json: &str) -> Result<Vec<(String, String)>, StorageError> {
         serde_json::from_str(json).map_err(|e| corrupt(format!("stored headers: {e}")))
+    }
+
+    /// Scopes are stored as one space-separated text; NULL means full access.
+    pub fn scopes(s: Option<&str>) -> Result<Option<Vec<Scope>>, StorageError> {
+        s.map(|text| {
+            text.split_whitespace()
+                .map(|one| {
+                    Scope::parse(one).ok_or_else(|| corrupt(format!("stored scope {one:?}")))
+                })
+                .collect()
+        })
+        .transpose()
+    }
+
+    /// The stored form of [`scopes`].
+    pub fn scopes_text(scopes: Option<&[Scope]>) -> Option<String> {
+        scopes.map(|v| v.iter().map(|s| s.render()).collect::<Vec<_>>().join(" "))
     }
 
     pub fn key_mode(s: &str) -> Result<KeyMode, StorageError> {

@@ -22,7 +22,7 @@ pub enum AdminError {
 
 /// Draws a new key from the thread-local CSPRNG. Only the hash is stored; the caller shows
 /// the returned secret once.
-fn new_key(mode: KeyMode) -> ParsedKey {
+pub fn new_key(mode: KeyMode) -> ParsedKey {
     let mut rng = rand::rng();
     let random: String = (0..RANDOM_CHARS)
         .map(|_| char::from(BASE62[rng.random_range(0..BASE62.len())]))
@@ -65,6 +65,9 @@ pub async fn create_key(
         key_hash: key.hash(),
         start: key.start(),
         last4: key.last4(),
+        name: "admin".into(),
+        scopes: None,
+        expires_at: None,
     };
     store.create_api_key(record, clock.now()).await?;
     Ok(key.reveal().to_owned())

@@ -1,0 +1,319 @@
+//! Key management, plans, quotas and usage on PostgreSQL (`bursar_storage::product`).
+
+use async_trait::async_trait;
+use bursar_domain::{AccountId, Timestamp};
+use bursar_storage::{
+    ApiKeyInfo, NewApiKey, Page, PageRequest, ProductStore, QuotaCharge, QuotaOutcome, Result,
+    StorageError, UsageRow, decode,
+};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use crate::{PostgresStore, err};
+
+const KEY_COLS: &str = "id, name, mode, start, last4, scopes, created_at, last_used_at, \
+                        expires_at, revoked_at, rotated_from";
+
+fn key_info(r: &PgRow) -> Result<ApiKeyInfo> {
+    let ts = |c: &str| r.get::<Option<i64>, _>(c).map(Timestamp);
+    Ok(ApiKeyInfo {
+        id: r.get("id"),
+        name: r.get("name"),
+        mode: decode::key_mode(r.get("mode"))?,
+        start: r.get("start"),
+        last4: r.get("last4"),
+        scopes: decode::scopes(r.get::<Option<&str>, _>("scopes"))?,
+        created_at: Timestamp(r.get("created_at")),
+        last_used_at: ts("last_used_at"),
+        expires_at: ts("expires_at"),
+        revoked_at: ts("revoked_at"),
+        rotated_from: r.get("rotated_from"),
+    })
+}
+
+#[async_trait]
+impl ProductStore for PostgresStore {
+    async fn list_api_keys(
+        &self,
+        account: AccountId,
+        page: PageRequest,
+    ) -> Result<Page<ApiKeyInfo>> {
+        let sql = format!(
+            "SELECT {KEY_COLS} FROM api_keys WHERE account_id = $1 AND id < $2 \
+             ORDER BY id DESC LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(account)
+            .bind(page.starting_after.unwrap_or(i64::MAX))
+            .bind(page.fetch_limit())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?;
+        let items = rows.iter().map(key_info).collect::<Result<Vec<_>>>()?;
+        Ok(Page::from_lookahead(items, page))
+    }
+
+    async fn get_api_key(&self, account: AccountId, id: i64) -> Result<Option<ApiKeyInfo>> {
+        let sql = format!("SELECT {KEY_COLS} FROM api_keys WHERE account_id = $1 AND id = $2");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(account)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err)?;
+        row.as_ref().map(key_info).transpose()
+    }
+
+    async fn roll_api_key(
+        &self,
+        account: AccountId,
+        id: i64,
+        new: NewApiKey,
+        old_expires_at: Timestamp,
+        at: Timestamp,
+    ) -> Result<ApiKeyInfo> {
+        let mut tx = self.write_tx().await?;
+        // The old key must be live; its successor copies what it was allowed to do.
+        let old = sqlx::query(
+            "SELECT mode, name, scopes, expires_at, COALESCE(limit_id, id) AS limit_id \
+             FROM api_keys WHERE account_id = $1 AND id = $2 AND revoked_at IS NULL \
+               AND (expires_at IS NULL OR expires_at > $3)",
+        )
+        .bind(account)
+        .bind(id)
+        .bind(at.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?
+        .ok_or(StorageError::NotFound)?;
+        if old.get::<&str, _>("mode") != new.mode.as_str() {
+            return Err(StorageError::Conflict);
+        }
+        sqlx::query(
+            "UPDATE api_keys SET expires_at = LEAST(COALESCE(expires_at, $1), $1) WHERE id = $2",
+        )
+        .bind(old_expires_at.0)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        let sql = format!(
+            "INSERT INTO api_keys (account_id, mode, key_hash, start, last4, created_at, name, \
+             scopes, expires_at, rotated_from, limit_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {KEY_COLS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(account)
+            .bind(new.mode.as_str())
+            .bind(&new.key_hash)
+            .bind(&new.start)
+            .bind(&new.last4)
+            .bind(at.0)
+            .bind(old.get::<&str, _>("name"))
+            .bind(old.get::<Option<&str>, _>("scopes"))
+            .bind(old.get::<Option<i64>, _>("expires_at"))
+            .bind(id)
+            .bind(old.get::<i64, _>("limit_id"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        key_info(&row)
+    }
+
+    async fn revoke_api_key(
+        &self,
+        account: AccountId,
+        id: i64,
+        at: Timestamp,
+    ) -> Result<ApiKeyInfo> {
+        let mut tx = self.write_tx().await?;
+        let sql = format!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) \
+             WHERE account_id = $2 AND id = $3 RETURNING {KEY_COLS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(at.0)
+            .bind(account)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(err)?
+            .ok_or(StorageError::NotFound)?;
+        tx.commit().await.map_err(err)?;
+        key_info(&row)
+    }
+
+    async fn set_account_plan(&self, account: AccountId, plan: Option<&str>) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        let done = sqlx::query("UPDATE accounts SET plan = $1 WHERE id = $2")
+            .bind(plan)
+            .bind(account)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        if done.rows_affected() == 0 {
+            return Err(StorageError::NotFound);
+        }
+        tx.commit().await.map_err(err)
+    }
+
+    async fn charge_quota(&self, c: &QuotaCharge) -> Result<QuotaOutcome> {
+        let mut tx = self.write_tx().await?;
+        if let Some(key) = &c.idempotency_key {
+            let fresh = sqlx::query(
+                "INSERT INTO quota_charges (account_id, period_start, idempotency_key) \
+                 VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(c.account_id)
+            .bind(c.period_start.0)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?
+            .rows_affected()
+                == 1;
+            if !fresh {
+                let used = used_in(&mut tx, c.account_id, c.period_start).await?;
+                return Ok(QuotaOutcome::AlreadyCharged { used });
+            }
+        }
+        let charged: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO quota_usage (account_id, period_start, used) \
+             SELECT $1, $2, $3::BIGINT WHERE $3::BIGINT <= $4::BIGINT \
+             ON CONFLICT (account_id, period_start) \
+             DO UPDATE SET used = quota_usage.used + excluded.used \
+             WHERE quota_usage.used + excluded.used <= $4::BIGINT RETURNING used",
+        )
+        .bind(c.account_id)
+        .bind(c.period_start.0)
+        .bind(c.cost)
+        .bind(c.limit)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
+        match charged {
+            Some(used) => {
+                tx.commit().await.map_err(err)?;
+                Ok(QuotaOutcome::Charged { used })
+            }
+            None => {
+                let used = used_in(&mut tx, c.account_id, c.period_start).await?;
+                tx.rollback().await.map_err(err)?;
+                Ok(QuotaOutcome::Exhausted { used })
+            }
+        }
+    }
+
+    async fn refund_quota(&self, c: &QuotaCharge) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        if let Some(key) = &c.idempotency_key {
+            sqlx::query(
+                "DELETE FROM quota_charges \
+                 WHERE account_id = $1 AND period_start = $2 AND idempotency_key = $3",
+            )
+            .bind(c.account_id)
+            .bind(c.period_start.0)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        }
+        sqlx::query(
+            "UPDATE quota_usage SET used = GREATEST(used - $1, 0) \
+             WHERE account_id = $2 AND period_start = $3",
+        )
+        .bind(c.cost)
+        .bind(c.account_id)
+        .bind(c.period_start.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await.map_err(err)
+    }
+
+    async fn quota_used(&self, account: AccountId, period_start: Timestamp) -> Result<i64> {
+        let mut conn = self.pool.acquire().await.map_err(err)?;
+        used_in(&mut conn, account, period_start).await
+    }
+
+    async fn add_usage(&self, rows: &[UsageRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write_tx().await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO usage_daily (account_id, day, key_id, route_class, requests) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account_id, day, key_id, route_class) \
+                 DO UPDATE SET requests = usage_daily.requests + excluded.requests",
+            )
+            .bind(r.account_id)
+            .bind(r.day.0)
+            .bind(r.key_id)
+            .bind(&r.route_class)
+            .bind(r.requests)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+            sqlx::query(
+                "UPDATE api_keys SET last_used_at = GREATEST(COALESCE(last_used_at, 0), $1) \
+                 WHERE id = $2 AND account_id = $3",
+            )
+            .bind(r.last_at.0)
+            .bind(r.key_id)
+            .bind(r.account_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        }
+        tx.commit().await.map_err(err)
+    }
+
+    async fn usage(
+        &self,
+        account: AccountId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<UsageRow>> {
+        let rows = sqlx::query(
+            "SELECT day, key_id, route_class, requests, \
+                    (SELECT last_used_at FROM api_keys k WHERE k.id = u.key_id) AS last_at \
+             FROM usage_daily u WHERE account_id = $1 AND day >= $2 AND day < $3 \
+             ORDER BY day, key_id, route_class",
+        )
+        .bind(account)
+        .bind(from.0)
+        .bind(to.0)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err)?;
+        Ok(rows
+            .iter()
+            .map(|r| UsageRow {
+                account_id: account,
+                key_id: r.get("key_id"),
+                route_class: r.get("route_class"),
+                day: Timestamp(r.get("day")),
+                requests: r.get("requests"),
+                last_at: Timestamp(r.get::<Option<i64>, _>("last_at").unwrap_or(0)),
+            })
+            .collect())
+    }
+}
+
+async fn used_in(
+    conn: &mut sqlx::PgConnection,
+    account: AccountId,
+    period_start: Timestamp,
+) -> Result<i64> {
+    let used: Option<i64> = sqlx::query_scalar(
+        "SELECT used FROM quota_usage WHERE account_id = $1 AND period_start = $2",
+    )
+    .bind(account)
+    .bind(period_start.0)
+    .fetch_optional(conn)
+    .await
+    .map_err(err)?;
+    Ok(used.unwrap_or(0))
+}
