@@ -12,6 +12,10 @@ use utoipa::ToSchema;
 pub enum ErrorCode {
     AuthenticationRequired,
     InvalidApiKey,
+    ExpiredApiKey,
+    InsufficientPermissions,
+    RateLimited,
+    QuotaExceeded,
     MalformedJson,
     InvalidParameter,
     UnsupportedMediaType,
@@ -44,6 +48,10 @@ impl ErrorCode {
     pub const ALL: &'static [ErrorCode] = &[
         ErrorCode::AuthenticationRequired,
         ErrorCode::InvalidApiKey,
+        ErrorCode::ExpiredApiKey,
+        ErrorCode::InsufficientPermissions,
+        ErrorCode::RateLimited,
+        ErrorCode::QuotaExceeded,
         ErrorCode::MalformedJson,
         ErrorCode::InvalidParameter,
         ErrorCode::UnsupportedMediaType,
@@ -78,6 +86,10 @@ impl ErrorCode {
         match self {
             AuthenticationRequired => "authentication_required",
             InvalidApiKey => "invalid_api_key",
+            ExpiredApiKey => "expired_api_key",
+            InsufficientPermissions => "insufficient_permissions",
+            RateLimited => "rate_limited",
+            QuotaExceeded => "quota_exceeded",
             MalformedJson => "malformed_json",
             InvalidParameter => "invalid_parameter",
             UnsupportedMediaType => "unsupported_media_type",
@@ -111,7 +123,9 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         use ErrorCode::*;
         match self {
-            AuthenticationRequired | InvalidApiKey => 401,
+            AuthenticationRequired | InvalidApiKey | ExpiredApiKey => 401,
+            InsufficientPermissions => 403,
+            RateLimited | QuotaExceeded => 429,
             MalformedJson | InvalidParameter | IdempotencyKeyMissing | IdempotencyKeyInvalid => 400,
             UnsupportedMediaType => 415,
             ValidationFailed | UnknownCustomer | IdempotencyKeyReused => 422,
@@ -135,6 +149,10 @@ impl ErrorCode {
         match self {
             AuthenticationRequired => "Authentication required",
             InvalidApiKey => "Invalid API key",
+            ExpiredApiKey => "Expired API key",
+            InsufficientPermissions => "Insufficient permissions",
+            RateLimited => "Rate limit exceeded",
+            QuotaExceeded => "Quota exceeded",
             MalformedJson => "Malformed JSON",
             InvalidParameter => "Invalid query parameter",
             UnsupportedMediaType => "Unsupported media type",
@@ -166,6 +184,10 @@ impl ErrorCode {
 
     /// RFC 9457 `type`: a stable URI per code.
     pub fn problem_type(self) -> String {
+        // Both 429s use the IANA-registered type of the RateLimit draft, which clients know.
+        if matches!(self, ErrorCode::RateLimited | ErrorCode::QuotaExceeded) {
+            return "https://iana.org/assignments/http-problem-types#quota-exceeded".into();
+        }
         format!(
             "https://bursar.dev/problems/{}",
             self.as_str().replace('_', "-")

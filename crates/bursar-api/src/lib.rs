@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod money;
 pub mod orders;
+pub mod product;
 
 pub use amount::Amount;
 pub use customers::{CreateCustomer, Customer, UpdateCustomer};
@@ -21,6 +22,7 @@ pub use money::{
     CreateRefund, LedgerEntry, Payment, PaymentStatus, Posting, Quote, Rate, Refund, RefundStatus,
 };
 pub use orders::{CreateOrder, Order, OrderStatus, UpdateOrder};
+pub use product::{ApiKey, CreateApiKey, Invoice, InvoiceLine, RollApiKey, Usage, UsageGroup};
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

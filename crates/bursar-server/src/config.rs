@@ -2,6 +2,7 @@
 //! optional TOML file → `BURSAR_*` environment → command-line flags. Loaded and validated once
 //! at start; the binary does the layering, this module owns the shape and the rules.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -141,6 +142,51 @@ duplicate_window_secs = 120
 # How long the stream keeps events (0: until removed by other limits).
 max_age_secs = 604800
 
+[limits]
+# The plan of accounts that have none (`bursar admin accounts set-plan` gives one).
+default_plan = "default"
+# Redis shared by every instance for the short-window limits (`--redis-url`), e.g.
+# "redis://127.0.0.1:6379". Empty: each instance limits in-process.
+redis_url = ""
+# First part of every Redis key Bursar writes.
+redis_key_prefix = "bursar"
+# Redis unreachable or slower than redis_timeout_ms: "open" answers from the in-process limiter
+# with every limit divided by `instances` (a warning and the ratelimit_fallback_total metric);
+# "closed" answers 503 with Retry-After.
+fail_mode = "open"
+instances = 1
+redis_timeout_ms = 50
+# Requests per client IP, before authentication (0: no per-IP limit), per ip_window_secs.
+ip_limit = 0
+ip_window_secs = 1
+# Failed authentications per client IP (IPv6 by /64) before it gets 429 ip-auth, per
+# auth_failures_window_secs.
+auth_failures_limit = 20
+auth_failures_window_secs = 60
+# Peers whose X-Forwarded-For is believed, as CIDRs; the right-most address that is not one of
+# them is the client. Empty: the TCP peer is the client.
+trusted_proxies = []
+# Keys the in-process limiter tracks at most (idle ones are dropped first).
+max_tracked_keys = 1000000
+
+[metering]
+# How often metered usage is written to the database (it is counted in memory in between, and
+# flushed on shutdown).
+flush_interval_ms = 1000
+
+# Plans, by name. Rates: `*_limit` requests per `*_window_secs` (also the burst); 0 means no
+# limit. `monthly_quota`: requests per calendar month (UTC), 0 for none. A plan may price usage:
+# [plans.NAME.price] mode = "graduated" | "volume", included_units = N,
+# tiers = [{ up_to = 1000, unit_amount = "0.10" }, …, { unit_amount = "0.01" }].
+[plans.default]
+key_limit = 0
+key_window_secs = 1
+account_limit = 0
+account_window_secs = 1
+monthly_quota = 0
+currency = "USD"
+base_fee = "0.00"
+
 [log]
 # "json": one JSON object per line on stderr. "pretty": human-readable.
 format = "json"
@@ -162,7 +208,117 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     pub live: LiveConfig,
     pub nats: NatsConfig,
+    pub limits: LimitsConfig,
+    pub metering: MeteringConfig,
+    pub plans: BTreeMap<String, PlanConfig>,
     pub log: LogConfig,
+}
+
+/// Rate limits around the plans (spec `api-product.md` §2.2). `Debug` hides the Redis URL's
+/// credentials.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub default_plan: String,
+    #[serde(deserialize_with = "empty_as_none")]
+    pub redis_url: Option<String>,
+    pub redis_key_prefix: String,
+    pub fail_mode: FailMode,
+    pub instances: u32,
+    pub redis_timeout_ms: u64,
+    pub ip_limit: u32,
+    pub ip_window_secs: u64,
+    pub auth_failures_limit: u32,
+    pub auth_failures_window_secs: u64,
+    pub trusted_proxies: Vec<String>,
+    pub max_tracked_keys: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    Open,
+    Closed,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            default_plan: "default".into(),
+            redis_url: None,
+            redis_key_prefix: "bursar".into(),
+            fail_mode: FailMode::Open,
+            instances: 1,
+            redis_timeout_ms: 50,
+            ip_limit: 0,
+            ip_window_secs: 1,
+            auth_failures_limit: 20,
+            auth_failures_window_secs: 60,
+            trusted_proxies: Vec::new(),
+            max_tracked_keys: 1_000_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for LimitsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LimitsConfig")
+            .field("default_plan", &self.default_plan)
+            .field("redis_url", &self.redis_url.clone().map(redact_password))
+            .field("fail_mode", &self.fail_mode)
+            .field("instances", &self.instances)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Usage metering.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeteringConfig {
+    pub flush_interval_ms: u64,
+}
+
+impl MeteringConfig {
+    pub fn flush_interval(&self) -> Duration {
+        Duration::from_millis(self.flush_interval_ms.max(10))
+    }
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig {
+            flush_interval_ms: 1000,
+        }
+    }
+}
+
+/// One plan: limits, monthly quota and price.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanConfig {
+    pub key_limit: u32,
+    pub key_window_secs: u64,
+    pub account_limit: u32,
+    pub account_window_secs: u64,
+    pub monthly_quota: i64,
+    pub currency: String,
+    pub base_fee: rust_decimal::Decimal,
+    pub price: Option<bursar_domain::pricing::UsagePrice>,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            key_limit: 0,
+            key_window_secs: 1,
+            account_limit: 0,
+            account_window_secs: 1,
+            monthly_quota: 0,
+            currency: "USD".into(),
+            base_fee: rust_decimal::Decimal::ZERO,
+            price: None,
+        }
+    }
 }
 
 /// Live streams (SSE, WebSocket).
@@ -462,6 +618,58 @@ pub enum LogFormat {
 }
 
 /// `scheme://user:***@host…`: the password of a URL masked, the rest kept for debugging.
+impl Config {
+    fn validate_plans(&self) -> Result<(), String> {
+        if !self.plans.contains_key(&self.limits.default_plan) {
+            return Err(format!(
+                "limits.default_plan {:?} is not one of the [plans]",
+                self.limits.default_plan
+            ));
+        }
+        for (name, plan) in &self.plans {
+            let currency = bursar_domain::Currency::from_code(&plan.currency)
+                .ok_or_else(|| format!("plans.{name}.currency {:?} is unknown", plan.currency))?;
+            if plan.key_window_secs == 0 || plan.account_window_secs == 0 {
+                return Err(format!("plans.{name}: window_secs must be at least 1"));
+            }
+            if plan.monthly_quota < 0 || plan.base_fee.is_sign_negative() {
+                return Err(format!("plans.{name}: quota and fee must not be negative"));
+            }
+            if plan.base_fee.normalize().scale() > u32::from(currency.minor_units()) {
+                return Err(format!(
+                    "plans.{name}.base_fee has more decimals than {currency}"
+                ));
+            }
+            if let Some(price) = &plan.price {
+                price
+                    .validate(currency)
+                    .map_err(|e| format!("plans.{name}.price: {e}"))?;
+            }
+        }
+        if self.limits.ip_window_secs == 0 || self.limits.auth_failures_window_secs == 0 {
+            return Err("limits: window_secs must be at least 1".into());
+        }
+        if let Some(bad) = self
+            .limits
+            .trusted_proxies
+            .iter()
+            .find(|c| c.parse::<ipnet::IpNet>().is_err())
+        {
+            return Err(format!("limits.trusted_proxies: {bad:?} is not a CIDR"));
+        }
+        Ok(())
+    }
+
+    /// The plan called `name`, or the default plan when `name` is `None` or unknown (a plan
+    /// removed from the configuration falls back rather than locking its accounts out).
+    pub fn plan(&self, name: Option<&str>) -> (&str, &PlanConfig) {
+        name.and_then(|n| self.plans.get_key_value(n))
+            .or_else(|| self.plans.get_key_value(&self.limits.default_plan))
+            .map(|(k, v)| (k.as_str(), v))
+            .expect("validate() checked that the default plan exists")
+    }
+}
+
 fn redact_password(url: String) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
@@ -494,6 +702,9 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             live: LiveConfig::default(),
             nats: NatsConfig::default(),
+            limits: LimitsConfig::default(),
+            metering: MeteringConfig::default(),
+            plans: BTreeMap::from([("default".to_owned(), PlanConfig::default())]),
             log: LogConfig::default(),
         }
     }
@@ -552,6 +763,7 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Rejects values that would only fail later, at an awkward moment.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_plans()?;
         let url = &self.database_url;
         if !(url.is_empty()
             || url.starts_with("postgres://")

@@ -6,6 +6,7 @@ pub mod config;
 pub mod http;
 pub mod live;
 pub mod processor;
+pub mod product;
 pub mod services;
 pub mod ssrf;
 pub mod state;
@@ -46,6 +47,19 @@ pub async fn serve(
         .clone()
         .map(|link| tokio::spawn(live::nats::run_subscriber(state.clone(), link)));
     let live = state.live.clone();
+    // Limits, metering and key invalidations.
+    let product = state.product.clone();
+    let mut product_tasks = product.spawn_sweepers();
+    product_tasks.push(tokio::spawn(product::meter::run(
+        product.meter.clone(),
+        store.clone(),
+        state.config.metering.flush_interval(),
+    )));
+    product_tasks.push(tokio::spawn(
+        product
+            .clone()
+            .run_invalidation_listener(state.keys.clone()),
+    ));
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -77,6 +91,13 @@ pub async fn serve(
     }
     if let Some(completer) = completer {
         completer.abort();
+    }
+    for task in product_tasks {
+        task.abort();
+    }
+    // Usage counted since the last flush is written before the pools close.
+    if let Err(e) = product.meter.flush(store.as_ref()).await {
+        tracing::error!(error = %e, pending = product.meter.pending(), "final usage flush failed");
     }
     store.close().await;
     tracing::info!("stopped");

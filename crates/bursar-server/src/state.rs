@@ -35,6 +35,9 @@ pub struct AppState {
     pub live: Arc<crate::live::Live>,
     /// NATS JetStream, when configured ([`AppState::connect_nats`]).
     pub nats: Option<Arc<crate::live::nats::Link>>,
+    /// Rate limits, quotas, metering and key invalidation (`product`); shared through Redis
+    /// once [`AppState::connect_redis`] ran with `limits.redis_url` set.
+    pub product: Arc<crate::product::Product>,
 }
 
 /// See [`AppState::replays`]. Keyed by account and client key; bounded by the bytes of the
@@ -127,8 +130,9 @@ impl AppState {
 
 /// Per-instance cache of key lookups (spec `api-product.md`: parse → checksum → cache with a
 /// TTL of at most 5 s → database). Only keys that exist are cached, so a key created a moment
-/// ago is never refused; a revoked key stays usable here for at most the TTL, until revocation
-/// (which does not exist yet) adds an explicit invalidation.
+/// ago is never refused. A revoke or roll drops the key's entries on every instance (the
+/// broadcast in `product`); if that message is lost, the TTL bounds how long a stale entry lives,
+/// and a revoked key's id is tombstoned so a cache fill racing the revoke cannot revive it.
 #[derive(Clone)]
 pub struct KeyCache(moka::sync::Cache<String, ApiKeyRecord>);
 
@@ -151,6 +155,15 @@ impl KeyCache {
     pub fn insert(&self, key_hash: String, record: ApiKeyRecord) {
         self.0.insert(key_hash, record);
     }
+
+    /// Drops every entry of key `id` (entries are keyed by hash; revocations name the id).
+    pub fn remove_id(&self, id: i64) {
+        for (hash, record) in self.0.iter() {
+            if record.id == id {
+                self.0.invalidate(hash.as_str());
+            }
+        }
+    }
 }
 
 impl Default for KeyCache {
@@ -168,6 +181,7 @@ impl AppState {
     ) -> anyhow::Result<AppState> {
         let webhooks = Arc::new(crate::webhooks::Webhooks::from_config(&config)?);
         let live = Arc::new(crate::live::Live::new(config.live.buffer));
+        let product = Arc::new(crate::product::Product::new(&config));
         Ok(AppState {
             store,
             clock,
@@ -180,7 +194,17 @@ impl AppState {
             webhooks,
             live,
             nats: None,
+            product,
         })
+    }
+
+    /// Shares rate limits through Redis and broadcasts key invalidations over it when
+    /// `limits.redis_url` is set (a Redis that is down is waited for in the background).
+    pub async fn connect_redis(&mut self) -> anyhow::Result<()> {
+        if self.config.limits.redis_url.is_some() {
+            self.product = Arc::new(crate::product::Product::connect_redis(&self.config).await?);
+        }
+        Ok(())
     }
 
     /// Connects to NATS when `nats.url` is configured (the connection keeps retrying in the

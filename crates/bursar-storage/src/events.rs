@@ -230,6 +230,7 @@ pub enum Outcome {
 }
 
 /// What a finished attempt writes.
+#[derive(Debug, Clone)]
 pub struct Completion {
     pub delivery_id: i64,
     pub lease_token: String,

@@ -129,6 +129,15 @@ enum AccountsCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// Put an account on a plan of the configuration (`default`: the configured default).
+    /// Instances apply it within the key cache lifetime (5 s).
+    SetPlan {
+        /// Account name or id.
+        account: String,
+        plan: String,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Subcommand)]
@@ -179,6 +188,10 @@ struct EventFlags {
     /// machine; repeatable [config: webhooks.allow_cidrs]
     #[arg(long = "webhook-allow-cidr", value_name = "CIDR")]
     webhook_allow_cidrs: Vec<String>,
+    /// Redis for rate limits shared by every instance and for key revocations reaching them
+    /// at once [env: BURSAR_LIMITS__REDIS_URL]
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 impl EventFlags {
@@ -188,6 +201,9 @@ impl EventFlags {
             config.nats.url = Some(url);
         }
         config.webhooks.allow_cidrs.extend(self.webhook_allow_cidrs);
+        if let Some(url) = self.redis_url {
+            config.limits.redis_url = Some(url);
+        }
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
@@ -208,6 +224,9 @@ const ENV_KEYS: &[&str] = &[
     "webhooks",
     "live",
     "nats",
+    "limits",
+    "metering",
+    "plans",
     "log",
 ];
 
@@ -368,6 +387,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut state = AppState::new(store, clock, config)?;
     state.processor = Some(Arc::new(processor));
     state.connect_nats().await?;
+    state.connect_redis().await?;
     if let Some(url) = nats {
         tracing::info!(nats = %url, "publishing events to NATS JetStream");
     }
@@ -470,6 +490,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let account = accounts::create_account(store.as_ref(), &clock, &name).await;
                     store.close().await;
                     println!("{}", account?.id);
+                }
+                AdminCommand::Accounts {
+                    command:
+                        AccountsCommand::SetPlan {
+                            account,
+                            plan,
+                            common,
+                        },
+                } => {
+                    let config = load_config(&common, None)?;
+                    let _log = init_logging(&config, true);
+                    let store = bursar_server::store::open(&config).await?;
+                    let set = accounts::set_plan(store.as_ref(), &config, &account, &plan).await;
+                    store.close().await;
+                    println!("{}", set?);
                 }
                 AdminCommand::Keys {
                     command:

@@ -30,6 +30,11 @@ pub struct RequestInfo {
     pub account_id: OnceLock<i64>,
     /// The matched route template (`/api/orders/{id}`), for the access log.
     pub route: OnceLock<String>,
+    /// Rate-limit and quota states, set by authentication, sent as `RateLimit-Policy` and
+    /// `RateLimit` (and `Bursar-Rate-Limited-Reason` on a 429).
+    pub limits: OnceLock<crate::product::Limits>,
+    /// Metering and the quota refund, run once the response status is known.
+    pub billing: OnceLock<crate::product::Billing>,
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -51,6 +56,8 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
             .is_some_and(|a| a.to_ascii_lowercase().contains("application/problem+json")),
         account_id: OnceLock::new(),
         route: OnceLock::new(),
+        limits: OnceLock::new(),
+        billing: OnceLock::new(),
     });
     let method = req.method().clone();
     req.extensions_mut().insert(info.clone());
@@ -69,6 +76,26 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         });
     if let Some(err) = &error {
         resp = render_error(err, &info, resp);
+    }
+    if let Some(limits) = info.limits.get() {
+        let headers = resp.headers_mut();
+        let fields = [
+            ("ratelimit-policy", limits.policy_header()),
+            ("ratelimit", limits.ratelimit_header()),
+            (
+                "bursar-rate-limited-reason",
+                limits.reason.map(str::to_owned),
+            ),
+        ];
+        for (name, value) in fields {
+            if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                headers.insert(name, v);
+            }
+        }
+    }
+    if let Some(billing) = info.billing.get() {
+        let replayed = resp.headers().contains_key("idempotent-replayed");
+        billing.finish(resp.status().as_u16(), replayed);
     }
     let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let headers = resp.headers_mut();

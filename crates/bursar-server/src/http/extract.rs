@@ -4,63 +4,211 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use std::net::SocketAddr;
+
+use axum::extract::{
+    ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request,
+};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use bursar_api::ErrorCode;
 use bursar_domain::AccountId;
-use bursar_domain::apikey::{KeyMode, ParsedKey};
+use bursar_domain::apikey::{KeyMode, ParsedKey, Scope};
+use bursar_storage::ApiKeyRecord;
 use serde::de::DeserializeOwned;
 
 use super::context::{RequestInfo, payload_too_large};
 use super::error::{ApiError, issue};
 use crate::AppState;
+use crate::product::access::{client_ip, needed_scope, route_class};
+use crate::product::{Billing, Limits, Refusal};
 use crate::services::Call;
 
-/// The authenticated caller. Extracting it verifies the bearer key: shape and checksum first,
-/// with no I/O, then a lookup by SHA-256 hash.
+/// The authenticated caller. Extracting it runs the whole front of the request path
+/// (`product`): per-IP limits, the failed-auth check, the key (shape and checksum with no I/O,
+/// then the per-instance cache or a lookup by SHA-256 hash), expiry, scope, rate limits and the
+/// monthly quota — in that order, so a 401/403/429 consumes nothing of the key's quota.
 #[derive(Debug, Clone)]
 pub struct Auth {
     pub account_id: AccountId,
     pub key_id: i64,
     pub mode: KeyMode,
+    /// `None`: full access.
+    pub scopes: Option<Vec<Scope>>,
+    /// The account's plan (`None`: the default), as of the key's cached record.
+    pub plan: Option<String>,
 }
 
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Auth, ApiError> {
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Err(ApiError::new(
-                ErrorCode::AuthenticationRequired,
-                "Send your API key as Authorization: Bearer <key>.",
-            ));
-        };
-        let invalid = || ApiError::new(ErrorCode::InvalidApiKey, "The API key is not valid.");
-        let text = value.to_str().map_err(|_| invalid())?;
-        let (scheme, key) = text.split_once(' ').ok_or_else(invalid)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(invalid());
+        let info = parts.extensions.get::<Arc<RequestInfo>>().cloned();
+        let product = state.product.clone();
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
+        let ip = client_ip(peer, &parts.headers, &product.trusted);
+        let mut limits = Limits::default();
+        if let Some(ip) = ip {
+            limits = product
+                .before_auth(ip)
+                .await
+                .map_err(|r| refusal(r, info.as_deref()))?;
         }
-        let parsed = ParsedKey::parse(key.trim()).map_err(|_| invalid())?;
-        let hash = parsed.hash();
-        let record = match state.keys.get(&hash) {
-            Some(hit) => hit,
-            None => {
-                let found = state.store.find_api_key(&hash).await?;
-                let record = found.filter(|k| !k.revoked).ok_or_else(invalid)?;
-                state.keys.insert(hash, record.clone());
-                record
+        let now = state.clock.now();
+        let record = match verify_key(parts, state, now).await {
+            Ok(record) => record,
+            Err(e) => {
+                if let Some(ip) = ip {
+                    product.failed_auth(ip).await;
+                }
+                return Err(e);
             }
         };
-        if let Some(info) = parts.extensions.get::<Arc<RequestInfo>>() {
+        if let Some(info) = &info {
             let _ = info.account_id.set(record.account_id);
+        }
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str);
+        if let Some(needed) = route.and_then(|r| needed_scope(&parts.method, r))
+            && !Scope::allows(record.scopes.as_deref(), needed)
+        {
+            return Err(ApiError::new(
+                ErrorCode::InsufficientPermissions,
+                format!("This API key does not have the {} scope.", needed.render()),
+            ));
+        }
+        let (plan_name, plan) = state.config.plan(record.plan.as_deref());
+        let mut key_limits = product
+            .rates(&record, plan_name)
+            .await
+            .map_err(|r| refusal(r, info.as_deref()))?;
+        limits.states.append(&mut key_limits.states);
+        let idempotency_key = (parts.method != Method::GET)
+            .then(|| parts.headers.get("idempotency-key"))
+            .flatten()
+            .and_then(|v| v.to_str().ok());
+        let charged = product
+            .quota(
+                state.store.as_ref(),
+                plan,
+                record.account_id,
+                idempotency_key,
+                now,
+                &mut limits,
+            )
+            .await
+            .map_err(|r| refusal(r, info.as_deref()))?;
+        if let Some(info) = &info {
+            let _ = info.limits.set(limits);
+            let _ = info.billing.set(Billing {
+                product: product.clone(),
+                store: state.store.clone(),
+                account: record.account_id,
+                key_id: record.id,
+                class: route_class(&parts.method),
+                at: now,
+                charge: charged,
+            });
         }
         Ok(Auth {
             account_id: record.account_id,
             key_id: record.id,
             mode: record.mode,
+            scopes: record.scopes,
+            plan: record.plan,
         })
+    }
+}
+
+/// The bearer key's record: present, well-formed, known, not revoked, not expired.
+async fn verify_key(
+    parts: &Parts,
+    state: &AppState,
+    now: bursar_domain::Timestamp,
+) -> Result<ApiKeyRecord, ApiError> {
+    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::new(
+            ErrorCode::AuthenticationRequired,
+            "Send your API key as Authorization: Bearer <key>.",
+        ));
+    };
+    let invalid = || ApiError::new(ErrorCode::InvalidApiKey, "The API key is not valid.");
+    let text = value.to_str().map_err(|_| invalid())?;
+    let (scheme, key) = text.split_once(' ').ok_or_else(invalid)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(invalid());
+    }
+    let parsed = ParsedKey::parse(key.trim()).map_err(|_| invalid())?;
+    let hash = parsed.hash();
+    let record = match state.keys.get(&hash) {
+        Some(hit) => hit,
+        None => {
+            let found = state.store.find_api_key(&hash).await?;
+            let record = found.filter(|k| !k.revoked).ok_or_else(invalid)?;
+            state.keys.insert(hash.clone(), record.clone());
+            // A revoke that landed while this lookup ran must not be undone by the fill.
+            if state.product.is_tombstoned(record.id) {
+                state.keys.remove_id(record.id);
+            }
+            record
+        }
+    };
+    if state.product.is_tombstoned(record.id) {
+        return Err(invalid());
+    }
+    if record.expires_at.is_some_and(|t| t <= now) {
+        return Err(ApiError::new(
+            ErrorCode::ExpiredApiKey,
+            "The API key has expired; roll or create a new one.",
+        ));
+    }
+    Ok(record)
+}
+
+/// The 429 or 503 of a refused request; its limit states go into the response headers.
+fn refusal(r: Refusal, info: Option<&RequestInfo>) -> ApiError {
+    match r {
+        Refusal::Limited {
+            limits,
+            violated,
+            retry_after,
+            quota,
+        } => {
+            if let Some(info) = info {
+                let _ = info.limits.set(limits);
+            }
+            let (code, message) = if quota {
+                (
+                    ErrorCode::QuotaExceeded,
+                    "The monthly request quota of this account is used up.",
+                )
+            } else {
+                (
+                    ErrorCode::RateLimited,
+                    "Rate limit exceeded; retry after the time in Retry-After.",
+                )
+            };
+            let mut e = ApiError::new(code, message);
+            e.extra.insert(
+                "violated-policies".into(),
+                serde_json::Value::from(violated),
+            );
+            e.retry_after = Some(u32::try_from(retry_after.max(1)).unwrap_or(u32::MAX));
+            e
+        }
+        Refusal::Unavailable => {
+            let mut e = ApiError::new(
+                ErrorCode::ServiceUnavailable,
+                "Rate limiting is unavailable; retry shortly.",
+            );
+            e.retry_after = Some(1);
+            e
+        }
     }
 }
 

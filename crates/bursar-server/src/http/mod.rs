@@ -19,7 +19,7 @@ use tower_http::timeout::TimeoutLayer;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::AppState;
-use routes::{customers, events, live, money, orders, system};
+use routes::{customers, events, live, money, orders, product, system};
 
 /// The whole application. Layer order, outermost first: request context (id, trace, error
 /// rendering, access log) → panic guard → timeout (innermost, so a timed-out request is still
@@ -87,6 +87,12 @@ pub fn router(state: AppState) -> Router {
             "/api/webhook_endpoints/{id}/replays/{replay_id}",
             get(events::get_replay),
         )
+        .route("/api/keys", post(product::create).get(product::list))
+        .route("/api/keys/{id}", get(product::get))
+        .route("/api/keys/{id}/roll", post(product::roll))
+        .route("/api/keys/{id}/revoke", post(product::revoke))
+        .route("/api/usage", get(product::usage))
+        .route("/api/invoices/upcoming", get(product::upcoming_invoice))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz));
     for op in state.operations.all() {

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::routes::{customers, events, live, money, orders, system};
+use super::routes::{customers, events, live, money, orders, product, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,6 +28,8 @@ use super::routes::{customers, events, live, money, orders, system};
         money::balances, money::ledger_entries,
         money::rates, money::create_quote, money::get_quote,
         money::create_conversion, money::get_conversion,
+        product::create, product::list, product::get, product::roll, product::revoke,
+        product::usage, product::upcoming_invoice,
         system::healthz, system::readyz,
     ),
     components(schemas(bursar_api::ErrorBody, bursar_api::FieldIssue)),
@@ -41,6 +43,8 @@ use super::routes::{customers, events, live, money, orders, system};
         (name = "fx", description = "Rates, quotes that lock a rate, and conversions"),
         (name = "events", description = "The event log: every committed change, in order per account"),
         (name = "webhooks", description = "Signed webhook endpoints, their deliveries and attempts"),
+        (name = "keys", description = "API keys: scopes, expiry, roll with a grace period, revoke"),
+        (name = "usage", description = "Metered requests and the invoice they add up to"),
         (name = "system", description = "Health and readiness"),
     )
 )]

@@ -16,6 +16,8 @@ pub enum AdminError {
     AccountExists(String),
     #[error("account names are 1-100 characters without control characters")]
     InvalidName,
+    #[error("no plan named {0:?} in the configuration")]
+    UnknownPlan(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -91,4 +93,24 @@ pub async fn bootstrap(
     create_key(store, clock, DEFAULT_ACCOUNT, KeyMode::Test)
         .await
         .map(Some)
+}
+
+/// Puts `account` on `plan` (a `[plans]` name; `default` clears it back to the configured
+/// default). Returns the plan now in force.
+pub async fn set_plan(
+    store: &dyn Storage,
+    config: &crate::Config,
+    account: &str,
+    plan: &str,
+) -> Result<String, AdminError> {
+    let acct = store
+        .find_account(account)
+        .await?
+        .ok_or_else(|| AdminError::UnknownAccount(account.to_owned()))?;
+    if !config.plans.contains_key(plan) {
+        return Err(AdminError::UnknownPlan(plan.to_owned()));
+    }
+    let stored = (plan != config.limits.default_plan).then_some(plan);
+    store.set_account_plan(acct.id, stored).await?;
+    Ok(plan.to_owned())
 }

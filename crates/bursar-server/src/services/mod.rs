@@ -6,6 +6,7 @@ pub mod customers;
 pub mod money;
 pub mod operations;
 pub mod orders;
+pub mod product;
 pub mod webhooks;
 
 use std::future::Future;

@@ -166,7 +166,26 @@ async fn deliver(state: &AppState, c: ClaimedDelivery, token: &str) {
         outcome,
         policy: state.webhooks.config.health_policy(),
     };
-    match state.store.complete_delivery(done, state.clock.now()).await {
+    // A database that is briefly busy (SQLite's lock, a saturated pool) must not strand a sent
+    // delivery until its lease lapses — that would send it a second time. The completion is
+    // fenced by the lease token, so trying it again is safe.
+    let mut wait = Duration::from_millis(50);
+    let mut result = state
+        .store
+        .complete_delivery(done.clone(), state.clock.now())
+        .await;
+    for _ in 0..6 {
+        if !matches!(result, Err(bursar_storage::StorageError::Unavailable(_))) {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+        result = state
+            .store
+            .complete_delivery(done.clone(), state.clock.now())
+            .await;
+    }
+    match result {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
             delivery_id = c.delivery_id,

@@ -150,6 +150,7 @@ impl TestApp {
         dir: Option<tempfile::TempDir>,
     ) -> TestApp {
         state.connect_nats().await.unwrap();
+        state.connect_redis().await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
@@ -287,6 +288,10 @@ impl ManualClock {
 
     pub fn advance_secs(&self, secs: i64) {
         self.0.fetch_add(secs * 1000, Ordering::SeqCst);
+    }
+
+    pub fn set(&self, at: Timestamp) {
+        self.0.store(at.0, Ordering::SeqCst);
     }
 }
 

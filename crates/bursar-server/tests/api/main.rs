@@ -7,6 +7,7 @@ mod idempotency;
 mod live;
 mod money;
 mod operations;
+mod product;
 mod webhooks;
 mod workers;
 
@@ -40,6 +41,7 @@ use idempotency::*;
 use live::*;
 use money::*;
 use operations::*;
+use product::*;
 use webhooks::*;
 use workers::*;
 
@@ -93,4 +95,11 @@ api_suite!(
     the_circuit_breaker_holds_back_probes_and_drains,
     a_failing_endpoint_is_disabled_with_an_event,
     replay_resends_the_same_events,
+    keys_are_scoped_expire_roll_and_revoke,
+    rate_limits_answer_429_with_headers_and_recover,
+    failed_authentication_is_throttled_per_ip,
+    monthly_quota_is_exact_free_on_replay_and_resets,
+    usage_is_metered_and_priced_on_the_invoice,
+    two_instances_share_limits_and_revocations_through_redis,
+    a_redis_outage_follows_the_fail_mode,
 );

@@ -32,6 +32,7 @@ pub mod live;
 pub mod money;
 pub mod operations;
 pub mod orders;
+pub mod product;
 pub mod system;
 
 use bursar_domain::Timestamp;
