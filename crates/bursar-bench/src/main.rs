@@ -4,9 +4,11 @@
 //! The `payments` scenario needs no baseline: both sides of its ratio are Bursar (payments
 //! against its own order creates, phase after phase in each round). Nor does `webhooks`
 //! (`webhooks.rs`): its baseline is Bursar's order creates on an account without endpoints.
+//! Nor does `limits` (`limits.rs`): its baseline is Bursar's GETs on a server without limits.
 
 mod baseline;
 mod bursar;
+mod limits;
 mod live;
 mod load;
 mod webhooks;
@@ -68,6 +70,9 @@ struct Args {
     /// `live`: Bursar only, `--subscribers` SSE streams on one instance, then `--events`
     /// order creates at `--event-rate`: server memory (VmRSS) without subscribers (the
     /// baseline), with them idle and after the fan-out, and every event at every subscriber.
+    /// `limits`: Bursar only, GETs of orders on three servers side by side on one store: no
+    /// limits (the baseline), key and account limits too high to refuse anything decided
+    /// in-process, and the same decided in Redis (`--redis-url`); GET req/s ratios.
     #[arg(long, value_enum, default_value_t = Scenario::Crud)]
     scenario: Scenario,
     /// `live` only: concurrent SSE subscribers.
@@ -101,6 +106,10 @@ struct Args {
     /// `webhooks` only, for experiments: each endpoint's `max_concurrency` (default: Bursar's).
     #[arg(long)]
     endpoint_concurrency: Option<u32>,
+    /// `limits` only: the Redis that the `redis` target's limiter uses (keys under a prefix new
+    /// in every run, each expiring within a second of its last use).
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -110,6 +119,7 @@ enum Scenario {
     Payments,
     Webhooks,
     Live,
+    Limits,
 }
 
 impl Scenario {
@@ -124,8 +134,8 @@ impl Scenario {
             Scenario::Idempotency => [(Op::Create, Keys::None), (Op::Hello, Keys::None)],
             // A real client sends a key of its own with every payment request.
             Scenario::Payments => [(Op::Create, Keys::None), (Op::Pay(flow), Keys::Fresh)],
-            Scenario::Webhooks | Scenario::Live => {
-                unreachable!("the webhooks and live scenarios have their own drivers")
+            Scenario::Webhooks | Scenario::Live | Scenario::Limits => {
+                unreachable!("the webhooks, live and limits scenarios have their own drivers")
             }
         }
     }
@@ -136,8 +146,8 @@ impl Scenario {
             Scenario::Crud => ["create", "get"],
             Scenario::Idempotency => ["create", "replay"],
             Scenario::Payments => ["create", "pay"],
-            Scenario::Webhooks | Scenario::Live => {
-                unreachable!("the webhooks and live scenarios have their own drivers")
+            Scenario::Webhooks | Scenario::Live | Scenario::Limits => {
+                unreachable!("the webhooks, live and limits scenarios have their own drivers")
             }
         }
     }
@@ -160,7 +170,7 @@ fn main() -> Result<ExitCode> {
     );
     let bursar_only = matches!(
         args.scenario,
-        Scenario::Payments | Scenario::Webhooks | Scenario::Live
+        Scenario::Payments | Scenario::Webhooks | Scenario::Live | Scenario::Limits
     );
     ensure!(
         !(bursar_only && args.baseline_only),
@@ -175,6 +185,9 @@ fn main() -> Result<ExitCode> {
     }
     if args.scenario == Scenario::Webhooks {
         return rt.block_on(webhooks::run(&args));
+    }
+    if args.scenario == Scenario::Limits {
+        return rt.block_on(limits::run(&args));
     }
     let results = rt.block_on(run(&args))?;
     Ok(report(&args, results))

@@ -43,8 +43,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap()
 }
 
-/// A healthy receiver at `<base>/<tag>`: answers 200 after a short pause (so that a second
-/// copy sent concurrently would overlap the first).
+/// A healthy receiver at `<base>/<tag>`: answers 200 after a pause (so that a second copy sent
+/// concurrently would overlap the first, and so that the sends of workers that run side by side
+/// overlap even where the database, not the receiver, sets the pace: SQLite).
 async fn receiver() -> (String, Arc<Seen>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/hooks", listener.local_addr().unwrap());
@@ -70,7 +71,7 @@ async fn receiver() -> (String, Arc<Seen>) {
                         seen.overlaps.fetch_add(1, Ordering::SeqCst);
                     }
                     *lock(&seen.copies).entry(copy.clone()).or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     lock(&seen.in_flight).remove(&copy);
                     seen.open.fetch_sub(1, Ordering::SeqCst);
                     StatusCode::OK
