@@ -275,6 +275,115 @@ pub async fn keys_are_scoped_expire_roll_and_revoke(app: &TestApp) {
     .await;
     assert_eq!((s.as_u16(), &again["revoked_at"]), (200, &r["revoked_at"]));
 
+    // Revoke while requests are in flight: none started after the revoke answered succeeds
+    // (a cache fill racing the revoke cannot bring the key back).
+    let racer = new_key(app, a, json!({})).await;
+    let racer_secret = racer["secret"].as_str().unwrap().to_owned();
+    let racer_id = racer["id"].as_i64().unwrap();
+    let revoked_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let late_successes = Arc::new(AtomicU64::new(0));
+    let hammer: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url, key) = (app.http.clone(), app.url.clone(), racer_secret.clone());
+            let (revoked_at, stop, late) =
+                (revoked_at.clone(), stop.clone(), late_successes.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let started = Instant::now();
+                    let resp = http
+                        .get(format!("{url}/api/orders?limit=1"))
+                        .bearer_auth(&key)
+                        .send()
+                        .await
+                        .unwrap();
+                    let after_revoke = revoked_at.lock().unwrap().is_some_and(|r| started > r);
+                    if resp.status() == 200 && after_revoke {
+                        late.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s, _, _) = json_of(
+        call(
+            app,
+            Method::POST,
+            &format!("/api/keys/{racer_id}/revoke"),
+            Some(a),
+            IP,
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 200);
+    *revoked_at.lock().unwrap() = Some(Instant::now());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    for h in hammer {
+        h.await.unwrap();
+    }
+    assert_eq!(late_successes.load(Ordering::SeqCst), 0);
+
+    // Without a broadcast (no Redis), another instance drops a revoked key within the key
+    // cache lifetime (5 s).
+    let other = app.twin(|_| {}).await;
+    let lone = new_key(app, a, json!({})).await;
+    let lone_secret = lone["secret"].as_str().unwrap().to_owned();
+    let (s, _, _) = json_of(
+        call(
+            &other,
+            Method::GET,
+            "/api/orders",
+            Some(&lone_secret),
+            IP,
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let lone_id = lone["id"].as_i64().unwrap();
+    let (s, _, _) = json_of(
+        call(
+            app,
+            Method::POST,
+            &format!("/api/keys/{lone_id}/revoke"),
+            Some(a),
+            IP,
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let revoked = Instant::now();
+    loop {
+        let (s, _, _) = json_of(
+            call(
+                &other,
+                Method::GET,
+                "/api/orders",
+                Some(&lone_secret),
+                IP,
+                None,
+            )
+            .await,
+        )
+        .await;
+        if s == 401 {
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_millis(5500),
+            "the other instance kept the key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    other.stop().await;
+
     // Storage audit: no secret issued above is stored anywhere.
     let dump = database_dump(app).await;
     for s in [&secret, &new_secret, &newest, &short] {
@@ -393,6 +502,43 @@ pub async fn rate_limits_answer_429_with_headers_and_recover(app: &TestApp) {
     assert!(header(&h, "ratelimit").contains("r=0"), "{h:?}");
     assert_eq!(header(&h, "retry-after"), "1");
     assert!(h.get("set-cookie").is_none() && h.get("cache-control").is_none());
+    // A rolled key keeps the bucket: its successor is limited too.
+    let (_, _, keys) = json_of(
+        call(
+            &app,
+            Method::GET,
+            "/api/keys?limit=100",
+            Some(&other),
+            IP,
+            None,
+        )
+        .await,
+    )
+    .await;
+    let key_id = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_i64().unwrap())
+        .min()
+        .unwrap();
+    let (s, _, rolled) = json_of(
+        call(
+            &app,
+            Method::POST,
+            &format!("/api/keys/{key_id}/roll"),
+            Some(&other),
+            IP,
+            Some(json!({"grace_secs": 3600})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 201, "{rolled}");
+    let successor = rolled["secret"].as_str().unwrap().to_owned();
+    let (s, _, _) =
+        json_of(call(&app, Method::GET, "/api/orders", Some(&successor), IP, None).await).await;
+    assert_eq!(s, 429, "the successor started with a fresh burst");
     // Another account is not affected.
     let (s, _, _) =
         json_of(call(&app, Method::GET, "/api/orders", Some(&app.key_b), IP, None).await).await;
@@ -482,6 +628,39 @@ pub async fn failed_authentication_is_throttled_per_ip(app: &TestApp) {
     let (s, _, _) =
         json_of(call(&app, Method::GET, "/api/orders", Some(&bad), IP, None).await).await;
     assert_eq!(s, 401);
+    // A mistyped key is refused before any I/O: with the database gone it is still a 401
+    // (a lookup would have been a 503).
+    app.store.close().await;
+    let (s, _, e) = json_of(
+        call(
+            &app,
+            Method::GET,
+            "/api/orders",
+            Some(&bad),
+            "192.0.2.1",
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), e["error_code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{e}"
+    );
+    let (s, _, _) = json_of(
+        call(
+            &app,
+            Method::GET,
+            "/api/orders",
+            Some(&unknown),
+            "192.0.2.1",
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 503, "a well-formed unknown key is looked up");
     // The right-most untrusted address is the client: an address the guesser prepends (the
     // proxy appends the real one) does not change who is throttled.
     let spoofed = format!("{IP}, {guesser}");
@@ -512,13 +691,19 @@ pub async fn monthly_quota_is_exact_free_on_replay_and_resets(app: &TestApp) {
         )
         .await;
     let key = app.key_a.clone();
-    // 5,000 requests, 64 at a time: exactly 1,000 succeed.
+    // 5,000 requests, 64 at a time, through two instances: exactly 1,000 succeed.
+    let twin = app.twin(|_| {}).await;
     let ok = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..64)
-        .map(|_| {
-            let (http, url, key) = (app.http.clone(), app.url.clone(), key.clone());
+        .map(|i| {
+            let url = if i % 2 == 0 {
+                app.url.clone()
+            } else {
+                twin.url.clone()
+            };
+            let (http, key) = (app.http.clone(), key.clone());
             let (ok, refused, next) = (ok.clone(), refused.clone(), next.clone());
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::SeqCst) < 5000 {
@@ -542,6 +727,7 @@ pub async fn monthly_quota_is_exact_free_on_replay_and_resets(app: &TestApp) {
     }
     assert_eq!(ok.load(Ordering::SeqCst), 1000);
     assert_eq!(refused.load(Ordering::SeqCst), 4000);
+    twin.stop().await;
     let now = clock.now();
     let period = Period::month_of(now);
     assert_eq!(
