@@ -146,7 +146,7 @@ async fn start_all(
 ) -> Result<Vec<(Setup, Arc<Target>, Vec<String>)>> {
     let mut targets = Vec::new();
     for setup in setups {
-        eprintln!("starting {} ({})", setup.name, setup.limiter);
+        eprintln!("starting {}: {}", setup.name, setup.limiter);
         let accounts = [(setup.name, setup.account)];
         let (server, mut ts) = bursar::start(bin, flags, client, &setup.config, &accounts).await?;
         servers.push(server);
