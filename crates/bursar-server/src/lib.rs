@@ -19,8 +19,23 @@ pub use state::{AppState, FaultPoint, SystemClock};
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 
 use tokio::net::TcpListener;
+
+/// The process's metrics recorder, installed on first use (one per process, whatever number of
+/// servers it runs), rendered at `GET /metrics`.
+pub fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics shows only its own");
+        }
+        handle
+    })
+}
 
 /// Serves the API on `listener` until `shutdown` resolves, then stops accepting, lets in-flight
 /// requests finish for at most `config.shutdown_grace`, and closes the storage pools.
@@ -32,6 +47,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let grace = state.config.shutdown_grace();
     let store = state.store.clone();
+    metrics_handle();
     let sweeper = tokio::spawn(sweep_idempotency(state.clone()));
     // With no operation registered there is no work a completer could finish.
     let completer = (state.operations.all().next().is_some())

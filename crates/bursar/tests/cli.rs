@@ -310,6 +310,24 @@ async fn admin_commands(db: Db) {
     );
     let (ok, out, err) = run(&db, &["admin", "keys", "create", "--account", "nobody"]).await;
     assert!(!ok && out.is_empty() && err.contains("no account"), "{err}");
+    // Plans come from the configuration (here the environment); accounts name one.
+    let out = bursar(&db, &["admin", "accounts", "set-plan", "acme", "pro"])
+        .env("BURSAR_PLANS__PRO__MONTHLY_QUOTA", "1000")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pro\n");
+    let (ok, out, err) = run(&db, &["admin", "accounts", "set-plan", "acme", "pro"]).await;
+    assert!(
+        !ok && out.is_empty() && err.contains("no plan named"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&db, &["admin", "accounts", "set-plan", "nobody", "default"]).await;
+    assert!(!ok && err.contains("no account"), "{err}");
+    let (ok, out, err) = run(&db, &["admin", "accounts", "set-plan", "acme", "default"]).await;
+    assert!(ok && out == "default\n", "{err}");
     // A server started on a database that already has accounts creates none.
     let server = serve(&db, &[]).await;
     assert_eq!(server.key(), None);

@@ -94,7 +94,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/usage", get(product::usage))
         .route("/api/invoices/upcoming", get(product::upcoming_invoice))
         .route("/healthz", get(system::healthz))
-        .route("/readyz", get(system::readyz));
+        .route("/readyz", get(system::readyz))
+        .route("/metrics", get(system::metrics));
     for op in state.operations.all() {
         api = api.route(op.route(), routes::operations::create(op.clone()));
     }

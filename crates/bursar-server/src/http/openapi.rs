@@ -30,7 +30,7 @@ use super::routes::{customers, events, live, money, orders, product, system};
         money::create_conversion, money::get_conversion,
         product::create, product::list, product::get, product::roll, product::revoke,
         product::usage, product::upcoming_invoice,
-        system::healthz, system::readyz,
+        system::healthz, system::readyz, system::metrics,
     ),
     components(schemas(bursar_api::ErrorBody, bursar_api::FieldIssue)),
     modifiers(&BearerKey),

@@ -82,6 +82,7 @@ pub async fn run(meter: Arc<Meter>, store: Arc<dyn Storage>, every: std::time::D
     loop {
         tick.tick().await;
         if let Err(e) = meter.flush(store.as_ref()).await {
+            metrics::counter!("usage_flush_failures_total").increment(1);
             tracing::warn!(error = %e, "usage flush failed; the counts are kept for the next one");
         }
     }

@@ -318,6 +318,7 @@ impl Product {
         if outcome.allowed {
             Ok(limits)
         } else {
+            metrics::counter!("rate_limited_total", "reason" => reason).increment(1);
             Err(Refusal::Limited {
                 limits,
                 violated,
@@ -377,6 +378,7 @@ impl Product {
                 let secs = until_end.as_secs().max(1);
                 let jitter = rand::random_range(0..=secs / 10);
                 limits.reason = Some("quota-monthly");
+                metrics::counter!("quota_exceeded_total").increment(1);
                 Err(Refusal::Limited {
                     limits: limits.clone(),
                     violated: vec!["monthly".into()],

@@ -102,4 +102,5 @@ api_suite!(
     usage_is_metered_and_priced_on_the_invoice,
     two_instances_share_limits_and_revocations_through_redis,
     a_redis_outage_follows_the_fail_mode,
+    usage_counted_in_memory_survives_a_graceful_shutdown,
 );

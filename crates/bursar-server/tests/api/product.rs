@@ -1280,6 +1280,21 @@ pub async fn a_redis_outage_follows_the_fail_mode(app: &TestApp) {
         (5, true),
         "{other:?}"
     );
+    // The fallback is counted where an operator alerts on it.
+    let metrics = open
+        .anon(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let fallbacks = metrics
+        .lines()
+        .find(|l| l.starts_with("ratelimit_fallback_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(fallbacks.is_some_and(|n| n >= 3.0), "{metrics}");
     // Closed: 503 with Retry-After, never a 429 or a 500.
     let resp = call(
         &closed,
@@ -1327,4 +1342,25 @@ pub async fn a_redis_outage_follows_the_fail_mode(app: &TestApp) {
     redis.stop();
     closed.stop().await;
     open.stop().await;
+}
+
+pub async fn usage_counted_in_memory_survives_a_graceful_shutdown(app: &TestApp) {
+    // No periodic flush during the test: only the shutdown's.
+    let app = app
+        .sibling(
+            |c| c.metering.flush_interval_ms = 3_600_000,
+            Arc::new(SystemClock),
+        )
+        .await;
+    for _ in 0..7 {
+        let (s, _, _) =
+            json_of(call(&app, Method::GET, "/api/orders", Some(&app.key_a), IP, None).await).await;
+        assert_eq!(s, 200);
+    }
+    assert_eq!(app.state.product.meter.pending(), 7);
+    let app = app.restart().await;
+    let (s, _, u) =
+        json_of(call(&app, Method::GET, "/api/usage", Some(&app.key_a), IP, None).await).await;
+    assert_eq!((s.as_u16(), u["total"].as_i64()), (200, Some(7)), "{u}");
+    app.stop().await;
 }

@@ -30,3 +30,19 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         Err(elapsed) => Err(ApiError::unavailable(Box::new(elapsed))),
     }
 }
+
+/// Counters in the Prometheus text format (`ratelimit_store_errors_total`,
+/// `ratelimit_fallback_total`, `ratelimit_degraded_checks_total`, `rate_limited_total`,
+/// `quota_exceeded_total`, `usage_flush_failures_total`). Unauthenticated like the probes: it
+/// holds counts, never tenant data; keep it off the public edge.
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics_handle().render(),
+    )
+}
