@@ -148,7 +148,9 @@ async fn start_all(
     for setup in setups {
         eprintln!("starting {}: {}", setup.name, setup.limiter);
         let accounts = [(setup.name, setup.account)];
-        let (server, mut ts) = bursar::start(bin, flags, client, &setup.config, &accounts).await?;
+        let started = bursar::start(bin, flags, client, &setup.config, &accounts).await;
+        let (server, mut ts) =
+            started.with_context(|| format!("starting {}{}", setup.name, hint(&setup)))?;
         servers.push(server);
         let target = Arc::new(ts.pop().context("bursar::start returned no target")?);
         let created = load::create_orders(&target, ORDERS, 8).await?;
@@ -165,6 +167,16 @@ async fn start_all(
     Ok(targets)
 }
 
+/// What to check when a target fails: the `redis` one fails closed, so an unreachable Redis
+/// makes every request (the setup's too) a 503.
+fn hint(setup: &Setup) -> &'static str {
+    if setup.name == "redis" {
+        " (it fails closed: is Redis answering at --redis-url?)"
+    } else {
+        ""
+    }
+}
+
 /// One GET before measuring: a 2xx, with `RateLimit-Policy` naming both high limits on a
 /// limited target and none on the other. Without it a typo in the config (or a Bursar that
 /// ignores it) would measure no limiter at all and still report a fine ratio.
@@ -178,12 +190,7 @@ async fn probe(setup: &Setup, target: &Target, id: &str) -> Result<()> {
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let body = resp.text().await.unwrap_or_default();
     if !status.is_success() {
-        let hint = if setup.name == "redis" {
-            " (this target fails closed: is Redis answering at --redis-url?)"
-        } else {
-            ""
-        };
-        bail!("{}: probe GET: {status}{hint}: {body}", setup.name);
+        bail!("{}: probe GET: {status}{}: {body}", setup.name, hint(setup));
     }
     let wanted = [
         format!("\"key\";q={HIGH_LIMIT};w=1"),
