@@ -103,4 +103,5 @@ api_suite!(
     two_instances_share_limits_and_revocations_through_redis,
     a_redis_outage_follows_the_fail_mode,
     usage_counted_in_memory_survives_a_graceful_shutdown,
+    every_client_address_has_its_own_request_budget,
 );

@@ -1364,3 +1364,60 @@ pub async fn usage_counted_in_memory_survives_a_graceful_shutdown(app: &TestApp)
     assert_eq!((s.as_u16(), u["total"].as_i64()), (200, Some(7)), "{u}");
     app.stop().await;
 }
+
+pub async fn every_client_address_has_its_own_request_budget(app: &TestApp) {
+    let app = app
+        .sibling(
+            |c| {
+                trust_loopback(c);
+                c.limits.ip_limit = 3;
+                c.limits.ip_window_secs = 60;
+            },
+            Arc::new(SystemClock),
+        )
+        .await;
+    // Authenticated or not, an address gets 3 requests a minute, before any key is looked up.
+    for key in [Some(app.key_a.as_str()), None, Some(app.key_b.as_str())] {
+        let (s, _, _) =
+            json_of(call(&app, Method::GET, "/api/orders", key, "203.0.113.10", None).await).await;
+        assert_ne!(s, 429);
+    }
+    let (s, h, e) = json_of(
+        call(
+            &app,
+            Method::GET,
+            "/api/orders",
+            Some(&app.key_a),
+            "203.0.113.10",
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), e["error_code"].as_str()),
+        (429, Some("rate_limited")),
+        "{e}"
+    );
+    assert_eq!(header(&h, "bursar-rate-limited-reason"), "ip-rate");
+    assert_eq!(e["violated-policies"], json!(["ip"]));
+    // Another address is not affected, and the policy is advertised.
+    let (s, h, _) = json_of(
+        call(
+            &app,
+            Method::GET,
+            "/api/orders",
+            Some(&app.key_a),
+            "203.0.113.11",
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(
+        header(&h, "ratelimit-policy").contains("\"ip\";q=3;w=60"),
+        "{h:?}"
+    );
+    app.stop().await;
+}
