@@ -50,15 +50,28 @@ impl FromRequestParts<AppState> for Auth {
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0);
         let ip = client_ip(peer, &parts.headers, &product.trusted);
-        let mut limits = Limits::default();
-        if let Some(ip) = ip {
-            limits = product
-                .before_auth(ip)
+        let mut limits = match ip {
+            Some(ip) => product
+                .ip_rate(ip)
+                .await
+                .map_err(|r| refusal(r, info.as_deref()))?,
+            None => Limits::default(),
+        };
+        let now = state.clock.now();
+        let bearer = bearer_key(parts);
+        let hash = bearer.as_ref().ok().map(ParsedKey::hash);
+        let cached = hash.as_deref().and_then(|h| state.keys.get(h));
+        // An address out of failed attempts is refused before any lookup; a key verified
+        // moments ago (cached) needs no lookup and skips the question.
+        if cached.is_none()
+            && let Some(ip) = ip
+        {
+            product
+                .auth_budget(ip)
                 .await
                 .map_err(|r| refusal(r, info.as_deref()))?;
         }
-        let now = state.clock.now();
-        let record = match verify_key(parts, state, now).await {
+        let record = match verify_key(state, bearer, hash, cached, now).await {
             Ok(record) => record,
             Err(e) => {
                 if let Some(ip) = ip {
@@ -125,32 +138,42 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
-/// The bearer key's record: present, well-formed, known, not revoked, not expired.
-async fn verify_key(
-    parts: &Parts,
-    state: &AppState,
-    now: bursar_domain::Timestamp,
-) -> Result<ApiKeyRecord, ApiError> {
+fn invalid_key() -> ApiError {
+    ApiError::new(ErrorCode::InvalidApiKey, "The API key is not valid.")
+}
+
+/// The bearer key, well-formed and with a good checksum (no I/O).
+fn bearer_key(parts: &Parts) -> Result<ParsedKey, ApiError> {
     let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             ErrorCode::AuthenticationRequired,
             "Send your API key as Authorization: Bearer <key>.",
         ));
     };
-    let invalid = || ApiError::new(ErrorCode::InvalidApiKey, "The API key is not valid.");
-    let text = value.to_str().map_err(|_| invalid())?;
-    let (scheme, key) = text.split_once(' ').ok_or_else(invalid)?;
+    let text = value.to_str().map_err(|_| invalid_key())?;
+    let (scheme, key) = text.split_once(' ').ok_or_else(invalid_key)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(invalid());
+        return Err(invalid_key());
     }
-    let parsed = ParsedKey::parse(key.trim()).map_err(|_| invalid())?;
-    let hash = parsed.hash();
-    let record = match state.keys.get(&hash) {
+    ParsedKey::parse(key.trim()).map_err(|_| invalid_key())
+}
+
+/// The bearer key's record: known (from the cache or by its hash), not revoked, not expired.
+async fn verify_key(
+    state: &AppState,
+    bearer: Result<ParsedKey, ApiError>,
+    hash: Option<String>,
+    cached: Option<ApiKeyRecord>,
+    now: bursar_domain::Timestamp,
+) -> Result<ApiKeyRecord, ApiError> {
+    bearer?;
+    let hash = hash.ok_or_else(invalid_key)?;
+    let record = match cached {
         Some(hit) => hit,
         None => {
             let found = state.store.find_api_key(&hash).await?;
-            let record = found.filter(|k| !k.revoked).ok_or_else(invalid)?;
-            state.keys.insert(hash.clone(), record.clone());
+            let record = found.filter(|k| !k.revoked).ok_or_else(invalid_key)?;
+            state.keys.insert(hash, record.clone());
             // A revoke that landed while this lookup ran must not be undone by the fill.
             if state.product.is_tombstoned(record.id) {
                 state.keys.remove_id(record.id);
@@ -159,7 +182,7 @@ async fn verify_key(
         }
     };
     if state.product.is_tombstoned(record.id) {
-        return Err(invalid());
+        return Err(invalid_key());
     }
     if record.expires_at.is_some_and(|t| t <= now) {
         return Err(ApiError::new(

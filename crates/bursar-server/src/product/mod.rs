@@ -226,30 +226,27 @@ impl Product {
         ]
     }
 
-    /// Charges the per-IP policy, then asks (without charging) whether the IP has used up its
-    /// failed authentications. Both before any key lookup.
-    pub async fn before_auth(&self, ip: IpAddr) -> Result<Limits, Refusal> {
-        let subject = bursar_limits::client_subject(ip);
-        let scope = format!("ip:{subject}");
-        let mut limits = Limits::default();
-        if let Some(p) = &self.ip {
-            let check = Check::new(scope.clone()).item(p, "all");
-            let outcome = self.limiter.check(&check).await;
-            limits = self.decide(outcome, "ip-rate")?;
-        }
-        if let Some(p) = &self.auth {
-            let check = Check::new(scope).item(p, "auth").with_dry_run(true);
-            let outcome = self.auth_failures.check(&check).await;
-            let mut refused = self.decide(outcome, "ip-auth");
-            // A dry run that would be denied means the IP is out of failed attempts; its own
-            // RateLimit fields are not sent on the requests that are still allowed (they say
-            // nothing about the caller's key).
-            if let Err(Refusal::Limited { limits, .. }) = &mut refused {
-                limits.states.retain(|s| s.name == "ip-auth");
-            }
-            refused?;
-        }
-        Ok(limits)
+    /// Charges the per-IP request policy (if configured), before anything else.
+    pub async fn ip_rate(&self, ip: IpAddr) -> Result<Limits, Refusal> {
+        let Some(p) = &self.ip else {
+            return Ok(Limits::default());
+        };
+        let check = Check::new(format!("ip:{}", bursar_limits::client_subject(ip))).item(p, "all");
+        let outcome = self.limiter.check(&check).await;
+        self.decide(outcome, "ip-rate")
+    }
+
+    /// Whether the IP still has failed authentications left (a dry run, in-process). Asked
+    /// before a key is looked up — not for a key this instance verified moments ago, which
+    /// needs no lookup (the common path costs nothing here).
+    pub async fn auth_budget(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let Some(p) = &self.auth else {
+            return Ok(());
+        };
+        let scope = format!("ip:{}", bursar_limits::client_subject(ip));
+        let check = Check::new(scope).item(p, "auth").with_dry_run(true);
+        let outcome = self.auth_failures.check(&check).await;
+        self.decide(outcome, "ip-auth").map(|_| ())
     }
 
     /// Charges one failed authentication to the IP.

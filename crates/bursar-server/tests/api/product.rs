@@ -675,14 +675,15 @@ pub async fn failed_authentication_is_throttled_per_ip(app: &TestApp) {
     .await;
     assert_eq!(s, 503, "a well-formed unknown key is looked up");
     // The right-most untrusted address is the client: an address the guesser prepends (the
-    // proxy appends the real one) does not change who is throttled.
+    // proxy appends the real one) does not change who is throttled (a lookup, were the
+    // guesser taken for IP, would be a 503 with the database closed).
     let spoofed = format!("{IP}, {guesser}");
     let (s, _, _) = json_of(
         call(
             &app,
             Method::GET,
             "/api/orders",
-            Some(&good),
+            Some(&unknown),
             &spoofed,
             None,
         )
