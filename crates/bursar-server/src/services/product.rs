@@ -166,6 +166,20 @@ pub async fn roll_key(call: &Call, id: i64, req: api::RollApiKey) -> Result<api:
         )]));
     }
     let old = get_key(call, id).await?;
+    // Rolling hands out a key with the old one's scopes: a restricted key may only roll keys
+    // that hold no more than it does.
+    if let Some(held) = &call.auth.scopes {
+        let wider = match &old.scopes {
+            None => true,
+            Some(theirs) => theirs.iter().any(|s| !Scope::allows(Some(held), *s)),
+        };
+        if wider {
+            return Err(ApiError::new(
+                bursar_api::ErrorCode::InsufficientPermissions,
+                "A restricted key can only roll keys within its own scopes.",
+            ));
+        }
+    }
     let now = call.state.clock.now();
     let key = new_key(old.mode);
     let new = NewApiKey {

@@ -167,6 +167,53 @@ async fn keys_lifecycle(app: &TestApp) {
     .await;
     assert_eq!(s, 403);
 
+    // A key that may manage keys, but nothing else, cannot roll a wider key into its own hands.
+    let manager = new_key(app, a, json!({"scopes": ["keys:write"]})).await;
+    let manager = manager["secret"].as_str().unwrap().to_owned();
+    let (s, _, e) = json_of(
+        call(
+            app,
+            Method::POST,
+            &format!("/api/keys/{id}/roll"),
+            Some(&manager),
+            IP,
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), e["error_code"].as_str()),
+        (403, Some("insufficient_permissions")),
+        "{e}"
+    );
+    let (s, _, e) = json_of(
+        call(
+            app,
+            Method::POST,
+            "/api/keys",
+            Some(&manager),
+            IP,
+            Some(json!({})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 403, "{e}");
+    let (s, _, _) = json_of(
+        call(
+            app,
+            Method::POST,
+            "/api/keys",
+            Some(&manager),
+            IP,
+            Some(json!({"scopes": ["keys:read"]})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(s, 201);
+
     // Bad input is a 422 naming the field.
     for (body, field) in [
         (json!({"scopes": ["orders:admin"]}), "scopes[0]"),
