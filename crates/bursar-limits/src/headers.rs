@@ -36,18 +36,21 @@ pub fn client_subject(ip: IpAddr) -> String {
 /// its policy by name. `w` is whole seconds (at least 1) because the draft defines it as an
 /// sf-integer; sub-second windows are rounded up.
 pub fn policy_header(states: &[PolicyState]) -> String {
+    list(states, |out, state| {
+        let w = ceil_secs(state.window).clamp(1, SF_INTEGER_MAX);
+        let _ = write!(out, ";q={};w={w}", state.limit);
+    })
+}
+
+/// An RFC 8941 list with one item per policy: its quoted name, then `params`.
+fn list(states: &[PolicyState], params: impl Fn(&mut String, &PolicyState)) -> String {
     let mut out = String::new();
     for (i, state) in states.iter().enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
         push_sf_string(&mut out, &state.name);
-        let _ = write!(
-            out,
-            ";q={};w={}",
-            state.limit,
-            ceil_secs(state.window).clamp(1, SF_INTEGER_MAX)
-        );
+        params(&mut out, state);
     }
     out
 }
@@ -59,20 +62,10 @@ pub fn policy_header(states: &[PolicyState]) -> String {
 /// until that request would fit (its `retry_after`): that is when the client can usefully come
 /// back, and it keeps `Retry-After` from ever being earlier than `t` (spec §2.3).
 pub fn ratelimit_header(states: &[PolicyState]) -> String {
-    let mut out = String::new();
-    for (i, state) in states.iter().enumerate() {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        push_sf_string(&mut out, &state.name);
-        let _ = write!(
-            out,
-            ";r={};t={}",
-            state.remaining.min(SF_INTEGER_MAX),
-            reset_secs(state)
-        );
-    }
-    out
+    list(states, |out, state| {
+        let r = state.remaining.min(SF_INTEGER_MAX);
+        let _ = write!(out, ";r={r};t={}", reset_secs(state));
+    })
 }
 
 /// The `Retry-After` value (integer seconds) for a denied outcome.

@@ -40,6 +40,18 @@ async fn call(
     req.send().await.unwrap()
 }
 
+/// [`call`], then the answer's status, headers and JSON body.
+async fn ask(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    ip: &str,
+    body: Option<Value>,
+) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    json_of(call(app, method, path, key, ip, body).await).await
+}
+
 async fn json_of(resp: reqwest::Response) -> (StatusCode, reqwest::header::HeaderMap, Value) {
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -66,8 +78,7 @@ fn plan(key_limit: u32, quota: i64) -> PlanConfig {
 }
 
 async fn new_key(app: &TestApp, by: &str, body: Value) -> Value {
-    let (status, _, v) =
-        json_of(call(app, Method::POST, "/api/keys", Some(by), IP, Some(body)).await).await;
+    let (status, _, v) = ask(app, Method::POST, "/api/keys", Some(by), IP, Some(body)).await;
     assert_eq!(status, 201, "{v}");
     v
 }
@@ -104,21 +115,17 @@ async fn keys_lifecycle(app: &TestApp) {
     assert_eq!(k["last4"], &secret[41..]);
     assert_eq!(k["scopes"], json!(["orders:read"]));
     let id = k["id"].as_i64().unwrap();
-    let (_, _, got) = json_of(
-        call(
-            app,
-            Method::GET,
-            &format!("/api/keys/{id}"),
-            Some(a),
-            IP,
-            None,
-        )
-        .await,
+    let (_, _, got) = ask(
+        app,
+        Method::GET,
+        &format!("/api/keys/{id}"),
+        Some(a),
+        IP,
+        None,
     )
     .await;
     assert!(got.get("secret").is_none(), "{got}");
-    let (_, _, list) =
-        json_of(call(app, Method::GET, "/api/keys?limit=100", Some(a), IP, None).await).await;
+    let (_, _, list) = ask(app, Method::GET, "/api/keys?limit=100", Some(a), IP, None).await;
     assert!(!list.to_string().contains(&secret));
     assert!(
         list["data"]
@@ -129,19 +136,15 @@ async fn keys_lifecycle(app: &TestApp) {
     );
 
     // Scopes: reads of orders only; a 403 is not the caller's fault to retry.
-    let (s, _, _) =
-        json_of(call(app, Method::GET, "/api/orders", Some(&secret), IP, None).await).await;
+    let (s, _, _) = ask(app, Method::GET, "/api/orders", Some(&secret), IP, None).await;
     assert_eq!(s, 200);
-    let (s, _, e) = json_of(
-        call(
-            app,
-            Method::POST,
-            "/api/orders",
-            Some(&secret),
-            IP,
-            Some(json!({"customer_id": 1, "amount": "1.00", "currency": "USD"})),
-        )
-        .await,
+    let (s, _, e) = ask(
+        app,
+        Method::POST,
+        "/api/orders",
+        Some(&secret),
+        IP,
+        Some(json!({"customer_id": 1, "amount": "1.00", "currency": "USD"})),
     )
     .await;
     assert_eq!(
@@ -149,20 +152,16 @@ async fn keys_lifecycle(app: &TestApp) {
         (403, Some("insufficient_permissions")),
         "{e}"
     );
-    let (s, _, _) =
-        json_of(call(app, Method::GET, "/api/customers", Some(&secret), IP, None).await).await;
+    let (s, _, _) = ask(app, Method::GET, "/api/customers", Some(&secret), IP, None).await;
     assert_eq!(s, 403);
     // A restricted key cannot mint a wider one (nor any key: keys:write is not its scope).
-    let (s, _, _) = json_of(
-        call(
-            app,
-            Method::POST,
-            "/api/keys",
-            Some(&secret),
-            IP,
-            Some(json!({})),
-        )
-        .await,
+    let (s, _, _) = ask(
+        app,
+        Method::POST,
+        "/api/keys",
+        Some(&secret),
+        IP,
+        Some(json!({})),
     )
     .await;
     assert_eq!(s, 403);
@@ -170,16 +169,13 @@ async fn keys_lifecycle(app: &TestApp) {
     // A key that may manage keys, but nothing else, cannot roll a wider key into its own hands.
     let manager = new_key(app, a, json!({"scopes": ["keys:write"]})).await;
     let manager = manager["secret"].as_str().unwrap().to_owned();
-    let (s, _, e) = json_of(
-        call(
-            app,
-            Method::POST,
-            &format!("/api/keys/{id}/roll"),
-            Some(&manager),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, e) = ask(
+        app,
+        Method::POST,
+        &format!("/api/keys/{id}/roll"),
+        Some(&manager),
+        IP,
+        None,
     )
     .await;
     assert_eq!(
@@ -187,29 +183,23 @@ async fn keys_lifecycle(app: &TestApp) {
         (403, Some("insufficient_permissions")),
         "{e}"
     );
-    let (s, _, e) = json_of(
-        call(
-            app,
-            Method::POST,
-            "/api/keys",
-            Some(&manager),
-            IP,
-            Some(json!({})),
-        )
-        .await,
+    let (s, _, e) = ask(
+        app,
+        Method::POST,
+        "/api/keys",
+        Some(&manager),
+        IP,
+        Some(json!({})),
     )
     .await;
     assert_eq!(s, 403, "{e}");
-    let (s, _, _) = json_of(
-        call(
-            app,
-            Method::POST,
-            "/api/keys",
-            Some(&manager),
-            IP,
-            Some(json!({"scopes": ["keys:read"]})),
-        )
-        .await,
+    let (s, _, _) = ask(
+        app,
+        Method::POST,
+        "/api/keys",
+        Some(&manager),
+        IP,
+        Some(json!({"scopes": ["keys:read"]})),
     )
     .await;
     assert_eq!(s, 201);
@@ -221,8 +211,7 @@ async fn keys_lifecycle(app: &TestApp) {
         (json!({"mode": "prod"}), "mode"),
         (json!({"scopes": []}), "scopes"),
     ] {
-        let (s, _, e) =
-            json_of(call(app, Method::POST, "/api/keys", Some(a), IP, Some(body)).await).await;
+        let (s, _, e) = ask(app, Method::POST, "/api/keys", Some(a), IP, Some(body)).await;
         assert_eq!(s, 422, "{e}");
         assert_eq!(e["details"][0]["field"], field, "{e}");
     }
@@ -234,7 +223,7 @@ async fn keys_lifecycle(app: &TestApp) {
         (Method::POST, format!("/api/keys/{id}/revoke")),
         (Method::POST, format!("/api/keys/{id}/roll")),
     ] {
-        let (s, _, e) = json_of(call(app, m, &path, Some(b), IP, None).await).await;
+        let (s, _, e) = ask(app, m, &path, Some(b), IP, None).await;
         assert_eq!(s, 404, "{path}: {e}");
     }
 
@@ -242,12 +231,10 @@ async fn keys_lifecycle(app: &TestApp) {
     let soon = bursar_domain::Timestamp(SystemClock.now().0 + 1500);
     let short = new_key(app, a, json!({"expires_at": soon.rfc3339()})).await;
     let short = short["secret"].as_str().unwrap().to_owned();
-    let (s, _, _) =
-        json_of(call(app, Method::GET, "/api/orders", Some(&short), IP, None).await).await;
+    let (s, _, _) = ask(app, Method::GET, "/api/orders", Some(&short), IP, None).await;
     assert_eq!(s, 200);
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    let (s, _, e) =
-        json_of(call(app, Method::GET, "/api/orders", Some(&short), IP, None).await).await;
+    let (s, _, e) = ask(app, Method::GET, "/api/orders", Some(&short), IP, None).await;
     assert_eq!(
         (s.as_u16(), e["error_code"].as_str()),
         (401, Some("expired_api_key")),
@@ -255,16 +242,13 @@ async fn keys_lifecycle(app: &TestApp) {
     );
 
     // Roll with a grace: both keys work, the new one with the same scopes.
-    let (s, _, rolled) = json_of(
-        call(
-            app,
-            Method::POST,
-            &format!("/api/keys/{id}/roll"),
-            Some(a),
-            IP,
-            Some(json!({"grace_secs": 3600})),
-        )
-        .await,
+    let (s, _, rolled) = ask(
+        app,
+        Method::POST,
+        &format!("/api/keys/{id}/roll"),
+        Some(a),
+        IP,
+        Some(json!({"grace_secs": 3600})),
     )
     .await;
     assert_eq!(s, 201, "{rolled}");
@@ -272,65 +256,52 @@ async fn keys_lifecycle(app: &TestApp) {
     assert_eq!(rolled["rotated_from"], id);
     assert_eq!(rolled["scopes"], json!(["orders:read"]));
     for key in [&secret, &new_secret] {
-        let (s, _, _) =
-            json_of(call(app, Method::GET, "/api/orders", Some(key), IP, None).await).await;
+        let (s, _, _) = ask(app, Method::GET, "/api/orders", Some(key), IP, None).await;
         assert_eq!(s, 200);
     }
     // Roll with no grace: the old key stops at once, the new one works.
     let new_id = rolled["id"].as_i64().unwrap();
-    let (s, _, now_key) = json_of(
-        call(
-            app,
-            Method::POST,
-            &format!("/api/keys/{new_id}/roll"),
-            Some(a),
-            IP,
-            Some(json!({"grace_secs": 0})),
-        )
-        .await,
+    let (s, _, now_key) = ask(
+        app,
+        Method::POST,
+        &format!("/api/keys/{new_id}/roll"),
+        Some(a),
+        IP,
+        Some(json!({"grace_secs": 0})),
     )
     .await;
     assert_eq!(s, 201);
-    let (s, _, _) =
-        json_of(call(app, Method::GET, "/api/orders", Some(&new_secret), IP, None).await).await;
+    let (s, _, _) = ask(app, Method::GET, "/api/orders", Some(&new_secret), IP, None).await;
     assert_eq!(s, 401);
     let newest = now_key["secret"].as_str().unwrap().to_owned();
-    let (s, _, _) =
-        json_of(call(app, Method::GET, "/api/orders", Some(&newest), IP, None).await).await;
+    let (s, _, _) = ask(app, Method::GET, "/api/orders", Some(&newest), IP, None).await;
     assert_eq!(s, 200);
 
     // Revoke: refused at once, and the revoke is idempotent.
     let newest_id = now_key["id"].as_i64().unwrap();
-    let (s, _, r) = json_of(
-        call(
-            app,
-            Method::POST,
-            &format!("/api/keys/{newest_id}/revoke"),
-            Some(a),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, r) = ask(
+        app,
+        Method::POST,
+        &format!("/api/keys/{newest_id}/revoke"),
+        Some(a),
+        IP,
+        None,
     )
     .await;
     assert_eq!(s, 200);
     assert!(r["revoked_at"].is_string());
-    let (s, _, e) =
-        json_of(call(app, Method::GET, "/api/orders", Some(&newest), IP, None).await).await;
+    let (s, _, e) = ask(app, Method::GET, "/api/orders", Some(&newest), IP, None).await;
     assert_eq!(
         (s.as_u16(), e["error_code"].as_str()),
         (401, Some("invalid_api_key"))
     );
-    let (s, _, again) = json_of(
-        call(
-            app,
-            Method::POST,
-            &format!("/api/keys/{newest_id}/revoke"),
-            Some(a),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, again) = ask(
+        app,
+        Method::POST,
+        &format!("/api/keys/{newest_id}/revoke"),
+        Some(a),
+        IP,
+        None,
     )
     .await;
     assert_eq!((s.as_u16(), &again["revoked_at"]), (200, &r["revoked_at"]));
@@ -366,16 +337,13 @@ async fn keys_lifecycle(app: &TestApp) {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (s, _, _) = json_of(
-        call(
-            app,
-            Method::POST,
-            &format!("/api/keys/{racer_id}/revoke"),
-            Some(a),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, _) = ask(
+        app,
+        Method::POST,
+        &format!("/api/keys/{racer_id}/revoke"),
+        Some(a),
+        IP,
+        None,
     )
     .await;
     assert_eq!(s, 200);
@@ -392,45 +360,36 @@ async fn keys_lifecycle(app: &TestApp) {
     let other = app.twin(|_| {}).await;
     let lone = new_key(app, a, json!({})).await;
     let lone_secret = lone["secret"].as_str().unwrap().to_owned();
-    let (s, _, _) = json_of(
-        call(
+    let (s, _, _) = ask(
+        &other,
+        Method::GET,
+        "/api/orders",
+        Some(&lone_secret),
+        IP,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let lone_id = lone["id"].as_i64().unwrap();
+    let (s, _, _) = ask(
+        app,
+        Method::POST,
+        &format!("/api/keys/{lone_id}/revoke"),
+        Some(a),
+        IP,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let revoked = Instant::now();
+    loop {
+        let (s, _, _) = ask(
             &other,
             Method::GET,
             "/api/orders",
             Some(&lone_secret),
             IP,
             None,
-        )
-        .await,
-    )
-    .await;
-    assert_eq!(s, 200);
-    let lone_id = lone["id"].as_i64().unwrap();
-    let (s, _, _) = json_of(
-        call(
-            app,
-            Method::POST,
-            &format!("/api/keys/{lone_id}/revoke"),
-            Some(a),
-            IP,
-            None,
-        )
-        .await,
-    )
-    .await;
-    assert_eq!(s, 200);
-    let revoked = Instant::now();
-    loop {
-        let (s, _, _) = json_of(
-            call(
-                &other,
-                Method::GET,
-                "/api/orders",
-                Some(&lone_secret),
-                IP,
-                None,
-            )
-            .await,
         )
         .await;
         if s == 401 {
@@ -509,16 +468,13 @@ pub async fn rate_limits_answer_429_with_headers_and_recover(app: &TestApp) {
         .id;
     let mut last_r = u64::MAX;
     for _ in 0..10 {
-        let (s, h, _) = json_of(
-            call(
-                &app,
-                Method::GET,
-                "/api/orders?limit=1",
-                Some(&key),
-                IP,
-                None,
-            )
-            .await,
+        let (s, h, _) = ask(
+            &app,
+            Method::GET,
+            "/api/orders?limit=1",
+            Some(&key),
+            IP,
+            None,
         )
         .await;
         assert_eq!(s, 200);
@@ -563,16 +519,13 @@ pub async fn rate_limits_answer_429_with_headers_and_recover(app: &TestApp) {
     assert_eq!(header(&h, "retry-after"), "1");
     assert!(h.get("set-cookie").is_none() && h.get("cache-control").is_none());
     // A rolled key keeps the bucket: its successor is limited too.
-    let (_, _, keys) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/keys?limit=100",
-            Some(&other),
-            IP,
-            None,
-        )
-        .await,
+    let (_, _, keys) = ask(
+        &app,
+        Method::GET,
+        "/api/keys?limit=100",
+        Some(&other),
+        IP,
+        None,
     )
     .await;
     let key_id = keys["data"]
@@ -582,26 +535,21 @@ pub async fn rate_limits_answer_429_with_headers_and_recover(app: &TestApp) {
         .map(|k| k["id"].as_i64().unwrap())
         .min()
         .unwrap();
-    let (s, _, rolled) = json_of(
-        call(
-            &app,
-            Method::POST,
-            &format!("/api/keys/{key_id}/roll"),
-            Some(&other),
-            IP,
-            Some(json!({"grace_secs": 3600})),
-        )
-        .await,
+    let (s, _, rolled) = ask(
+        &app,
+        Method::POST,
+        &format!("/api/keys/{key_id}/roll"),
+        Some(&other),
+        IP,
+        Some(json!({"grace_secs": 3600})),
     )
     .await;
     assert_eq!(s, 201, "{rolled}");
     let successor = rolled["secret"].as_str().unwrap().to_owned();
-    let (s, _, _) =
-        json_of(call(&app, Method::GET, "/api/orders", Some(&successor), IP, None).await).await;
+    let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&successor), IP, None).await;
     assert_eq!(s, 429, "the successor started with a fresh burst");
     // Another account is not affected.
-    let (s, _, _) =
-        json_of(call(&app, Method::GET, "/api/orders", Some(&app.key_b), IP, None).await).await;
+    let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&app.key_b), IP, None).await;
     assert_eq!(s, 200);
     // After Retry-After the same request runs (it was never stored).
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -642,8 +590,7 @@ pub async fn failed_authentication_is_throttled_per_ip(app: &TestApp) {
         .into_iter()
         .enumerate()
     {
-        let (s, h, e) =
-            json_of(call(&app, Method::GET, "/api/orders", Some(key), guesser, None).await).await;
+        let (s, h, e) = ask(&app, Method::GET, "/api/orders", Some(key), guesser, None).await;
         assert_eq!(
             (s.as_u16(), e["error_code"].as_str()),
             (401, Some("invalid_api_key")),
@@ -653,8 +600,7 @@ pub async fn failed_authentication_is_throttled_per_ip(app: &TestApp) {
     }
     // The sixth is refused before any lookup, even with a valid key from that address.
     for key in [&bad, &good] {
-        let (s, h, e) =
-            json_of(call(&app, Method::GET, "/api/orders", Some(key), guesser, None).await).await;
+        let (s, h, e) = ask(&app, Method::GET, "/api/orders", Some(key), guesser, None).await;
         assert_eq!(
             (s.as_u16(), e["error_code"].as_str()),
             (429, Some("rate_limited")),
@@ -669,38 +615,30 @@ pub async fn failed_authentication_is_throttled_per_ip(app: &TestApp) {
             call(&app, Method::GET, "/api/orders", Some(&bad), ip, None).await;
         }
     }
-    let (s, _, _) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/orders",
-            Some(&good),
-            "2001:db8:7:1::9",
-            None,
-        )
-        .await,
+    let (s, _, _) = ask(
+        &app,
+        Method::GET,
+        "/api/orders",
+        Some(&good),
+        "2001:db8:7:1::9",
+        None,
     )
     .await;
     assert_eq!(s, 429);
-    let (s, _, _) =
-        json_of(call(&app, Method::GET, "/api/orders", Some(&good), IP, None).await).await;
+    let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&good), IP, None).await;
     assert_eq!(s, 200);
-    let (s, _, _) =
-        json_of(call(&app, Method::GET, "/api/orders", Some(&bad), IP, None).await).await;
+    let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&bad), IP, None).await;
     assert_eq!(s, 401);
     // A mistyped key is refused before any I/O: with the database gone it is still a 401
     // (a lookup would have been a 503).
     app.store.close().await;
-    let (s, _, e) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/orders",
-            Some(&bad),
-            "192.0.2.1",
-            None,
-        )
-        .await,
+    let (s, _, e) = ask(
+        &app,
+        Method::GET,
+        "/api/orders",
+        Some(&bad),
+        "192.0.2.1",
+        None,
     )
     .await;
     assert_eq!(
@@ -708,16 +646,13 @@ pub async fn failed_authentication_is_throttled_per_ip(app: &TestApp) {
         (401, Some("invalid_api_key")),
         "{e}"
     );
-    let (s, _, _) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/orders",
-            Some(&unknown),
-            "192.0.2.1",
-            None,
-        )
-        .await,
+    let (s, _, _) = ask(
+        &app,
+        Method::GET,
+        "/api/orders",
+        Some(&unknown),
+        "192.0.2.1",
+        None,
     )
     .await;
     assert_eq!(s, 503, "a well-formed unknown key is looked up");
@@ -725,16 +660,13 @@ pub async fn failed_authentication_is_throttled_per_ip(app: &TestApp) {
     // proxy appends the real one) does not change who is throttled (a lookup, were the
     // guesser taken for IP, would be a 503 with the database closed).
     let spoofed = format!("{IP}, {guesser}");
-    let (s, _, _) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/orders",
-            Some(&unknown),
-            &spoofed,
-            None,
-        )
-        .await,
+    let (s, _, _) = ask(
+        &app,
+        Method::GET,
+        "/api/orders",
+        Some(&unknown),
+        &spoofed,
+        None,
     )
     .await;
     assert_eq!(s, 429);
@@ -799,8 +731,7 @@ pub async fn monthly_quota_is_exact_free_on_replay_and_resets(app: &TestApp) {
         1000
     );
     // The refusal says when the period turns (+ at most 10 %).
-    let (s, h, e) =
-        json_of(call(&app, Method::GET, "/api/orders", Some(&key), IP, None).await).await;
+    let (s, h, e) = ask(&app, Method::GET, "/api/orders", Some(&key), IP, None).await;
     assert_eq!(
         (s.as_u16(), e["error_code"].as_str()),
         (429, Some("quota_exceeded"))
@@ -814,17 +745,14 @@ pub async fn monthly_quota_is_exact_free_on_replay_and_resets(app: &TestApp) {
         "{retry} vs {to_end}"
     );
     // Account b has its own quota.
-    let (s, _, _) =
-        json_of(call(&app, Method::GET, "/api/orders", Some(&app.key_b), IP, None).await).await;
+    let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&app.key_b), IP, None).await;
     assert_eq!(s, 200);
     // The last millisecond of the month is still refused; the first of the next is not.
     clock.set(bursar_domain::Timestamp(period.end.0 - 1));
-    let (s, _, _) =
-        json_of(call(&app, Method::GET, "/api/orders", Some(&key), IP, None).await).await;
+    let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&key), IP, None).await;
     assert_eq!(s, 429);
     clock.set(period.end);
-    let (s, h, _) =
-        json_of(call(&app, Method::GET, "/api/orders", Some(&key), IP, None).await).await;
+    let (s, h, _) = ask(&app, Method::GET, "/api/orders", Some(&key), IP, None).await;
     assert_eq!(s, 200);
     assert!(
         header(&h, "ratelimit").contains("\"monthly\";r=999"),
@@ -872,16 +800,13 @@ pub async fn monthly_quota_is_exact_free_on_replay_and_resets(app: &TestApp) {
 
 /// Account b's metered writes so far (the usage read itself is metered after it answers).
 async fn writes(app: &TestApp) -> i64 {
-    let (s, _, usage) = json_of(
-        call(
-            app,
-            Method::GET,
-            "/api/usage?group_by=route_class",
-            Some(&app.key_b),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, usage) = ask(
+        app,
+        Method::GET,
+        "/api/usage?group_by=route_class",
+        Some(&app.key_b),
+        IP,
+        None,
     )
     .await;
     assert_eq!(s, 200, "{usage}");
@@ -938,20 +863,16 @@ pub async fn usage_is_metered_and_priced_on_the_invoice(app: &TestApp) {
     let k2 = new_key(&app, &app.key_a, json!({"name": "second"})).await;
     let k2_secret = k2["secret"].as_str().unwrap().to_owned();
     for key in [&app.key_a, &app.key_a, &k2_secret] {
-        let (s, _, _) =
-            json_of(call(&app, Method::GET, "/api/orders", Some(key), IP, None).await).await;
+        let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(key), IP, None).await;
         assert_eq!(s, 200);
     }
-    let (s, _, u) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/usage?group_by=key,route_class",
-            Some(&app.key_a),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, u) = ask(
+        &app,
+        Method::GET,
+        "/api/usage?group_by=key,route_class",
+        Some(&app.key_a),
+        IP,
+        None,
     )
     .await;
     assert_eq!(s, 200, "{u}");
@@ -967,16 +888,13 @@ pub async fn usage_is_metered_and_priced_on_the_invoice(app: &TestApp) {
     // The usage call itself is metered after its answer; the key create was a write.
     assert_eq!(reads_of(k2["id"].as_i64().unwrap()), 1, "{u}");
     assert!(reads_of(first_key_id(&app).await) >= 2, "{u}");
-    let (s, _, e) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/usage?group_by=week",
-            Some(&app.key_a),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, e) = ask(
+        &app,
+        Method::GET,
+        "/api/usage?group_by=week",
+        Some(&app.key_a),
+        IP,
+        None,
     )
     .await;
     assert_eq!(
@@ -990,20 +908,17 @@ pub async fn usage_is_metered_and_priced_on_the_invoice(app: &TestApp) {
         (app.account_a, first_key_id(&app).await),
         (app.account_b, 0),
     ] {
-        let (_, _, inv) = json_of(
-            call(
-                &app,
-                Method::GET,
-                "/api/invoices/upcoming",
-                Some(if account == app.account_a {
-                    &app.key_a
-                } else {
-                    &app.key_b
-                }),
-                IP,
-                None,
-            )
-            .await,
+        let (_, _, inv) = ask(
+            &app,
+            Method::GET,
+            "/api/invoices/upcoming",
+            Some(if account == app.account_a {
+                &app.key_a
+            } else {
+                &app.key_b
+            }),
+            IP,
+            None,
         )
         .await;
         let already = inv["units"].as_i64().unwrap();
@@ -1020,16 +935,13 @@ pub async fn usage_is_metered_and_priced_on_the_invoice(app: &TestApp) {
             .unwrap();
     }
     // (Each invoice call is itself one metered read, counted after it answers.)
-    let (s, _, inv) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/invoices/upcoming",
-            Some(&app.key_a),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, inv) = ask(
+        &app,
+        Method::GET,
+        "/api/invoices/upcoming",
+        Some(&app.key_a),
+        IP,
+        None,
     )
     .await;
     assert_eq!(s, 200, "{inv}");
@@ -1046,16 +958,13 @@ pub async fn usage_is_metered_and_priced_on_the_invoice(app: &TestApp) {
         .map(|l| l["amount"].as_str().unwrap())
         .collect();
     assert_eq!(amounts, ["0.00", "100.00", "450.00", "50.00"], "{inv}");
-    let (_, _, inv) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/invoices/upcoming",
-            Some(&app.key_b),
-            IP,
-            None,
-        )
-        .await,
+    let (_, _, inv) = ask(
+        &app,
+        Method::GET,
+        "/api/invoices/upcoming",
+        Some(&app.key_b),
+        IP,
+        None,
     )
     .await;
     assert_eq!(
@@ -1068,16 +977,13 @@ pub async fn usage_is_metered_and_priced_on_the_invoice(app: &TestApp) {
 }
 
 async fn first_key_id(app: &TestApp) -> i64 {
-    let (_, _, list) = json_of(
-        call(
-            app,
-            Method::GET,
-            "/api/keys?limit=100",
-            Some(&app.key_a),
-            IP,
-            None,
-        )
-        .await,
+    let (_, _, list) = ask(
+        app,
+        Method::GET,
+        "/api/keys?limit=100",
+        Some(&app.key_a),
+        IP,
+        None,
     )
     .await;
     list["data"]
@@ -1174,27 +1080,22 @@ pub async fn two_instances_share_limits_and_revocations_through_redis(app: &Test
     // Revocation on A reaches B (which has the key cached) within a second.
     let victim = new_key(&a, &a.key_b, json!({})).await;
     let secret = victim["secret"].as_str().unwrap().to_owned();
-    let (s, _, _) =
-        json_of(call(&b, Method::GET, "/api/orders", Some(&secret), IP, None).await).await;
+    let (s, _, _) = ask(&b, Method::GET, "/api/orders", Some(&secret), IP, None).await;
     assert_eq!(s, 200);
     let id = victim["id"].as_i64().unwrap();
-    let (s, _, _) = json_of(
-        call(
-            &a,
-            Method::POST,
-            &format!("/api/keys/{id}/revoke"),
-            Some(&a.key_b),
-            IP,
-            None,
-        )
-        .await,
+    let (s, _, _) = ask(
+        &a,
+        Method::POST,
+        &format!("/api/keys/{id}/revoke"),
+        Some(&a.key_b),
+        IP,
+        None,
     )
     .await;
     assert_eq!(s, 200);
     let revoked_at = Instant::now();
     loop {
-        let (s, _, _) =
-            json_of(call(&b, Method::GET, "/api/orders", Some(&secret), IP, None).await).await;
+        let (s, _, _) = ask(&b, Method::GET, "/api/orders", Some(&secret), IP, None).await;
         if s == 401 {
             break;
         }
@@ -1270,16 +1171,13 @@ async fn burst(app: &TestApp, n: usize) -> (usize, Vec<u16>) {
     let mut ok = 0;
     let mut other = Vec::new();
     for _ in 0..n {
-        let (s, _, _) = json_of(
-            call(
-                app,
-                Method::GET,
-                "/api/orders?limit=1",
-                Some(&app.key_a),
-                IP,
-                None,
-            )
-            .await,
+        let (s, _, _) = ask(
+            app,
+            Method::GET,
+            "/api/orders?limit=1",
+            Some(&app.key_a),
+            IP,
+            None,
         )
         .await;
         if s == 200 {
@@ -1401,14 +1299,12 @@ pub async fn usage_counted_in_memory_survives_a_graceful_shutdown(app: &TestApp)
         )
         .await;
     for _ in 0..7 {
-        let (s, _, _) =
-            json_of(call(&app, Method::GET, "/api/orders", Some(&app.key_a), IP, None).await).await;
+        let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&app.key_a), IP, None).await;
         assert_eq!(s, 200);
     }
     assert_eq!(app.state.product.meter.pending(), 7);
     let app = app.restart().await;
-    let (s, _, u) =
-        json_of(call(&app, Method::GET, "/api/usage", Some(&app.key_a), IP, None).await).await;
+    let (s, _, u) = ask(&app, Method::GET, "/api/usage", Some(&app.key_a), IP, None).await;
     assert_eq!((s.as_u16(), u["total"].as_i64()), (200, Some(7)), "{u}");
     app.stop().await;
 }
@@ -1426,20 +1322,16 @@ pub async fn every_client_address_has_its_own_request_budget(app: &TestApp) {
         .await;
     // Authenticated or not, an address gets 3 requests a minute, before any key is looked up.
     for key in [Some(app.key_a.as_str()), None, Some(app.key_b.as_str())] {
-        let (s, _, _) =
-            json_of(call(&app, Method::GET, "/api/orders", key, "203.0.113.10", None).await).await;
+        let (s, _, _) = ask(&app, Method::GET, "/api/orders", key, "203.0.113.10", None).await;
         assert_ne!(s, 429);
     }
-    let (s, h, e) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/orders",
-            Some(&app.key_a),
-            "203.0.113.10",
-            None,
-        )
-        .await,
+    let (s, h, e) = ask(
+        &app,
+        Method::GET,
+        "/api/orders",
+        Some(&app.key_a),
+        "203.0.113.10",
+        None,
     )
     .await;
     assert_eq!(
@@ -1450,16 +1342,13 @@ pub async fn every_client_address_has_its_own_request_budget(app: &TestApp) {
     assert_eq!(header(&h, "bursar-rate-limited-reason"), "ip-rate");
     assert_eq!(e["violated-policies"], json!(["ip"]));
     // Another address is not affected, and the policy is advertised.
-    let (s, h, _) = json_of(
-        call(
-            &app,
-            Method::GET,
-            "/api/orders",
-            Some(&app.key_a),
-            "203.0.113.11",
-            None,
-        )
-        .await,
+    let (s, h, _) = ask(
+        &app,
+        Method::GET,
+        "/api/orders",
+        Some(&app.key_a),
+        "203.0.113.11",
+        None,
     )
     .await;
     assert_eq!(s, 200);
