@@ -104,4 +104,5 @@ api_suite!(
     a_redis_outage_follows_the_fail_mode,
     usage_counted_in_memory_survives_a_graceful_shutdown,
     every_client_address_has_its_own_request_budget,
+    plan_changes_keep_the_period_usage_and_refusals_cost_nothing,
 );

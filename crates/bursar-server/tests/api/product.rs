@@ -1358,3 +1358,95 @@ pub async fn every_client_address_has_its_own_request_budget(app: &TestApp) {
     );
     app.stop().await;
 }
+
+pub async fn plan_changes_keep_the_period_usage_and_refusals_cost_nothing(app: &TestApp) {
+    let app = app
+        .sibling(
+            |c| {
+                c.plans.insert("default".into(), plan(0, 3));
+                c.plans.insert("pro".into(), plan(0, 10));
+                c.plans.insert("tiny".into(), plan(0, 2));
+            },
+            Arc::new(SystemClock),
+        )
+        .await;
+    let period = Period::month_of(SystemClock.now());
+    let used = || async {
+        app.store
+            .quota_used(app.account_a, period.start)
+            .await
+            .unwrap()
+    };
+    // A 403 (scope) and a 401 (unknown key) are not charged.
+    let reader = bursar_server::services::accounts::create_key(
+        app.store.as_ref(),
+        &SystemClock,
+        "a",
+        bursar_domain::apikey::KeyMode::Test,
+    )
+    .await
+    .unwrap();
+    let (s, _, k) = ask(
+        &app,
+        Method::POST,
+        "/api/keys",
+        Some(&reader),
+        IP,
+        Some(json!({"scopes": ["orders:read"]})),
+    )
+    .await;
+    assert_eq!(s, 201);
+    assert_eq!(used().await, 1);
+    let scoped = k["secret"].as_str().unwrap().to_owned();
+    let (s, _, _) = ask(
+        &app,
+        Method::POST,
+        "/api/customers",
+        Some(&scoped),
+        IP,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, 403);
+    assert_eq!(used().await, 1);
+    // Two more reads use up the quota of 3; the refusal is not charged either.
+    for _ in 0..2 {
+        let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&scoped), IP, None).await;
+        assert_eq!(s, 200);
+    }
+    let (s, _, _) = ask(&app, Method::GET, "/api/orders", Some(&scoped), IP, None).await;
+    assert_eq!(s, 429);
+    assert_eq!(used().await, 3);
+    // An upgrade applies within the key cache lifetime and keeps what was used: r = 10 − 4.
+    let config = app.state.config.clone();
+    bursar_server::services::accounts::set_plan(app.store.as_ref(), &config, "a", "pro")
+        .await
+        .unwrap();
+    // Polls until a response's `field` contains `want` (the key cache holds the plan ≤ 5 s).
+    let until = |field: &'static str, want: &'static str| {
+        let app = &app;
+        let scoped = scoped.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(7);
+            loop {
+                let (s, h, _) = ask(app, Method::GET, "/api/orders", Some(&scoped), IP, None).await;
+                if header(&h, field).contains(want) {
+                    return (s, h);
+                }
+                assert!(Instant::now() < deadline, "never saw {want}: {h:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let (s, h) = until("ratelimit-policy", "\"monthly\";q=10").await;
+    assert_eq!(s, 200);
+    assert!(header(&h, "ratelimit").contains("\"monthly\";r=6"), "{h:?}");
+    // A downgrade below what was used leaves nothing, never a negative remainder.
+    bursar_server::services::accounts::set_plan(app.store.as_ref(), &config, "a", "tiny")
+        .await
+        .unwrap();
+    let (s, h) = until("ratelimit-policy", "\"monthly\";q=2").await;
+    assert_eq!(s, 429);
+    assert!(header(&h, "ratelimit").contains("\"monthly\";r=0"), "{h:?}");
+    app.stop().await;
+}
