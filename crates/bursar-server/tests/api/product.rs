@@ -40,6 +40,19 @@ async fn call(
     req.send().await.unwrap()
 }
 
+/// Another full-access key of account a, issued by the admin path (not through the API, so
+/// no request is spent on it).
+async fn second_key(app: &TestApp) -> String {
+    bursar_server::services::accounts::create_key(
+        app.store.as_ref(),
+        &SystemClock,
+        "a",
+        bursar_domain::apikey::KeyMode::Test,
+    )
+    .await
+    .unwrap()
+}
+
 /// [`call`], then the answer's status, headers and JSON body.
 async fn ask(
     app: &TestApp,
@@ -452,14 +465,7 @@ pub async fn rate_limits_answer_429_with_headers_and_recover(app: &TestApp) {
         .await;
     let key = app.key_a.clone();
     // A customer made with another key of the account (its own bucket).
-    let other = bursar_server::services::accounts::create_key(
-        app.store.as_ref(),
-        &SystemClock,
-        "a",
-        bursar_domain::apikey::KeyMode::Test,
-    )
-    .await
-    .unwrap();
+    let other = second_key(&app).await;
     let customer = bursar_sdk::Client::new(&app.url, &other)
         .create_customer(&Default::default())
         .await
@@ -1377,15 +1383,8 @@ pub async fn plan_changes_keep_the_period_usage_and_refusals_cost_nothing(app: &
             .await
             .unwrap()
     };
-    // A 403 (scope) and a 401 (unknown key) are not charged.
-    let reader = bursar_server::services::accounts::create_key(
-        app.store.as_ref(),
-        &SystemClock,
-        "a",
-        bursar_domain::apikey::KeyMode::Test,
-    )
-    .await
-    .unwrap();
+    // A 403 (scope) is not charged.
+    let reader = second_key(&app).await;
     let (s, _, k) = ask(
         &app,
         Method::POST,
