@@ -276,9 +276,8 @@ impl ProductStore for SqliteStore {
         to: Timestamp,
     ) -> Result<Vec<UsageRow>> {
         let rows = sqlx::query(
-            "SELECT day, key_id, route_class, requests, \
-                    (SELECT last_used_at FROM api_keys k WHERE k.id = u.key_id) AS last_at \
-             FROM usage_daily u WHERE account_id = ? AND day >= ? AND day < ? \
+            "SELECT day, key_id, route_class, requests FROM usage_daily \
+             WHERE account_id = ? AND day >= ? AND day < ? \
              ORDER BY day, key_id, route_class",
         )
         .bind(account)
@@ -295,7 +294,8 @@ impl ProductStore for SqliteStore {
                 route_class: r.get("route_class"),
                 day: Timestamp(r.get("day")),
                 requests: r.get("requests"),
-                last_at: Timestamp(r.get::<Option<i64>, _>("last_at").unwrap_or(0)),
+                // Not kept per row (it moved the key's `last_used_at`).
+                last_at: Timestamp(r.get("day")),
             })
             .collect())
     }

@@ -46,7 +46,8 @@ pub trait ProductStore: Send + Sync {
     /// Adds metered counts (upsert: counts add up) and moves each key's `last_used_at`
     /// forward, in one transaction.
     async fn add_usage(&self, rows: &[UsageRow]) -> Result<()>;
-    /// The account's usage rows for days in `[from, to)`, by day then key then class.
+    /// The account's usage rows for days in `[from, to)`, by day then key then class. Their
+    /// `last_at` is the day (the latest request time is kept on the key, not per row).
     async fn usage(
         &self,
         account: AccountId,

@@ -58,9 +58,8 @@ impl FromRequestParts<AppState> for Auth {
             None => Limits::default(),
         };
         let now = state.clock.now();
-        let bearer = bearer_key(parts);
-        let hash = bearer.as_ref().ok().map(ParsedKey::hash);
-        let cached = hash.as_deref().and_then(|h| state.keys.get(h));
+        let hash = bearer_key(parts).map(|key| key.hash());
+        let cached = hash.as_deref().ok().and_then(|h| state.keys.get(h));
         // An address out of failed attempts is refused before any lookup; a key verified
         // moments ago (cached) needs no lookup and skips the question.
         if cached.is_none()
@@ -71,7 +70,7 @@ impl FromRequestParts<AppState> for Auth {
                 .await
                 .map_err(|r| refusal(r, info.as_deref()))?;
         }
-        let record = match verify_key(state, bearer, hash, cached, now).await {
+        let record = match verify_key(state, hash, cached, now).await {
             Ok(record) => record,
             Err(e) => {
                 if let Some(ip) = ip {
@@ -161,13 +160,11 @@ fn bearer_key(parts: &Parts) -> Result<ParsedKey, ApiError> {
 /// The bearer key's record: known (from the cache or by its hash), not revoked, not expired.
 async fn verify_key(
     state: &AppState,
-    bearer: Result<ParsedKey, ApiError>,
-    hash: Option<String>,
+    hash: Result<String, ApiError>,
     cached: Option<ApiKeyRecord>,
     now: bursar_domain::Timestamp,
 ) -> Result<ApiKeyRecord, ApiError> {
-    bearer?;
-    let hash = hash.ok_or_else(invalid_key)?;
+    let hash = hash?;
     let record = match cached {
         Some(hit) => hit,
         None => {

@@ -11,7 +11,7 @@ pub mod access;
 pub mod meter;
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bursar_domain::pricing::Period;
@@ -47,7 +47,7 @@ pub struct Product {
     /// Key ids revoked recently, refused even if a cache still holds them.
     tombstones: moka::sync::Cache<i64, ()>,
     /// Redis pub/sub for key invalidations, when Redis is configured.
-    bus: Mutex<Option<Bus>>,
+    bus: Option<Bus>,
 }
 
 #[derive(Clone)]
@@ -140,10 +140,7 @@ impl Product {
     /// In-process limits only; [`Product::connect_redis`] shares them.
     pub fn new(config: &Config) -> Product {
         let l = &config.limits;
-        let local = LocalConfig {
-            max_keys: l.max_tracked_keys,
-            ..LocalConfig::default()
-        };
+        let local = local_config(l);
         Product {
             limiter: Limiter::local(local.clone()),
             auth_failures: Limiter::local(local),
@@ -168,7 +165,7 @@ impl Product {
                 .max_capacity(100_000)
                 .time_to_live(TOMBSTONE_TTL)
                 .build(),
-            bus: Mutex::new(None),
+            bus: None,
         }
     }
 
@@ -185,10 +182,7 @@ impl Product {
             crate::config::FailMode::Open => FailMode::Open,
             crate::config::FailMode::Closed => FailMode::Closed,
         };
-        let local = LocalConfig {
-            max_keys: l.max_tracked_keys,
-            ..LocalConfig::default()
-        };
+        let local = local_config(l);
         product.limiter = Limiter::with_redis(
             url,
             &l.redis_key_prefix,
@@ -205,7 +199,7 @@ impl Product {
         // Connecting may fail while Redis is down; invalidations then rely on the cache TTL.
         match redis::aio::ConnectionManager::new_with_config(client.clone(), manager_config).await {
             Ok(publisher) => {
-                *product.bus.lock().expect("bus lock") = Some(Bus {
+                product.bus = Some(Bus {
                     client,
                     publisher,
                     channel: format!("{}:keys:invalidate", l.redis_key_prefix),
@@ -402,8 +396,9 @@ impl Product {
 
     /// Tells every other instance (after the commit): `revoke:<id>` or `refresh:<id>`.
     pub async fn publish_invalidation(&self, id: i64, revoked: bool) {
-        let bus = self.bus.lock().expect("bus lock").clone();
-        let Some(mut bus) = bus else { return };
+        let Some(mut bus) = self.bus.clone() else {
+            return;
+        };
         let message = format!("{}:{id}", if revoked { "revoke" } else { "refresh" });
         let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
             .arg(&bus.channel)
@@ -417,7 +412,7 @@ impl Product {
 
     /// Listens for other instances' invalidations until aborted, reconnecting after failures.
     pub async fn run_invalidation_listener(self: Arc<Self>, keys: crate::state::KeyCache) {
-        let Some(bus) = self.bus.lock().expect("bus lock").clone() else {
+        let Some(bus) = self.bus.clone() else {
             return;
         };
         loop {
@@ -450,6 +445,14 @@ impl Product {
             }
         }
         Ok(())
+    }
+}
+
+/// The in-process store's bounds (single-node limits, the Redis fallback, failed auth).
+fn local_config(l: &crate::config::LimitsConfig) -> LocalConfig {
+    LocalConfig {
+        max_keys: l.max_tracked_keys,
+        ..LocalConfig::default()
     }
 }
 
