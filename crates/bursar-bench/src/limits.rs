@@ -10,8 +10,8 @@
 //!    refused, decided in-process (sharded GCRA);
 //! 3. `redis`: the same plan, decided by Bursar's GCRA script in Redis (`--redis-url`), under a
 //!    key prefix new in every run, failing closed: a request the script did not decide is a 503,
-//!    so every success was one Redis round trip (fail-open would quietly answer from the
-//!    in-process fallback and measure the wrong thing).
+//!    so every success was decided by the script in Redis (fail-open would quietly answer from
+//!    the in-process fallback and measure the wrong thing).
 //!
 //! Each target first gets [`ORDERS`] orders (not measured), then every round runs one
 //! closed-loop GET phase per target in turn (nolimits, local, redis, then the next round), so

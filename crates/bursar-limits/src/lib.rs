@@ -23,7 +23,8 @@
 //! and one [`Item`] per policy, each with a `subject` such as `key:17`. The storage key is
 //! `<prefix>:rl:{<scope>}:<subject>`: every key of a check shares one hash tag (one cluster slot,
 //! one script call, one local shard), and no key contains a limit value, so changing a limit
-//! keeps the bucket.
+//! keeps the bucket. Concurrent checks of one scope share script calls (decided in arrival order
+//! inside the script, so exactly as separate calls would be); see `redis_store`.
 
 #![warn(missing_docs)]
 
@@ -359,10 +360,11 @@ impl Limiter {
     /// a dry run.
     ///
     /// Errors before any I/O if the cost exceeds a policy's burst ([`LimitError::TooCostly`]) or
-    /// the check is malformed; with Redis, at most one round trip bounded by the timeout, then the
+    /// the check is malformed; with Redis, one script call bounded by the timeout (shared with the
+    /// scope's other queued checks, after at most the call ahead of it), then the
     /// fail mode.
     pub async fn check(&self, check: &Check<'_>) -> Result<Outcome, LimitError> {
-        let resolved = resolve(check, 1)?;
+        let mut resolved = resolve(check, 1)?;
         if check.items.is_empty() {
             return Ok(Outcome {
                 allowed: true,
@@ -376,7 +378,12 @@ impl Limiter {
         if shared.store.should_try(self.inner.clock.now_us()) {
             match shared
                 .store
-                .check(&resolved.specs, check.cost, check.dry_run)
+                .check(
+                    &check.scope,
+                    std::mem::take(&mut resolved.specs),
+                    check.cost,
+                    check.dry_run,
+                )
                 .await
             {
                 Ok((allowed, decisions)) => {
@@ -443,6 +450,18 @@ impl Limiter {
     /// tests; the sweeper task calls the same thing.
     pub fn sweep(&self) -> usize {
         self.inner.local.sweep(self.inner.clock.now_us())
+    }
+
+    /// Whether checks go to a shared store (Redis), i.e. cost a round trip.
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared.is_some()
+    }
+
+    /// Script calls made to the shared store so far (0 without Redis). Concurrent checks of one
+    /// scope share calls, so under load this grows slower than the number of checks; exported as
+    /// `ratelimit_store_calls_total` too.
+    pub fn shared_store_calls(&self) -> u64 {
+        self.inner.shared.as_ref().map_or(0, |s| s.store.calls())
     }
 
     /// Keys held by the in-process store (the fallback store in Redis mode), to export as a

@@ -1,73 +1,120 @@
-//! The shared store: one Lua script per check, run with `EVALSHA` over a reconnecting
+//! The shared store: one Lua script per round trip, run with `EVALSHA` over a reconnecting
 //! `ConnectionManager`, bounded by a timeout, behind a small breaker.
+//!
+//! **Checks of one scope share round trips.** While a script call for a scope is in flight, the
+//! checks that arrive for the same scope queue up and go together in the next call, where the
+//! script decides them one after another in arrival order, each all-or-nothing, against the state
+//! the earlier ones left. That is exactly what separate calls would decide, since a script runs
+//! with nothing interleaved; only the Redis round trip, `TIME`, the reads and the writes are paid
+//! once per batch instead of once per check. A lone check goes out at once, so an idle scope adds
+//! no wait; under load a check waits at most for the call ahead of it. Batches stay within one
+//! scope, so every key of a call keeps one hash tag (one cluster slot).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, RedisError, Script};
+use tokio::sync::oneshot;
 
 use crate::LimitError;
 use crate::gcra::{Decision, Spec};
 
-/// Multi-key GCRA, all-or-nothing; the Lua twin of `gcra::evaluate` (spec §2.2).
+/// Multi-check, multi-key GCRA; the Lua twin of `gcra::evaluate` applied to each check in turn
+/// (spec §2.2).
 ///
-/// - Clock: the server's `TIME`, so instances with skewed clocks share one timeline.
-/// - KEYS: one per item, all under one `{scope}` hash tag (one cluster slot, no CROSSSLOT).
-/// - ARGV: cost, dry_run (`1`/`0`), then `T_us`, `burst` for each item in KEYS order.
-/// - Every decision is made before any write; writes happen only if all allow, cost > 0 and not
-///   a dry run, each with `PX` = time-to-full (> 0), so no key ever lives without a TTL.
-/// - Returns `{all_allowed, then per item: allowed, remaining, retry_after_us or -1, reset_after_us}`.
+/// - Clock: the server's `TIME`, read once, so instances with skewed clocks share one timeline and
+///   every check of a batch is decided at the same instant.
+/// - KEYS: the distinct keys of the batch, all under one `{scope}` hash tag (one cluster slot).
+/// - ARGV: the number of checks, then per check `cost`, `dry_run` (`1`/`0`), the item count, and
+///   per item the KEYS index, `T_us` and `burst`.
+/// - Each check sees what the checks before it stored; within a check, items sharing a key see
+///   each other's pending TAT. A check stores only if all its items allow, cost > 0 and it is not
+///   a dry run. Writes happen once per key at the end, each with `PX` = time-to-full (> 0), so no
+///   key ever lives without a TTL.
+/// - Returns, per check, `{all_allowed, then per item: allowed, remaining, retry_after_us or -1,
+///   reset_after_us}`, flattened.
 pub(crate) const GCRA_LUA: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[1])
-local dry = ARGV[2] == '1'
-local count = #KEYS
-local base, tats, news, ok = {}, {}, {}, {}
-local pending = {}
-local all = 1
-for i = 1, count do
-  local key = KEYS[i]
-  local T = tonumber(ARGV[1 + 2 * i])
-  local burst = tonumber(ARGV[2 + 2 * i])
-  local b = tonumber(redis.call('GET', key)) or now
-  if b < now then b = now end
-  base[i] = b
-  local tat = pending[key] or b
-  local new_tat = tat + n * T
-  tats[i] = tat
-  news[i] = new_tat
-  if new_tat - now > burst * T then
-    ok[i] = false
-    all = 0
-  else
-    ok[i] = true
-    pending[key] = new_tat
+local state, dirty, out = {}, {}, {}
+local a = 2
+for c = 1, tonumber(ARGV[1]) do
+  local n = tonumber(ARGV[a])
+  local dry = ARGV[a + 1] == '1'
+  local count = tonumber(ARGV[a + 2])
+  a = a + 3
+  local ks, Ts, caps, base, tats, news, ok = {}, {}, {}, {}, {}, {}, {}
+  local pending = {}
+  local all = 1
+  for i = 1, count do
+    local k = tonumber(ARGV[a])
+    local T = tonumber(ARGV[a + 1])
+    local burst = tonumber(ARGV[a + 2])
+    a = a + 3
+    ks[i], Ts[i], caps[i] = k, T, burst * T
+    local b = state[k]
+    if b == nil then
+      b = tonumber(redis.call('GET', KEYS[k])) or now
+      state[k] = b
+    end
+    if b < now then b = now end
+    base[i] = b
+    local tat = pending[k] or b
+    local new_tat = tat + n * T
+    tats[i] = tat
+    news[i] = new_tat
+    if new_tat - now > caps[i] then
+      ok[i] = false
+      all = 0
+    else
+      ok[i] = true
+      pending[k] = new_tat
+    end
+  end
+  out[#out + 1] = all
+  for i = 1, count do
+    local T, cap = Ts[i], caps[i]
+    if not ok[i] then
+      out[#out + 1] = 0
+      out[#out + 1] = math.max(0, math.floor((cap - (tats[i] - now)) / T))
+      out[#out + 1] = news[i] - cap - now
+      out[#out + 1] = tats[i] - now
+    elseif all == 1 then
+      out[#out + 1] = 1
+      out[#out + 1] = math.floor((cap - (news[i] - now)) / T)
+      out[#out + 1] = -1
+      out[#out + 1] = news[i] - now
+    else
+      out[#out + 1] = 1
+      out[#out + 1] = math.max(0, math.floor((cap - (base[i] - now)) / T))
+      out[#out + 1] = -1
+      out[#out + 1] = base[i] - now
+    end
+  end
+  if all == 1 and (not dry) and n > 0 then
+    for k, v in pairs(pending) do
+      state[k] = v
+      dirty[k] = true
+    end
   end
 end
-local out = {all}
-for i = 1, count do
-  local T = tonumber(ARGV[1 + 2 * i])
-  local cap = tonumber(ARGV[2 + 2 * i]) * T
-  local r
-  if not ok[i] then
-    r = {0, math.max(0, math.floor((cap - (tats[i] - now)) / T)), news[i] - cap - now, tats[i] - now}
-  elseif all == 1 then
-    r = {1, math.floor((cap - (news[i] - now)) / T), -1, news[i] - now}
-  else
-    r = {1, math.max(0, math.floor((cap - (base[i] - now)) / T)), -1, base[i] - now}
-  end
-  for j = 1, 4 do out[#out + 1] = r[j] end
-end
-if all == 1 and (not dry) and n > 0 then
-  for key, v in pairs(pending) do
-    redis.call('SET', key, string.format('%.0f', v), 'PX', math.max(1, math.ceil((v - now) / 1000)))
-  end
+for k in pairs(dirty) do
+  local v = state[k]
+  redis.call('SET', KEYS[k], string.format('%.0f', v), 'PX', math.max(1, math.ceil((v - now) / 1000)))
 end
 return out
 ";
+
+/// At most this many checks go in one script call; the rest wait for the next one.
+const MAX_BATCH: usize = 64;
+
+/// Script calls of one scope in flight at once: more than one, so a check that arrives while a
+/// call is on the wire need not wait for its whole round trip; few, so batches stay full.
+const MAX_IN_FLIGHT: usize = 2;
 
 /// While the store is failing, only one call per this interval probes it; the others go straight
 /// to the fail mode instead of each waiting out the timeout.
@@ -85,6 +132,12 @@ pub(crate) enum StoreError {
     Timeout(Duration),
     #[error("unexpected script reply: {0}")]
     Malformed(String),
+    /// The call that carried this check (with others of its scope) failed.
+    #[error("{0}")]
+    Batch(Arc<StoreError>),
+    /// The task running the batch ended without answering (the runtime is shutting down).
+    #[error("the batch carrying this check was dropped")]
+    Dropped,
 }
 
 impl StoreError {
@@ -99,29 +152,56 @@ impl StoreError {
                     || error.is_connection_refusal()
                     || error.is_unrecoverable_error()
             }
+            StoreError::Batch(error) => error.is_connection_failure(),
             StoreError::Malformed(_) => false,
+            StoreError::Dropped => true,
         }
     }
 }
 
 /// The Redis side of a `Limiter`.
 pub(crate) struct RedisStore {
-    conn: ConnectionManager,
-    script: Script,
-    /// `"<prefix>:"`, or empty.
-    prefix: String,
-    timeout: Duration,
+    core: Arc<Core>,
     /// 0 while healthy; otherwise the clock value from which the next probe may go.
     probe_at_us: AtomicU64,
     /// 0 if never warned; otherwise when the last warning went out.
     last_warn_us: AtomicU64,
 }
 
+/// What the batch-running tasks need: shared with them, so a check whose caller went away is
+/// still answered and its scope's queue still drained.
+struct Core {
+    conn: ConnectionManager,
+    script: Script,
+    /// `"<prefix>:"`, or empty.
+    prefix: String,
+    timeout: Duration,
+    /// Scopes with a call in flight, each with the checks waiting for the next call. A scope is
+    /// present exactly while a task is running its calls.
+    queues: Mutex<HashMap<String, Queue>>,
+    /// Script calls made (each carrying one or more checks).
+    calls: AtomicU64,
+}
+
+/// The checks of one scope waiting for a call, and how many tasks are running its calls.
+struct Queue {
+    waiting: Vec<Waiter>,
+    runners: usize,
+}
+
+/// One check waiting for its scope's next call.
+struct Waiter {
+    specs: Vec<Spec>,
+    cost: u32,
+    dry_run: bool,
+    reply: oneshot::Sender<Result<(bool, Vec<Decision>), StoreError>>,
+}
+
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+            .field("prefix", &self.core.prefix)
+            .field("timeout", &self.core.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -152,7 +232,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(LimitError::InvalidUrl)?;
-        let store = RedisStore {
+        let core = Core {
             conn,
             script: Script::new(GCRA_LUA),
             prefix: if key_prefix.is_empty() {
@@ -161,11 +241,11 @@ impl RedisStore {
                 format!("{key_prefix}:")
             },
             timeout,
-            probe_at_us: AtomicU64::new(0),
-            last_warn_us: AtomicU64::new(0),
+            queues: Mutex::new(HashMap::new()),
+            calls: AtomicU64::new(0),
         };
-        let mut conn = store.conn.clone();
-        match tokio::time::timeout(timeout, store.script.prepare_invoke().load_async(&mut conn))
+        let mut conn = core.conn.clone();
+        match tokio::time::timeout(timeout, core.script.prepare_invoke().load_async(&mut conn))
             .await
         {
             Ok(Ok(_)) => {}
@@ -177,36 +257,82 @@ impl RedisStore {
                 "rate-limit store did not answer at startup; will connect on first use"
             ),
         }
-        Ok(store)
+        Ok(RedisStore {
+            core: Arc::new(core),
+            probe_at_us: AtomicU64::new(0),
+            last_warn_us: AtomicU64::new(0),
+        })
     }
 
-    /// The Redis key for a storage key: `<prefix>:rl:{<scope>}:<subject>`.
-    pub(crate) fn redis_key(&self, key: &str) -> String {
-        format!("{}{key}", self.prefix)
-    }
-
-    /// One round trip: run the script over every item. Returns whether the check is allowed and
-    /// one decision per item (`new_tat` is not reported and left 0).
+    /// Decides one check of `scope`: sent at once if no call for the scope is in flight, else in
+    /// the scope's next call together with the other checks that arrived meanwhile. Returns
+    /// whether the check is allowed and one decision per item (`new_tat` is not reported and
+    /// left 0).
     pub(crate) async fn check(
         &self,
-        specs: &[Spec],
+        scope: &str,
+        specs: Vec<Spec>,
         cost: u32,
         dry_run: bool,
     ) -> Result<(bool, Vec<Decision>), StoreError> {
-        let mut invocation = self.script.prepare_invoke();
-        for spec in specs {
-            invocation.key(self.redis_key(&spec.key));
+        let (reply, answer) = oneshot::channel();
+        let waiter = Waiter {
+            specs,
+            cost,
+            dry_run,
+            reply,
+        };
+        let lead = {
+            let mut queues = self.core.queues.lock().unwrap_or_else(|e| e.into_inner());
+            match queues.get_mut(scope) {
+                Some(queue) => {
+                    queue.waiting.push(waiter);
+                    let lead = queue.runners < MAX_IN_FLIGHT;
+                    queue.runners += usize::from(lead);
+                    lead
+                }
+                None => {
+                    queues.insert(
+                        scope.to_owned(),
+                        Queue {
+                            waiting: vec![waiter],
+                            runners: 1,
+                        },
+                    );
+                    true
+                }
+            }
+        };
+        if lead {
+            // A task of its own, so the queue is drained even if this caller is cancelled.
+            tokio::spawn(Arc::clone(&self.core).run(scope.to_owned()));
         }
-        invocation.arg(cost).arg(u8::from(dry_run));
-        for spec in specs {
-            invocation.arg(spec.t_us).arg(spec.burst);
-        }
-        let mut conn = self.conn.clone();
-        let reply: Vec<i64> =
-            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
-                .await
-                .map_err(|_| StoreError::Timeout(self.timeout))??;
-        parse_reply(&reply, specs.len())
+        answer.await.unwrap_or(Err(StoreError::Dropped))
+    }
+
+    /// Script calls made so far (each deciding one or more checks).
+    pub(crate) fn calls(&self) -> u64 {
+        self.core.calls.load(Ordering::Relaxed)
+    }
+
+    /// Decides `checks` (specs, cost, dry run) in one script call, in this order: the batching
+    /// of concurrent checks made deterministic, for tests.
+    #[cfg(test)]
+    pub(crate) async fn decide_batch(
+        &self,
+        checks: Vec<(Vec<Spec>, u32, bool)>,
+    ) -> Result<Vec<(bool, Vec<Decision>)>, StoreError> {
+        let batch: Vec<Waiter> = checks
+            .into_iter()
+            .map(|(specs, cost, dry_run)| Waiter {
+                specs,
+                cost,
+                dry_run,
+                reply: oneshot::channel().0,
+            })
+            .collect();
+        let counts: Vec<usize> = batch.iter().map(|w| w.specs.len()).collect();
+        parse_reply(&self.core.call(&batch).await?, &counts)
     }
 
     /// Whether this call should use Redis: always while healthy; while failing, one caller per
@@ -265,34 +391,142 @@ impl RedisStore {
     }
 }
 
-/// Decodes the script's flat reply.
-fn parse_reply(reply: &[i64], items: usize) -> Result<(bool, Vec<Decision>), StoreError> {
-    let malformed = || StoreError::Malformed(format!("{reply:?} for {items} items"));
-    if reply.len() != 1 + 4 * items {
+impl Core {
+    /// Runs the calls of `scope` until its queue is empty, then removes the scope (under the
+    /// lock, so a check arriving after that starts a new run).
+    async fn run(self: Arc<Core>, scope: String) {
+        loop {
+            let batch: Vec<Waiter> = {
+                let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(queue) = queues.get_mut(&scope) else {
+                    return;
+                };
+                if queue.waiting.is_empty() {
+                    queue.runners -= 1;
+                    if queue.runners == 0 {
+                        queues.remove(&scope);
+                    }
+                    return;
+                }
+                let take = queue.waiting.len().min(MAX_BATCH);
+                queue.waiting.drain(..take).collect()
+            };
+            let counts: Vec<usize> = batch.iter().map(|w| w.specs.len()).collect();
+            match self.call(&batch).await {
+                Ok(reply) => match parse_reply(&reply, &counts) {
+                    Ok(results) => {
+                        for (waiter, result) in batch.into_iter().zip(results) {
+                            let _ = waiter.reply.send(Ok(result));
+                        }
+                    }
+                    Err(error) => answer_all(batch, error),
+                },
+                Err(error) => {
+                    let down = error.is_connection_failure();
+                    answer_all(batch, error);
+                    if down {
+                        // Every queued check would wait out its own timeout against a store that
+                        // just failed: answer them now and let the breaker pace the next try.
+                        let rest = {
+                            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+                            match queues.get_mut(&scope) {
+                                Some(queue) => {
+                                    queue.runners -= 1;
+                                    let rest = std::mem::take(&mut queue.waiting);
+                                    if queue.runners == 0 {
+                                        queues.remove(&scope);
+                                    }
+                                    rest
+                                }
+                                None => Vec::new(),
+                            }
+                        };
+                        answer_all(rest, StoreError::Timeout(self.timeout));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One round trip for `batch`, bounded by the timeout.
+    async fn call(&self, batch: &[Waiter]) -> Result<Vec<i64>, StoreError> {
+        let mut invocation = self.script.prepare_invoke();
+        let mut keys: Vec<&str> = Vec::new();
+        invocation.arg(batch.len());
+        for waiter in batch {
+            invocation
+                .arg(waiter.cost)
+                .arg(u8::from(waiter.dry_run))
+                .arg(waiter.specs.len());
+            for spec in &waiter.specs {
+                let index = match keys.iter().position(|k| *k == spec.key) {
+                    Some(i) => i,
+                    None => {
+                        keys.push(&spec.key);
+                        invocation.key(format!("{}{}", self.prefix, spec.key));
+                        keys.len() - 1
+                    }
+                };
+                invocation.arg(index + 1).arg(spec.t_us).arg(spec.burst);
+            }
+        }
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("ratelimit_store_calls_total").increment(1);
+        let mut conn = self.conn.clone();
+        Ok(
+            tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| StoreError::Timeout(self.timeout))??,
+        )
+    }
+}
+
+/// Gives every waiter of a failed call the same error.
+fn answer_all(batch: Vec<Waiter>, error: StoreError) {
+    let error = Arc::new(error);
+    for waiter in batch {
+        let _ = waiter
+            .reply
+            .send(Err(StoreError::Batch(Arc::clone(&error))));
+    }
+}
+
+/// Decodes the script's flat reply for checks of `items[i]` items each.
+fn parse_reply(reply: &[i64], items: &[usize]) -> Result<Vec<(bool, Vec<Decision>)>, StoreError> {
+    let malformed = || StoreError::Malformed(format!("{reply:?} for checks of {items:?} items"));
+    if reply.len() != items.iter().map(|n| 1 + 4 * n).sum::<usize>() {
         return Err(malformed());
     }
     let unsigned = |v: i64| u64::try_from(v).map_err(|_| malformed());
-    let mut decisions = Vec::with_capacity(items);
-    for chunk in reply[1..].chunks_exact(4) {
-        let allowed = chunk[0] == 1;
-        let retry_after_us = match (allowed, chunk[2]) {
-            (true, -1) => None,
-            (false, v) if v > 0 => Some(unsigned(v)?),
-            _ => return Err(malformed()),
-        };
-        decisions.push(Decision {
-            allowed,
-            new_tat: 0,
-            remaining: unsigned(chunk[1])?,
-            reset_after_us: unsigned(chunk[3])?,
-            retry_after_us,
-        });
+    let mut results = Vec::with_capacity(items.len());
+    let mut rest = reply;
+    for &count in items {
+        let (check, tail) = rest.split_at(1 + 4 * count);
+        rest = tail;
+        let mut decisions = Vec::with_capacity(count);
+        for chunk in check[1..].chunks_exact(4) {
+            let allowed = chunk[0] == 1;
+            let retry_after_us = match (allowed, chunk[2]) {
+                (true, -1) => None,
+                (false, v) if v > 0 => Some(unsigned(v)?),
+                _ => return Err(malformed()),
+            };
+            decisions.push(Decision {
+                allowed,
+                new_tat: 0,
+                remaining: unsigned(chunk[1])?,
+                reset_after_us: unsigned(chunk[3])?,
+                retry_after_us,
+            });
+        }
+        let all = check[0] == 1;
+        if all != decisions.iter().all(|d| d.allowed) {
+            return Err(malformed());
+        }
+        results.push((all, decisions));
     }
-    let all = reply[0] == 1;
-    if all != decisions.iter().all(|d| d.allowed) {
-        return Err(malformed());
-    }
-    Ok((all, decisions))
+    Ok(results)
 }
 
 #[cfg(test)]
@@ -301,25 +535,29 @@ mod tests {
 
     #[test]
     fn parses_and_rejects_replies() {
-        let (all, d) = parse_reply(&[1, 1, 9, -1, 100_000], 1).unwrap();
+        let one = |reply: &[i64], items: usize| {
+            parse_reply(reply, &[items]).map(|mut v| v.pop().unwrap())
+        };
+        let (all, d) = one(&[1, 1, 9, -1, 100_000], 1).unwrap();
         assert!(all);
         assert_eq!(d[0].remaining, 9);
         assert_eq!(d[0].retry_after_us, None);
-        let (all, d) = parse_reply(&[0, 1, 10, -1, 0, 0, 0, 100_000, 200_000], 2).unwrap();
+        let (all, d) = one(&[0, 1, 10, -1, 0, 0, 0, 100_000, 200_000], 2).unwrap();
         assert!(!all);
         assert_eq!(d[1].retry_after_us, Some(100_000));
-        assert!(parse_reply(&[1, 1, 9, -1], 1).is_err());
-        assert!(
-            parse_reply(&[1, 0, 0, 5, 5], 1).is_err(),
-            "all=1 with a deny"
-        );
-        assert!(
-            parse_reply(&[0, 0, 0, -1, 5], 1).is_err(),
-            "deny without retry"
-        );
-        assert!(
-            parse_reply(&[1, 1, -3, -1, 5], 1).is_err(),
-            "negative remaining"
-        );
+        assert!(one(&[1, 1, 9, -1], 1).is_err());
+        assert!(one(&[1, 0, 0, 5, 5], 1).is_err(), "all=1 with a deny");
+        assert!(one(&[0, 0, 0, -1, 5], 1).is_err(), "deny without retry");
+        assert!(one(&[1, 1, -3, -1, 5], 1).is_err(), "negative remaining");
+        // Two checks in one reply, split by their item counts.
+        let both = parse_reply(
+            &[1, 1, 9, -1, 100, 0, 0, 0, 50, 900, 1, 3, -1, 700],
+            &[1, 2],
+        )
+        .unwrap();
+        assert_eq!(both.len(), 2);
+        assert!(both[0].0 && !both[1].0);
+        assert_eq!(both[1].1[1].remaining, 3);
+        assert!(parse_reply(&[1, 1, 9, -1, 100], &[1, 1]).is_err(), "short");
     }
 }

@@ -818,6 +818,162 @@ async fn redis_two_limiters_share_one_budget() {
     cleanup(&url, &prefix).await;
 }
 
+/// One script call deciding several checks in order decides exactly what the in-process GCRA
+/// decides for the same checks one after another at one instant: each check sees what the
+/// earlier ones stored; denials, dry runs and cost 0 store nothing; a key named twice in a check
+/// sees its own pending TAT. Every field of every decision is compared.
+#[tokio::test]
+async fn redis_batch_decides_like_sequential_checks() {
+    let Some(url) = redis_url() else { return };
+    let prefix = random_prefix();
+    let limiter = shared_limiter(&url, &prefix).await;
+    let shared = &limiter.inner.shared.as_ref().unwrap().store;
+    let spec = |subject: &str, t_us: u64, burst: u32| gcra::Spec {
+        key: format!("rl:{{b1}}:{subject}"),
+        t_us,
+        burst,
+    };
+    let (a, b, c) = (
+        spec("a", 100 * MS, 10),
+        spec("b", SEC, 3),
+        spec("c", 10 * MS, 5),
+    );
+    let checks: Vec<(Vec<gcra::Spec>, u32, bool)> = vec![
+        (vec![a.clone(), b.clone()], 1, false), // allowed: a 9 left, b 2 left
+        (vec![a.clone()], 3, false),            // allowed: a 6 left
+        (vec![a.clone()], 1, true),             // dry run: allowed, nothing stored
+        (vec![b.clone()], 3, false),            // denied: b has 2
+        (vec![a.clone(), b.clone()], 2, false), // allowed: a 4, b 0
+        (vec![a.clone(), b.clone()], 1, false), // denied by b; a reported unchanged
+        (vec![a.clone(), a.clone()], 2, false), // a twice: 4 → 2 → 0
+        (vec![a.clone()], 1, false),            // denied
+        (vec![c.clone(), b.clone()], 0, false), // cost 0: a look, nothing stored
+        (vec![c.clone()], 5, false),            // a new key mid-batch: allowed, 0 left
+    ];
+    let batched = shared.decide_batch(checks.clone()).await.unwrap();
+
+    let mut stored: HashMap<String, u64> = HashMap::new();
+    let now = 1_000 * SEC;
+    for (i, ((specs, cost, dry_run), (allowed, decisions))) in
+        checks.iter().zip(&batched).enumerate()
+    {
+        let expected = gcra::evaluate(specs, |k| stored.get(k).copied(), now, *cost);
+        assert_eq!(*allowed, expected.allowed, "check {i}");
+        for (got, want) in decisions.iter().zip(&expected.decisions) {
+            assert_eq!(got.allowed, want.allowed, "check {i}");
+            assert_eq!(got.remaining, want.remaining, "check {i}");
+            assert_eq!(got.retry_after_us, want.retry_after_us, "check {i}");
+            assert_eq!(got.reset_after_us, want.reset_after_us, "check {i}");
+        }
+        if expected.allowed && !dry_run {
+            for &(index, tat) in &expected.writes {
+                stored.insert(specs[index].key.clone(), tat);
+            }
+        }
+    }
+    let allowed: Vec<bool> = batched.iter().map(|(a, _)| *a).collect();
+    assert_eq!(
+        allowed,
+        [
+            true, true, true, false, true, false, true, false, true, true
+        ]
+    );
+    assert_eq!(batched[6].1[1].remaining, 0);
+
+    // What the batch stored is what the sequence stored: the next check sees a and b spent.
+    let after = limiter
+        .check(&Check::new("b1").item(&per_second("a", 10), "a"))
+        .await
+        .unwrap();
+    assert!(!after.allowed, "a's burst was spent by the batch");
+    let mut conn = connect(&url).await;
+    for key in keys_under(&mut conn, &prefix).await {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{key} has PTTL {ttl}");
+    }
+    cleanup(&url, &prefix).await;
+}
+
+/// Many concurrent checks on one scope through one limiter: exactly the burst is allowed, each
+/// allowed check reports a different `remaining` (they were decided one after another, never two
+/// against the same state), and they shared script calls. A second scope at the same time keeps
+/// its own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_concurrent_checks_share_calls_and_stay_exact() {
+    let Some(url) = redis_url() else { return };
+    let prefix = random_prefix();
+    let limiter = shared_limiter(&url, &prefix).await;
+    let policy = Arc::new(Policy::new("key", 100, Duration::from_secs(3_600)));
+    let before = limiter.shared_store_calls();
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let limiter = limiter.clone();
+        let policy = Arc::clone(&policy);
+        tasks.push(tokio::spawn(async move {
+            let scope = if i % 4 == 3 { "c2" } else { "c1" };
+            let check = Check::new(scope).item(&policy, "key:1");
+            let out = limiter.check(&check).await.unwrap();
+            assert!(!out.degraded);
+            (scope, out.allowed.then_some(out.states[0].remaining))
+        }));
+    }
+    let mut remaining: HashMap<&str, Vec<u64>> = HashMap::new();
+    for task in tasks {
+        let (scope, left) = task.await.unwrap();
+        if let Some(left) = left {
+            remaining.entry(scope).or_default().push(left);
+        }
+    }
+    let calls = limiter.shared_store_calls() - before;
+    // c1 gets 300 checks and c2 100, each against a burst of 100 with no refill to speak of.
+    for scope in ["c1", "c2"] {
+        let mut left = remaining.remove(scope).unwrap_or_default();
+        left.sort_unstable();
+        assert_eq!(left, (0..100).collect::<Vec<u64>>(), "{scope}");
+    }
+    eprintln!("400 checks in {calls} script calls");
+    assert!(
+        calls < 400,
+        "{calls} calls for 400 concurrent checks: no batching"
+    );
+    cleanup(&url, &prefix).await;
+}
+
+/// A caller that gives up (its request was cancelled) while its check is queued does not strand
+/// the scope: the queue is drained by its own task and later checks are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cancelled_checks_do_not_block_their_scope() {
+    let Some(url) = redis_url() else { return };
+    let prefix = random_prefix();
+    let limiter = shared_limiter(&url, &prefix).await;
+    let policy = Arc::new(per_second("key", 1_000));
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let limiter = limiter.clone();
+            let policy = Arc::clone(&policy);
+            tokio::spawn(async move {
+                limiter
+                    .check(&Check::new("c3").item(&policy, "key:1"))
+                    .await
+            })
+        })
+        .collect();
+    for task in &tasks {
+        task.abort();
+    }
+    let check = Check::new("c3").item(&policy, "key:1");
+    let out = tokio::time::timeout(Duration::from_secs(2), limiter.check(&check))
+        .await
+        .expect("the scope is not stranded")
+        .unwrap();
+    assert!(out.allowed);
+    cleanup(&url, &prefix).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Test 5: fail modes (checklist 20, 21).
 // ---------------------------------------------------------------------------------------------

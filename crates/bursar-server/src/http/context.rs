@@ -35,6 +35,9 @@ pub struct RequestInfo {
     pub limits: OnceLock<crate::product::Limits>,
     /// Metering and the quota refund, run once the response status is known.
     pub billing: OnceLock<crate::product::Billing>,
+    /// A read's rate check still running alongside its handler; settled before the response
+    /// goes out (it may turn it into a 429).
+    pub pending_rates: std::sync::Mutex<Option<crate::product::PendingRates>>,
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -58,11 +61,20 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
         route: OnceLock::new(),
         limits: OnceLock::new(),
         billing: OnceLock::new(),
+        pending_rates: std::sync::Mutex::new(None),
     });
     let method = req.method().clone();
     req.extensions_mut().insert(info.clone());
 
     let mut resp = next.run(req).await;
+    let pending = info
+        .pending_rates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(pending) = pending {
+        resp = super::extract::settle_rates(pending, &info, resp).await;
+    }
 
     let final_body = resp.extensions_mut().remove::<Rendered>().is_some();
     let error = resp

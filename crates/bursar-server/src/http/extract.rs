@@ -21,7 +21,7 @@ use super::context::{RequestInfo, payload_too_large};
 use super::error::{ApiError, issue};
 use crate::AppState;
 use crate::product::access::{client_ip, needed_scope, route_class};
-use crate::product::{Billing, Limits, Refusal};
+use crate::product::{Billing, Limits, PendingRates, Refusal};
 use crate::services::Call;
 
 /// The authenticated caller. Extracting it runs the whole front of the request path
@@ -95,6 +95,33 @@ impl FromRequestParts<AppState> for Auth {
             ));
         }
         let (plan_name, plan) = state.config.plan(record.plan.as_deref());
+        let billing = |charge| Billing {
+            product: product.clone(),
+            store: state.store.clone(),
+            account: record.account_id,
+            key_id: record.id,
+            class: route_class(&parts.method),
+            at: now,
+            charge,
+        };
+        if let Some(info) = &info
+            && matches!(parts.method, Method::GET | Method::HEAD)
+            && product.speculate(&record, plan_name, plan)
+        {
+            let task = tokio::spawn({
+                let product = product.clone();
+                let record = record.clone();
+                let plan_name = plan_name.to_owned();
+                async move { product.rates(&record, &plan_name).await }
+            });
+            let pending = PendingRates {
+                task,
+                front: limits,
+                billing: billing(None),
+            };
+            *info.pending_rates.lock().unwrap_or_else(|e| e.into_inner()) = Some(pending);
+            return Ok(Auth::of(record));
+        }
         let mut key_limits = product
             .rates(&record, plan_name)
             .await
@@ -117,23 +144,47 @@ impl FromRequestParts<AppState> for Auth {
             .map_err(|r| refusal(r, info.as_deref()))?;
         if let Some(info) = &info {
             let _ = info.limits.set(limits);
-            let _ = info.billing.set(Billing {
-                product: product.clone(),
-                store: state.store.clone(),
-                account: record.account_id,
-                key_id: record.id,
-                class: route_class(&parts.method),
-                at: now,
-                charge: charged,
-            });
+            let _ = info.billing.set(billing(charged));
         }
-        Ok(Auth {
+        Ok(Auth::of(record))
+    }
+}
+
+impl Auth {
+    fn of(record: ApiKeyRecord) -> Auth {
+        Auth {
             account_id: record.account_id,
             key_id: record.id,
             mode: record.mode,
             scopes: record.scopes,
             plan: record.plan,
-        })
+        }
+    }
+}
+
+/// Settles a read whose rate check ran alongside its handler (`Product::speculate`): on allow,
+/// the handler's response stands with the limit states and billing set as on the ordinary path;
+/// on refusal (or if the check's task died) the response becomes the 429 or 503 the check would
+/// have answered first.
+pub(crate) async fn settle_rates(
+    pending: PendingRates,
+    info: &RequestInfo,
+    resp: axum::response::Response,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let outcome = pending.task.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "rate check task failed");
+        Err(Refusal::Unavailable)
+    });
+    match outcome {
+        Ok(mut key_limits) => {
+            let mut limits = pending.front;
+            limits.states.append(&mut key_limits.states);
+            let _ = info.limits.set(limits);
+            let _ = info.billing.set(pending.billing);
+            resp
+        }
+        Err(r) => refusal(r, Some(info)).into_response(),
     }
 }
 

@@ -48,6 +48,32 @@ pub struct Product {
     tombstones: moka::sync::Cache<i64, ()>,
     /// Redis pub/sub for key invalidations, when Redis is configured.
     bus: Option<Bus>,
+    /// Per rate-limit identity (`limit_id`): whether its last shared check left at least a tenth
+    /// of every policy's burst. Only such keys have reads run while their check is on the wire
+    /// (see [`Product::speculate`]); cleared when it grows past `OPEN_BUDGETS_MAX` entries,
+    /// which only makes the next requests check first.
+    open_budgets: std::sync::Mutex<std::collections::HashMap<i64, bool>>,
+    /// Reads whose rate check ran alongside the handler (also `ratelimit_overlapped_reads_total`).
+    overlapped: std::sync::atomic::AtomicU64,
+}
+
+/// Bound on `Product::open_budgets`; past it the hints are dropped, not the limits.
+const OPEN_BUDGETS_MAX: usize = 10_000;
+
+/// A read whose rate check runs while the handler does (see [`Product::speculate`]): settled
+/// by the request-context layer once the handler has answered.
+pub struct PendingRates {
+    pub task: tokio::task::JoinHandle<Result<Limits, Refusal>>,
+    /// The states of the checks already decided (the per-IP limit), to send with the key's.
+    pub front: Limits,
+    /// Set only if the check allows, so a refused read is neither metered nor charged.
+    pub billing: Billing,
+}
+
+impl std::fmt::Debug for PendingRates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRates").finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]
@@ -166,6 +192,8 @@ impl Product {
                 .time_to_live(TOMBSTONE_TTL)
                 .build(),
             bus: None,
+            open_budgets: std::sync::Mutex::new(std::collections::HashMap::new()),
+            overlapped: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -269,6 +297,9 @@ impl Product {
             return Ok(Limits::default());
         }
         let outcome = self.limiter.check(&check).await;
+        if self.limiter.is_shared() {
+            self.note_budget(key.limit_id, outcome.as_ref().ok());
+        }
         let reason = if outcome
             .as_ref()
             .is_ok_and(|o| o.violated_policies().first() == Some(&"account"))
@@ -278,6 +309,58 @@ impl Product {
             "key-rate"
         };
         self.decide(outcome, reason)
+    }
+
+    /// Whether a read by `key` on `plan` may run its handler while its key and account rates
+    /// are decided in Redis, instead of after: the round trip then overlaps the handler's own
+    /// work rather than adding to it. The decision is the same either way (a refused read
+    /// answers 429 and its result is dropped; it is neither metered nor charged); what changes
+    /// is only that a refused read did its work. So only when all of these hold:
+    /// - the limits are shared (an in-process check has no round trip to hide);
+    /// - the plan has rates and no monthly quota (a quota charge must follow the rate decision);
+    /// - this key's last check left at least a tenth of every burst, so a key at or near its
+    ///   limit — a client being throttled, or a flood — is checked first and reaches no handler.
+    pub fn speculate(&self, key: &ApiKeyRecord, plan_name: &str, plan: &PlanConfig) -> bool {
+        let yes = plan.monthly_quota <= 0
+            && self.limiter.is_shared()
+            && self
+                .plans
+                .get(plan_name)
+                .is_some_and(|p| p.key.is_some() || p.account.is_some())
+            && self
+                .open_budgets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key.limit_id)
+                .copied()
+                .unwrap_or(false);
+        if yes {
+            self.overlapped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("ratelimit_overlapped_reads_total").increment(1);
+        }
+        yes
+    }
+
+    /// How many reads had their rate check run alongside the handler (see `speculate`).
+    pub fn overlapped_reads(&self) -> u64 {
+        self.overlapped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Remembers whether `limit_id`'s last check left a tenth of every burst (see `speculate`).
+    fn note_budget(&self, limit_id: i64, outcome: Option<&Outcome>) {
+        let open = outcome.is_some_and(|o| {
+            o.allowed
+                && !o.degraded
+                && o.states
+                    .iter()
+                    .all(|s| s.remaining * 10 >= u64::from(s.limit))
+        });
+        let mut budgets = self.open_budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if budgets.len() >= OPEN_BUDGETS_MAX && !budgets.contains_key(&limit_id) {
+            budgets.clear();
+        }
+        budgets.insert(limit_id, open);
     }
 
     fn decide(

@@ -101,6 +101,7 @@ api_suite!(
     monthly_quota_is_exact_free_on_replay_and_resets,
     usage_is_metered_and_priced_on_the_invoice,
     two_instances_share_limits_and_revocations_through_redis,
+    reads_overlap_their_rate_check_and_answer_the_same,
     a_redis_outage_follows_the_fail_mode,
     usage_counted_in_memory_survives_a_graceful_shutdown,
     every_client_address_has_its_own_request_budget,

@@ -1449,3 +1449,76 @@ pub async fn plan_changes_keep_the_period_usage_and_refusals_cost_nothing(app: &
     assert!(header(&h, "ratelimit").contains("\"monthly\";r=0"), "{h:?}");
     app.stop().await;
 }
+
+/// With Redis, a read whose key is far from its limits runs its handler while the rate check is
+/// on the wire. The answers are exactly those of checking first: 20 reads pass with `r` going
+/// 19 → 0, then 429 `rate_limited` with `Retry-After`, and only the 20 are metered. The reads
+/// near the limit (under a tenth of the burst left at the previous check) and the refused ones
+/// were checked first.
+pub async fn reads_overlap_their_rate_check_and_answer_the_same(app: &TestApp) {
+    let Some(url) = redis_url() else { return };
+    let prefix = format!("t{}", uuid::Uuid::new_v4().simple());
+    let app = app
+        .sibling(
+            |c| {
+                shared_limits(&url, &prefix)(c);
+                c.metering.flush_interval_ms = 3_600_000;
+                let plan = c.plans.get_mut("default").unwrap();
+                (plan.key_limit, plan.key_window_secs) = (20, 600);
+            },
+            Arc::new(SystemClock),
+        )
+        .await;
+    let mut remaining = Vec::new();
+    for i in 0..25 {
+        let (s, h, body) = ask(&app, Method::GET, "/api/orders", Some(&app.key_a), IP, None).await;
+        let fields = header(&h, "ratelimit");
+        if i < 20 {
+            assert_eq!(s, 200, "read {i}: {body}");
+            let r = fields
+                .split(';')
+                .find_map(|p| p.strip_prefix("r="))
+                .and_then(|r| r.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("read {i}: RateLimit {fields:?}"));
+            remaining.push(r);
+        } else {
+            assert_eq!(s, 429, "read {i}: {body}");
+            assert_eq!(body["error_code"], "rate_limited", "{body}");
+            assert_eq!(header(&h, "bursar-rate-limited-reason"), "key-rate");
+            assert!(header(&h, "retry-after").parse::<u64>().unwrap() >= 1);
+            assert!(fields.contains("r=0"), "{fields}");
+        }
+    }
+    assert_eq!(remaining, (0..20).rev().collect::<Vec<u64>>());
+    // The first read (no history) and those with r < 2 left were checked first: reads 2–19.
+    assert_eq!(app.state.product.overlapped_reads(), 18);
+    assert_eq!(
+        app.state.product.meter.pending(),
+        20,
+        "429s are not metered"
+    );
+
+    // A read that overlaps and is refused: this instance last saw key b far from its limit,
+    // a second instance has spent the rest since. The handler ran, the answer is still the 429.
+    let twin = app.twin(|_| {}).await;
+    let key = app.key_b.clone();
+    let read = |on| ask(on, Method::GET, "/api/orders", Some(&key), IP, None);
+    for _ in 0..2 {
+        assert_eq!(read(&app).await.0, 200);
+    }
+    for _ in 0..18 {
+        assert_eq!(read(&twin).await.0, 200);
+    }
+    let (overlapped, metered) = (
+        app.state.product.overlapped_reads(),
+        app.state.product.meter.pending(),
+    );
+    let (s, h, body) = read(&app).await;
+    assert_eq!(s, 429, "{body}");
+    assert_eq!(body["error_code"], "rate_limited", "{body}");
+    assert!(header(&h, "ratelimit").contains("r=0"), "{h:?}");
+    assert_eq!(app.state.product.overlapped_reads(), overlapped + 1);
+    assert_eq!(app.state.product.meter.pending(), metered);
+    twin.stop().await;
+    app.stop().await;
+}
