@@ -874,153 +874,33 @@ impl EventLogStore for PostgresStore {
     /// cancellation sees every fan-out that committed before the endpoint was disabled (a
     /// relay share-locks the endpoints it fans out to).
     async fn complete_delivery(&self, c: Completion, now: Timestamp) -> Result<bool> {
-        let (new_state, next_at) = match c.outcome {
-            Outcome::Succeeded => (state::SUCCEEDED, None),
-            Outcome::Retry(at) => (state::RETRYING, Some(at.0)),
-            Outcome::Exhausted => (state::FAILED, None),
-            Outcome::Gone => (state::CANCELLED, None),
-        };
-        let a = &c.attempt;
         let mut tx = self.write_tx().await?;
-        let ep = sqlx::query(concat!(
-            "SELECT ",
-            endpoint_cols!(),
-            " FROM webhook_endpoints \
-             WHERE id = (SELECT endpoint_id FROM webhook_deliveries WHERE id = $1) \
-             FOR NO KEY UPDATE"
-        ))
-        .bind(c.delivery_id)
-        .fetch_optional(&mut *tx)
+        let held = complete_in(&mut tx, c, now).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(held)
+    }
+
+    /// Locks every endpoint of the batch first, in ascending id order — the order relays take
+    /// their share locks in — so batches, single completions and relays never wait on each
+    /// other in a cycle; then completes each in turn (re-locking a held row is free).
+    async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>> {
+        let mut tx = self.write_tx().await?;
+        let ids: Vec<i64> = cs.iter().map(|c| c.delivery_id).collect();
+        sqlx::query(
+            "SELECT id FROM webhook_endpoints WHERE id IN \
+             (SELECT endpoint_id FROM webhook_deliveries WHERE id = ANY($1)) \
+             ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
         .await
         .map_err(err)?;
-        let ep = ep.as_ref().map(endpoint).transpose()?;
-        // What this attempt does to the endpoint, applied below if the lease was held.
-        let change = ep
-            .as_ref()
-            .and_then(|ep| ep.health.after(c.outcome, now, &c.policy));
-        let next_at = change
-            .as_ref()
-            .and_then(|ch| ch.next_attempt(c.outcome))
-            .map(|t| t.0)
-            .or(next_at);
-        let held = sqlx::query(COMPLETE)
-            .bind(new_state)
-            .bind(next_at)
-            .bind(a.status_code)
-            .bind(&a.error_kind)
-            .bind(now.0)
-            .bind(c.delivery_id)
-            .bind(&c.lease_token)
-            .bind(a.attempt_no)
-            .bind(a.duration_ms)
-            .bind(&a.response_snippet)
-            .bind(a.created_at.0)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(err)?;
-        let (Some(held), Some(ep)) = (held, ep) else {
-            tx.commit().await.map_err(err)?;
-            return Ok(false);
-        };
-        let account: AccountId = held.try_get("account_id").map_err(err)?;
-        let mut notices = Vec::new();
-        if let Some(change) = change {
-            // A disabled endpoint is only disabled again by a 410 (which names the reason).
-            let disable = change.disable.filter(|r| ep.enabled || *r == "gone");
-            let h = &change.health;
-            let row = sqlx::query(concat!(
-                "UPDATE webhook_endpoints SET first_failure_at = $1, consecutive_failures = $2, \
-                 circuit_state = $3, circuit_open_until = $4, \
-                 enabled = CASE WHEN $5::text IS NULL THEN enabled ELSE FALSE END, \
-                 disabled_reason = COALESCE($5::text, disabled_reason), \
-                 version = CASE WHEN $5::text IS NULL THEN version ELSE version + 1 END, \
-                 updated_at = CASE WHEN $5::text IS NULL THEN updated_at ELSE $6 END \
-                 WHERE id = $7 RETURNING ",
-                endpoint_cols!()
-            ))
-            .bind(h.first_failure_at.map(|t| t.0))
-            .bind(h.consecutive_failures)
-            .bind(if h.circuit_open { "open" } else { "closed" })
-            .bind(h.circuit_open_until.map(|t| t.0))
-            .bind(disable)
-            .bind(now.0)
-            .bind(ep.id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(err)?;
-            let updated = endpoint(&row)?;
-            if let Some(until) = change.defer_backlog_until {
-                sqlx::query(
-                    "UPDATE webhook_deliveries SET next_attempt_at = $1, updated_at = $2 \
-                     WHERE account_id = $3 AND endpoint_id = $4 \
-                     AND state IN ('pending', 'retrying') AND next_attempt_at < $1",
-                )
-                .bind(until.0)
-                .bind(now.0)
-                .bind(account)
-                .bind(ep.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-            }
-            if change.drain_backlog {
-                sqlx::query(
-                    "UPDATE webhook_deliveries SET next_attempt_at = $1, updated_at = $1 \
-                     WHERE account_id = $2 AND endpoint_id = $3 \
-                     AND state IN ('pending', 'retrying') AND next_attempt_at > $1",
-                )
-                .bind(now.0)
-                .bind(account)
-                .bind(ep.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-            }
-            if disable == Some("gone") {
-                sqlx::query(
-                    "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
-                     updated_at = $1 WHERE account_id = $2 AND endpoint_id = $3 \
-                     AND state IN ('pending', 'retrying')",
-                )
-                .bind(now.0)
-                .bind(account)
-                .bind(ep.id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-            }
-            if disable.is_some() && ep.enabled {
-                notices.push(endpoint_disabled_event(&updated));
-            }
-        }
-        let event_id: String = held.try_get("event_id").map_err(err)?;
-        let event_type: String = held.try_get("event_type").map_err(err)?;
-        let previous_error: Option<String> = held.try_get("prev_error").map_err(err)?;
-        let finished = Finished {
-            delivery_id: c.delivery_id,
-            endpoint_id: ep.id,
-            event_id: &event_id,
-            event_type: &event_type,
-            attempt: a,
-            outcome: c.outcome,
-            previous_error: previous_error.as_deref(),
-        };
-        let mut all = delivery_events(&finished);
-        all.append(&mut notices);
-        for ev in all {
-            append_operational(
-                &mut tx,
-                account,
-                ep.id,
-                held.try_get("request_id").map_err(err)?,
-                held.try_get("trace_id").map_err(err)?,
-                now,
-                ev,
-            )
-            .await?;
+        let mut held = Vec::with_capacity(cs.len());
+        for c in cs {
+            held.push(complete_in(&mut tx, c, now).await?);
         }
         tx.commit().await.map_err(err)?;
-        Ok(true)
+        Ok(held)
     }
 
     async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64> {
@@ -1157,4 +1037,156 @@ impl EventLogStore for PostgresStore {
         .map_err(err)?;
         row.as_ref().map(replay).transpose()
     }
+}
+
+/// One completion inside the caller's transaction (see `Store::complete_delivery`).
+async fn complete_in(
+    tx: &mut Transaction<'static, Postgres>,
+    c: Completion,
+    now: Timestamp,
+) -> Result<bool> {
+    let (new_state, next_at) = match c.outcome {
+        Outcome::Succeeded => (state::SUCCEEDED, None),
+        Outcome::Retry(at) => (state::RETRYING, Some(at.0)),
+        Outcome::Exhausted => (state::FAILED, None),
+        Outcome::Gone => (state::CANCELLED, None),
+    };
+    let a = &c.attempt;
+    let ep = sqlx::query(concat!(
+        "SELECT ",
+        endpoint_cols!(),
+        " FROM webhook_endpoints \
+         WHERE id = (SELECT endpoint_id FROM webhook_deliveries WHERE id = $1) \
+         FOR NO KEY UPDATE"
+    ))
+    .bind(c.delivery_id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(err)?;
+    let ep = ep.as_ref().map(endpoint).transpose()?;
+    // What this attempt does to the endpoint, applied below if the lease was held.
+    let change = ep
+        .as_ref()
+        .and_then(|ep| ep.health.after(c.outcome, now, &c.policy));
+    let next_at = change
+        .as_ref()
+        .and_then(|ch| ch.next_attempt(c.outcome))
+        .map(|t| t.0)
+        .or(next_at);
+    let held = sqlx::query(COMPLETE)
+        .bind(new_state)
+        .bind(next_at)
+        .bind(a.status_code)
+        .bind(&a.error_kind)
+        .bind(now.0)
+        .bind(c.delivery_id)
+        .bind(&c.lease_token)
+        .bind(a.attempt_no)
+        .bind(a.duration_ms)
+        .bind(&a.response_snippet)
+        .bind(a.created_at.0)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(err)?;
+    let (Some(held), Some(ep)) = (held, ep) else {
+        return Ok(false);
+    };
+    let account: AccountId = held.try_get("account_id").map_err(err)?;
+    let mut notices = Vec::new();
+    if let Some(change) = change {
+        // A disabled endpoint is only disabled again by a 410 (which names the reason).
+        let disable = change.disable.filter(|r| ep.enabled || *r == "gone");
+        let h = &change.health;
+        let row = sqlx::query(concat!(
+            "UPDATE webhook_endpoints SET first_failure_at = $1, consecutive_failures = $2, \
+             circuit_state = $3, circuit_open_until = $4, \
+             enabled = CASE WHEN $5::text IS NULL THEN enabled ELSE FALSE END, \
+             disabled_reason = COALESCE($5::text, disabled_reason), \
+             version = CASE WHEN $5::text IS NULL THEN version ELSE version + 1 END, \
+             updated_at = CASE WHEN $5::text IS NULL THEN updated_at ELSE $6 END \
+             WHERE id = $7 RETURNING ",
+            endpoint_cols!()
+        ))
+        .bind(h.first_failure_at.map(|t| t.0))
+        .bind(h.consecutive_failures)
+        .bind(if h.circuit_open { "open" } else { "closed" })
+        .bind(h.circuit_open_until.map(|t| t.0))
+        .bind(disable)
+        .bind(now.0)
+        .bind(ep.id)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(err)?;
+        let updated = endpoint(&row)?;
+        if let Some(until) = change.defer_backlog_until {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET next_attempt_at = $1, updated_at = $2 \
+                 WHERE account_id = $3 AND endpoint_id = $4 \
+                 AND state IN ('pending', 'retrying') AND next_attempt_at < $1",
+            )
+            .bind(until.0)
+            .bind(now.0)
+            .bind(account)
+            .bind(ep.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(err)?;
+        }
+        if change.drain_backlog {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET next_attempt_at = $1, updated_at = $1 \
+                 WHERE account_id = $2 AND endpoint_id = $3 \
+                 AND state IN ('pending', 'retrying') AND next_attempt_at > $1",
+            )
+            .bind(now.0)
+            .bind(account)
+            .bind(ep.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(err)?;
+        }
+        if disable == Some("gone") {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
+                 updated_at = $1 WHERE account_id = $2 AND endpoint_id = $3 \
+                 AND state IN ('pending', 'retrying')",
+            )
+            .bind(now.0)
+            .bind(account)
+            .bind(ep.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(err)?;
+        }
+        if disable.is_some() && ep.enabled {
+            notices.push(endpoint_disabled_event(&updated));
+        }
+    }
+    let event_id: String = held.try_get("event_id").map_err(err)?;
+    let event_type: String = held.try_get("event_type").map_err(err)?;
+    let previous_error: Option<String> = held.try_get("prev_error").map_err(err)?;
+    let finished = Finished {
+        delivery_id: c.delivery_id,
+        endpoint_id: ep.id,
+        event_id: &event_id,
+        event_type: &event_type,
+        attempt: a,
+        outcome: c.outcome,
+        previous_error: previous_error.as_deref(),
+    };
+    let mut all = delivery_events(&finished);
+    all.append(&mut notices);
+    for ev in all {
+        append_operational(
+            tx,
+            account,
+            ep.id,
+            held.try_get("request_id").map_err(err)?,
+            held.try_get("trace_id").map_err(err)?,
+            now,
+            ev,
+        )
+        .await?;
+    }
+    Ok(true)
 }

@@ -747,190 +747,19 @@ impl EventLogStore for SqliteStore {
 
     async fn complete_delivery(&self, c: Completion, now: Timestamp) -> Result<bool> {
         let mut tx = self.write_tx().await?;
-        let (new_state, next_at) = match c.outcome {
-            Outcome::Succeeded => (state::SUCCEEDED, None),
-            Outcome::Retry(at) => (state::RETRYING, Some(at.0)),
-            Outcome::Exhausted => (state::FAILED, None),
-            Outcome::Gone => (state::CANCELLED, None),
-        };
-        let a = &c.attempt;
-        // The delivery as it was before this attempt, if the lease is still this worker's.
-        let held = sqlx::query(
-            "SELECT d.account_id, d.endpoint_id, d.event_id, d.last_error, e.event_type, \
-             e.request_id, e.trace_id \
-             FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
-             WHERE d.id = ? AND d.lease_token = ?",
-        )
-        .bind(c.delivery_id)
-        .bind(&c.lease_token)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err)?;
-        // The endpoint's health and what this attempt does to it (applied below, with the
-        // lease held).
-        let ep = match &held {
-            Some(h) => {
-                let row = sqlx::query(concat!(
-                    "SELECT ",
-                    endpoint_cols!(),
-                    " FROM webhook_endpoints WHERE id = ?"
-                ))
-                .bind(h.get::<i64, _>("endpoint_id"))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(err)?;
-                Some(endpoint(&row)?)
-            }
-            None => None,
-        };
-        let change = ep
-            .as_ref()
-            .and_then(|ep| ep.health.after(c.outcome, now, &c.policy));
-        let next_at = change
-            .as_ref()
-            .and_then(|ch| ch.next_attempt(c.outcome))
-            .map(|t| t.0)
-            .or(next_at);
-        if held.is_some() {
-            sqlx::query(
-                "UPDATE webhook_deliveries SET state = ?, \
-                 next_attempt_at = COALESCE(?, next_attempt_at), lease_token = NULL, \
-                 lease_expires_at = NULL, last_status = ?, last_error = ?, updated_at = ? \
-                 WHERE id = ?",
-            )
-            .bind(new_state)
-            .bind(next_at)
-            .bind(a.status_code)
-            .bind(&a.error_kind)
-            .bind(now.0)
-            .bind(c.delivery_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
-        }
-        let error_kind = if held.is_some() {
-            a.error_kind.clone()
-        } else {
-            Some("lease_lost".to_owned())
-        };
-        // The attempt number is the lease's; a lost lease's number may already be recorded
-        // (as `lease_lost`, by the worker that took over).
-        sqlx::query(
-            "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
-             duration_ms, error_kind, response_snippet, created_at) \
-             SELECT id, endpoint_id, ?, ?, ?, ?, ?, ? FROM webhook_deliveries WHERE id = ? \
-             ON CONFLICT (delivery_id, attempt_no) DO NOTHING",
-        )
-        .bind(a.attempt_no)
-        .bind(a.status_code)
-        .bind(a.duration_ms)
-        .bind(&error_kind)
-        .bind(&a.response_snippet)
-        .bind(a.created_at.0)
-        .bind(c.delivery_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        let (Some(held), Some(ep)) = (held, ep) else {
-            tx.commit().await.map_err(err)?;
-            return Ok(false);
-        };
-        let account: AccountId = held.get("account_id");
-        let endpoint_id = ep.id;
-        let mut notices = Vec::new();
-        if let Some(change) = change {
-            // A disabled endpoint is only disabled again by a 410 (which names the reason).
-            let disable = change.disable.filter(|r| ep.enabled || *r == "gone");
-            let h = &change.health;
-            let row = sqlx::query(concat!(
-                "UPDATE webhook_endpoints SET first_failure_at = ?1, consecutive_failures = ?2, \
-                 circuit_state = ?3, circuit_open_until = ?4, \
-                 enabled = CASE WHEN ?5 IS NULL THEN enabled ELSE 0 END, \
-                 disabled_reason = COALESCE(?5, disabled_reason), \
-                 version = CASE WHEN ?5 IS NULL THEN version ELSE version + 1 END, \
-                 updated_at = CASE WHEN ?5 IS NULL THEN updated_at ELSE ?6 END \
-                 WHERE id = ?7 RETURNING ",
-                endpoint_cols!()
-            ))
-            .bind(h.first_failure_at.map(|t| t.0))
-            .bind(h.consecutive_failures)
-            .bind(if h.circuit_open { "open" } else { "closed" })
-            .bind(h.circuit_open_until.map(|t| t.0))
-            .bind(disable)
-            .bind(now.0)
-            .bind(endpoint_id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(err)?;
-            let updated = endpoint(&row)?;
-            if let Some(until) = change.defer_backlog_until {
-                sqlx::query(
-                    "UPDATE webhook_deliveries SET next_attempt_at = ?1, updated_at = ?2 \
-                     WHERE endpoint_id = ?3 AND state IN ('pending', 'retrying') \
-                     AND next_attempt_at < ?1",
-                )
-                .bind(until.0)
-                .bind(now.0)
-                .bind(endpoint_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-            }
-            if change.drain_backlog {
-                sqlx::query(
-                    "UPDATE webhook_deliveries SET next_attempt_at = ?1, updated_at = ?1 \
-                     WHERE endpoint_id = ?2 AND state IN ('pending', 'retrying') \
-                     AND next_attempt_at > ?1",
-                )
-                .bind(now.0)
-                .bind(endpoint_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-            }
-            if disable == Some("gone") {
-                sqlx::query(
-                    "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
-                     updated_at = ? WHERE endpoint_id = ? AND state IN ('pending', 'retrying')",
-                )
-                .bind(now.0)
-                .bind(endpoint_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-            }
-            if disable.is_some() && ep.enabled {
-                notices.push(endpoint_disabled_event(&updated));
-            }
-        }
-        let event_id: String = held.get("event_id");
-        let event_type: String = held.get("event_type");
-        let previous_error: Option<String> = held.get("last_error");
-        let finished = Finished {
-            delivery_id: c.delivery_id,
-            endpoint_id,
-            event_id: &event_id,
-            event_type: &event_type,
-            attempt: a,
-            outcome: c.outcome,
-            previous_error: previous_error.as_deref(),
-        };
-        let mut all = delivery_events(&finished);
-        all.append(&mut notices);
-        for ev in all {
-            append_operational(
-                &mut tx,
-                account,
-                endpoint_id,
-                held.get("request_id"),
-                held.get("trace_id"),
-                now,
-                ev,
-            )
-            .await?;
+        let held = complete_in(&mut tx, c, now).await?;
+        tx.commit().await.map_err(err)?;
+        Ok(held)
+    }
+
+    async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>> {
+        let mut tx = self.write_tx().await?;
+        let mut held = Vec::with_capacity(cs.len());
+        for c in cs {
+            held.push(complete_in(&mut tx, c, now).await?);
         }
         tx.commit().await.map_err(err)?;
-        Ok(true)
+        Ok(held)
     }
 
     async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64> {
@@ -1064,4 +893,194 @@ impl EventLogStore for SqliteStore {
         .map_err(err)?;
         row.as_ref().map(replay).transpose()
     }
+}
+
+/// One completion inside the caller's write transaction (see `Store::complete_delivery`).
+async fn complete_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    c: Completion,
+    now: Timestamp,
+) -> Result<bool> {
+    let (new_state, next_at) = match c.outcome {
+        Outcome::Succeeded => (state::SUCCEEDED, None),
+        Outcome::Retry(at) => (state::RETRYING, Some(at.0)),
+        Outcome::Exhausted => (state::FAILED, None),
+        Outcome::Gone => (state::CANCELLED, None),
+    };
+    let a = &c.attempt;
+    // The delivery as it was before this attempt, if the lease is still this worker's.
+    let held = sqlx::query(
+        "SELECT d.account_id, d.endpoint_id, d.event_id, d.last_error, e.event_type, \
+         e.request_id, e.trace_id \
+         FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
+         WHERE d.id = ? AND d.lease_token = ?",
+    )
+    .bind(c.delivery_id)
+    .bind(&c.lease_token)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(err)?;
+    // The endpoint's health and what this attempt does to it (applied below, with the
+    // lease held).
+    let ep = match &held {
+        Some(h) => {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                endpoint_cols!(),
+                " FROM webhook_endpoints WHERE id = ?"
+            ))
+            .bind(h.get::<i64, _>("endpoint_id"))
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(err)?;
+            Some(endpoint(&row)?)
+        }
+        None => None,
+    };
+    let change = ep
+        .as_ref()
+        .and_then(|ep| ep.health.after(c.outcome, now, &c.policy));
+    let next_at = change
+        .as_ref()
+        .and_then(|ch| ch.next_attempt(c.outcome))
+        .map(|t| t.0)
+        .or(next_at);
+    if held.is_some() {
+        sqlx::query(
+            "UPDATE webhook_deliveries SET state = ?, \
+             next_attempt_at = COALESCE(?, next_attempt_at), lease_token = NULL, \
+             lease_expires_at = NULL, last_status = ?, last_error = ?, updated_at = ? \
+             WHERE id = ?",
+        )
+        .bind(new_state)
+        .bind(next_at)
+        .bind(a.status_code)
+        .bind(&a.error_kind)
+        .bind(now.0)
+        .bind(c.delivery_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(err)?;
+    }
+    let error_kind = if held.is_some() {
+        a.error_kind.clone()
+    } else {
+        Some("lease_lost".to_owned())
+    };
+    // The attempt number is the lease's; a lost lease's number may already be recorded
+    // (as `lease_lost`, by the worker that took over).
+    sqlx::query(
+        "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
+         duration_ms, error_kind, response_snippet, created_at) \
+         SELECT id, endpoint_id, ?, ?, ?, ?, ?, ? FROM webhook_deliveries WHERE id = ? \
+         ON CONFLICT (delivery_id, attempt_no) DO NOTHING",
+    )
+    .bind(a.attempt_no)
+    .bind(a.status_code)
+    .bind(a.duration_ms)
+    .bind(&error_kind)
+    .bind(&a.response_snippet)
+    .bind(a.created_at.0)
+    .bind(c.delivery_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    let (Some(held), Some(ep)) = (held, ep) else {
+        return Ok(false);
+    };
+    let account: AccountId = held.get("account_id");
+    let endpoint_id = ep.id;
+    let mut notices = Vec::new();
+    if let Some(change) = change {
+        // A disabled endpoint is only disabled again by a 410 (which names the reason).
+        let disable = change.disable.filter(|r| ep.enabled || *r == "gone");
+        let h = &change.health;
+        let row = sqlx::query(concat!(
+            "UPDATE webhook_endpoints SET first_failure_at = ?1, consecutive_failures = ?2, \
+             circuit_state = ?3, circuit_open_until = ?4, \
+             enabled = CASE WHEN ?5 IS NULL THEN enabled ELSE 0 END, \
+             disabled_reason = COALESCE(?5, disabled_reason), \
+             version = CASE WHEN ?5 IS NULL THEN version ELSE version + 1 END, \
+             updated_at = CASE WHEN ?5 IS NULL THEN updated_at ELSE ?6 END \
+             WHERE id = ?7 RETURNING ",
+            endpoint_cols!()
+        ))
+        .bind(h.first_failure_at.map(|t| t.0))
+        .bind(h.consecutive_failures)
+        .bind(if h.circuit_open { "open" } else { "closed" })
+        .bind(h.circuit_open_until.map(|t| t.0))
+        .bind(disable)
+        .bind(now.0)
+        .bind(endpoint_id)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(err)?;
+        let updated = endpoint(&row)?;
+        if let Some(until) = change.defer_backlog_until {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET next_attempt_at = ?1, updated_at = ?2 \
+                 WHERE endpoint_id = ?3 AND state IN ('pending', 'retrying') \
+                 AND next_attempt_at < ?1",
+            )
+            .bind(until.0)
+            .bind(now.0)
+            .bind(endpoint_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(err)?;
+        }
+        if change.drain_backlog {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET next_attempt_at = ?1, updated_at = ?1 \
+                 WHERE endpoint_id = ?2 AND state IN ('pending', 'retrying') \
+                 AND next_attempt_at > ?1",
+            )
+            .bind(now.0)
+            .bind(endpoint_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(err)?;
+        }
+        if disable == Some("gone") {
+            sqlx::query(
+                "UPDATE webhook_deliveries SET state = 'cancelled', last_error = 'gone', \
+                 updated_at = ? WHERE endpoint_id = ? AND state IN ('pending', 'retrying')",
+            )
+            .bind(now.0)
+            .bind(endpoint_id)
+            .execute(&mut **tx)
+            .await
+            .map_err(err)?;
+        }
+        if disable.is_some() && ep.enabled {
+            notices.push(endpoint_disabled_event(&updated));
+        }
+    }
+    let event_id: String = held.get("event_id");
+    let event_type: String = held.get("event_type");
+    let previous_error: Option<String> = held.get("last_error");
+    let finished = Finished {
+        delivery_id: c.delivery_id,
+        endpoint_id,
+        event_id: &event_id,
+        event_type: &event_type,
+        attempt: a,
+        outcome: c.outcome,
+        previous_error: previous_error.as_deref(),
+    };
+    let mut all = delivery_events(&finished);
+    all.append(&mut notices);
+    for ev in all {
+        append_operational(
+            tx,
+            account,
+            endpoint_id,
+            held.get("request_id"),
+            held.get("trace_id"),
+            now,
+            ev,
+        )
+        .await?;
+    }
+    Ok(true)
 }

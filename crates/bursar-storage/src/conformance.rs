@@ -63,6 +63,7 @@ macro_rules! conformance_tests {
             fan_out_follows_endpoint_filters_once,
             endpoints_are_scoped_and_rotate,
             deliveries_are_leased_fenced_and_retried,
+            completions_in_one_batch_apply_each_fenced,
             a_gone_receiver_disables_its_endpoint,
             concurrent_workers_never_claim_one_delivery_twice,
             published_events_leave_the_backlog,

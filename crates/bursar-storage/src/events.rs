@@ -712,6 +712,12 @@ pub trait EventLogStore: Send + Sync {
     /// [`endpoint_disabled_event`] are appended to the outbox.
     async fn complete_delivery(&self, c: Completion, now: Timestamp) -> Result<bool>;
 
+    /// [`complete_delivery`](Self::complete_delivery) for several attempts in one transaction
+    /// (all or none), in order, answering one `bool` per completion. Why: a worker finishes
+    /// many sends at once, and one commit for all of them instead of one each is what lets
+    /// deliveries keep up with fan-out (the same reasoning as group commit for creates).
+    async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>>;
+
     /// Ends leases held under `lease_token` (graceful shutdown): due again now.
     async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64>;
 

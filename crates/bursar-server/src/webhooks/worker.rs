@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use bursar_domain::Timestamp;
 use bursar_domain::webhook::{self, WebhookSecret};
+use bursar_storage::StorageError;
 use bursar_storage::events::{Attempt, ClaimedDelivery, Completion, Outcome};
 use rand::RngExt;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::AppState;
 use crate::ssrf;
@@ -39,6 +40,9 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
     let slots = Arc::new(Semaphore::new(hooks.config.concurrency.max(1)));
     let tokens: Arc<Mutex<HashSet<String>>> = Arc::default();
     let idle = hooks.poll_interval();
+    // Ends by itself once the last send holding a sender has finished.
+    let (completions, queued) = mpsc::unbounded_channel();
+    tokio::spawn(complete_batches(state.clone(), queued));
     while !*stop.borrow() {
         let free = slots.available_permits();
         if free == 0 {
@@ -85,9 +89,9 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
-            let (state, batch) = (state.clone(), batch.clone());
+            let (state, batch, completions) = (state.clone(), batch.clone(), completions.clone());
             tokio::spawn(async move {
-                deliver(&state, c, &batch.token).await;
+                deliver(&state, c, &batch.token, &completions).await;
                 batch.done();
                 drop(permit);
             });
@@ -135,8 +139,79 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A finished attempt waiting to be recorded, and who waits for the answer.
+type Done = (Completion, oneshot::Sender<bursar_storage::Result<bool>>);
+
+/// At most this many attempts are recorded in one transaction.
+const COMPLETION_BATCH: usize = 64;
+
+/// Records finished attempts in batches: whatever finished while the previous batch was being
+/// committed goes in the next one, one transaction for all (`complete_deliveries`), so the
+/// database does one commit per batch instead of one per delivery. A lone attempt goes at once.
+/// If a batch fails for another reason than a busy database, each attempt is recorded on its
+/// own, so one bad completion cannot hold back the others.
+async fn complete_batches(state: AppState, mut queued: mpsc::UnboundedReceiver<Done>) {
+    let mut batch = Vec::with_capacity(COMPLETION_BATCH);
+    while queued.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
+        let (cs, replies): (Vec<Completion>, Vec<_>) = batch.drain(..).unzip();
+        let result = retrying(|| {
+            state
+                .store
+                .complete_deliveries(cs.clone(), state.clock.now())
+        })
+        .await;
+        match result {
+            Ok(held) => {
+                for (reply, held) in replies.into_iter().zip(held) {
+                    let _ = reply.send(Ok(held));
+                }
+            }
+            Err(StorageError::Unavailable(e)) => {
+                let why = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StorageError::Unavailable(why.clone().into())));
+                }
+            }
+            Err(_) => {
+                for (c, reply) in cs.into_iter().zip(replies) {
+                    let one =
+                        retrying(|| state.store.complete_delivery(c.clone(), state.clock.now()))
+                            .await;
+                    let _ = reply.send(one);
+                }
+            }
+        }
+    }
+}
+
+/// Runs `call` again while the database is briefly busy (SQLite's lock, a saturated pool), up
+/// to 6 more times with doubling waits from 50 ms. Completions are fenced by their lease token,
+/// so trying one again is safe.
+async fn retrying<T, F, Fut>(mut call: F) -> bursar_storage::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bursar_storage::Result<T>>,
+{
+    let mut wait = Duration::from_millis(50);
+    let mut result = call().await;
+    for _ in 0..6 {
+        if !matches!(result, Err(StorageError::Unavailable(_))) {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+        result = call().await;
+    }
+    result
+}
+
 /// Sends one claimed delivery and records the attempt.
-async fn deliver(state: &AppState, c: ClaimedDelivery, token: &str) {
+async fn deliver(
+    state: &AppState,
+    c: ClaimedDelivery,
+    token: &str,
+    completions: &mpsc::UnboundedSender<Done>,
+) {
     let started = Instant::now();
     let at = state.clock.now();
     let sent = match signed_request(state, &c, at) {
@@ -166,25 +241,24 @@ async fn deliver(state: &AppState, c: ClaimedDelivery, token: &str) {
         outcome,
         policy: state.webhooks.config.health_policy(),
     };
-    // A database that is briefly busy (SQLite's lock, a saturated pool) must not strand a sent
-    // delivery until its lease lapses — that would send it a second time. The completion is
-    // fenced by the lease token, so trying it again is safe.
-    let mut wait = Duration::from_millis(50);
-    let mut result = state
-        .store
-        .complete_delivery(done.clone(), state.clock.now())
-        .await;
-    for _ in 0..6 {
-        if !matches!(result, Err(bursar_storage::StorageError::Unavailable(_))) {
-            break;
+    // A database that is briefly busy must not strand a sent delivery until its lease lapses —
+    // that would send it a second time — hence the retries in `complete_batches`.
+    let (reply, answer) = oneshot::channel();
+    let result = match completions.send((done, reply)) {
+        Ok(()) => answer.await.unwrap_or_else(|_| {
+            Err(StorageError::Unavailable(
+                "the completion task ended".into(),
+            ))
+        }),
+        Err(mpsc::error::SendError((done, _))) => {
+            retrying(|| {
+                state
+                    .store
+                    .complete_delivery(done.clone(), state.clock.now())
+            })
+            .await
         }
-        tokio::time::sleep(wait).await;
-        wait *= 2;
-        result = state
-            .store
-            .complete_delivery(done.clone(), state.clock.now())
-            .await;
-    }
+    };
     match result {
         Ok(true) => {}
         Ok(false) => tracing::warn!(

@@ -352,6 +352,87 @@ pub async fn deliveries_are_leased_fenced_and_retried(s: Store) {
     ));
 }
 
+/// Several completions in one transaction answer and record exactly what one-by-one
+/// completions would: held leases apply their outcome, a stale token changes nothing but a
+/// `lease_lost` attempt, and attempts of two endpoints mix in one batch.
+pub async fn completions_in_one_batch_apply_each_fenced(s: Store) {
+    let a = account(&s, "a").await;
+    let e1 = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    let e2 = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    customer(&s, a).await;
+    customer(&s, a).await;
+    sequence_all(&s, &ids()).await;
+    let now = Timestamp(T0);
+    let mut claimed = s
+        .claim_deliveries(now, Timestamp(T0 + 10_000), "A", 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4, "two events to two endpoints");
+    claimed.sort_by_key(|c| (c.endpoint_id, c.delivery_id));
+    let retry = Outcome::Retry(Timestamp(T0 + 5_000));
+    let batch = vec![
+        finish(
+            &claimed[0],
+            "A",
+            Outcome::Succeeded,
+            HealthPolicy::default(),
+        ),
+        finish(
+            &claimed[1],
+            "stale",
+            Outcome::Succeeded,
+            HealthPolicy::default(),
+        ),
+        finish(&claimed[2], "A", retry, HealthPolicy::default()),
+        finish(
+            &claimed[3],
+            "A",
+            Outcome::Succeeded,
+            HealthPolicy::default(),
+        ),
+    ];
+    assert_eq!(
+        s.complete_deliveries(batch, now).await.unwrap(),
+        vec![true, false, true, true]
+    );
+    assert_eq!(
+        s.complete_deliveries(Vec::new(), now).await.unwrap(),
+        Vec::<bool>::new()
+    );
+    let states = |id| {
+        let s = s.clone();
+        async move {
+            let mut v: Vec<(i64, String)> = s
+                .list_deliveries(a, id, page(10, None))
+                .await
+                .unwrap()
+                .iter()
+                .map(|d| (d.id, d.state.clone()))
+                .collect();
+            v.sort();
+            v.into_iter().map(|(_, st)| st).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(claimed[0].endpoint_id, e1.id);
+    assert_eq!(states(e1.id).await, vec!["succeeded", "in_flight"]);
+    assert_eq!(states(e2.id).await, vec!["retrying", "succeeded"]);
+    let lost: Vec<Option<String>> = s
+        .list_attempts(a, e1.id, page(10, None))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|at| at.delivery_id == claimed[1].delivery_id)
+        .map(|at| at.error_kind.clone())
+        .collect();
+    assert_eq!(lost, vec![Some("lease_lost".to_owned())]);
+}
+
 pub async fn a_gone_receiver_disables_its_endpoint(s: Store) {
     let a = account(&s, "a").await;
     let e = s
