@@ -109,16 +109,6 @@ const STORE_AND_FAN_OUT: &str = "\
     ORDER BY f.n \
     ON CONFLICT (event_id, endpoint_id) DO NOTHING";
 
-/// Where `$1` is now: a delivery is due (pending or retrying and due, or in flight under a
-/// lapsed lease) for an enabled endpoint whose circuit lets something through.
-macro_rules! due {
-    () => {
-        "((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= $1) \
-          OR (d.state = 'in_flight' AND d.lease_expires_at < $1)) \
-         AND ep.enabled AND (ep.circuit_state = 'closed' OR ep.circuit_open_until <= $1)"
-    };
-}
-
 /// How many more deliveries of endpoint `ep` may be leased: its cap, or one probe for a
 /// half-open circuit, less its live leases (`live.n`).
 macro_rules! room {
@@ -128,31 +118,39 @@ macro_rules! room {
     };
 }
 
-/// A claim's first statement: up to `$2` endpoints with due deliveries and room for more (as
-/// this snapshot sees it), oldest due first, each advisory-locked for this transaction; those
-/// another claimer holds are skipped. The lock key pairs a hash of the schema with the endpoint
+/// A claim's first statement: up to `$2` endpoints with due deliveries (pending or retrying and
+/// due at `$1`, or in flight under a lapsed lease) and room for more (as this snapshot sees it),
+/// oldest due first, each advisory-locked for this transaction; those another claimer holds are
+/// skipped. Each endpoint's oldest due delivery is one probe of a partial index (migration
+/// 0010), so the statement's cost follows the number of endpoints, not the backlog. The lock key pairs a hash of the schema with the endpoint
 /// id, so deployments sharing a database in separate schemas never share a lock.
 const CLAIM_ENDPOINTS: &str = concat!(
     "WITH live AS (\
        SELECT endpoint_id, count(*) AS n FROM webhook_deliveries \
        WHERE state = 'in_flight' AND lease_expires_at >= $1 GROUP BY endpoint_id), \
      candidates AS MATERIALIZED (\
-       SELECT d.endpoint_id, min(d.next_attempt_at) AS first_due \
-       FROM webhook_deliveries d JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
-       LEFT JOIN live ON live.endpoint_id = d.endpoint_id \
-       WHERE ",
-    due!(),
-    " AND ",
+       SELECT ep.id AS endpoint_id, f.first_due \
+       FROM webhook_endpoints ep LEFT JOIN live ON live.endpoint_id = ep.id \
+       CROSS JOIN LATERAL (SELECT min(t) AS first_due FROM (\
+         (SELECT d.next_attempt_at AS t FROM webhook_deliveries d \
+          WHERE d.endpoint_id = ep.id AND d.state IN ('pending', 'retrying') \
+            AND d.next_attempt_at <= $1 ORDER BY d.next_attempt_at LIMIT 1) \
+         UNION ALL \
+         (SELECT d.next_attempt_at FROM webhook_deliveries d \
+          WHERE d.endpoint_id = ep.id AND d.state = 'in_flight' AND d.lease_expires_at < $1 \
+          ORDER BY d.next_attempt_at LIMIT 1)) u) f \
+       WHERE f.first_due IS NOT NULL AND ep.enabled \
+         AND (ep.circuit_state = 'closed' OR ep.circuit_open_until <= $1) AND ",
     room!(),
     " > 0 \
-       GROUP BY d.endpoint_id ORDER BY first_due, d.endpoint_id LIMIT $2) \
+       ORDER BY f.first_due, ep.id LIMIT $2) \
     SELECT endpoint_id FROM candidates \
     WHERE pg_try_advisory_xact_lock(hashtext(current_schema()), \
                                     (endpoint_id % 2147483647)::integer)"
 );
 
 /// A claim's second statement, on the endpoints locked by the first (`$5`): leases each one's
-/// oldest due deliveries up to its room, counted afresh (this statement's snapshot sees every
+/// oldest due deliveries up to its room (at most `$2` read per endpoint), counted afresh (this statement's snapshot sees every
 /// claim that committed before the locks were granted; completions only make room).
 /// `FOR NO KEY UPDATE` is the lock the claiming `UPDATE` takes anyway; unlike `FOR UPDATE` it
 /// does not conflict with the `KEY SHARE` locks of foreign-key checks, so a fenced-off worker
@@ -166,15 +164,22 @@ const CLAIM: &str = concat!(
        WHERE state = 'in_flight' AND lease_expires_at >= $1 AND endpoint_id = ANY($5) \
        GROUP BY endpoint_id), \
      ranked AS (\
-       SELECT d.id, row_number() OVER (PARTITION BY d.endpoint_id \
-                                       ORDER BY d.next_attempt_at, d.id) AS rn, ",
+       SELECT x.id, row_number() OVER (PARTITION BY x.endpoint_id \
+                                       ORDER BY x.next_attempt_at, x.id) AS rn, x.room \
+       FROM (SELECT ep.id AS eid, ",
     room!(),
     " AS room \
-       FROM webhook_deliveries d JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
-       LEFT JOIN live ON live.endpoint_id = d.endpoint_id \
-       WHERE d.endpoint_id = ANY($5) AND ",
-    due!(),
-    "), \
+             FROM webhook_endpoints ep LEFT JOIN live ON live.endpoint_id = ep.id \
+             WHERE ep.id = ANY($5) AND ep.enabled \
+               AND (ep.circuit_state = 'closed' OR ep.circuit_open_until <= $1)) e \
+       CROSS JOIN LATERAL (\
+         (SELECT d.id, d.endpoint_id, d.next_attempt_at, e.room FROM webhook_deliveries d \
+          WHERE d.endpoint_id = e.eid AND d.state IN ('pending', 'retrying') \
+            AND d.next_attempt_at <= $1 ORDER BY d.next_attempt_at, d.id LIMIT $2) \
+         UNION ALL \
+         (SELECT d.id, d.endpoint_id, d.next_attempt_at, e.room FROM webhook_deliveries d \
+          WHERE d.endpoint_id = e.eid AND d.state = 'in_flight' \
+            AND d.lease_expires_at < $1)) x), \
      due AS MATERIALIZED (\
        SELECT d.id, d.endpoint_id, d.state, d.attempt_count \
        FROM webhook_deliveries d \

@@ -655,23 +655,39 @@ impl EventLogStore for SqliteStore {
     ) -> Result<Vec<ClaimedDelivery>> {
         let mut tx = self.write_tx().await?;
         // Under the write lock: no other claim runs meanwhile, so each endpoint's room (its
-        // cap, or one probe for a half-open circuit, less its live leases) is exact.
+        // cap, or one probe for a half-open circuit, less its live leases) is exact. Each
+        // endpoint contributes at most `limit` of its oldest due deliveries (from the partial
+        // index of migration 0010) before they are ranked against its room, so a claim reads
+        // what it may take, not the whole backlog. `MATERIALIZED` and `CROSS JOIN` pin the
+        // plan to "for each endpoint, look up its rows": flattened, SQLite would scan every
+        // delivery and run the per-endpoint lookup for each.
         let due: Vec<i64> = sqlx::query_scalar(
             "WITH live AS (\
                SELECT endpoint_id, count(*) AS n FROM webhook_deliveries \
                WHERE state = 'in_flight' AND lease_expires_at >= ?1 GROUP BY endpoint_id), \
+             eps AS MATERIALIZED (\
+               SELECT ep.id, CASE WHEN ep.circuit_state = 'closed' THEN ep.max_concurrency \
+                                  ELSE 1 END - COALESCE(live.n, 0) AS room \
+               FROM webhook_endpoints ep LEFT JOIN live ON live.endpoint_id = ep.id \
+               WHERE ep.enabled = 1 \
+                 AND (ep.circuit_state = 'closed' OR ep.circuit_open_until <= ?1)), \
+             candidates AS (\
+               SELECT d.id, d.endpoint_id, d.next_attempt_at, eps.room \
+               FROM eps CROSS JOIN webhook_deliveries d \
+               WHERE eps.room > 0 AND d.id IN (\
+                 SELECT x.id FROM webhook_deliveries x \
+                 WHERE x.endpoint_id = eps.id AND x.state IN ('pending', 'retrying') \
+                   AND x.next_attempt_at <= ?1 \
+                 ORDER BY x.next_attempt_at, x.id LIMIT ?2) \
+               UNION ALL \
+               SELECT d.id, d.endpoint_id, d.next_attempt_at, eps.room \
+               FROM eps CROSS JOIN webhook_deliveries d \
+               WHERE eps.room > 0 AND d.endpoint_id = eps.id AND d.state = 'in_flight' \
+                 AND d.lease_expires_at < ?1), \
              ranked AS (\
-               SELECT d.id, d.next_attempt_at, \
-                      row_number() OVER (PARTITION BY d.endpoint_id \
-                                         ORDER BY d.next_attempt_at, d.id) AS rn, \
-                      CASE WHEN ep.circuit_state = 'closed' THEN ep.max_concurrency ELSE 1 END \
-                        - COALESCE(live.n, 0) AS room \
-               FROM webhook_deliveries d JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
-               LEFT JOIN live ON live.endpoint_id = d.endpoint_id \
-               WHERE ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= ?1) \
-                      OR (d.state = 'in_flight' AND d.lease_expires_at < ?1)) \
-                 AND ep.enabled = 1 \
-                 AND (ep.circuit_state = 'closed' OR ep.circuit_open_until <= ?1)) \
+               SELECT id, next_attempt_at, room, row_number() OVER (\
+                 PARTITION BY endpoint_id ORDER BY next_attempt_at, id) AS rn \
+               FROM candidates) \
              SELECT id FROM ranked WHERE rn <= room ORDER BY next_attempt_at, id LIMIT ?2",
         )
         .bind(now.0)
