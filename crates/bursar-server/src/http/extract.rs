@@ -37,6 +37,8 @@ pub struct Auth {
     pub scopes: Option<Vec<Scope>>,
     /// The account's plan (`None`: the default), as of the key's cached record.
     pub plan: Option<String>,
+    /// When the key stops working, as of its cached record (live streams check it again).
+    pub expires_at: Option<bursar_domain::Timestamp>,
 }
 
 impl FromRequestParts<AppState> for Auth {
@@ -158,6 +160,7 @@ impl Auth {
             mode: record.mode,
             scopes: record.scopes,
             plan: record.plan,
+            expires_at: record.expires_at,
         }
     }
 }

@@ -778,3 +778,71 @@ async fn recv(ws: &mut Ws) -> Value {
         }
     }
 }
+
+/// A key made through the API by A's own key: `(id, secret)`.
+async fn api_key(app: &TestApp, body: Value) -> (i64, String) {
+    let resp = app
+        .anon(reqwest::Method::POST, "/api/keys")
+        .bearer_auth(&app.key_a)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let key: Value = resp.json().await.unwrap();
+    (
+        key["id"].as_i64().unwrap(),
+        key["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Reads frames until the stream ends (within `within`); whether a comment said the key ended.
+async fn until_ended(sse: &mut Sse, within: Duration) -> bool {
+    let mut said = false;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, sse.frame()).await {
+            Ok(Some(frame)) => said |= frame.comments.iter().any(|c| c.contains("revoked")),
+            Ok(None) => return said,
+            Err(_) => panic!("the stream was still open after {within:?}"),
+        }
+    }
+}
+
+/// SSE checklist: an expired or revoked token ends the stream, and the reconnect gets 401. A
+/// revoke on this instance ends the SSE stream and the WebSocket (close code 4001) within
+/// about a quarter second; a key that expires ends them at its expiry.
+pub async fn a_revoked_or_expired_key_ends_its_streams(app: &TestApp) {
+    let (id, secret) = api_key(app, json!({"name": "stream"})).await;
+    let mut sse = open(app, &secret, "", None).await;
+    let mut ws = ws_connect(app, &secret).await;
+    let resp = app
+        .anon(reqwest::Method::POST, &format!("/api/keys/{id}/revoke"))
+        .bearer_auth(&app.key_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(until_ended(&mut sse, Duration::from_secs(2)).await);
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the WebSocket was closed");
+    assert_eq!(closed, 4001);
+    let again = stream_request(app, &secret, "", None).await;
+    assert_eq!(again.status(), 401);
+
+    let soon = bursar_domain::Timestamp(bursar_domain::Clock::now(&SystemClock).0 + 1_500);
+    let (_, secret) = api_key(app, json!({"expires_at": soon.rfc3339()})).await;
+    let mut sse = open(app, &secret, "", None).await;
+    assert!(until_ended(&mut sse, Duration::from_secs(4)).await);
+    let again = stream_request(app, &secret, "", None).await;
+    assert_eq!(again.status(), 401);
+}

@@ -82,6 +82,7 @@ api_suite!(
     webhook_endpoints_are_guarded_scoped_and_rotate,
     many_workers_send_each_delivery_once,
     sse_resumes_from_the_log_then_goes_live,
+    a_revoked_or_expired_key_ends_its_streams,
     a_slow_subscriber_is_dropped_and_resumes,
     websocket_subscribes_resumes_and_unsubscribes,
     two_instances_share_events_through_nats,

@@ -3,7 +3,8 @@
 //! same subscription (`live::stream`); this file only speaks the two wire formats.
 
 use std::convert::Infallible;
-use std::pin::pin;
+use std::pin::{Pin, pin};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
@@ -18,6 +19,7 @@ use utoipa::IntoParams;
 use super::{bad_param, split_types};
 use crate::AppState;
 use crate::http::error::ApiError;
+use crate::http::extract::Auth;
 use crate::http::extract::Params;
 use crate::live::stream::{self as live_stream, End, Feed, Item, Subscription};
 use crate::services::{Call, webhooks::check_patterns};
@@ -30,6 +32,13 @@ const WS_CLOSE_LAGGED: u16 = 4000;
 const WS_CLOSE_UNAVAILABLE: u16 = 1011;
 /// Close code on server shutdown ("going away").
 const WS_CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code when the stream's API key was revoked or expired (private-use range).
+const WS_CLOSE_KEY_ENDED: u16 = 4001;
+/// How often a stream checks this instance's view of its key (tombstones, expiry).
+const KEY_CHECK: Duration = Duration::from_millis(250);
+/// How often a stream reads its key from the database, for revocations and rolls this
+/// instance did not hear about (no Redis, or a lost broadcast): the key cache's lifetime.
+const KEY_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -69,7 +78,7 @@ pub fn parse_types(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
 #[utoipa::path(get, path = "/api/events/stream", tag = "events", params(StreamQuery,
         ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this `seq` (sent by EventSource on reconnect)")),
     responses(
-        (status = 200, description = "`text/event-stream`: first a `retry:` field, then one frame per event (`id:` = seq, `event:` = type, `data:` = the event, one line of JSON), a comment every 15 s when idle. `event: reset` (data `{\"head\":seq}`) when the cursor is ahead of the log: reload over REST. The stream ends when the client falls too far behind; reconnect with the last id.", content_type = "text/event-stream"),
+        (status = 200, description = "`text/event-stream`: first a `retry:` field, then one frame per event (`id:` = seq, `event:` = type, `data:` = the event, one line of JSON), a comment every 15 s when idle. `event: reset` (data `{\"head\":seq}`) when the cursor is ahead of the log: reload over REST. The stream ends when the client falls too far behind (reconnect with the last id) and, after a comment saying so, when the API key is revoked or expires (the reconnect gets 401).", content_type = "text/event-stream"),
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn sse(
@@ -93,7 +102,9 @@ pub async fn sse(
     let config = &call.state.config.live;
     let retry = std::time::Duration::from_millis(config.retry_ms);
     let first = stream::iter([Ok(Event::default().retry(retry))]);
-    let frames = first.chain(sse_frames(live_stream::start(&call.state, sub)));
+    let feed = live_stream::start(&call.state, sub);
+    let ended = Box::pin(key_ended(call.state.clone(), &call.auth));
+    let frames = first.chain(sse_frames(feed, ended));
     let sse = Sse::new(frames).keep_alive(KeepAlive::new().interval(config.keep_alive()));
     Ok((
         [(
@@ -105,23 +116,61 @@ pub async fn sse(
         .into_response())
 }
 
-fn sse_frames(feed: Feed) -> impl Stream<Item = Result<Event, Infallible>> {
-    stream::unfold(Some(feed), |feed| async move {
-        let mut feed = feed?;
-        match feed.items.recv().await {
+/// Resolves when a stream's key stops being valid. Streams outlive the request that
+/// authenticated them, so they check again: every `KEY_CHECK` against this instance's
+/// tombstones (a revoke here or broadcast over Redis: at once) and the expiry, and every
+/// `KEY_RECHECK` against the database (a revoke elsewhere that was not broadcast, or a roll
+/// that shortened the expiry). A failed read keeps the stream: the next one decides.
+fn key_ended(state: AppState, auth: &Auth) -> impl Future<Output = ()> + Send + 'static {
+    let (account, key_id, mut expires_at) = (auth.account_id, auth.key_id, auth.expires_at);
+    async move {
+        let mut tick = tokio::time::interval(KEY_CHECK);
+        let mut read_at = Instant::now();
+        loop {
+            tick.tick().await;
+            if state.product.is_tombstoned(key_id)
+                || expires_at.is_some_and(|t| t <= state.clock.now())
+            {
+                return;
+            }
+            if read_at.elapsed() >= KEY_RECHECK {
+                read_at = Instant::now();
+                match state.store.get_api_key(account, key_id).await {
+                    Ok(Some(key)) if key.revoked_at.is_none() => expires_at = key.expires_at,
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!(error = %e, "stream key re-check failed"),
+                }
+            }
+        }
+    }
+}
+
+type KeyEnded = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn sse_frames(feed: Feed, ended: KeyEnded) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(Some((feed, ended)), |state| async move {
+        let (mut feed, mut ended) = state?;
+        let item = tokio::select! {
+            item = feed.items.recv() => item,
+            () = &mut ended => {
+                let why = "the API key was revoked or expired: reconnecting gets 401";
+                return Some((Ok(Event::default().comment(why)), None));
+            }
+        };
+        match item {
             Some(Item::Event(e)) => {
                 let frame = Event::default()
                     .id(e.seq.to_string())
                     .event(e.event_type.as_str())
                     .data(e.body.as_str());
-                Some((Ok(frame), Some(feed)))
+                Some((Ok(frame), Some((feed, ended))))
             }
             Some(Item::Reset { head }) => {
                 let frame = Event::default()
                     .id(head.to_string())
                     .event("reset")
                     .data(serde_json::json!({ "head": head }).to_string());
-                Some((Ok(frame), Some(feed)))
+                Some((Ok(frame), Some((feed, ended))))
             }
             // The subscription ended: say why in a comment, then end the response.
             None => match feed.end.try_recv() {
@@ -172,15 +221,16 @@ enum ServerMessage<'a> {
 
 #[utoipa::path(get, path = "/api/events/ws", tag = "events",
     responses(
-        (status = 101, description = "WebSocket. Send `{\"type\":\"subscribe\",\"types\":[\"order.*\"],\"last_seq\":50}` (both fields optional) or `{\"type\":\"unsubscribe\"}`. Received: `subscribed`, `event` (`seq`, `event_type`, `event`: the event as the events API serves it), `reset` (`head`), `unsubscribed`, `error` (`error_code`, `message`). The server pings when idle; close code 4000 means the client fell behind: subscribe again with the last seq."),
+        (status = 101, description = "WebSocket. Send `{\"type\":\"subscribe\",\"types\":[\"order.*\"],\"last_seq\":50}` (both fields optional) or `{\"type\":\"unsubscribe\"}`. Received: `subscribed`, `event` (`seq`, `event_type`, `event`: the event as the events API serves it), `reset` (`head`), `unsubscribed`, `error` (`error_code`, `message`). The server pings when idle; close code 4000 means the client fell behind: subscribe again with the last seq; 4001 means the API key was revoked or expired."),
         (status = "4XX", description = "Error", body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn websocket(call: Call, upgrade: WebSocketUpgrade) -> Response {
     let state = call.state.clone();
     let account = call.auth.account_id;
+    let ended = Box::pin(key_ended(state.clone(), &call.auth));
     upgrade
         .max_message_size(WS_MESSAGE_MAX)
-        .on_upgrade(move |socket| ws_session(socket, state, account))
+        .on_upgrade(move |socket| ws_session(socket, state, account, ended))
 }
 
 fn text(message: &ServerMessage<'_>) -> Message {
@@ -205,7 +255,7 @@ async fn next_item(feed: &mut Option<Feed>) -> Option<Item> {
     }
 }
 
-async fn ws_session(socket: WebSocket, state: AppState, account: i64) {
+async fn ws_session(socket: WebSocket, state: AppState, account: i64, mut ended: KeyEnded) {
     let (mut sink, mut source) = socket.split();
     let mut feed: Option<Feed> = None;
     let mut ping = tokio::time::interval(state.config.live.keep_alive());
@@ -242,6 +292,10 @@ async fn ws_session(socket: WebSocket, state: AppState, account: i64) {
             _ = ping.tick() => Message::Ping(Default::default()),
             () = &mut closed => {
                 let _ = sink.send(close(WS_CLOSE_GOING_AWAY, "server shutting down")).await;
+                return;
+            }
+            () = &mut ended => {
+                let _ = sink.send(close(WS_CLOSE_KEY_ENDED, "API key revoked or expired")).await;
                 return;
             }
         };
