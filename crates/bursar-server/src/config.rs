@@ -470,6 +470,7 @@ impl WebhooksConfig {
             breaker_threshold: i64::from(self.circuit_failure_threshold.max(1)),
             cooldown_ms: ms(self.circuit_cooldown_secs),
             disable_after_ms: ms(self.disable_after_secs),
+            ..bursar_storage::events::HealthPolicy::default()
         }
     }
 }

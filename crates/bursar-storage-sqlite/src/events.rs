@@ -7,8 +7,9 @@ use async_trait::async_trait;
 use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
-    EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, Replay, ReplayRequest,
-    TypeFilter, delivery_events, endpoint_disabled_event, render_body, state, type_matches,
+    EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, RECENT_ATTEMPTS, Recent,
+    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, render_body,
+    state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::sqlite::SqliteRow;
@@ -953,9 +954,18 @@ async fn complete_in(
         }
         None => None,
     };
+    let recent = match &ep {
+        Some(ep)
+            if !ep.health.circuit_open
+                && matches!(c.outcome, Outcome::Retry(_) | Outcome::Exhausted) =>
+        {
+            recent_attempts(tx, ep.id, Timestamp(now.0 - c.policy.rate_window_ms)).await?
+        }
+        _ => Recent::default(),
+    };
     let change = ep
         .as_ref()
-        .and_then(|ep| ep.health.after(c.outcome, now, &c.policy));
+        .and_then(|ep| ep.health.after(c.outcome, now, &c.policy, recent));
     let next_at = change
         .as_ref()
         .and_then(|ch| ch.next_attempt(c.outcome))
@@ -1099,4 +1109,30 @@ async fn complete_in(
         .await?;
     }
     Ok(true)
+}
+
+/// The endpoint's latest attempts since `since` (at most `RECENT_ATTEMPTS`, lost leases not
+/// counted) and how many failed, for the failure-rate trigger of `Health::after`.
+async fn recent_attempts(
+    tx: &mut Transaction<'static, Sqlite>,
+    endpoint_id: i64,
+    since: Timestamp,
+) -> Result<Recent> {
+    let row = sqlx::query(
+        "SELECT count(*) AS n, count(error_kind) AS failed FROM (\
+           SELECT error_kind FROM webhook_attempts \
+           WHERE endpoint_id = ?1 AND created_at >= ?2 \
+             AND (error_kind IS NULL OR error_kind <> 'lease_lost') \
+           ORDER BY id DESC LIMIT ?3) AS latest",
+    )
+    .bind(endpoint_id)
+    .bind(since.0)
+    .bind(RECENT_ATTEMPTS)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(err)?;
+    Ok(Recent {
+        attempts: row.try_get("n").map_err(err)?,
+        failures: row.try_get("failed").map_err(err)?,
+    })
 }

@@ -249,6 +249,10 @@ pub struct HealthPolicy {
     pub cooldown_ms: i64,
     /// Failing for longer than this with no success disables the endpoint.
     pub disable_after_ms: i64,
+    /// The failure-rate trigger: at least half of at least this many attempts failed...
+    pub rate_min_attempts: i64,
+    /// ...within this long before the failure being recorded (spec: 20 attempts, 5 minutes).
+    pub rate_window_ms: i64,
 }
 
 impl Default for HealthPolicy {
@@ -257,9 +261,24 @@ impl Default for HealthPolicy {
             breaker_threshold: 5,
             cooldown_ms: 60_000,
             disable_after_ms: 5 * 24 * 3_600_000,
+            rate_min_attempts: 20,
+            rate_window_ms: 300_000,
         }
     }
 }
+
+/// The endpoint's recent attempts before the one being recorded, for the failure-rate
+/// trigger: its last [`RECENT_ATTEMPTS`] at most, within `rate_window_ms`, lost leases not
+/// counted. Backends read it only for a failure of a closed circuit (the only case that uses
+/// it), so healthy traffic pays nothing for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recent {
+    pub attempts: i64,
+    pub failures: i64,
+}
+
+/// How many of an endpoint's latest attempts the failure-rate trigger looks at, at most.
+pub const RECENT_ATTEMPTS: i64 = 100;
 
 /// An endpoint's health, as stored on the endpoint row.
 ///
@@ -330,7 +349,11 @@ impl Health {
     /// - A 2xx resets the failure clock and closes an open circuit (a probe's success, or
     ///   any attempt that was still in flight when it opened), draining the backlog.
     /// - A failure counts; the `breaker_threshold`-th in a row opens a closed circuit for
-    ///   `cooldown_ms`, and any failure of a half-open circuit (the probe's) reopens it. A
+    ///   `cooldown_ms`, and so does a failure that makes at least half of the endpoint's
+    ///   `recent` attempts in `rate_window_ms` (this one included, at least
+    ///   `rate_min_attempts` of them) failures — an endpoint that fails every other request
+    ///   never reaches the threshold in a row. Any failure of a half-open circuit (the probe's)
+    ///   reopens it. A
     ///   failure while it is open and cooling down (an attempt in flight when it opened)
     ///   changes nothing but the count.
     /// - A failure more than `disable_after_ms` after the first of an unbroken run disables
@@ -340,6 +363,7 @@ impl Health {
         outcome: Outcome,
         now: Timestamp,
         p: &HealthPolicy,
+        recent: Recent,
     ) -> Option<HealthChange> {
         let mut change = HealthChange {
             health: self.clone(),
@@ -361,7 +385,11 @@ impl Health {
                 h.consecutive_failures += 1;
                 let since = *h.first_failure_at.get_or_insert(now);
                 let reopen = match (self.circuit_open, self.circuit_open_until) {
-                    (false, _) => h.consecutive_failures >= p.breaker_threshold,
+                    (false, _) => {
+                        let (attempts, failures) = (recent.attempts + 1, recent.failures + 1);
+                        h.consecutive_failures >= p.breaker_threshold
+                            || (attempts >= p.rate_min_attempts && failures * 2 >= attempts)
+                    }
                     (true, Some(until)) => until <= now,
                     (true, None) => true,
                 };
@@ -742,4 +770,73 @@ pub trait EventLogStore: Send + Sync {
         endpoint_id: i64,
         id: i64,
     ) -> Result<Option<Replay>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The failure-rate trigger: half of at least 20 recent attempts, this failure included.
+    #[test]
+    fn half_of_twenty_recent_attempts_failing_opens_the_circuit() {
+        let p = HealthPolicy::default();
+        let healthy = Health::default();
+        let fail = Outcome::Retry(Timestamp(5_000));
+        let opens = |recent| {
+            healthy
+                .after(fail, Timestamp(1_000), &p, recent)
+                .is_some_and(|c| c.health.circuit_open)
+        };
+        assert!(
+            opens(Recent {
+                attempts: 19,
+                failures: 9
+            }),
+            "10 of 20"
+        );
+        assert!(
+            !opens(Recent {
+                attempts: 19,
+                failures: 8
+            }),
+            "9 of 20"
+        );
+        assert!(
+            !opens(Recent {
+                attempts: 18,
+                failures: 18
+            }),
+            "19 attempts only"
+        );
+        assert!(
+            opens(Recent {
+                attempts: 99,
+                failures: 49
+            }),
+            "50 of 100"
+        );
+        // A success never opens it, whatever came before.
+        let open = healthy.after(
+            Outcome::Succeeded,
+            Timestamp(1_000),
+            &p,
+            Recent {
+                attempts: 99,
+                failures: 99,
+            },
+        );
+        assert!(open.is_none());
+        // Consecutive failures still open it without any history.
+        let run = Health {
+            consecutive_failures: 4,
+            first_failure_at: Some(Timestamp(0)),
+            ..Health::default()
+        };
+        assert!(
+            run.after(fail, Timestamp(1_000), &p, Recent::default())
+                .unwrap()
+                .health
+                .circuit_open
+        );
+    }
 }

@@ -601,6 +601,7 @@ fn endpoint_capped(types: &[&str], max_concurrency: i64) -> NewEndpoint {
 fn no_breaker() -> HealthPolicy {
     HealthPolicy {
         breaker_threshold: i64::MAX,
+        rate_min_attempts: i64::MAX,
         ..HealthPolicy::default()
     }
 }
@@ -706,6 +707,56 @@ pub async fn claims_never_exceed_an_endpoints_concurrency(s: Store) {
     assert!(left.iter().all(|d| d.state == "succeeded"));
 }
 
+/// The breaker's failure-rate trigger (spec §2.3, "≥ 50 % failures over ≥ 20 attempts"):
+/// an endpoint that fails every other attempt never has five failures in a row, and its
+/// circuit opens at the failure that makes 10 of 20; lost leases are not attempts.
+pub async fn half_of_twenty_attempts_failing_opens_the_circuit(s: Store) {
+    let a = account(&s, "a").await;
+    let e = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    for _ in 0..21 {
+        customer(&s, a).await;
+    }
+    sequence_all(&s, &ids()).await;
+    let policy = HealthPolicy::default();
+    // A lease lost along the way records a `lease_lost` attempt, which must not count.
+    let lost = s
+        .claim_deliveries(Timestamp(T0), Timestamp(T0 + 1), "L", 1)
+        .await
+        .unwrap();
+    let late = finish(&lost[0], "stale", Outcome::Succeeded, policy);
+    for i in 0..20 {
+        let t = T0 + 10 + i;
+        let c = s
+            .claim_deliveries(Timestamp(t), Timestamp(t + 60_000), "W", 1)
+            .await
+            .unwrap();
+        assert_eq!(c.len(), 1, "attempt {i}");
+        if i == 5 {
+            assert!(
+                !s.complete_delivery(late.clone(), Timestamp(t))
+                    .await
+                    .unwrap()
+            );
+        }
+        let outcome = if i % 2 == 0 {
+            Outcome::Succeeded
+        } else {
+            Outcome::Retry(Timestamp(T0 + 3_600_000))
+        };
+        assert!(
+            s.complete_delivery(finish(&c[0], "W", outcome, policy), Timestamp(t))
+                .await
+                .unwrap()
+        );
+        let h = s.get_endpoint(a, e.id).await.unwrap().unwrap().health;
+        assert!(h.consecutive_failures <= 1, "attempt {i}: {h:?}");
+        assert_eq!(h.circuit_open, i == 19, "attempt {i}: {h:?}");
+    }
+}
+
 /// Spec checklist 24: five failures in a row open the circuit; while open nothing is claimed
 /// and attempt counts stand still; after the cooldown exactly one probe goes out; a failed
 /// probe reopens it, a successful one closes it and makes the backlog due at once.
@@ -723,6 +774,7 @@ pub async fn the_circuit_opens_probes_and_closes(s: Store) {
         breaker_threshold: 5,
         cooldown_ms: 10_000,
         disable_after_ms: 3_600_000,
+        ..HealthPolicy::default()
     };
     let lease = |t: i64| Timestamp(t + 60_000);
     let fail = |c: &ClaimedDelivery, tok: &str, t: i64| {
@@ -882,8 +934,10 @@ pub async fn failing_too_long_disables_and_a_success_resets_the_clock(s: Store) 
     sequence_all(&s, &ids()).await;
     let policy = HealthPolicy {
         breaker_threshold: i64::MAX,
+        rate_min_attempts: i64::MAX,
         cooldown_ms: 1_000,
         disable_after_ms: 10_000,
+        ..HealthPolicy::default()
     };
     let run = |outcome: Outcome, t: i64| {
         let s = s.clone();
