@@ -119,6 +119,11 @@ circuit_cooldown_secs = 60
 # An endpoint whose attempts have all failed for longer than this (no 2xx in between) is
 # disabled, with a webhook.endpoint.disabled event. 432000 s = 5 days.
 disable_after_secs = 432000
+# Finished deliveries (succeeded, failed, cancelled) and their attempts are deleted this many
+# days after their last change, in batches of at most 1000 rows, every purge_interval_secs.
+# Pending and retrying deliveries are never deleted; events stay in the log.
+retention_days = 30
+purge_interval_secs = 3600
 
 [live]
 # Events this process keeps for its live subscribers (SSE and WebSocket). A subscriber that
@@ -415,6 +420,10 @@ pub struct WebhooksConfig {
     pub circuit_cooldown_secs: u64,
     /// Failing with no success for longer than this disables an endpoint.
     pub disable_after_secs: u64,
+    /// Finished deliveries and their attempts are deleted this long after their last change.
+    pub retention_days: u64,
+    /// How often the purge runs.
+    pub purge_interval_secs: u64,
 }
 
 impl Default for WebhooksConfig {
@@ -434,6 +443,8 @@ impl Default for WebhooksConfig {
             circuit_failure_threshold: 5,
             circuit_cooldown_secs: 60,
             disable_after_secs: 432_000,
+            retention_days: 30,
+            purge_interval_secs: 3600,
         }
     }
 }
@@ -459,6 +470,15 @@ impl std::fmt::Debug for WebhooksConfig {
 }
 
 impl WebhooksConfig {
+    /// How long finished deliveries are kept.
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.retention_days.saturating_mul(86_400))
+    }
+
+    pub fn purge_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.purge_interval_secs.max(1))
+    }
+
     pub fn https_required(&self) -> bool {
         self.require_https.unwrap_or(self.allow_cidrs.is_empty())
     }

@@ -138,9 +138,10 @@ pub async fn work(
     Ok(())
 }
 
-/// The relay, the delivery worker and the NATS publisher of one process.
+/// The relay, the delivery worker, the NATS publisher and the delivery purge of one process.
 struct Workers {
     relay: tokio::task::JoinHandle<()>,
+    purge: tokio::task::JoinHandle<()>,
     publisher: Option<tokio::task::JoinHandle<()>>,
     worker: tokio::task::JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -151,6 +152,7 @@ impl Workers {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         Workers {
             relay: tokio::spawn(webhooks::relay::run(state.clone())),
+            purge: tokio::spawn(purge_deliveries(state.clone())),
             publisher: state
                 .nats
                 .clone()
@@ -164,6 +166,7 @@ impl Workers {
     /// publisher.
     async fn stop(self) {
         self.relay.abort();
+        self.purge.abort();
         if let Some(publisher) = self.publisher {
             publisher.abort();
         }
@@ -198,6 +201,38 @@ async fn sweep_idempotency(state: AppState) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Deletes finished deliveries past `webhooks.retention_days` with their attempts, in
+/// statements of at most 1000 rows with a pause between them, so claims and completions are
+/// never held up behind a long delete. Several processes may purge at once: a row deleted by
+/// one is simply not found by the others.
+async fn purge_deliveries(state: AppState) {
+    const BATCH: u32 = 1000;
+    let hooks = &state.config.webhooks;
+    let retention = i64::try_from(hooks.retention().as_millis()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(hooks.purge_interval());
+    loop {
+        tick.tick().await;
+        let before = bursar_domain::Timestamp(state.clock.now().0.saturating_sub(retention));
+        let mut purged = 0;
+        loop {
+            match state.store.purge_deliveries(before, BATCH).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    purged += n;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "purging old webhook deliveries failed; will retry");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(rows = purged, "purged webhook deliveries past retention");
         }
     }
 }

@@ -779,6 +779,37 @@ impl EventLogStore for SqliteStore {
         Ok(held)
     }
 
+    async fn purge_deliveries(&self, before: Timestamp, limit: u32) -> Result<u64> {
+        let delete = |sql: &'static str| async move {
+            sqlx::query(sql)
+                .bind(before.0)
+                .bind(i64::from(limit))
+                .execute(&self.writer)
+                .await
+                .map(|done| done.rows_affected())
+                .map_err(err)
+        };
+        let attempts = delete(
+            "DELETE FROM webhook_attempts WHERE id IN (\
+               SELECT a.id FROM webhook_deliveries d \
+               JOIN webhook_attempts a ON a.delivery_id = d.id \
+               WHERE d.state IN ('succeeded', 'failed', 'cancelled') AND d.updated_at < ?1 \
+               LIMIT ?2)",
+        )
+        .await?;
+        if attempts > 0 {
+            return Ok(attempts);
+        }
+        delete(
+            "DELETE FROM webhook_deliveries WHERE id IN (\
+               SELECT d.id FROM webhook_deliveries d \
+               WHERE d.state IN ('succeeded', 'failed', 'cancelled') AND d.updated_at < ?1 \
+                 AND NOT EXISTS (SELECT 1 FROM webhook_attempts a WHERE a.delivery_id = d.id) \
+               LIMIT ?2)",
+        )
+        .await
+    }
+
     async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64> {
         let done = sqlx::query(
             "UPDATE webhook_deliveries SET lease_expires_at = ?, updated_at = ? \

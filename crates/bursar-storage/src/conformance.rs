@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             claims_never_exceed_an_endpoints_concurrency,
             the_circuit_opens_probes_and_closes,
             half_of_twenty_attempts_failing_opens_the_circuit,
+            retention_purges_finished_deliveries_in_bounded_batches,
             failing_too_long_disables_and_a_success_resets_the_clock,
             operational_events_are_written_once_and_never_loop,
             replays_requeue_without_duplicates,

@@ -746,6 +746,14 @@ pub trait EventLogStore: Send + Sync {
     /// deliveries keep up with fan-out (the same reasoning as group commit for creates).
     async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>>;
 
+    /// Retention: deletes at most `limit` rows belonging to finished deliveries (succeeded,
+    /// failed, cancelled) last changed before `before` — their attempts first, then the
+    /// deliveries left without attempts — in one statement, so each call is one short
+    /// transaction and claims get the database between calls. Pending, retrying and in-flight
+    /// deliveries and the events themselves are never touched. Returns the rows deleted (0:
+    /// nothing left to purge).
+    async fn purge_deliveries(&self, before: Timestamp, limit: u32) -> Result<u64>;
+
     /// Ends leases held under `lease_token` (graceful shutdown): due again now.
     async fn release_deliveries(&self, lease_token: &str, now: Timestamp) -> Result<u64>;
 

@@ -707,6 +707,72 @@ pub async fn claims_never_exceed_an_endpoints_concurrency(s: Store) {
     assert!(left.iter().all(|d| d.state == "succeeded"));
 }
 
+/// Spec checklist 33: finished deliveries past retention and their attempts are purged in
+/// statements of at most `limit` rows; pending, retrying and in-flight ones never are, and
+/// nothing changed at or after the cutoff goes.
+pub async fn retention_purges_finished_deliveries_in_bounded_batches(s: Store) {
+    let a = account(&s, "a").await;
+    let e = s
+        .create_endpoint(a, endpoint_capped(&["*"], 10), Timestamp(T0))
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        customer(&s, a).await;
+    }
+    sequence_all(&s, &ids()).await;
+    let mut c = s
+        .claim_deliveries(Timestamp(T0), Timestamp(T0 + 60_000), "W", 10)
+        .await
+        .unwrap();
+    assert_eq!(c.len(), 6);
+    c.sort_by_key(|c| c.delivery_id);
+    let outcomes = [
+        Outcome::Succeeded,
+        Outcome::Succeeded,
+        Outcome::Succeeded,
+        Outcome::Exhausted,
+        Outcome::Retry(Timestamp(T0 + 3_600_000)),
+    ];
+    for (claimed, outcome) in c.iter().zip(outcomes) {
+        let done = finish(claimed, "W", outcome, no_breaker());
+        assert!(s.complete_delivery(done, Timestamp(T0)).await.unwrap());
+    }
+    // c[5] stays in flight. Nothing changed before T0: nothing to purge.
+    assert_eq!(s.purge_deliveries(Timestamp(T0), 2).await.unwrap(), 0);
+    let mut calls = Vec::new();
+    loop {
+        let n = s.purge_deliveries(Timestamp(T0 + 1), 2).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        calls.push(n);
+    }
+    assert!(calls.iter().all(|&n| n <= 2), "{calls:?}");
+    assert_eq!(
+        calls.iter().sum::<u64>(),
+        8,
+        "4 attempts, then 4 deliveries: {calls:?}"
+    );
+    let mut left: Vec<(i64, String)> = s
+        .list_deliveries(a, e.id, page(10, None))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| (d.id, d.state.clone()))
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        vec![
+            (c[4].delivery_id, "retrying".to_owned()),
+            (c[5].delivery_id, "in_flight".to_owned())
+        ]
+    );
+    let attempts = s.list_attempts(a, e.id, page(10, None)).await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].delivery_id, c[4].delivery_id);
+}
+
 /// The breaker's failure-rate trigger (spec §2.3, "≥ 50 % failures over ≥ 20 attempts"):
 /// an endpoint that fails every other attempt never has five failures in a row, and its
 /// circuit opens at the failure that makes 10 of 20; lost leases are not attempts.
