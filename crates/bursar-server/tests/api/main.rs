@@ -78,6 +78,7 @@ api_suite!(
     an_order_is_charged_once_under_concurrent_payments,
     the_sdk_pays_refunds_and_converts,
     a_receiver_outage_loses_no_event,
+    delivered_deliveries_are_purged_after_retention,
     a_refusing_receiver_loses_no_event,
     webhook_endpoints_are_guarded_scoped_and_rotate,
     many_workers_send_each_delivery_once,

@@ -1297,3 +1297,37 @@ pub async fn tls_failures_are_told_from_refused_connections(app: &TestApp) {
     assert_eq!(kinds, vec![json!("tls"), json!("connect")]);
     app.stop().await;
 }
+
+/// Checklist 33 in a running server: with a retention of 0 days and the purge every second,
+/// delivered deliveries leave the delivery log (their attempts with them) soon after they
+/// succeed, while the events stay in the log.
+pub async fn delivered_deliveries_are_purged_after_retention(app: &TestApp) {
+    let app = webhook_app_with(app, |c| {
+        c.webhooks.retention_days = 0;
+        c.webhooks.purge_interval_secs = 1;
+    })
+    .await;
+    let receiver = Receiver::start(200).await;
+    let endpoint = endpoint_at(&app, &receiver, json!(["order.*"])).await;
+    produce(&app, 3).await;
+    wait_for("three deliveries", || receiver.received().len() >= 3).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !deliveries(&app, &endpoint).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still listed: {:?}",
+            deliveries(&app, &endpoint).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = endpoint["id"].as_i64().unwrap();
+    let path = format!("/api/webhook_endpoints/{id}/attempts?limit=100");
+    let attempts: Value = call_json(&app.a, reqwest::Method::GET, &path).await;
+    assert_eq!(
+        attempts["data"].as_array().map(Vec::len),
+        Some(0),
+        "{attempts}"
+    );
+    assert_eq!(events_of_type(&app.a, "order.created").await.len(), 3);
+    app.stop().await;
+}
