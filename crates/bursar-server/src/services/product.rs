@@ -105,18 +105,7 @@ pub async fn create_key(call: &Call, req: api::CreateApiKey) -> Result<api::ApiK
         return Err(ApiError::validation(issues));
     }
     // A restricted key cannot mint more than it holds.
-    if let Some(held) = &call.auth.scopes {
-        let wider = match &scopes {
-            None => true,
-            Some(wanted) => wanted.iter().any(|w| !Scope::allows(Some(held), *w)),
-        };
-        if wider {
-            return Err(ApiError::new(
-                bursar_api::ErrorCode::InsufficientPermissions,
-                "A restricted key can only create keys within its own scopes.",
-            ));
-        }
-    }
+    within_own_scopes(call, scopes.as_deref(), "create")?;
     let key = new_key(mode);
     let new = NewApiKey {
         account_id: call.auth.account_id,
@@ -168,18 +157,7 @@ pub async fn roll_key(call: &Call, id: i64, req: api::RollApiKey) -> Result<api:
     let old = get_key(call, id).await?;
     // Rolling hands out a key with the old one's scopes: a restricted key may only roll keys
     // that hold no more than it does.
-    if let Some(held) = &call.auth.scopes {
-        let wider = match &old.scopes {
-            None => true,
-            Some(theirs) => theirs.iter().any(|s| !Scope::allows(Some(held), *s)),
-        };
-        if wider {
-            return Err(ApiError::new(
-                bursar_api::ErrorCode::InsufficientPermissions,
-                "A restricted key can only roll keys within its own scopes.",
-            ));
-        }
-    }
+    within_own_scopes(call, old.scopes.as_deref(), "roll")?;
     let now = call.state.clock.now();
     let key = new_key(old.mode);
     let new = NewApiKey {
@@ -372,4 +350,20 @@ pub async fn upcoming_invoice(call: &Call) -> Result<api::Invoice, ApiError> {
         lines,
         total: decimal_string(total, currency),
     })
+}
+
+/// 403 unless the caller's key holds every scope of `scopes` (`None`: full access, which only
+/// a full-access key holds), so a restricted key can never `verb` a key wider than itself.
+fn within_own_scopes(call: &Call, scopes: Option<&[Scope]>, verb: &str) -> Result<(), ApiError> {
+    let Some(held) = call.auth.scopes.as_deref() else {
+        return Ok(());
+    };
+    let wider = scopes.is_none_or(|wanted| wanted.iter().any(|w| !Scope::allows(Some(held), *w)));
+    if wider {
+        return Err(ApiError::new(
+            bursar_api::ErrorCode::InsufficientPermissions,
+            format!("A restricted key can only {verb} keys within its own scopes."),
+        ));
+    }
+    Ok(())
 }
