@@ -63,6 +63,7 @@ pub async fn serve(
         .clone()
         .map(|link| tokio::spawn(live::nats::run_subscriber(state.clone(), link)));
     let live = state.live.clone();
+    let stream_keys = tokio::spawn(live::keys::run(state.clone()));
     // Limits, metering and key invalidations.
     let product = state.product.clone();
     let mut product_tasks = product.spawn_sweepers();
@@ -99,6 +100,7 @@ pub async fn serve(
         () = drained => tracing::warn!(grace_ms = self::millis(grace), "grace period over; abandoning in-flight requests"),
     }
     sweeper.abort();
+    stream_keys.abort();
     if let Some(subscriber) = subscriber {
         subscriber.abort();
     }

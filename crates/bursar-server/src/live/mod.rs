@@ -11,6 +11,7 @@
 //! another instance's relay) cost a log read, never correctness; a subscriber too slow for
 //! the broadcast's buffer is closed and resumes with its last `seq`.
 
+pub mod keys;
 pub mod nats;
 pub mod stream;
 
@@ -77,6 +78,8 @@ pub struct Live {
     pub sequenced: tokio::sync::Notify,
     /// Turns true when the server shuts down: every live stream ends.
     closing: tokio::sync::watch::Sender<bool>,
+    /// The API keys of this process's streams, checked once per key (`keys::run`).
+    pub keys: Arc<keys::KeyWatch>,
 }
 
 impl Live {
@@ -85,6 +88,7 @@ impl Live {
             hub: Hub::new(capacity),
             sequenced: tokio::sync::Notify::new(),
             closing: tokio::sync::watch::channel(false).0,
+            keys: Arc::default(),
         }
     }
 

@@ -811,7 +811,8 @@ async fn until_ended(sse: &mut Sse, within: Duration) -> bool {
 
 /// SSE checklist: an expired or revoked token ends the stream, and the reconnect gets 401. A
 /// revoke on this instance ends the SSE stream and the WebSocket (close code 4001) within
-/// about a quarter second; a key that expires ends them at its expiry.
+/// about a quarter second; one this instance never heard of, within the 5 s re-read; a key
+/// that expires ends them at its expiry.
 pub async fn a_revoked_or_expired_key_ends_its_streams(app: &TestApp) {
     let (id, secret) = api_key(app, json!({"name": "stream"})).await;
     let mut sse = open(app, &secret, "", None).await;
@@ -838,6 +839,17 @@ pub async fn a_revoked_or_expired_key_ends_its_streams(app: &TestApp) {
     assert_eq!(closed, 4001);
     let again = stream_request(app, &secret, "", None).await;
     assert_eq!(again.status(), 401);
+
+    // Revoked behind this instance's back (another instance, no Redis): no tombstone here,
+    // so only the watch's read of the key row (every 5 s) can end the stream.
+    let (id, secret) = api_key(app, json!({"name": "elsewhere"})).await;
+    let mut sse = open(app, &secret, "", None).await;
+    let now = bursar_domain::Clock::now(&SystemClock);
+    app.store
+        .revoke_api_key(app.account_a, id, now)
+        .await
+        .unwrap();
+    assert!(until_ended(&mut sse, Duration::from_secs(8)).await);
 
     let soon = bursar_domain::Timestamp(bursar_domain::Clock::now(&SystemClock).0 + 1_500);
     let (_, secret) = api_key(app, json!({"expires_at": soon.rfc3339()})).await;

@@ -4,7 +4,6 @@
 
 use std::convert::Infallible;
 use std::pin::{Pin, pin};
-use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
@@ -34,11 +33,6 @@ const WS_CLOSE_UNAVAILABLE: u16 = 1011;
 const WS_CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code when the stream's API key was revoked or expired (private-use range).
 const WS_CLOSE_KEY_ENDED: u16 = 4001;
-/// How often a stream checks this instance's view of its key (tombstones, expiry).
-const KEY_CHECK: Duration = Duration::from_millis(250);
-/// How often a stream reads its key from the database, for revocations and rolls this
-/// instance did not hear about (no Redis, or a lost broadcast): the key cache's lifetime.
-const KEY_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -116,33 +110,12 @@ pub async fn sse(
         .into_response())
 }
 
-/// Resolves when a stream's key stops being valid. Streams outlive the request that
-/// authenticated them, so they check again: every `KEY_CHECK` against this instance's
-/// tombstones (a revoke here or broadcast over Redis: at once) and the expiry, and every
-/// `KEY_RECHECK` against the database (a revoke elsewhere that was not broadcast, or a roll
-/// that shortened the expiry). A failed read keeps the stream: the next one decides.
+/// Resolves when the stream's key stops being valid (`live::keys`), so the reconnect meets
+/// the 401.
 fn key_ended(state: AppState, auth: &Auth) -> impl Future<Output = ()> + Send + 'static {
-    let (account, key_id, mut expires_at) = (auth.account_id, auth.key_id, auth.expires_at);
-    async move {
-        let mut tick = tokio::time::interval(KEY_CHECK);
-        let mut read_at = Instant::now();
-        loop {
-            tick.tick().await;
-            if state.product.is_tombstoned(key_id)
-                || expires_at.is_some_and(|t| t <= state.clock.now())
-            {
-                return;
-            }
-            if read_at.elapsed() >= KEY_RECHECK {
-                read_at = Instant::now();
-                match state.store.get_api_key(account, key_id).await {
-                    Ok(Some(key)) if key.revoked_at.is_none() => expires_at = key.expires_at,
-                    Ok(_) => return,
-                    Err(e) => tracing::debug!(error = %e, "stream key re-check failed"),
-                }
-            }
-        }
-    }
+    let mut watching = state.live.keys.watch(auth.account_id, auth.key_id);
+    let expires_at = auth.expires_at;
+    async move { watching.ended(&state, expires_at).await }
 }
 
 type KeyEnded = Pin<Box<dyn Future<Output = ()> + Send>>;
