@@ -108,7 +108,7 @@ lease_secs = 90
 # How often the relay and the worker look for work when idle.
 poll_interval_ms = 25
 # Deliveries in flight per process.
-concurrency = 32
+concurrency = 128
 # How long a rotated-out secret keeps signing deliveries.
 rotation_grace_secs = 86400
 # Circuit breaker per endpoint: this many failed attempts in a row open it; while open its
@@ -438,7 +438,7 @@ impl Default for WebhooksConfig {
             timeout_ms: 15_000,
             lease_secs: 90,
             poll_interval_ms: 25,
-            concurrency: 32,
+            concurrency: 128,
             rotation_grace_secs: 86_400,
             circuit_failure_threshold: 5,
             circuit_cooldown_secs: 60,

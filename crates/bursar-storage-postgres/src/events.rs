@@ -28,8 +28,8 @@ use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
     EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, RECENT_ATTEMPTS, Recent,
-    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, render_body,
-    state, type_matches,
+    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, plain_successes,
+    render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::postgres::PgRow;
@@ -888,22 +888,44 @@ impl EventLogStore for PostgresStore {
 
     /// Locks every endpoint of the batch first, in ascending id order — the order relays take
     /// their share locks in — so batches, single completions and relays never wait on each
-    /// other in a cycle; then completes each in turn (re-locking a held row is free).
+    /// other in a cycle, and reads their health with the same statement. Plain successes
+    /// (`plain_successes`) are then written by one statement for the whole batch
+    /// (`COMPLETE_PLAIN`); the rest are completed one by one (re-locking a held row is free).
     async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>> {
         let mut tx = self.write_tx().await?;
         let ids: Vec<i64> = cs.iter().map(|c| c.delivery_id).collect();
-        sqlx::query(
-            "SELECT id FROM webhook_endpoints WHERE id IN \
-             (SELECT endpoint_id FROM webhook_deliveries WHERE id = ANY($1)) \
-             ORDER BY id FOR NO KEY UPDATE",
-        )
+        let rows = sqlx::query(concat!(
+            "SELECT x.delivery_id, ",
+            endpoint_cols!(),
+            " FROM webhook_endpoints JOIN (\
+               SELECT id AS delivery_id, endpoint_id AS of_endpoint FROM webhook_deliveries \
+               WHERE id = ANY($1)) AS x ON x.of_endpoint = webhook_endpoints.id \
+             ORDER BY webhook_endpoints.id FOR NO KEY UPDATE OF webhook_endpoints"
+        ))
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await
         .map_err(err)?;
+        let mut endpoints = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let ep = endpoint(r)?;
+            endpoints.insert(r.try_get("delivery_id").map_err(err)?, (ep.id, ep.health));
+        }
+        let plain = plain_successes(&cs, &endpoints);
+        let together: Vec<&Completion> = cs
+            .iter()
+            .zip(&plain)
+            .filter(|p| *p.1)
+            .map(|p| p.0)
+            .collect();
+        let held_together = complete_plain(&mut tx, &together, now).await?;
         let mut held = Vec::with_capacity(cs.len());
-        for c in cs {
-            held.push(complete_in(&mut tx, c, now).await?);
+        for (c, plain) in cs.into_iter().zip(plain) {
+            held.push(if plain {
+                held_together.contains(&c.delivery_id)
+            } else {
+                complete_in(&mut tx, c, now).await?
+            });
         }
         tx.commit().await.map_err(err)?;
         Ok(held)
@@ -1074,6 +1096,59 @@ impl EventLogStore for PostgresStore {
         .map_err(err)?;
         row.as_ref().map(replay).transpose()
     }
+}
+
+/// Plain successes, all at once: each delivery whose lease is still the completion's is
+/// marked succeeded, and every attempt is recorded (`lease_lost` where the lease was not held,
+/// as `COMPLETE` records it). Returns the ids of the deliveries whose lease was held. Unlike
+/// `COMPLETE`, `present` takes no row lock: in one statement a lock on a row that `owned` updates
+/// would skip it; the endpoints, locked by the caller, keep the deliveries from being deleted.
+const COMPLETE_PLAIN: &str = "\
+    WITH v AS (\
+       SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], \
+                            $5::bigint[], $6::text[], $7::text[], $8::bigint[]) \
+       AS v(id, token, attempt_no, status_code, duration_ms, error_kind, snippet, created_at)), \
+     owned AS (\
+       UPDATE webhook_deliveries d SET state = 'succeeded', lease_token = NULL, \
+              lease_expires_at = NULL, last_status = v.status_code, last_error = v.error_kind, \
+              updated_at = $9 \
+       FROM v WHERE d.id = v.id AND d.lease_token = v.token RETURNING d.id), \
+     present AS (SELECT id, endpoint_id FROM webhook_deliveries WHERE id = ANY($1)), \
+     recorded AS (\
+       INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
+                                     duration_ms, error_kind, response_snippet, created_at) \
+       SELECT p.id, p.endpoint_id, v.attempt_no, v.status_code, v.duration_ms, \
+              CASE WHEN o.id IS NULL THEN 'lease_lost' ELSE v.error_kind END, v.snippet, \
+              v.created_at \
+       FROM v JOIN present p ON p.id = v.id LEFT JOIN owned o ON o.id = v.id \
+       ON CONFLICT (delivery_id, attempt_no) DO NOTHING) \
+    SELECT id FROM owned";
+
+/// Runs `COMPLETE_PLAIN` for `cs` in the caller's transaction.
+async fn complete_plain(
+    tx: &mut Transaction<'static, Postgres>,
+    cs: &[&Completion],
+    now: Timestamp,
+) -> Result<std::collections::HashSet<i64>> {
+    if cs.is_empty() {
+        return Ok(Default::default());
+    }
+    let col = |f: fn(&Completion) -> Option<i64>| cs.iter().map(|c| f(c)).collect::<Vec<_>>();
+    let text = |f: fn(&Completion) -> Option<String>| cs.iter().map(|c| f(c)).collect::<Vec<_>>();
+    let held: Vec<i64> = sqlx::query_scalar(COMPLETE_PLAIN)
+        .bind(col(|c| Some(c.delivery_id)))
+        .bind(text(|c| Some(c.lease_token.clone())))
+        .bind(col(|c| Some(c.attempt.attempt_no)))
+        .bind(col(|c| c.attempt.status_code))
+        .bind(col(|c| Some(c.attempt.duration_ms)))
+        .bind(text(|c| c.attempt.error_kind.clone()))
+        .bind(text(|c| c.attempt.response_snippet.clone()))
+        .bind(col(|c| Some(c.attempt.created_at.0)))
+        .bind(now.0)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(err)?;
+    Ok(held.into_iter().collect())
 }
 
 /// One completion inside the caller's transaction (see `Store::complete_delivery`).

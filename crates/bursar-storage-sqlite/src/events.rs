@@ -8,8 +8,8 @@ use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
     EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, RECENT_ATTEMPTS, Recent,
-    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, render_body,
-    state, type_matches,
+    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, plain_successes,
+    render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::sqlite::SqliteRow;
@@ -230,22 +230,51 @@ impl EventLogStore for SqliteStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let mut endpoints: std::collections::HashMap<AccountId, Vec<(i64, Vec<String>)>> =
-            Default::default();
-        let mut out = Vec::with_capacity(rows.len());
+        // Each account's sequence moves once per batch, by its number of events, which take
+        // the numbers after the previous end in outbox order (as one move per event would).
+        let mut counts: std::collections::BTreeMap<AccountId, i64> = Default::default();
         for r in &rows {
-            let account: AccountId = r.get("account_id");
-            let seq: i64 = sqlx::query_scalar(
-                "UPDATE accounts SET event_seq = event_seq + 1 WHERE id = ? RETURNING event_seq",
+            *counts.entry(r.get("account_id")).or_default() += 1;
+        }
+        let mut next_seq = std::collections::HashMap::with_capacity(counts.len());
+        let mut endpoints = std::collections::HashMap::with_capacity(counts.len());
+        for (account, n) in counts {
+            let last: i64 = sqlx::query_scalar(
+                "UPDATE accounts SET event_seq = event_seq + ? WHERE id = ? RETURNING event_seq",
             )
+            .bind(n)
             .bind(account)
             .fetch_one(&mut *tx)
             .await
             .map_err(err)?;
+            next_seq.insert(account, last - n + 1);
+            let eps = sqlx::query(
+                "SELECT id, event_types FROM webhook_endpoints \
+                 WHERE account_id = ? AND enabled = 1",
+            )
+            .bind(account)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?
+            .iter()
+            .map(|e| {
+                let types: String = e.get("event_types");
+                let types: Vec<String> = serde_json::from_str(&types)
+                    .map_err(|e| StorageError::Internal(Box::new(e)))?;
+                Ok((e.get::<i64, _>("id"), types))
+            })
+            .collect::<Result<Vec<_>>>()?;
+            endpoints.insert(account, eps);
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        let mut fan_out = Vec::new();
+        for r in &rows {
+            let account: AccountId = r.get("account_id");
+            let seq = next_seq.get_mut(&account).expect("counted above");
             let payload: String = r.get("payload");
             let mut event = LoggedEvent {
                 event_id: render.new_id(),
-                seq,
+                seq: *seq,
                 account_id: account,
                 event_type: r.get("event_type"),
                 aggregate_type: r.get("aggregate_type"),
@@ -256,64 +285,46 @@ impl EventLogStore for SqliteStore {
                 created_at: Timestamp(r.get("created_at")),
                 body: String::new(),
             };
+            *seq += 1;
             let object = render
                 .object(&event.aggregate_type, &payload)
                 .unwrap_or(payload);
             event.body = render_body(&event, &object)?;
-            sqlx::query(
-                "UPDATE outbox_events SET event_id = ?, seq = ?, body = ?, sequenced_at = ? \
-                 WHERE id = ?",
-            )
-            .bind(&event.event_id)
-            .bind(seq)
-            .bind(&event.body)
-            .bind(now.0)
-            .bind(r.get::<i64, _>("id"))
-            .execute(&mut *tx)
-            .await
-            .map_err(err)?;
-            if let std::collections::hash_map::Entry::Vacant(slot) = endpoints.entry(account) {
-                let eps = sqlx::query(
-                    "SELECT id, event_types FROM webhook_endpoints \
-                     WHERE account_id = ? AND enabled = 1",
-                )
-                .bind(account)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err)?;
-                let eps = eps
-                    .iter()
-                    .map(|e| {
-                        let types: String = e.get("event_types");
-                        let types = serde_json::from_str(&types)
-                            .map_err(|e| StorageError::Internal(Box::new(e)))?;
-                        Ok((e.get("id"), types))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                slot.insert(eps);
-            }
             let about: Option<i64> = r.get("about_endpoint_id");
             for (endpoint_id, types) in &endpoints[&account] {
                 if about != Some(*endpoint_id) && type_matches(types, &event.event_type) {
-                    sqlx::query(
-                        "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, \
-                         state, next_attempt_at, created_at, updated_at) \
-                         VALUES (?, ?, ?, 'pending', ?, ?, ?) \
-                         ON CONFLICT (event_id, endpoint_id) DO NOTHING",
-                    )
-                    .bind(account)
-                    .bind(endpoint_id)
-                    .bind(&event.event_id)
-                    .bind(now.0)
-                    .bind(now.0)
-                    .bind(now.0)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
+                    fan_out.push(serde_json::json!([account, endpoint_id, event.event_id]));
                 }
             }
             out.push(event);
         }
+        // One call stores every event's sequence and body and inserts every delivery. Only
+        // fixed fragments and a row count go into the text; every value is bound.
+        let sql = format!(
+            "UPDATE outbox_events SET event_id = v.column2, seq = v.column3, body = v.column4, \
+             sequenced_at = ? FROM (VALUES {}) AS v WHERE outbox_events.id = v.column1; \
+             INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
+             next_attempt_at, created_at, updated_at) \
+             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, 'pending', ?, ?, ? \
+             FROM json_each(?) AS j WHERE true \
+             ON CONFLICT (event_id, endpoint_id) DO NOTHING",
+            vec!["(?, ?, ?, ?)"; out.len()].join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now.0);
+        for (e, r) in out.iter().zip(&rows) {
+            q = q
+                .bind(r.get::<i64, _>("id"))
+                .bind(e.event_id.clone())
+                .bind(e.seq)
+                .bind(e.body.clone());
+        }
+        q.bind(now.0)
+            .bind(now.0)
+            .bind(now.0)
+            .bind(serde_json::Value::from(fan_out).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
         tx.commit().await.map_err(err)?;
         Ok(out)
     }
@@ -700,43 +711,30 @@ impl EventLogStore for SqliteStore {
             return Ok(Vec::new());
         }
         let ids = serde_json::to_string(&due).expect("integers serialise");
-        // A delivery taken over in flight lost its attempt (a crashed or stalled worker):
-        // record it before the attempt count moves on.
-        sqlx::query(
+        // One call for the rest. A delivery taken over in flight lost its attempt (a crashed
+        // or stalled worker): that is recorded before the attempt count moves on; then the
+        // leases, then what the sends need.
+        let rows = sqlx::query(
             "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, duration_ms, \
              error_kind, created_at) \
-             SELECT id, endpoint_id, attempt_count, 0, 'lease_lost', ? FROM webhook_deliveries \
-             WHERE id IN (SELECT value FROM json_each(?)) AND state = 'in_flight' \
-             ON CONFLICT (delivery_id, attempt_no) DO NOTHING",
-        )
-        .bind(now.0)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        sqlx::query(
-            "UPDATE webhook_deliveries SET state = 'in_flight', lease_token = ?, \
-             lease_expires_at = ?, attempt_count = attempt_count + 1, updated_at = ? \
-             WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(lease_token)
-        .bind(lease_until.0)
-        .bind(now.0)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        let rows = sqlx::query(
-            "SELECT d.id, d.account_id, d.endpoint_id, d.attempt_count, d.event_id, e.body, \
+             SELECT id, endpoint_id, attempt_count, 0, 'lease_lost', ?1 FROM webhook_deliveries \
+             WHERE id IN (SELECT value FROM json_each(?2)) AND state = 'in_flight' \
+             ON CONFLICT (delivery_id, attempt_no) DO NOTHING; \
+             UPDATE webhook_deliveries SET state = 'in_flight', lease_token = ?3, \
+             lease_expires_at = ?4, attempt_count = attempt_count + 1, updated_at = ?1 \
+             WHERE id IN (SELECT value FROM json_each(?2)); \
+             SELECT d.id, d.account_id, d.endpoint_id, d.attempt_count, d.event_id, e.body, \
              e.request_id, e.trace_id, ep.url, ep.secret_enc, ep.previous_secret_enc, \
              ep.previous_secret_expires_at \
              FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
              JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
-             WHERE d.id IN (SELECT value FROM json_each(?)) AND d.lease_token = ? \
+             WHERE d.id IN (SELECT value FROM json_each(?2)) AND d.lease_token = ?3 \
              ORDER BY d.next_attempt_at, d.id",
         )
+        .bind(now.0)
         .bind(&ids)
         .bind(lease_token)
+        .bind(lease_until.0)
         .fetch_all(&mut *tx)
         .await
         .map_err(err)?;
@@ -769,11 +767,44 @@ impl EventLogStore for SqliteStore {
         Ok(held)
     }
 
+    /// Plain successes (`plain_successes`) are written by two calls for the whole batch (their
+    /// endpoints' health, then the attempts and the deliveries as one multi-statement call);
+    /// the rest one by one, as `complete_delivery` does, in the same transaction.
     async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>> {
         let mut tx = self.write_tx().await?;
+        let ids = serde_json::to_string(&cs.iter().map(|c| c.delivery_id).collect::<Vec<_>>())
+            .expect("integers serialise");
+        let rows = sqlx::query(concat!(
+            "SELECT x.delivery_id, ",
+            endpoint_cols!(),
+            " FROM (SELECT id AS delivery_id, endpoint_id AS of_endpoint FROM webhook_deliveries \
+               WHERE id IN (SELECT value FROM json_each(?))) AS x \
+             JOIN webhook_endpoints ON webhook_endpoints.id = x.of_endpoint"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
+        let mut endpoints = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let ep = endpoint(r)?;
+            endpoints.insert(r.try_get("delivery_id").map_err(err)?, (ep.id, ep.health));
+        }
+        let plain = plain_successes(&cs, &endpoints);
+        let together: Vec<&Completion> = cs
+            .iter()
+            .zip(&plain)
+            .filter(|p| *p.1)
+            .map(|p| p.0)
+            .collect();
+        let held_together = complete_plain(&mut tx, &together, now).await?;
         let mut held = Vec::with_capacity(cs.len());
-        for c in cs {
-            held.push(complete_in(&mut tx, c, now).await?);
+        for (c, plain) in cs.into_iter().zip(plain) {
+            held.push(if plain {
+                held_together.contains(&c.delivery_id)
+            } else {
+                complete_in(&mut tx, c, now).await?
+            });
         }
         tx.commit().await.map_err(err)?;
         Ok(held)
@@ -941,6 +972,63 @@ impl EventLogStore for SqliteStore {
         .map_err(err)?;
         row.as_ref().map(replay).transpose()
     }
+}
+
+/// Records plain successes (`plain_successes`) in the caller's write transaction, as one call:
+/// every attempt (`lease_lost` where the lease is no longer the completion's, as
+/// `complete_in` records it), then every delivery whose lease is still held. Returns the ids
+/// of those. Only fixed fragments and a row count go into the text; every value is bound.
+async fn complete_plain(
+    tx: &mut Transaction<'static, Sqlite>,
+    cs: &[&Completion],
+    now: Timestamp,
+) -> Result<std::collections::HashSet<i64>> {
+    if cs.is_empty() {
+        return Ok(Default::default());
+    }
+    let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; cs.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
+         duration_ms, error_kind, response_snippet, created_at) \
+         SELECT d.id, d.endpoint_id, v.column3, v.column4, v.column5, \
+           CASE WHEN d.lease_token = v.column2 THEN v.column6 ELSE 'lease_lost' END, \
+           v.column7, v.column8 \
+         FROM (VALUES {values}) AS v JOIN webhook_deliveries d ON d.id = v.column1 WHERE true \
+         ON CONFLICT (delivery_id, attempt_no) DO NOTHING; \
+         UPDATE webhook_deliveries SET state = '{succeeded}', lease_token = NULL, \
+           lease_expires_at = NULL, last_status = v.column4, last_error = v.column6, \
+           updated_at = ? \
+         FROM (VALUES {values}) AS v \
+         WHERE webhook_deliveries.id = v.column1 AND webhook_deliveries.lease_token = v.column2 \
+         RETURNING webhook_deliveries.id",
+        succeeded = state::SUCCEEDED,
+    );
+    let bind_all = |mut q: sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>| {
+        for c in cs {
+            let a = &c.attempt;
+            q = q
+                .bind(c.delivery_id)
+                .bind(c.lease_token.clone())
+                .bind(a.attempt_no)
+                .bind(a.status_code)
+                .bind(a.duration_ms)
+                .bind(a.error_kind.clone())
+                .bind(a.response_snippet.clone())
+                .bind(a.created_at.0);
+        }
+        q
+    };
+    let q = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)));
+    let q = bind_all(q.bind(now.0));
+    let held: Vec<i64> = q
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(err)?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(err)?;
+    Ok(held.into_iter().collect())
 }
 
 /// One completion inside the caller's write transaction (see `Store::complete_delivery`).

@@ -491,6 +491,44 @@ fn notice_event(
     }
 }
 
+/// Which completions of a batch can be written together, as multi-row statements, without
+/// reading or changing anything else: successes that cannot cause a `recovered` notice (at most
+/// [`FAILING_AFTER_ATTEMPTS`](operational::FAILING_AFTER_ATTEMPTS) attempts) at an endpoint in
+/// full health (which a success leaves as it is, so [`Health::after`] has nothing to apply).
+/// An endpoint with any other completion in the batch, or a delivery that appears twice, sends
+/// all of that endpoint's completions one by one instead. The two groups concern different
+/// endpoints, so recording one before the other decides everything exactly as in arrival order.
+///
+/// `endpoints` maps each delivery of the batch to its endpoint and that endpoint's health (a
+/// delivery missing from it, e.g. deleted with its endpoint, is not plain).
+pub fn plain_successes(
+    cs: &[Completion],
+    endpoints: &std::collections::HashMap<i64, (i64, Health)>,
+) -> Vec<bool> {
+    use std::collections::HashSet;
+    let simple = |c: &Completion| {
+        matches!(c.outcome, Outcome::Succeeded)
+            && c.attempt.attempt_no <= operational::FAILING_AFTER_ATTEMPTS
+    };
+    let mut seen = HashSet::new();
+    let mut mixed = HashSet::new();
+    for c in cs {
+        let Some((endpoint, health)) = endpoints.get(&c.delivery_id) else {
+            continue;
+        };
+        if !seen.insert(c.delivery_id) || !simple(c) || *health != Health::default() {
+            mixed.insert(*endpoint);
+        }
+    }
+    cs.iter()
+        .map(|c| {
+            endpoints
+                .get(&c.delivery_id)
+                .is_some_and(|(endpoint, _)| !mixed.contains(endpoint))
+        })
+        .collect()
+}
+
 /// The `webhook.delivery.*` events an attempt causes: `failing` when its attempt number
 /// [`FAILING_AFTER_ATTEMPTS`](operational::FAILING_AFTER_ATTEMPTS) fails and more follow,
 /// `exhausted` when its last attempt fails, `recovered` when it succeeds after a failed attempt
@@ -783,6 +821,65 @@ pub trait EventLogStore: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn completion(delivery_id: i64, attempt_no: i64, outcome: Outcome) -> Completion {
+        Completion {
+            delivery_id,
+            lease_token: "t".into(),
+            attempt: Attempt {
+                id: 0,
+                delivery_id,
+                attempt_no,
+                status_code: Some(204),
+                duration_ms: 1,
+                error_kind: None,
+                response_snippet: None,
+                created_at: Timestamp(1),
+            },
+            outcome,
+            policy: HealthPolicy::default(),
+        }
+    }
+
+    /// Only first successes at healthy endpoints with nothing else in the batch go together.
+    #[test]
+    fn plain_successes_leave_every_other_endpoint_to_one_by_one() {
+        let ok = Outcome::Succeeded;
+        let failing = Health {
+            consecutive_failures: 1,
+            first_failure_at: Some(Timestamp(1)),
+            ..Health::default()
+        };
+        let endpoints = std::collections::HashMap::from([
+            (1, (10, Health::default())),
+            (2, (10, Health::default())),
+            (3, (20, Health::default())),
+            (4, (20, Health::default())),
+            (5, (30, failing)),
+            (6, (40, Health::default())),
+            (7, (50, Health::default())),
+        ]);
+        let cs = [
+            completion(1, 1, ok),
+            completion(2, 2, ok),
+            // Endpoint 20 also has a failure in the batch: both of its go one by one.
+            completion(3, 1, ok),
+            completion(4, 1, Outcome::Retry(Timestamp(9))),
+            // A success at a failing endpoint resets its health.
+            completion(5, 1, ok),
+            // A success after the `failing` notice may be a `recovered` one.
+            completion(6, operational::FAILING_AFTER_ATTEMPTS + 1, ok),
+            // Twice in one batch (a lease taken over and both attempts finished).
+            completion(7, 1, ok),
+            completion(7, 2, ok),
+            // Unknown (its endpoint was deleted).
+            completion(8, 1, ok),
+        ];
+        assert_eq!(
+            plain_successes(&cs, &endpoints),
+            [true, true, false, false, false, false, false, false, false]
+        );
+    }
 
     /// The failure-rate trigger: half of at least 20 recent attempts, this failure included.
     #[test]

@@ -42,7 +42,11 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
     let idle = hooks.poll_interval();
     // Ends by itself once the last send holding a sender has finished.
     let (completions, queued) = mpsc::unbounded_channel();
-    tokio::spawn(complete_batches(state.clone(), queued));
+    // Fired after each recorded batch: their endpoints have room again. With more sends
+    // allowed than the endpoints' caps add up to, a claim can come back empty while
+    // permits are free; it then waits for this, not only for new events or the poll.
+    let freed = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(complete_batches(state.clone(), queued, freed.clone()));
     while !*stop.borrow() {
         let free = slots.available_permits();
         if free == 0 {
@@ -73,6 +77,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
             tokio::select! {
                 () = tokio::time::sleep(idle) => {}
                 () = hooks.relayed.notified() => {}
+                () = freed.notified() => {}
                 _ = stop.changed() => {}
             }
             continue;
@@ -150,7 +155,11 @@ const COMPLETION_BATCH: usize = 64;
 /// database does one commit per batch instead of one per delivery. A lone attempt goes at once.
 /// If a batch fails for another reason than a busy database, each attempt is recorded on its
 /// own, so one bad completion cannot hold back the others.
-async fn complete_batches(state: AppState, mut queued: mpsc::UnboundedReceiver<Done>) {
+async fn complete_batches(
+    state: AppState,
+    mut queued: mpsc::UnboundedReceiver<Done>,
+    freed: Arc<tokio::sync::Notify>,
+) {
     let mut batch = Vec::with_capacity(COMPLETION_BATCH);
     while queued.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
         let (cs, replies): (Vec<Completion>, Vec<_>) = batch.drain(..).unzip();
@@ -181,6 +190,7 @@ async fn complete_batches(state: AppState, mut queued: mpsc::UnboundedReceiver<D
                 }
             }
         }
+        freed.notify_one();
     }
 }
 

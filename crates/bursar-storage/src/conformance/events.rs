@@ -431,6 +431,31 @@ pub async fn completions_in_one_batch_apply_each_fenced(s: Store) {
         .map(|at| at.error_kind.clone())
         .collect();
     assert_eq!(lost, vec![Some("lease_lost".to_owned())]);
+    // What each recorded success holds, written together or one by one alike.
+    for (c, e) in [(&claimed[0], e1.id), (&claimed[3], e2.id)] {
+        let attempts = s.list_attempts(a, e, page(10, None)).await.unwrap();
+        let mine: Vec<_> = attempts
+            .iter()
+            .filter(|at| at.delivery_id == c.delivery_id)
+            .map(|at| {
+                let mut at = at.clone();
+                at.id = 0;
+                at
+            })
+            .collect();
+        assert_eq!(mine, vec![attempt(c, Some(200), None)]);
+        let d = s
+            .list_deliveries(a, e, page(10, None))
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.id == c.delivery_id)
+            .unwrap();
+        assert_eq!(
+            (d.last_status, d.last_error, d.updated_at),
+            (Some(200), None, now)
+        );
+    }
 }
 
 pub async fn a_gone_receiver_disables_its_endpoint(s: Store) {
