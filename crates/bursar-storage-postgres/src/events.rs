@@ -886,11 +886,17 @@ impl EventLogStore for PostgresStore {
         Ok(held)
     }
 
-    /// Locks every endpoint of the batch first, in ascending id order — the order relays take
-    /// their share locks in — so batches, single completions and relays never wait on each
-    /// other in a cycle, and reads their health with the same statement. Plain successes
-    /// (`plain_successes`) are then written by one statement for the whole batch
-    /// (`COMPLETE_PLAIN`); the rest are completed one by one (re-locking a held row is free).
+    /// Reads the health of every endpoint of the batch without a lock: a row lock is a write to
+    /// the endpoint's row, and every batch and relay locking the same few endpoints made them
+    /// the hottest rows of the database (measured: most of a completion's time was spent
+    /// there). Plain successes (`plain_successes`) need no lock: they leave a healthy endpoint
+    /// as it is, so they come before any health change committed meanwhile, and one statement
+    /// writes them all (`COMPLETE_PLAIN`); an endpoint deleted meanwhile fails the batch on
+    /// its foreign key, and the worker then records each completion on its own
+    /// (`complete_delivery`). The endpoints of the rest are then locked for update in
+    /// ascending id order — the order relays take their share locks in — so batches, single
+    /// completions and relays never wait on each other in a cycle, and completed one by one
+    /// (re-locking a held row is free).
     async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>> {
         let mut tx = self.write_tx().await?;
         let ids: Vec<i64> = cs.iter().map(|c| c.delivery_id).collect();
@@ -900,7 +906,7 @@ impl EventLogStore for PostgresStore {
             " FROM webhook_endpoints JOIN (\
                SELECT id AS delivery_id, endpoint_id AS of_endpoint FROM webhook_deliveries \
                WHERE id = ANY($1)) AS x ON x.of_endpoint = webhook_endpoints.id \
-             ORDER BY webhook_endpoints.id FOR NO KEY UPDATE OF webhook_endpoints"
+             ORDER BY webhook_endpoints.id"
         ))
         .bind(&ids)
         .fetch_all(&mut *tx)
@@ -912,13 +918,26 @@ impl EventLogStore for PostgresStore {
             endpoints.insert(r.try_get("delivery_id").map_err(err)?, (ep.id, ep.health));
         }
         let plain = plain_successes(&cs, &endpoints);
-        let together: Vec<&Completion> = cs
-            .iter()
-            .zip(&plain)
-            .filter(|p| *p.1)
-            .map(|p| p.0)
-            .collect();
+        let (together, rest): (Vec<&Completion>, Vec<&Completion>) = {
+            let mut split = (Vec::new(), Vec::new());
+            for (c, p) in cs.iter().zip(&plain) {
+                if *p { &mut split.0 } else { &mut split.1 }.push(c);
+            }
+            split
+        };
         let held_together = complete_plain(&mut tx, &together, now).await?;
+        if !rest.is_empty() {
+            let rest_ids: Vec<i64> = rest.iter().map(|c| c.delivery_id).collect();
+            sqlx::query(
+                "SELECT id FROM webhook_endpoints WHERE id IN \
+                 (SELECT endpoint_id FROM webhook_deliveries WHERE id = ANY($1)) \
+                 ORDER BY id FOR NO KEY UPDATE",
+            )
+            .bind(&rest_ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
+        }
         let mut held = Vec::with_capacity(cs.len());
         for (c, plain) in cs.into_iter().zip(plain) {
             held.push(if plain {
@@ -1102,7 +1121,7 @@ impl EventLogStore for PostgresStore {
 /// marked succeeded, and every attempt is recorded (`lease_lost` where the lease was not held,
 /// as `COMPLETE` records it). Returns the ids of the deliveries whose lease was held. Unlike
 /// `COMPLETE`, `present` takes no row lock: in one statement a lock on a row that `owned` updates
-/// would skip it; the endpoints, locked by the caller, keep the deliveries from being deleted.
+/// would skip it. The attempts' foreign key checks lock the deliveries they name.
 const COMPLETE_PLAIN: &str = "\
     WITH v AS (\
        SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], \
