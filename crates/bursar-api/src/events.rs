@@ -24,6 +24,11 @@ pub struct CreateWebhookEndpoint {
     /// At most this many deliveries to it at once (1–100, default 4).
     #[serde(default)]
     pub max_concurrency: Option<i64>,
+    /// Per-aggregate FIFO (default false): the events of one object (an order, a payment …)
+    /// reach it one at a time, in version order, each only after the previous one finished
+    /// (delivered, or failed for good), retries included.
+    #[serde(default)]
+    pub fifo_per_aggregate: Option<bool>,
 }
 
 /// `PATCH /api/webhook_endpoints/{id}`: only the fields present change.
@@ -43,6 +48,9 @@ pub struct UpdateWebhookEndpoint {
     /// At most this many deliveries to it at once (1–100).
     #[serde(default)]
     pub max_concurrency: Option<i64>,
+    /// Per-aggregate FIFO: see `CreateWebhookEndpoint`.
+    #[serde(default)]
+    pub fifo_per_aggregate: Option<bool>,
 }
 
 /// A webhook endpoint. `secret` is shown in full only when created or rotated; otherwise
@@ -61,6 +69,8 @@ pub struct WebhookEndpoint {
     pub disabled_reason: Option<String>,
     /// At most this many deliveries to it are in flight at once.
     pub max_concurrency: i64,
+    /// The events of one object reach it one at a time, in version order.
+    pub fifo_per_aggregate: bool,
     /// `closed` (deliveries flow), `open` (held back until `circuit_open_until`, attempts not
     /// spent) or `half_open` (one probe at a time; its success closes the circuit).
     pub circuit_state: String,

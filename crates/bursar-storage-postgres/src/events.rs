@@ -28,8 +28,8 @@ use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
     EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, RECENT_ATTEMPTS, Recent,
-    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, plain_successes,
-    render_body, state, type_matches,
+    Replay, ReplayRequest, TypeFilter, aggregate_key, delivery_events, endpoint_disabled_event,
+    plain_successes, render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::postgres::PgRow;
@@ -55,7 +55,7 @@ macro_rules! endpoint_cols {
         "id, account_id, url, description, event_types, secret_enc, previous_secret_enc, \
          previous_secret_expires_at, enabled, disabled_reason, max_concurrency, version, \
          created_at, updated_at, first_failure_at, consecutive_failures, circuit_state, \
-         circuit_open_until"
+         circuit_open_until, fifo_per_aggregate"
     };
 }
 
@@ -102,10 +102,11 @@ const STORE_AND_FAN_OUT: &str = "\
        WHERE o.id = u.id \
        RETURNING o.account_id, o.event_id) \
     INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, next_attempt_at, \
-                                    created_at, updated_at) \
-    SELECT s.account_id, f.endpoint_id, s.event_id, 'pending', $5, $5, $5 \
-    FROM unnest($6::bigint[], $7::bigint[], $8::text[]) WITH ORDINALITY \
-           AS f (account_id, endpoint_id, event_id, n) \
+                                    created_at, updated_at, aggregate_key, event_seq) \
+    SELECT s.account_id, f.endpoint_id, s.event_id, 'pending', $5, $5, $5, f.aggregate_key, \
+           f.event_seq \
+    FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bigint[]) \
+           WITH ORDINALITY AS f (account_id, endpoint_id, event_id, aggregate_key, event_seq, n) \
     JOIN sequenced s ON s.event_id = f.event_id AND s.account_id = f.account_id \
     ORDER BY f.n \
     ON CONFLICT (event_id, endpoint_id) DO NOTHING";
@@ -135,7 +136,9 @@ const CLAIM_ENDPOINTS: &str = concat!(
        CROSS JOIN LATERAL (SELECT min(t) AS first_due FROM (\
          (SELECT d.next_attempt_at AS t FROM webhook_deliveries d \
           WHERE d.endpoint_id = ep.id AND d.state IN ('pending', 'retrying') \
-            AND d.next_attempt_at <= $1 ORDER BY d.next_attempt_at LIMIT 1) \
+            AND d.next_attempt_at <= $1 AND ",
+    bursar_storage::fifo_ready!("d"),
+    " ORDER BY d.next_attempt_at LIMIT 1) \
          UNION ALL \
          (SELECT d.next_attempt_at FROM webhook_deliveries d \
           WHERE d.endpoint_id = ep.id AND d.state = 'in_flight' AND d.lease_expires_at < $1 \
@@ -176,7 +179,9 @@ const CLAIM: &str = concat!(
        CROSS JOIN LATERAL (\
          (SELECT d.id, d.endpoint_id, d.next_attempt_at, e.room FROM webhook_deliveries d \
           WHERE d.endpoint_id = e.eid AND d.state IN ('pending', 'retrying') \
-            AND d.next_attempt_at <= $1 ORDER BY d.next_attempt_at, d.id LIMIT $2) \
+            AND d.next_attempt_at <= $1 AND ",
+    bursar_storage::fifo_ready!("d"),
+    " ORDER BY d.next_attempt_at, d.id LIMIT $2) \
          UNION ALL \
          (SELECT d.id, d.endpoint_id, d.next_attempt_at, e.room FROM webhook_deliveries d \
           WHERE d.endpoint_id = e.eid AND d.state = 'in_flight' \
@@ -311,6 +316,7 @@ fn endpoint(r: &PgRow) -> Result<Endpoint> {
             enabled: r.try_get("enabled")?,
             disabled_reason: r.try_get("disabled_reason")?,
             max_concurrency: r.try_get("max_concurrency")?,
+            fifo_per_aggregate: r.try_get("fifo_per_aggregate")?,
             health: Health {
                 first_failure_at: r
                     .try_get::<Option<i64>, _>("first_failure_at")?
@@ -468,7 +474,7 @@ impl EventLogStore for PostgresStore {
         accounts.sort_unstable();
         accounts.dedup();
         let endpoints = sqlx::query(
-            "SELECT id, account_id, event_types FROM webhook_endpoints \
+            "SELECT id, account_id, event_types, fifo_per_aggregate FROM webhook_endpoints \
              WHERE account_id = ANY($1) AND enabled ORDER BY id FOR SHARE",
         )
         .bind(&accounts)
@@ -484,13 +490,15 @@ impl EventLogStore for PostgresStore {
                 r.try_get::<AccountId, _>("account_id").map_err(err)?,
                 r.try_get::<i64, _>("id").map_err(err)?,
                 types,
+                r.try_get::<bool, _>("fifo_per_aggregate").map_err(err)?,
             ))
         })
         .collect::<Result<Vec<_>>>()?;
         let (mut fan_accounts, mut fan_endpoints, mut fan_events) = (vec![], vec![], vec![]);
+        let (mut fan_keys, mut fan_seqs) = (vec![], vec![]);
         for (e, r) in events.iter().zip(&rows) {
             let about: Option<i64> = r.try_get("about_endpoint_id").map_err(err)?;
-            for (account, endpoint_id, types) in &endpoints {
+            for (account, endpoint_id, types, fifo) in &endpoints {
                 if *account == e.account_id
                     && about != Some(*endpoint_id)
                     && type_matches(types, &e.event_type)
@@ -498,6 +506,8 @@ impl EventLogStore for PostgresStore {
                     fan_accounts.push(*account);
                     fan_endpoints.push(*endpoint_id);
                     fan_events.push(e.event_id.as_str());
+                    fan_keys.push(fifo.then(|| aggregate_key(e)));
+                    fan_seqs.push(fifo.then_some(e.seq));
                 }
             }
         }
@@ -518,6 +528,8 @@ impl EventLogStore for PostgresStore {
             .bind(&fan_accounts)
             .bind(&fan_endpoints)
             .bind(&fan_events)
+            .bind(&fan_keys)
+            .bind(&fan_seqs)
             .execute(&mut *tx)
             .await
             .map_err(err)?;
@@ -624,8 +636,8 @@ impl EventLogStore for PostgresStore {
     ) -> Result<Endpoint> {
         let row = sqlx::query(concat!(
             "INSERT INTO webhook_endpoints (account_id, url, description, event_types, \
-             secret_enc, max_concurrency, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7) RETURNING ",
+             secret_enc, max_concurrency, fifo_per_aggregate, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $8, $7, $7) RETURNING ",
             endpoint_cols!()
         ))
         .bind(account)
@@ -635,6 +647,7 @@ impl EventLogStore for PostgresStore {
         .bind(&new.secret_enc)
         .bind(new.max_concurrency)
         .bind(now.0)
+        .bind(new.fifo_per_aggregate)
         .fetch_one(&self.pool)
         .await
         .map_err(err)?;
@@ -692,7 +705,8 @@ impl EventLogStore for PostgresStore {
              circuit_state = CASE WHEN $6 THEN 'closed' ELSE circuit_state END, \
              circuit_open_until = CASE WHEN $6 THEN NULL ELSE circuit_open_until END, \
              version = version + 1, updated_at = $7, \
-             max_concurrency = COALESCE($10::bigint, max_concurrency) \
+             max_concurrency = COALESCE($10::bigint, max_concurrency), \
+             fifo_per_aggregate = COALESCE($11::boolean, fifo_per_aggregate) \
              WHERE account_id = $8 AND id = $9 RETURNING ",
             endpoint_cols!()
         ))
@@ -706,6 +720,7 @@ impl EventLogStore for PostgresStore {
         .bind(account)
         .bind(id)
         .bind(patch.max_concurrency)
+        .bind(patch.fifo_per_aggregate)
         .fetch_optional(&self.pool)
         .await
         .map_err(err)?;
@@ -813,9 +828,10 @@ impl EventLogStore for PostgresStore {
         let row = sqlx::query(concat!(
             "WITH queued AS (\
                INSERT INTO webhook_deliveries AS w (account_id, endpoint_id, event_id, state, \
-                      next_attempt_at, created_at, updated_at) \
-               SELECT $1, ep.id, ev.event_id, 'pending', $2, $2, $2 \
-               FROM webhook_endpoints ep, outbox_events ev \
+                      next_attempt_at, created_at, updated_at, aggregate_key, event_seq) \
+               SELECT $1, ep.id, ev.event_id, 'pending', $2, $2, $2, ",
+            bursar_storage::fifo_columns!("ep", "ev"),
+            " FROM webhook_endpoints ep, outbox_events ev \
                WHERE ep.account_id = $1 AND ep.id = $3 AND ev.account_id = $1 \
                  AND ev.event_id = $4 FOR KEY SHARE OF ep \
                ON CONFLICT (event_id, endpoint_id) DO UPDATE SET \
@@ -1056,13 +1072,16 @@ impl EventLogStore for PostgresStore {
         .await
         .map_err(err)?
         .rows_affected();
-        let created = sqlx::query(
+        let created = sqlx::query(concat!(
             "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
-             next_attempt_at, created_at, updated_at) \
-             SELECT $1, $2, u.event_id, 'pending', $3, $3, $3 \
-             FROM unnest($4::text[]) WITH ORDINALITY AS u (event_id, n) ORDER BY u.n \
+             next_attempt_at, created_at, updated_at, aggregate_key, event_seq) \
+             SELECT $1, $2, u.event_id, 'pending', $3, $3, $3, ",
+            bursar_storage::fifo_columns!("ep", "ev"),
+            " FROM unnest($4::text[]) WITH ORDINALITY AS u (event_id, n) \
+             JOIN outbox_events ev ON ev.event_id = u.event_id \
+             JOIN webhook_endpoints ep ON ep.id = $2 ORDER BY u.n \
              ON CONFLICT (event_id, endpoint_id) DO NOTHING",
-        )
+        ))
         .bind(account)
         .bind(endpoint_id)
         .bind(now.0)

@@ -8,8 +8,8 @@ use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
     EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, RECENT_ATTEMPTS, Recent,
-    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, plain_successes,
-    render_body, state, type_matches,
+    Replay, ReplayRequest, TypeFilter, aggregate_key, delivery_events, endpoint_disabled_event,
+    plain_successes, render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::sqlite::SqliteRow;
@@ -29,7 +29,7 @@ macro_rules! endpoint_cols {
         "id, account_id, url, description, event_types, secret_enc, previous_secret_enc, \
          previous_secret_expires_at, enabled, disabled_reason, max_concurrency, version, \
          created_at, updated_at, first_failure_at, consecutive_failures, circuit_state, \
-         circuit_open_until"
+         circuit_open_until, fifo_per_aggregate"
     };
 }
 
@@ -86,6 +86,7 @@ fn endpoint(r: &SqliteRow) -> Result<Endpoint> {
             enabled: r.try_get("enabled")?,
             disabled_reason: r.try_get("disabled_reason")?,
             max_concurrency: r.try_get("max_concurrency")?,
+            fifo_per_aggregate: r.try_get("fifo_per_aggregate")?,
             health: Health {
                 first_failure_at: r
                     .try_get::<Option<i64>, _>("first_failure_at")?
@@ -249,7 +250,7 @@ impl EventLogStore for SqliteStore {
             .map_err(err)?;
             next_seq.insert(account, last - n + 1);
             let eps = sqlx::query(
-                "SELECT id, event_types FROM webhook_endpoints \
+                "SELECT id, event_types, fifo_per_aggregate FROM webhook_endpoints \
                  WHERE account_id = ? AND enabled = 1",
             )
             .bind(account)
@@ -261,7 +262,11 @@ impl EventLogStore for SqliteStore {
                 let types: String = e.get("event_types");
                 let types: Vec<String> = serde_json::from_str(&types)
                     .map_err(|e| StorageError::Internal(Box::new(e)))?;
-                Ok((e.get::<i64, _>("id"), types))
+                Ok((
+                    e.get::<i64, _>("id"),
+                    types,
+                    e.get::<bool, _>("fifo_per_aggregate"),
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
             endpoints.insert(account, eps);
@@ -291,9 +296,19 @@ impl EventLogStore for SqliteStore {
                 .unwrap_or(payload);
             event.body = render_body(&event, &object)?;
             let about: Option<i64> = r.get("about_endpoint_id");
-            for (endpoint_id, types) in &endpoints[&account] {
+            for (endpoint_id, types, fifo) in &endpoints[&account] {
                 if about != Some(*endpoint_id) && type_matches(types, &event.event_type) {
-                    fan_out.push(serde_json::json!([account, endpoint_id, event.event_id]));
+                    let (key, seq) = match fifo {
+                        true => (Some(aggregate_key(&event)), Some(event.seq)),
+                        false => (None, None),
+                    };
+                    fan_out.push(serde_json::json!([
+                        account,
+                        endpoint_id,
+                        event.event_id,
+                        key,
+                        seq
+                    ]));
                 }
             }
             out.push(event);
@@ -304,8 +319,9 @@ impl EventLogStore for SqliteStore {
             "UPDATE outbox_events SET event_id = v.column2, seq = v.column3, body = v.column4, \
              sequenced_at = ? FROM (VALUES {}) AS v WHERE outbox_events.id = v.column1; \
              INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
-             next_attempt_at, created_at, updated_at) \
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, 'pending', ?, ?, ? \
+             next_attempt_at, created_at, updated_at, aggregate_key, event_seq) \
+             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, 'pending', ?, ?, ?, \
+               j.value ->> 3, j.value ->> 4 \
              FROM json_each(?) AS j WHERE true \
              ON CONFLICT (event_id, endpoint_id) DO NOTHING",
             vec!["(?, ?, ?, ?)"; out.len()].join(", ")
@@ -434,8 +450,8 @@ impl EventLogStore for SqliteStore {
     ) -> Result<Endpoint> {
         let row = sqlx::query(concat!(
             "INSERT INTO webhook_endpoints (account_id, url, description, event_types, \
-             secret_enc, max_concurrency, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
+             secret_enc, max_concurrency, fifo_per_aggregate, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
             endpoint_cols!()
         ))
         .bind(account)
@@ -444,6 +460,7 @@ impl EventLogStore for SqliteStore {
         .bind(types_json(&new.event_types))
         .bind(&new.secret_enc)
         .bind(new.max_concurrency)
+        .bind(new.fifo_per_aggregate)
         .bind(now.0)
         .bind(now.0)
         .fetch_one(&self.writer)
@@ -503,6 +520,7 @@ impl EventLogStore for SqliteStore {
              consecutive_failures = CASE WHEN ?7 THEN 0 ELSE consecutive_failures END, \
              circuit_state = CASE WHEN ?7 THEN 'closed' ELSE circuit_state END, \
              circuit_open_until = CASE WHEN ?7 THEN NULL ELSE circuit_open_until END, \
+             fifo_per_aggregate = COALESCE(?11, fifo_per_aggregate), \
              version = version + 1, updated_at = ?8 \
              WHERE account_id = ?9 AND id = ?10 RETURNING ",
             endpoint_cols!()
@@ -517,6 +535,7 @@ impl EventLogStore for SqliteStore {
         .bind(now.0)
         .bind(account)
         .bind(id)
+        .bind(patch.fifo_per_aggregate)
         .fetch_optional(&self.writer)
         .await
         .map_err(err)?;
@@ -630,11 +649,12 @@ impl EventLogStore for SqliteStore {
         event_id: &str,
         now: Timestamp,
     ) -> Result<Delivery> {
-        let id: Option<i64> = sqlx::query_scalar(
+        let id: Option<i64> = sqlx::query_scalar(concat!(
             "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
-             next_attempt_at, created_at, updated_at) \
-             SELECT ?, ep.id, ev.event_id, 'pending', ?, ?, ? \
-             FROM webhook_endpoints ep, outbox_events ev \
+             next_attempt_at, created_at, updated_at, aggregate_key, event_seq) \
+             SELECT ?, ep.id, ev.event_id, 'pending', ?, ?, ?, ",
+            bursar_storage::fifo_columns!("ep", "ev"),
+            " FROM webhook_endpoints ep, outbox_events ev \
              WHERE ep.account_id = ? AND ep.id = ? AND ev.account_id = ? AND ev.event_id = ? \
              ON CONFLICT (event_id, endpoint_id) DO UPDATE SET \
                state = CASE WHEN state = 'in_flight' THEN state ELSE 'pending' END, \
@@ -642,7 +662,7 @@ impl EventLogStore for SqliteStore {
                                  ELSE excluded.next_attempt_at END, \
                updated_at = excluded.updated_at \
              RETURNING id",
-        )
+        ))
         .bind(account)
         .bind(now.0)
         .bind(now.0)
@@ -673,7 +693,7 @@ impl EventLogStore for SqliteStore {
         // what it may take, not the whole backlog. `MATERIALIZED` and `CROSS JOIN` pin the
         // plan to "for each endpoint, look up its rows": flattened, SQLite would scan every
         // delivery and run the per-endpoint lookup for each.
-        let due: Vec<i64> = sqlx::query_scalar(
+        let due: Vec<i64> = sqlx::query_scalar(concat!(
             "WITH live AS (\
                SELECT endpoint_id, count(*) AS n FROM webhook_deliveries \
                WHERE state = 'in_flight' AND lease_expires_at >= ?1 GROUP BY endpoint_id), \
@@ -689,8 +709,9 @@ impl EventLogStore for SqliteStore {
                WHERE eps.room > 0 AND d.id IN (\
                  SELECT x.id FROM webhook_deliveries x \
                  WHERE x.endpoint_id = eps.id AND x.state IN ('pending', 'retrying') \
-                   AND x.next_attempt_at <= ?1 \
-                 ORDER BY x.next_attempt_at, x.id LIMIT ?2) \
+                   AND x.next_attempt_at <= ?1 AND ",
+            bursar_storage::fifo_ready!("x"),
+            " ORDER BY x.next_attempt_at, x.id LIMIT ?2) \
                UNION ALL \
                SELECT d.id, d.endpoint_id, d.next_attempt_at, eps.room \
                FROM eps CROSS JOIN webhook_deliveries d \
@@ -701,7 +722,7 @@ impl EventLogStore for SqliteStore {
                  PARTITION BY endpoint_id ORDER BY next_attempt_at, id) AS rn \
                FROM candidates) \
              SELECT id FROM ranked WHERE rn <= room ORDER BY next_attempt_at, id LIMIT ?2",
-        )
+        ))
         .bind(now.0)
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
@@ -914,12 +935,15 @@ impl EventLogStore for SqliteStore {
         .await
         .map_err(err)?
         .rows_affected();
-        let created = sqlx::query(
+        let created = sqlx::query(concat!(
             "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
-             next_attempt_at, created_at, updated_at) \
-             SELECT ?1, ?2, value, 'pending', ?3, ?3, ?3 FROM json_each(?4) WHERE true \
+             next_attempt_at, created_at, updated_at, aggregate_key, event_seq) \
+             SELECT ?1, ?2, j.value, 'pending', ?3, ?3, ?3, ",
+            bursar_storage::fifo_columns!("ep", "ev"),
+            " FROM json_each(?4) AS j JOIN outbox_events ev ON ev.event_id = j.value \
+             JOIN webhook_endpoints ep ON ep.id = ?2 WHERE true \
              ON CONFLICT (event_id, endpoint_id) DO NOTHING",
-        )
+        ))
         .bind(account)
         .bind(endpoint_id)
         .bind(now.0)

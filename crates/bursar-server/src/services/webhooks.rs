@@ -118,6 +118,7 @@ pub async fn create(call: &Call, req: CreateWebhookEndpoint) -> Result<Created, 
         event_types: req.event_types.unwrap_or_else(|| vec!["*".into()]),
         secret_enc: seal(call, &secret)?,
         max_concurrency: req.max_concurrency.unwrap_or(CONCURRENCY_DEFAULT),
+        fifo_per_aggregate: req.fifo_per_aggregate.unwrap_or(false),
     };
     let endpoint = call
         .state
@@ -178,6 +179,7 @@ pub async fn update(
         event_types: req.event_types,
         enabled: req.enabled,
         max_concurrency: req.max_concurrency,
+        fifo_per_aggregate: req.fifo_per_aggregate,
     };
     call.state
         .store

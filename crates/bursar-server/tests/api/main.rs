@@ -80,6 +80,7 @@ api_suite!(
     a_receiver_outage_loses_no_event,
     delivered_deliveries_are_purged_after_retention,
     a_refusing_receiver_loses_no_event,
+    fifo_endpoints_receive_each_order_in_version_order,
     webhook_endpoints_are_guarded_scoped_and_rotate,
     many_workers_send_each_delivery_once,
     sse_resumes_from_the_log_then_goes_live,

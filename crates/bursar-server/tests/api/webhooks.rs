@@ -475,6 +475,146 @@ pub async fn a_refusing_receiver_loses_no_event(app: &TestApp) {
     app.stop().await;
 }
 
+/// Checklist 26, FIFO mode: with `fifo_per_aggregate`, the receiver never has two requests for
+/// one order in flight, and each order's versions arrive in order even when version 2 needs
+/// three retries (answered 500 three times; the other orders' deliveries keep the endpoint's
+/// circuit closed).
+pub async fn fifo_endpoints_receive_each_order_in_version_order(app: &TestApp) {
+    let app = webhook_app(app).await;
+    // (order, version, status) in arrival order; requests in flight per order, and the most.
+    type Log = Arc<Mutex<Vec<(i64, i64, u16)>>>;
+    let log: Log = Arc::default();
+    let busy: Arc<Mutex<BTreeMap<i64, i64>>> = Arc::default();
+    let overlap = Arc::new(AtomicI64::new(0));
+    let refusals: Arc<Mutex<BTreeMap<i64, u32>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    let (l, b, o, r) = (log.clone(), busy.clone(), overlap.clone(), refusals.clone());
+    let receiver = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move |body: Bytes| {
+            let (l, b, o, r) = (l.clone(), b.clone(), o.clone(), r.clone());
+            async move {
+                let payload: Value = serde_json::from_slice(&body).unwrap();
+                let data = &payload["data"];
+                let order = data["aggregate_id"].as_i64().unwrap();
+                let version = data["aggregate_version"].as_i64().unwrap();
+                {
+                    let mut busy = b.lock().unwrap();
+                    let n = busy.entry(order).or_default();
+                    *n += 1;
+                    o.fetch_max(*n, Ordering::SeqCst);
+                }
+                // Long enough for a second request of the same order to overlap, if sent.
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                let status = {
+                    let mut refused = r.lock().unwrap();
+                    let n = refused.entry(order).or_default();
+                    if version == 2 && *n < 3 {
+                        *n += 1;
+                        500
+                    } else {
+                        200
+                    }
+                };
+                l.lock().unwrap().push((order, version, status));
+                *b.lock().unwrap().get_mut(&order).unwrap() -= 1;
+                StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let resp = create_endpoint(
+        &app.a,
+        json!({"url": url, "event_types": ["order.*"], "fifo_per_aggregate": true}),
+    )
+    .await;
+    assert_eq!(resp.status(), 201);
+    let endpoint: Value = resp.json().await.unwrap();
+    assert_eq!(endpoint["fifo_per_aggregate"], true, "{endpoint}");
+    let customer = app.customer(&app.a).await;
+    let mut orders: Vec<(i64, i64)> = Vec::new();
+    for i in 0..3 {
+        let body =
+            json!({"customer_id": customer, "amount": format!("{}.00", i + 1), "currency": "EUR"});
+        let resp = app.post_order_raw(&app.a, body.to_string()).await;
+        assert_eq!(resp.status(), 201);
+        let order: Value = resp.json().await.unwrap();
+        orders.push((order["id"].as_i64().unwrap(), 1));
+    }
+    for round in 0..3 {
+        for (id, version) in &mut orders {
+            let resp = app
+                .a
+                .request(reqwest::Method::PATCH, &format!("/api/orders/{id}"))
+                .json(&json!({"description": format!("revision {round}"), "version": *version}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            *version = resp.json::<Value>().await.unwrap()["version"]
+                .as_i64()
+                .unwrap();
+        }
+    }
+    // Every order's four versions answered 200.
+    let delivered = || {
+        let log = log.lock().unwrap();
+        log.iter().filter(|(_, _, status)| *status == 200).count()
+    };
+    for _ in 0..300 {
+        if delivered() == 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(delivered(), 12, "{log:?}");
+    assert_eq!(
+        overlap.load(Ordering::SeqCst),
+        1,
+        "two requests of one order at once"
+    );
+    for (order, _) in &orders {
+        let seen: Vec<(i64, u16)> = log
+            .iter()
+            .filter(|(o, _, _)| o == order)
+            .map(|(_, v, s)| (*v, *s))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (1, 200),
+                (2, 500),
+                (2, 500),
+                (2, 500),
+                (2, 200),
+                (3, 200),
+                (4, 200)
+            ],
+            "order {order}"
+        );
+    }
+    // The flag can be turned off again, like any other field.
+    let id = endpoint["id"].as_i64().unwrap();
+    let resp = app
+        .a
+        .request(
+            reqwest::Method::PATCH,
+            &format!("/api/webhook_endpoints/{id}"),
+        )
+        .json(&json!({"fifo_per_aggregate": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["fifo_per_aggregate"],
+        false
+    );
+    app.stop().await;
+}
+
 /// Endpoints: SSRF refusals at creation (checklist 28), masked secrets (A9), tenant scope,
 /// filters (B17), rotation with both signatures (A8), redelivery with the same id, and a
 /// 410 disabling the endpoint (B19).

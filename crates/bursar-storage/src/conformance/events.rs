@@ -29,6 +29,7 @@ fn endpoint(types: &[&str]) -> NewEndpoint {
         event_types: types.iter().map(|t| t.to_string()).collect(),
         secret_enc: "enc:secret".into(),
         max_concurrency: 4,
+        fifo_per_aggregate: false,
     }
 }
 
@@ -456,6 +457,133 @@ pub async fn completions_in_one_batch_apply_each_fenced(s: Store) {
             (Some(200), None, now)
         );
     }
+}
+
+/// Spec checklist 26 (FIFO mode): an endpoint with `fifo_per_aggregate` gets the events of one
+/// aggregate one at a time, in sequence order, each only once the one before finished (retries
+/// included; failing for good counts as finished); other aggregates and other endpoints are not
+/// held back.
+pub async fn fifo_endpoints_get_one_aggregate_at_a_time_in_order(s: Store) {
+    let a = account(&s, "a").await;
+    let fifo = s
+        .create_endpoint(
+            a,
+            NewEndpoint {
+                fifo_per_aggregate: true,
+                ..endpoint_capped(&["*"], 10)
+            },
+            Timestamp(T0),
+        )
+        .await
+        .unwrap();
+    assert!(fifo.fifo_per_aggregate);
+    let free = s
+        .create_endpoint(a, endpoint_capped(&["*"], 10), Timestamp(T0))
+        .await
+        .unwrap();
+    assert!(!free.fifo_per_aggregate);
+    let c = customer(&s, a).await;
+    for v in [1, 2] {
+        s.update_customer(
+            &meta(a),
+            c.id,
+            Precondition::Version(v),
+            CustomerPatch::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let other = customer(&s, a).await;
+    let logged = sequence_all(&s, &ids()).await;
+    let version = |event_id: &str| {
+        let e = logged.iter().find(|e| e.event_id == event_id).unwrap();
+        (e.aggregate_id, e.aggregate_version)
+    };
+    let mut token = 0;
+    let mut claim = |at: i64| {
+        token += 1;
+        let (s, token) = (s.clone(), format!("t{token}"));
+        async move {
+            let claimed = s
+                .claim_deliveries(Timestamp(at), Timestamp(at + 60_000), &token, 20)
+                .await
+                .unwrap();
+            (claimed, token)
+        }
+    };
+    let of = |claimed: &[ClaimedDelivery], endpoint: i64| -> Vec<(i64, i64)> {
+        let mut v: Vec<_> = claimed
+            .iter()
+            .filter(|d| d.endpoint_id == endpoint)
+            .map(|d| version(&d.event_id))
+            .collect();
+        v.sort();
+        v
+    };
+    let (first, t1) = claim(T0).await;
+    // The plain endpoint gets all four at once; the FIFO one the first of each aggregate.
+    assert_eq!(
+        of(&first, free.id),
+        vec![(c.id, 1), (c.id, 2), (c.id, 3), (other.id, 1)]
+    );
+    assert_eq!(of(&first, fifo.id), vec![(c.id, 1), (other.id, 1)]);
+    let head = |claimed: &[ClaimedDelivery]| {
+        claimed
+            .iter()
+            .find(|d| d.endpoint_id == fifo.id && version(&d.event_id) == (c.id, 1))
+            .unwrap()
+            .clone()
+    };
+    // Version 1 fails and waits for its retry: version 2 stays behind it.
+    let retry = Outcome::Retry(Timestamp(T0 + 1_000));
+    let v1 = head(&first);
+    assert!(
+        s.complete_delivery(finish(&v1, &t1, retry, no_breaker()), Timestamp(T0))
+            .await
+            .unwrap()
+    );
+    let (none, _) = claim(T0 + 10).await;
+    assert_eq!(of(&none, fifo.id), vec![]);
+    let (again, t2) = claim(T0 + 1_000).await;
+    assert_eq!(
+        of(&again, fifo.id),
+        vec![(c.id, 1)],
+        "the retry, nothing after it"
+    );
+    let v1 = head(&again);
+    assert_eq!(v1.attempt_no, 2);
+    s.complete_delivery(
+        finish(&v1, &t2, Outcome::Succeeded, no_breaker()),
+        Timestamp(T0 + 1_000),
+    )
+    .await
+    .unwrap();
+    let (next, t3) = claim(T0 + 1_000).await;
+    assert_eq!(of(&next, fifo.id), vec![(c.id, 2)]);
+    // Failing for good finishes version 2 too: version 3 goes next.
+    let v2 = next.iter().find(|d| d.endpoint_id == fifo.id).unwrap();
+    s.complete_delivery(
+        finish(v2, &t3, Outcome::Exhausted, no_breaker()),
+        Timestamp(T0 + 1_000),
+    )
+    .await
+    .unwrap();
+    let (last, _) = claim(T0 + 1_000).await;
+    assert_eq!(of(&last, fifo.id), vec![(c.id, 3)]);
+    // Turning FIFO off lets the endpoint's later deliveries go unordered; the flag reads back.
+    let off = s
+        .update_endpoint(
+            a,
+            fifo.id,
+            EndpointPatch {
+                fifo_per_aggregate: Some(false),
+                ..EndpointPatch::default()
+            },
+            Timestamp(T0 + 2_000),
+        )
+        .await
+        .unwrap();
+    assert!(!off.fifo_per_aggregate);
 }
 
 pub async fn a_gone_receiver_disables_its_endpoint(s: Store) {

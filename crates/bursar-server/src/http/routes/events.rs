@@ -79,6 +79,7 @@ fn endpoint(call: &Call, e: &Endpoint, secret: String) -> WebhookEndpoint {
         enabled: e.enabled,
         disabled_reason: e.disabled_reason.clone(),
         max_concurrency: e.max_concurrency,
+        fifo_per_aggregate: e.fifo_per_aggregate,
         circuit_state: h.circuit_state(call.state.clock.now()).to_owned(),
         circuit_open_until: h.circuit_open_until.filter(|_| h.circuit_open).map(time),
         first_failure_at: h.first_failure_at.map(time),
