@@ -38,6 +38,11 @@ impl Target {
         self.orders_url.replace("/orders", path)
     }
 
+    /// A URL of the same server outside the API (`/metrics`); Bursar targets only.
+    pub fn server(&self, path: &str) -> String {
+        self.orders_url.replace("/api/orders", path)
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }

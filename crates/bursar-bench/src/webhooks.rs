@@ -142,6 +142,8 @@ struct Fixed {
     relay_ms: Vec<u64>,
     queue_ms: Vec<u64>,
     send_ms: Vec<u64>,
+    /// The worker's claim latency as Bursar's `/metrics` summarised it after the phase.
+    claims: Option<String>,
 }
 
 /// What the phases of a run share.
@@ -223,6 +225,7 @@ impl Run<'_> {
         }
         let done_at = Instant::now();
         tally.drain(self.receivers, done_at + self.drain).await;
+        f.claims = claim_latency(self.hooked).await;
         let last = tally
             .last_at
             .map_or(0.0, |t| t.saturating_duration_since(done_at).as_secs_f64());
@@ -666,6 +669,27 @@ async fn paced_creates(t: &Arc<Target>, rate: u32, s: load::Settings) -> Result<
     Ok(p)
 }
 
+/// The worker's claim latency from Bursar's `/metrics` (a summary over its last minute):
+/// `None` if it cannot be read.
+async fn claim_latency(t: &Target) -> Option<String> {
+    let text = t.client().get(t.server("/metrics")).send().await.ok()?;
+    let text = text.text().await.ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    let q = |q: &str| value(&format!("webhook_claim_seconds{{quantile=\"{q}\"}}"));
+    let (p50, p99, max) = (q("0.5")?, q("0.99")?, q("1")?);
+    let count = value("webhook_claim_seconds_count")?;
+    Some(format!(
+        "claims (Bursar's /metrics, its last minute): {count} claims, p50 {:.1} ms, p99 {:.1} ms, \
+         max {:.1} ms",
+        p50 * 1e3,
+        p99 * 1e3,
+        max * 1e3
+    ))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Endpoints and the event log, over the API
 
@@ -882,6 +906,10 @@ fn report(args: &Args, r: &mut Results) -> ExitCode {
             p(&mut f.queue_ms),
             p(&mut f.send_ms)
         );
+    }
+
+    if let Some(claims) = &f.claims {
+        println!("{claims}");
     }
 
     println!();

@@ -61,11 +61,15 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
         let lease = Duration::from_secs(hooks.config.lease_secs.max(1));
         let lease_until = Timestamp(now.0 + millis(lease));
         let limit = u32::try_from(free.min(64)).unwrap_or(64);
-        let claimed = match state
+        let started = Instant::now();
+        let claimed = state
             .store
             .claim_deliveries(now, lease_until, &token, limit)
-            .await
-        {
+            .await;
+        // Claims are serialised per endpoint (and, on SQLite, with every other write): their
+        // latency is what a worker waits before it can send anything (`GET /metrics`).
+        metrics::histogram!("webhook_claim_seconds").record(started.elapsed().as_secs_f64());
+        let claimed = match claimed {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "claiming webhook deliveries failed; will retry");

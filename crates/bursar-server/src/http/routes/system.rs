@@ -33,7 +33,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 
 /// Counters in the Prometheus text format (`ratelimit_store_errors_total`,
 /// `ratelimit_fallback_total`, `ratelimit_degraded_checks_total`, `rate_limited_total`,
-/// `quota_exceeded_total`, `usage_flush_failures_total`). Unauthenticated like the probes: it
+/// `quota_exceeded_total`, `usage_flush_failures_total`), and summaries (quantiles over the
+/// last minute) such as `webhook_claim_seconds`. Unauthenticated like the probes: it
 /// holds counts, never tenant data; keep it off the public edge.
 #[utoipa::path(get, path = "/metrics", tag = "system",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
