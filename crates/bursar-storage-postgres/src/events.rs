@@ -38,9 +38,11 @@ use sqlx::{Postgres, Row, Transaction};
 use crate::{PostgresStore, err};
 
 /// The advisory lock key that serialises relays (`pg_advisory_xact_lock`): "BURSAR" and the
-/// issue that introduced the event log. Advisory locks are per database, not per schema, so
-/// deployments sharing a database in separate schemas sequence one after the other (still
-/// correct, merely not in parallel).
+/// issue that introduced the event log, combined with a hash of the schema. Advisory locks are
+/// per database, not per schema, so without the hash stores sharing a database in separate
+/// schemas (tenants of one cluster, parallel test runs) would sequence one after the other. Two
+/// schemas whose hashes collide still only wait for each other. Claims lock in the two-key
+/// space (schema, endpoint), which PostgreSQL keeps apart from this single-key one.
 const SEQUENCER_LOCK: i64 = 0x4255_5253_4152_0005;
 
 macro_rules! event_cols {
@@ -431,7 +433,7 @@ impl EventLogStore for PostgresStore {
         let mut tx = self.write_tx().await?;
         // First, in its own statement: a statement's snapshot is taken before it runs, so only
         // the statements after this one see everything the previous relay committed.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        sqlx::query("SELECT pg_advisory_xact_lock($1 # hashtext(current_schema())::bigint)")
             .bind(SEQUENCER_LOCK)
             .execute(&mut *tx)
             .await
