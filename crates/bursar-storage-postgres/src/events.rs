@@ -930,12 +930,8 @@ impl EventLogStore for PostgresStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(err)?;
-        let mut endpoints = std::collections::HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let ep = endpoint(r)?;
-            endpoints.insert(r.try_get("delivery_id").map_err(err)?, (ep.id, ep.health));
-        }
-        let plain = plain_successes(&cs, &endpoints);
+        let of = |r: &PgRow| Ok((r.try_get("delivery_id").map_err(err)?, endpoint(r)?));
+        let plain = plain_successes(&cs, rows.iter().map(of).collect::<Result<_>>()?);
         let (together, rest): (Vec<&Completion>, Vec<&Completion>) = {
             let mut split = (Vec::new(), Vec::new());
             for (c, p) in cs.iter().zip(&plain) {

@@ -806,12 +806,8 @@ impl EventLogStore for SqliteStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(err)?;
-        let mut endpoints = std::collections::HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let ep = endpoint(r)?;
-            endpoints.insert(r.try_get("delivery_id").map_err(err)?, (ep.id, ep.health));
-        }
-        let plain = plain_successes(&cs, &endpoints);
+        let of = |r: &SqliteRow| Ok((r.try_get("delivery_id").map_err(err)?, endpoint(r)?));
+        let plain = plain_successes(&cs, rows.iter().map(of).collect::<Result<_>>()?);
         let together: Vec<&Completion> = cs
             .iter()
             .zip(&plain)

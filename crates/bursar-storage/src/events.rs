@@ -555,13 +555,17 @@ pub fn aggregate_key(e: &LoggedEvent) -> String {
 /// all of that endpoint's completions one by one instead. The two groups concern different
 /// endpoints, so recording one before the other decides everything exactly as in arrival order.
 ///
-/// `endpoints` maps each delivery of the batch to its endpoint and that endpoint's health (a
-/// delivery missing from it, e.g. deleted with its endpoint, is not plain).
+/// `endpoints` maps each delivery of the batch to its endpoint, as read in the completion's
+/// transaction (a delivery missing from it, e.g. deleted with its endpoint, is not plain).
 pub fn plain_successes(
     cs: &[Completion],
-    endpoints: &std::collections::HashMap<i64, (i64, Health)>,
+    endpoints: std::collections::HashMap<i64, Endpoint>,
 ) -> Vec<bool> {
     use std::collections::HashSet;
+    let endpoints: std::collections::HashMap<i64, (i64, Health)> = endpoints
+        .into_iter()
+        .map(|(delivery, e)| (delivery, (e.id, e.health)))
+        .collect();
     let simple = |c: &Completion| {
         matches!(c.outcome, Outcome::Succeeded)
             && c.attempt.attempt_no <= operational::FAILING_AFTER_ATTEMPTS
@@ -907,15 +911,35 @@ mod tests {
             first_failure_at: Some(Timestamp(1)),
             ..Health::default()
         };
-        let endpoints = std::collections::HashMap::from([
-            (1, (10, Health::default())),
-            (2, (10, Health::default())),
-            (3, (20, Health::default())),
-            (4, (20, Health::default())),
-            (5, (30, failing)),
-            (6, (40, Health::default())),
-            (7, (50, Health::default())),
-        ]);
+        let at = |id: i64, health: Health| Endpoint {
+            id,
+            account_id: 1,
+            url: "https://receiver.example/hooks".into(),
+            description: None,
+            event_types: vec!["*".into()],
+            secret_enc: String::new(),
+            previous_secret_enc: None,
+            previous_secret_expires_at: None,
+            enabled: true,
+            disabled_reason: None,
+            max_concurrency: 4,
+            fifo_per_aggregate: false,
+            health,
+            version: 1,
+            created_at: Timestamp(1),
+            updated_at: Timestamp(1),
+        };
+        let endpoints = || {
+            std::collections::HashMap::from([
+                (1, at(10, Health::default())),
+                (2, at(10, Health::default())),
+                (3, at(20, Health::default())),
+                (4, at(20, Health::default())),
+                (5, at(30, failing.clone())),
+                (6, at(40, Health::default())),
+                (7, at(50, Health::default())),
+            ])
+        };
         let cs = [
             completion(1, 1, ok),
             completion(2, 2, ok),
@@ -933,7 +957,7 @@ mod tests {
             completion(8, 1, ok),
         ];
         assert_eq!(
-            plain_successes(&cs, &endpoints),
+            plain_successes(&cs, endpoints()),
             [true, true, false, false, false, false, false, false, false]
         );
     }
