@@ -28,8 +28,8 @@ use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
     EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, RECENT_ATTEMPTS, Recent,
-    Replay, ReplayRequest, TypeFilter, aggregate_key, delivery_events, endpoint_disabled_event,
-    plain_successes, render_body, state, type_matches,
+    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, plain_successes,
+    render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::postgres::PgRow;
@@ -95,23 +95,26 @@ const SEQUENCE_BATCH: &str = "\
 /// Stores the sequenced events and fans them out, in one statement. The deliveries' foreign
 /// key to `outbox_events (event_id)` is checked at the end of the statement, after the `UPDATE`
 /// gave the rows their ids. A delivery is only paired with an event of the endpoint's account.
-const STORE_AND_FAN_OUT: &str = "\
+const STORE_AND_FAN_OUT: &str = concat!(
+    "\
     WITH sequenced AS (\
        UPDATE outbox_events o SET event_id = u.event_id, seq = u.seq, body = u.body, \
               sequenced_at = $5 \
        FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[]) \
             AS u (id, event_id, seq, body) \
        WHERE o.id = u.id \
-       RETURNING o.account_id, o.event_id) \
+       RETURNING o.account_id, o.event_id, o.aggregate_type, o.aggregate_id, o.seq) \
     INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, next_attempt_at, \
                                     created_at, updated_at, aggregate_key, event_seq) \
-    SELECT s.account_id, f.endpoint_id, s.event_id, 'pending', $5, $5, $5, f.aggregate_key, \
-           f.event_seq \
-    FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::text[], $10::bigint[]) \
-           WITH ORDINALITY AS f (account_id, endpoint_id, event_id, aggregate_key, event_seq, n) \
+    SELECT s.account_id, f.endpoint_id, s.event_id, 'pending', $5, $5, $5, ",
+    bursar_storage::fifo_columns!("ep", "s"),
+    " FROM unnest($6::bigint[], $7::bigint[], $8::text[]) WITH ORDINALITY \
+           AS f (account_id, endpoint_id, event_id, n) \
     JOIN sequenced s ON s.event_id = f.event_id AND s.account_id = f.account_id \
+    JOIN webhook_endpoints ep ON ep.id = f.endpoint_id \
     ORDER BY f.n \
-    ON CONFLICT (event_id, endpoint_id) DO NOTHING";
+    ON CONFLICT (event_id, endpoint_id) DO NOTHING"
+);
 
 /// How many more deliveries of endpoint `ep` may be leased: its cap, or one probe for a
 /// half-open circuit, less its live leases (`live.n`).
@@ -476,7 +479,7 @@ impl EventLogStore for PostgresStore {
         accounts.sort_unstable();
         accounts.dedup();
         let endpoints = sqlx::query(
-            "SELECT id, account_id, event_types, fifo_per_aggregate FROM webhook_endpoints \
+            "SELECT id, account_id, event_types FROM webhook_endpoints \
              WHERE account_id = ANY($1) AND enabled ORDER BY id FOR SHARE",
         )
         .bind(&accounts)
@@ -492,15 +495,13 @@ impl EventLogStore for PostgresStore {
                 r.try_get::<AccountId, _>("account_id").map_err(err)?,
                 r.try_get::<i64, _>("id").map_err(err)?,
                 types,
-                r.try_get::<bool, _>("fifo_per_aggregate").map_err(err)?,
             ))
         })
         .collect::<Result<Vec<_>>>()?;
         let (mut fan_accounts, mut fan_endpoints, mut fan_events) = (vec![], vec![], vec![]);
-        let (mut fan_keys, mut fan_seqs) = (vec![], vec![]);
         for (e, r) in events.iter().zip(&rows) {
             let about: Option<i64> = r.try_get("about_endpoint_id").map_err(err)?;
-            for (account, endpoint_id, types, fifo) in &endpoints {
+            for (account, endpoint_id, types) in &endpoints {
                 if *account == e.account_id
                     && about != Some(*endpoint_id)
                     && type_matches(types, &e.event_type)
@@ -508,8 +509,6 @@ impl EventLogStore for PostgresStore {
                     fan_accounts.push(*account);
                     fan_endpoints.push(*endpoint_id);
                     fan_events.push(e.event_id.as_str());
-                    fan_keys.push(fifo.then(|| aggregate_key(e)));
-                    fan_seqs.push(fifo.then_some(e.seq));
                 }
             }
         }
@@ -530,8 +529,6 @@ impl EventLogStore for PostgresStore {
             .bind(&fan_accounts)
             .bind(&fan_endpoints)
             .bind(&fan_events)
-            .bind(&fan_keys)
-            .bind(&fan_seqs)
             .execute(&mut *tx)
             .await
             .map_err(err)?;

@@ -8,8 +8,8 @@ use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
     EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, RECENT_ATTEMPTS, Recent,
-    Replay, ReplayRequest, TypeFilter, aggregate_key, delivery_events, endpoint_disabled_event,
-    plain_successes, render_body, state, type_matches,
+    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, plain_successes,
+    render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::sqlite::SqliteRow;
@@ -250,7 +250,7 @@ impl EventLogStore for SqliteStore {
             .map_err(err)?;
             next_seq.insert(account, last - n + 1);
             let eps = sqlx::query(
-                "SELECT id, event_types, fifo_per_aggregate FROM webhook_endpoints \
+                "SELECT id, event_types FROM webhook_endpoints \
                  WHERE account_id = ? AND enabled = 1",
             )
             .bind(account)
@@ -262,11 +262,7 @@ impl EventLogStore for SqliteStore {
                 let types: String = e.get("event_types");
                 let types: Vec<String> = serde_json::from_str(&types)
                     .map_err(|e| StorageError::Internal(Box::new(e)))?;
-                Ok((
-                    e.get::<i64, _>("id"),
-                    types,
-                    e.get::<bool, _>("fifo_per_aggregate"),
-                ))
+                Ok((e.get::<i64, _>("id"), types))
             })
             .collect::<Result<Vec<_>>>()?;
             endpoints.insert(account, eps);
@@ -296,35 +292,28 @@ impl EventLogStore for SqliteStore {
                 .unwrap_or(payload);
             event.body = render_body(&event, &object)?;
             let about: Option<i64> = r.get("about_endpoint_id");
-            for (endpoint_id, types, fifo) in &endpoints[&account] {
+            for (endpoint_id, types) in &endpoints[&account] {
                 if about != Some(*endpoint_id) && type_matches(types, &event.event_type) {
-                    let (key, seq) = match fifo {
-                        true => (Some(aggregate_key(&event)), Some(event.seq)),
-                        false => (None, None),
-                    };
-                    fan_out.push(serde_json::json!([
-                        account,
-                        endpoint_id,
-                        event.event_id,
-                        key,
-                        seq
-                    ]));
+                    fan_out.push(serde_json::json!([account, endpoint_id, event.event_id]));
                 }
             }
             out.push(event);
         }
         // One call stores every event's sequence and body and inserts every delivery. Only
         // fixed fragments and a row count go into the text; every value is bound.
+        // The deliveries read their events as just stored (the statements run in order).
         let sql = format!(
             "UPDATE outbox_events SET event_id = v.column2, seq = v.column3, body = v.column4, \
              sequenced_at = ? FROM (VALUES {}) AS v WHERE outbox_events.id = v.column1; \
              INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
              next_attempt_at, created_at, updated_at, aggregate_key, event_seq) \
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, 'pending', ?, ?, ?, \
-               j.value ->> 3, j.value ->> 4 \
-             FROM json_each(?) AS j WHERE true \
+             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, 'pending', ?, ?, ?, {} \
+             FROM json_each(?) AS j \
+             JOIN outbox_events ev ON ev.event_id = j.value ->> 2 \
+             JOIN webhook_endpoints ep ON ep.id = j.value ->> 1 WHERE true \
              ON CONFLICT (event_id, endpoint_id) DO NOTHING",
-            vec!["(?, ?, ?, ?)"; out.len()].join(", ")
+            vec!["(?, ?, ?, ?)"; out.len()].join(", "),
+            bursar_storage::fifo_columns!("ep", "ev"),
         );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now.0);
         for (e, r) in out.iter().zip(&rows) {
@@ -1007,6 +996,8 @@ async fn complete_plain(
         return Ok(Default::default());
     }
     let values = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; cs.len()].join(", ");
+    // The update needs only the lease and the outcome, not the snippet again.
+    let outcomes = vec!["(?, ?, ?, ?)"; cs.len()].join(", ");
     let sql = format!(
         "INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
          duration_ms, error_kind, response_snippet, created_at) \
@@ -1016,30 +1007,35 @@ async fn complete_plain(
          FROM (VALUES {values}) AS v JOIN webhook_deliveries d ON d.id = v.column1 WHERE true \
          ON CONFLICT (delivery_id, attempt_no) DO NOTHING; \
          UPDATE webhook_deliveries SET state = '{succeeded}', lease_token = NULL, \
-           lease_expires_at = NULL, last_status = v.column4, last_error = v.column6, \
+           lease_expires_at = NULL, last_status = v.column3, last_error = v.column4, \
            updated_at = ? \
-         FROM (VALUES {values}) AS v \
+         FROM (VALUES {outcomes}) AS v \
          WHERE webhook_deliveries.id = v.column1 AND webhook_deliveries.lease_token = v.column2 \
          RETURNING webhook_deliveries.id",
         succeeded = state::SUCCEEDED,
     );
-    let bind_all = |mut q: sqlx::query::Query<'static, Sqlite, sqlx::sqlite::SqliteArguments>| {
-        for c in cs {
-            let a = &c.attempt;
-            q = q
-                .bind(c.delivery_id)
-                .bind(c.lease_token.clone())
-                .bind(a.attempt_no)
-                .bind(a.status_code)
-                .bind(a.duration_ms)
-                .bind(a.error_kind.clone())
-                .bind(a.response_snippet.clone())
-                .bind(a.created_at.0);
-        }
-        q
-    };
-    let q = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)));
-    let q = bind_all(q.bind(now.0));
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for c in cs {
+        let a = &c.attempt;
+        q = q
+            .bind(c.delivery_id)
+            .bind(c.lease_token.clone())
+            .bind(a.attempt_no)
+            .bind(a.status_code)
+            .bind(a.duration_ms)
+            .bind(a.error_kind.clone())
+            .bind(a.response_snippet.clone())
+            .bind(a.created_at.0);
+    }
+    q = q.bind(now.0);
+    for c in cs {
+        let a = &c.attempt;
+        q = q
+            .bind(c.delivery_id)
+            .bind(c.lease_token.clone())
+            .bind(a.status_code)
+            .bind(a.error_kind.clone());
+    }
     let held: Vec<i64> = q
         .fetch_all(&mut **tx)
         .await

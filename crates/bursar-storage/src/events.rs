@@ -522,7 +522,9 @@ macro_rules! fifo_ready {
 }
 
 /// SQL: the `aggregate_key, event_seq` values of a new delivery of event `$ev` to endpoint
-/// `$ep`: set only when the endpoint has per-aggregate FIFO (as [`aggregate_key`] builds them).
+/// `$ep`, the one definition of what FIFO orders by (the event's aggregate, `order:42`, and its
+/// sequence): set only when the endpoint has per-aggregate FIFO. Every statement that creates
+/// deliveries (fan-out, redelivery, replay) uses it.
 #[macro_export]
 macro_rules! fifo_columns {
     ($ep:literal, $ev:literal) => {
@@ -542,11 +544,6 @@ macro_rules! fifo_columns {
     };
 }
 
-/// What per-aggregate FIFO orders a delivery by: its event's aggregate (`order:42`).
-pub fn aggregate_key(e: &LoggedEvent) -> String {
-    format!("{}:{}", e.aggregate_type, e.aggregate_id)
-}
-
 /// Which completions of a batch can be written together, as multi-row statements, without
 /// reading or changing anything else: successes that cannot cause a `recovered` notice (at most
 /// [`FAILING_AFTER_ATTEMPTS`](operational::FAILING_AFTER_ATTEMPTS) attempts) at an endpoint in
@@ -562,10 +559,6 @@ pub fn plain_successes(
     endpoints: std::collections::HashMap<i64, Endpoint>,
 ) -> Vec<bool> {
     use std::collections::HashSet;
-    let endpoints: std::collections::HashMap<i64, (i64, Health)> = endpoints
-        .into_iter()
-        .map(|(delivery, e)| (delivery, (e.id, e.health)))
-        .collect();
     let simple = |c: &Completion| {
         matches!(c.outcome, Outcome::Succeeded)
             && c.attempt.attempt_no <= operational::FAILING_AFTER_ATTEMPTS
@@ -573,18 +566,18 @@ pub fn plain_successes(
     let mut seen = HashSet::new();
     let mut mixed = HashSet::new();
     for c in cs {
-        let Some((endpoint, health)) = endpoints.get(&c.delivery_id) else {
+        let Some(e) = endpoints.get(&c.delivery_id) else {
             continue;
         };
-        if !seen.insert(c.delivery_id) || !simple(c) || *health != Health::default() {
-            mixed.insert(*endpoint);
+        if !seen.insert(c.delivery_id) || !simple(c) || e.health != Health::default() {
+            mixed.insert(e.id);
         }
     }
     cs.iter()
         .map(|c| {
             endpoints
                 .get(&c.delivery_id)
-                .is_some_and(|(endpoint, _)| !mixed.contains(endpoint))
+                .is_some_and(|e| !mixed.contains(&e.id))
         })
         .collect()
 }
