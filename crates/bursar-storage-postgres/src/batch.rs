@@ -427,7 +427,12 @@ impl KeyedColumns {
 
 #[async_trait]
 impl GroupWriter for PgCreates {
-    type Row = PgRow;
+    type Item = Create;
+    type Out = Written<PgRow>;
+
+    fn settle(create: &Create, out: Written<PgRow>) -> Result<Written<PgRow>, StorageError> {
+        create.settle(out)
+    }
 
     async fn write(
         &self,

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use bursar_domain::ledger::{Entry, LedgerAccount, Posting};
-use bursar_domain::{AccountId, Currency, OrderStatus, Timestamp};
+use bursar_domain::{AccountId, Currency, Money, OrderStatus, Timestamp};
 use bursar_storage::money::*;
 use bursar_storage::operations::{FINISHED, fenced_unless_one};
 use bursar_storage::{
@@ -493,7 +493,7 @@ impl MoneyStore for PostgresStore {
         meta: &WriteMeta,
         step: &Step,
         new: NewPayment,
-        respond: Respond<'_, Payment>,
+        respond: Responder<Payment>,
     ) -> Result<Payment> {
         let mut tx = self.write_tx().await?;
         let (code, message) = new.failure.clone().unzip();
@@ -560,8 +560,9 @@ impl MoneyStore for PostgresStore {
         meta: &WriteMeta,
         step: &Step,
         payment_id: i64,
+        _authorized: Money,
         captured_minor: i64,
-        respond: Respond<'_, Payment>,
+        respond: Responder<Payment>,
     ) -> Result<Payment> {
         let mut tx = self.write_tx().await?;
         let p = settle_authorization(

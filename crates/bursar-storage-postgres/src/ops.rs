@@ -5,10 +5,11 @@
 
 use async_trait::async_trait;
 use bursar_domain::Timestamp;
-use bursar_storage::operations::{FINISHED, STARTED};
+use bursar_storage::money::MoneyStore;
+use bursar_storage::operations::{FINISHED, Prefetch, Prefetched, STARTED};
 use bursar_storage::{
-    Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, Result, StorageError,
-    StoredResponse, WriteMeta, decode,
+    Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, OrderStore, Result,
+    StorageError, StoredResponse, WriteMeta, decode,
 };
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -48,6 +49,7 @@ fn leased(r: &PgRow) -> Result<LeasedOperation> {
                 .try_get::<Option<String>, _>("trace_id")?
                 .unwrap_or_default(),
             attempts: r.try_get("attempts")?,
+            prefetched: None,
         })
     };
     get().map_err(err)
@@ -61,6 +63,7 @@ impl OperationStore for PostgresStore {
         claim: &IdempotencyClaim,
         request: &[u8],
         lease_until: Timestamp,
+        prefetch: Option<Prefetch>,
     ) -> Result<Begun> {
         let mut tx = self.write_tx().await?;
         // Only a finished record expires (an unfinished one's expiry is the largest integer).
@@ -121,7 +124,21 @@ impl OperationStore for PostgresStore {
             ),
         };
         tx.commit().await.map_err(err)?;
-        Ok(begun)
+        // Read right after the claim: the work's first phase would read it next anyway.
+        Ok(match (begun, prefetch) {
+            (Begun::Leased(mut op), Some(wanted)) => {
+                op.prefetched = Some(Box::new(match wanted {
+                    Prefetch::Order(id) => {
+                        Prefetched::Order(id, self.get_order(op.account_id, id).await?)
+                    }
+                    Prefetch::Payment(id) => {
+                        Prefetched::Payment(id, self.get_payment(op.account_id, id).await?)
+                    }
+                }));
+                Begun::Leased(op)
+            }
+            (begun, _) => begun,
+        })
     }
 
     async fn advance_operation(

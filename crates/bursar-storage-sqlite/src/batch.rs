@@ -137,7 +137,15 @@ pub struct SqliteCreates {
 
 #[async_trait]
 impl GroupWriter for SqliteCreates {
-    type Row = SqliteRow;
+    type Item = Create;
+    type Out = Written<SqliteRow>;
+
+    fn settle(
+        create: &Create,
+        out: Written<SqliteRow>,
+    ) -> Result<Written<SqliteRow>, StorageError> {
+        create.settle(out)
+    }
 
     /// One call to the writer connection: `BEGIN IMMEDIATE; <each create>; COMMIT`.
     /// `fetch_all` drives every statement to the end; after a failure `ROLLBACK` leaves the

@@ -50,6 +50,10 @@ pub struct SqliteStore {
     readers: SqlitePool,
     /// Creates go through group commit (see `batch`).
     creates: Arc<GroupCommit<batch::SqliteCreates>>,
+    /// The steps of phased work on the way to a payment go through group commit too (see
+    /// `steps`).
+    steps: Arc<GroupCommit<steps::SqliteSteps>>,
+    step_commits: Arc<AtomicU64>,
     create_commits: Arc<AtomicU64>,
 }
 
@@ -121,12 +125,30 @@ impl SqliteStore {
             usize::MAX,
             1,
         ));
+        let step_commits = Arc::new(AtomicU64::new(0));
+        let steps = Arc::new(GroupCommit::spawn(
+            steps::SqliteSteps {
+                pool: writer.clone(),
+                commits: step_commits.clone(),
+            },
+            steps::MAX_BATCH,
+            usize::MAX,
+            1,
+        ));
         Ok(SqliteStore {
             writer,
             readers,
             creates,
+            steps,
             create_commits,
+            step_commits,
         })
+    }
+
+    /// Transactions the steps' group-commit writer has committed (each carries one or more
+    /// steps of phased work).
+    pub fn step_commits(&self) -> u64 {
+        self.step_commits.load(Ordering::Relaxed)
     }
 
     /// Transactions the group-commit writer has committed (each carries one or more creates).
@@ -170,12 +192,36 @@ macro_rules! order_cols {
     };
 }
 
-// Declared after the SQL macros above, which it uses.
+/// The columns a payment is read with (`money::payment` decodes them).
+macro_rules! payment_cols {
+    () => {
+        "id, account_id, order_id, processor_id, payment_method, \
+    amount_minor, currency, status, captured_minor, refunded_minor, failure_code, \
+    failure_message, version, created_at, updated_at"
+    };
+}
+/// The columns phased work is leased with (`ops::leased` decodes them).
+macro_rules! leased_cols {
+    () => {
+        "id, fence, account_id, method, route, recovery_point, phase_state, request_body, \
+         request_id, trace_id, attempts"
+    };
+}
+/// The columns an idempotency record is read with (`key_record` decodes them).
+macro_rules! key_cols {
+    () => {
+        "id, method, route, fingerprint, response_status, response_headers, response_body, \
+         created_at, expires_at, recovery_point, locked_until, resource_id"
+    };
+}
+
+// Declared after the SQL macros above, which they use.
 mod batch;
 mod events;
 mod money;
 mod ops;
 mod product;
+mod steps;
 
 #[derive(FromRow)]
 struct CustomerRow {
@@ -241,23 +287,9 @@ async fn append_event(
     meta: &WriteMeta,
     ev: NewEvent,
 ) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
-         aggregate_version, payload, request_id, trace_id, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(meta.account_id)
-    .bind(ev.event_type)
-    .bind(ev.aggregate_type)
-    .bind(ev.aggregate_id)
-    .bind(ev.aggregate_version)
-    .bind(ev.payload)
-    .bind(&meta.request_id)
-    .bind(&meta.trace_id)
-    .bind(meta.at.0)
-    .execute(&mut **tx)
-    .await
-    .map_err(err)?;
+    let mut sql = steps::Sql::default();
+    steps::event_sql(&mut sql, meta, ev);
+    sql.fetch_all(tx).await?;
     Ok(())
 }
 
@@ -748,37 +780,39 @@ async fn find_key<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     account: AccountId,
     key: &str,
 ) -> Result<Option<IdempotencyRecord>> {
-    let row = sqlx::query(
-        "SELECT id, method, route, fingerprint, response_status, response_headers, \
-         response_body, created_at, expires_at, recovery_point, locked_until, resource_id \
-         FROM idempotency_keys WHERE account_id = ? AND idem_key = ?",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        key_cols!(),
+        " FROM idempotency_keys WHERE account_id = ? AND idem_key = ?"
+    ))
     .bind(account)
     .bind(key)
     .fetch_optional(executor)
     .await
     .map_err(err)?;
-    row.map(|r| {
-        let status: i64 = r.get("response_status");
-        Ok(IdempotencyRecord {
-            id: r.get("id"),
-            method: r.get("method"),
-            route: r.get("route"),
-            fingerprint: r.get("fingerprint"),
-            response: StoredResponse {
-                status: u16::try_from(status)
-                    .map_err(|_| StorageError::Internal("stored status out of range".into()))?,
-                headers: decode::headers(r.get("response_headers"))?,
-                body: r.get("response_body"),
-            },
-            created_at: Timestamp(r.get("created_at")),
-            expires_at: Timestamp(r.get("expires_at")),
-            resource_id: r.get("resource_id"),
-            in_flight: (r.get::<&str, _>("recovery_point") != operations::FINISHED)
-                .then(|| Timestamp(r.get::<Option<i64>, _>("locked_until").unwrap_or(0))),
-        })
+    row.as_ref().map(key_record).transpose()
+}
+
+/// Decodes a row of [`key_cols!`].
+fn key_record(r: &SqliteRow) -> Result<IdempotencyRecord> {
+    let status: i64 = r.get("response_status");
+    Ok(IdempotencyRecord {
+        id: r.get("id"),
+        method: r.get("method"),
+        route: r.get("route"),
+        fingerprint: r.get("fingerprint"),
+        response: StoredResponse {
+            status: u16::try_from(status)
+                .map_err(|_| StorageError::Internal("stored status out of range".into()))?,
+            headers: decode::headers(r.get("response_headers"))?,
+            body: r.get("response_body"),
+        },
+        created_at: Timestamp(r.get("created_at")),
+        expires_at: Timestamp(r.get("expires_at")),
+        resource_id: r.get("resource_id"),
+        in_flight: (r.get::<&str, _>("recovery_point") != operations::FINISHED)
+            .then(|| Timestamp(r.get::<Option<i64>, _>("locked_until").unwrap_or(0))),
     })
-    .transpose()
 }
 
 #[async_trait]

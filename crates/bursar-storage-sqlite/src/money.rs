@@ -4,29 +4,22 @@
 
 use async_trait::async_trait;
 use bursar_domain::ledger::{Entry, Posting};
-use bursar_domain::{AccountId, Currency, OrderStatus, Timestamp};
+use bursar_domain::{AccountId, Currency, Money, Timestamp};
 use bursar_storage::money::*;
-use bursar_storage::operations::{FINISHED, fenced_unless_one};
+use bursar_storage::operations::fenced_unless_one;
 use bursar_storage::{
     NewEvent, Page, PageRequest, Result, StorageError, StoredResponse, WriteMeta, decode,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
+use crate::steps::{Gate, Reference, Sql, StepWrite, entry_sql, step_sql};
 use crate::{SqliteStore, append_event, err};
 
 type Tx = Transaction<'static, Sqlite>;
 
-const PAID: (&str, &str) = ("pending", "paid");
 const REFUNDED: (&str, &str) = ("paid", "refunded");
 
-macro_rules! payment_cols {
-    () => {
-        "id, account_id, order_id, processor_id, payment_method, \
-    amount_minor, currency, status, captured_minor, refunded_minor, failure_code, \
-    failure_message, version, created_at, updated_at"
-    };
-}
 macro_rules! refund_cols {
     () => {
         "id, account_id, payment_id, amount_minor, currency, status, \
@@ -68,7 +61,7 @@ macro_rules! row_by {
     }};
 }
 
-fn payment(r: &SqliteRow) -> Result<Payment> {
+pub(crate) fn payment(r: &SqliteRow) -> Result<Payment> {
     Ok(Payment {
         id: r.get("id"),
         account_id: r.get("account_id"),
@@ -138,104 +131,34 @@ async fn commit_step(
     response: Option<&StoredResponse>,
     resource_id: i64,
 ) -> Result<()> {
-    let done = match (&step.end, response) {
-        (StepEnd::Advance { to, lease_until }, _) => sqlx::query(
-            "UPDATE idempotency_keys SET recovery_point = ?, phase_state = ?, \
-             locked_until = ?, last_run_at = ? \
-             WHERE id = ? AND fence = ? AND recovery_point = ?",
-        )
-        .bind(to)
-        .bind(&step.state)
-        .bind(lease_until.0)
-        .bind(step.now.0),
-        (StepEnd::Finish { expires_at }, Some(r)) => sqlx::query(
-            "UPDATE idempotency_keys SET recovery_point = ?, phase_state = ?, \
-             response_status = ?, response_headers = ?, response_body = ?, resource_id = ?, \
-             locked_until = NULL, last_run_at = ?, expires_at = ? \
-             WHERE id = ? AND fence = ? AND recovery_point = ?",
-        )
-        .bind(FINISHED)
-        .bind(&step.state)
-        .bind(i64::from(r.status))
-        .bind(decode::headers_json(&r.headers))
-        .bind(r.body.clone())
-        .bind(resource_id)
-        .bind(step.now.0)
-        .bind(expires_at.0),
-        (StepEnd::Finish { .. }, None) => {
-            return Err(StorageError::Internal(
-                "a finishing step needs a response".into(),
-            ));
-        }
-    }
-    .bind(step.lease.record_id)
-    .bind(step.lease.fence)
-    .bind(&step.from)
-    .execute(&mut **tx)
-    .await
-    .map_err(err)?;
-    fenced_unless_one(done.rows_affected())
+    let mut sql = Sql::default();
+    step_sql(&mut sql, 0, step, response, resource_id)?;
+    let done = sql.fetch_all(tx).await?;
+    fenced_unless_one(done.len() as u64)
 }
 
 /// Writes `entry` and moves the balances it touches, in the caller's transaction, as one
-/// call to the writer: the journal entry, its postings (which find their entry as the
-/// newest one: the transaction holds the write lock) and the balance upserts. Statement
-/// hand-offs are what a transaction holds SQLite's one writer for (`docs/PERFORMANCE.md`).
+/// call to the writer (`steps::entry_sql`). Statement hand-offs are what a transaction holds
+/// SQLite's one writer for (`docs/PERFORMANCE.md`).
 async fn post_entry(
     tx: &mut Tx,
     account: AccountId,
     entry: &Entry,
-    reference: (&str, i64),
+    (reference_type, id): (&'static str, i64),
     at: Timestamp,
 ) -> Result<()> {
-    let postings = entry.postings();
-    if postings.is_empty() {
-        return Ok(());
-    }
-    // A capture moves `pending` twice (captured and released): one upsert row per account.
-    let mut moves: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
-    for p in postings {
-        *moves
-            .entry((p.currency.code(), p.ledger_account.as_str()))
-            .or_default() += p.minor;
-    }
-    let rows = |row: &str, n: usize| vec![row; n].join(", ");
-    // Only fixed fragments and a row count go into the text; every value is bound.
-    let sql = format!(
-        "INSERT INTO journal_entries (account_id, kind, reference_type, reference_id, \
-         created_at) VALUES (?, ?, ?, ?, ?); \
-         INSERT INTO postings (entry_id, account_id, ledger_account, currency, amount_minor) \
-         SELECT (SELECT max(id) FROM journal_entries), ?, v.column1, v.column2, v.column3 \
-         FROM (VALUES {}) AS v; \
-         INSERT INTO balances (account_id, ledger_account, currency, amount_minor, updated_at) \
-         VALUES {} ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
-         amount_minor = amount_minor + excluded.amount_minor, \
-         updated_at = excluded.updated_at",
-        rows("(?, ?, ?)", postings.len()),
-        rows("(?, ?, ?, ?, ?)", moves.len()),
+    let mut sql = Sql::default();
+    entry_sql(
+        &mut sql,
+        account,
+        entry,
+        (reference_type, Reference::Known(id)),
+        at,
+        &Gate::Always,
     );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(account)
-        .bind(entry.kind().as_str())
-        .bind(reference.0)
-        .bind(reference.1)
-        .bind(at.0)
-        .bind(account);
-    for p in postings {
-        q = q
-            .bind(p.ledger_account.as_str())
-            .bind(p.currency.code())
-            .bind(p.minor);
+    if !sql.is_empty() {
+        sql.fetch_all(tx).await?;
     }
-    for ((currency, ledger_account), minor) in moves {
-        q = q
-            .bind(account)
-            .bind(ledger_account)
-            .bind(currency)
-            .bind(minor)
-            .bind(at.0);
-    }
-    q.execute(&mut **tx).await.map_err(err)?;
     Ok(())
 }
 
@@ -340,136 +263,44 @@ async fn settle_authorization(
 
 #[async_trait]
 impl MoneyStore for SqliteStore {
+    /// Group-committed with other steps (`steps`).
     async fn claim_order(&self, meta: &WriteMeta, step: &Step, order_id: i64) -> Result<()> {
-        let mut tx = self.write_tx().await?;
-        let claimed = sqlx::query(
-            "UPDATE orders SET payment_operation_id = ? WHERE account_id = ? AND id = ? \
-             AND status = 'pending' AND (payment_operation_id IS NULL OR payment_operation_id = ?)",
-        )
-        .bind(step.lease.record_id)
-        .bind(meta.account_id)
-        .bind(order_id)
-        .bind(step.lease.record_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        if claimed.rows_affected() != 1 {
-            let row = sqlx::query("SELECT status FROM orders WHERE account_id = ? AND id = ?")
-                .bind(meta.account_id)
-                .bind(order_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(err)?;
-            let Some(row) = row else {
-                return Err(StorageError::NotFound);
-            };
-            let status = decode::status(row.get("status"))?;
-            return Err(StorageError::Rule(if status == OrderStatus::Pending {
-                Rule::OrderPaymentInProgress
-            } else {
-                Rule::OrderNotPayable(status)
-            }));
-        }
-        commit_step(&mut tx, step, None, order_id).await?;
-        tx.commit().await.map_err(err)
+        let step = step.clone();
+        let write = StepWrite::ClaimOrder { step, order_id };
+        self.step(meta, write).await?.claimed()
     }
 
+    /// Group-committed with other payments (`steps`).
     async fn record_payment(
         &self,
         meta: &WriteMeta,
         step: &Step,
         new: NewPayment,
-        respond: Respond<'_, Payment>,
+        respond: Responder<Payment>,
     ) -> Result<Payment> {
-        let mut tx = self.write_tx().await?;
-        let (code, message) = new.failure.clone().unzip();
-        let row = sqlx::query(concat!(
-            "INSERT INTO payments (account_id, order_id, operation_id, processor_id, \
-             payment_method, amount_minor, currency, status, captured_minor, failure_code, \
-             failure_message, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING ",
-            payment_cols!()
-        ))
-        .bind(meta.account_id)
-        .bind(new.order_id)
-        .bind(step.lease.record_id)
-        .bind(&new.processor_id)
-        .bind(&new.payment_method)
-        .bind(new.amount.minor)
-        .bind(new.amount.currency.code())
-        .bind(new.status.as_str())
-        .bind(new.captured_minor)
-        .bind(code)
-        .bind(message)
-        .bind(meta.at.0)
-        .bind(meta.at.0)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(err)?;
-        let p = payment(&row)?;
-        let reference = ("payment", p.id);
-        let kind = match p.status {
-            PaymentStatus::Failed => "failed",
-            PaymentStatus::RequiresCapture => "authorized",
-            PaymentStatus::Succeeded | PaymentStatus::Canceled => "succeeded",
-        };
-        if p.status != PaymentStatus::Failed {
-            post_entry(
-                &mut tx,
-                meta.account_id,
-                &Entry::authorization(p.amount),
-                reference,
-                meta.at,
-            )
-            .await?;
-        }
-        if p.status == PaymentStatus::Succeeded {
-            let capture = Entry::capture(p.amount, p.captured_minor);
-            post_entry(&mut tx, meta.account_id, &capture, reference, meta.at).await?;
-        }
-        append_event(&mut tx, meta, NewEvent::for_payment(kind, &p)).await?;
-        if p.status == PaymentStatus::Failed {
-            release_order(&mut tx, meta.account_id, p.order_id, step.lease.record_id).await?;
-        }
-        if p.status == PaymentStatus::Succeeded {
-            follow_order(&mut tx, meta, p.order_id, PAID, p.captured_minor).await?;
-        }
-        commit_step(&mut tx, step, Some(&respond(&p)), p.id).await?;
-        tx.commit().await.map_err(err)?;
-        Ok(p)
+        let step = step.clone();
+        let write = StepWrite::RecordPayment { step, new, respond };
+        self.step(meta, write).await?.recorded()
     }
 
+    /// Group-committed with other captures (`steps`).
     async fn capture_payment(
         &self,
         meta: &WriteMeta,
         step: &Step,
         payment_id: i64,
+        authorized: Money,
         captured_minor: i64,
-        respond: Respond<'_, Payment>,
+        respond: Responder<Payment>,
     ) -> Result<Payment> {
-        let mut tx = self.write_tx().await?;
-        let p = settle_authorization(
-            &mut tx,
-            meta,
+        let write = StepWrite::CapturePayment {
+            step: step.clone(),
             payment_id,
-            PaymentStatus::Succeeded,
+            authorized,
             captured_minor,
-        )
-        .await?;
-        let capture = Entry::capture(p.amount, p.captured_minor);
-        post_entry(
-            &mut tx,
-            meta.account_id,
-            &capture,
-            ("payment", p.id),
-            meta.at,
-        )
-        .await?;
-        append_event(&mut tx, meta, NewEvent::for_payment("captured", &p)).await?;
-        follow_order(&mut tx, meta, p.order_id, PAID, p.captured_minor).await?;
-        commit_step(&mut tx, step, Some(&respond(&p)), p.id).await?;
-        tx.commit().await.map_err(err)?;
-        Ok(p)
+            respond,
+        };
+        self.step(meta, write).await?.recorded()
     }
 
     async fn void_payment(

@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use bursar_domain::Timestamp;
-use bursar_storage::operations::{FINISHED, STARTED};
+use bursar_storage::operations::{FINISHED, Prefetch};
 use bursar_storage::{
     Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, Result, StorageError,
     StoredResponse, WriteMeta, decode,
@@ -15,16 +15,10 @@ use sqlx::sqlite::SqliteRow;
 
 use bursar_storage::operations::fenced_unless_one;
 
-use crate::{SqliteStore, clear_expired_key, err, find_key};
+use crate::steps::StepWrite;
+use crate::{SqliteStore, err};
 
-macro_rules! leased_cols {
-    () => {
-        "id, fence, account_id, method, route, recovery_point, phase_state, request_body, \
-         request_id, trace_id, attempts"
-    };
-}
-
-fn leased(r: &SqliteRow) -> Result<LeasedOperation> {
+pub(crate) fn leased(r: &SqliteRow) -> Result<LeasedOperation> {
     let get = || -> Result<LeasedOperation, sqlx::Error> {
         Ok(LeasedOperation {
             lease: Lease {
@@ -48,6 +42,7 @@ fn leased(r: &SqliteRow) -> Result<LeasedOperation> {
                 .try_get::<Option<String>, _>("trace_id")?
                 .unwrap_or_default(),
             attempts: r.try_get("attempts")?,
+            prefetched: None,
         })
     };
     get().map_err(err)
@@ -55,72 +50,22 @@ fn leased(r: &SqliteRow) -> Result<LeasedOperation> {
 
 #[async_trait]
 impl OperationStore for SqliteStore {
+    /// Group-committed with other claims (`steps`).
     async fn begin_operation(
         &self,
         meta: &WriteMeta,
         claim: &IdempotencyClaim,
         request: &[u8],
         lease_until: Timestamp,
+        prefetch: Option<Prefetch>,
     ) -> Result<Begun> {
-        let mut tx = self.write_tx().await?;
-        // Only a finished record expires (an unfinished one's expiry is the largest integer).
-        clear_expired_key(&mut tx, meta, &claim.key).await?;
-        let fresh = sqlx::query(concat!(
-            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
-             response_status, response_headers, response_body, created_at, expires_at, \
-             recovery_point, phase_state, fence, locked_until, last_run_at, attempts, \
-             request_body, request_id, trace_id) \
-             VALUES (?, ?, ?, ?, ?, 0, '[]', x'', ?, ?, ?, '{}', 1, ?, ?, 1, ?, ?, ?) \
-             ON CONFLICT (account_id, idem_key) DO NOTHING RETURNING ",
-            leased_cols!()
-        ))
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(&claim.method)
-        .bind(&claim.route)
-        .bind(&claim.fingerprint)
-        .bind(meta.at.0)
-        .bind(i64::MAX)
-        .bind(STARTED)
-        .bind(lease_until.0)
-        .bind(meta.at.0)
-        .bind(request)
-        .bind(&meta.request_id)
-        .bind(&meta.trace_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err)?;
-        // Not new: take the work over if it is this request's and its lease has lapsed.
-        let row = match fresh {
-            Some(row) => Some(row),
-            None => sqlx::query(concat!(
-                "UPDATE idempotency_keys SET fence = fence + 1, locked_until = ?, \
-                 last_run_at = ?, attempts = attempts + 1 \
-                 WHERE account_id = ? AND idem_key = ? AND fingerprint = ? \
-                 AND recovery_point <> ? AND locked_until <= ? RETURNING ",
-                leased_cols!()
-            ))
-            .bind(lease_until.0)
-            .bind(meta.at.0)
-            .bind(meta.account_id)
-            .bind(&claim.key)
-            .bind(&claim.fingerprint)
-            .bind(FINISHED)
-            .bind(meta.at.0)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(err)?,
+        let write = StepWrite::Begin {
+            claim: claim.clone(),
+            request: request.into(),
+            lease_until,
+            prefetch,
         };
-        let begun = match row {
-            Some(row) => Begun::Leased(leased(&row)?),
-            None => Begun::Existing(
-                find_key(&mut *tx, meta.account_id, &claim.key)
-                    .await?
-                    .ok_or_else(|| StorageError::Internal("claimed key vanished".into()))?,
-            ),
-        };
-        tx.commit().await.map_err(err)?;
-        Ok(begun)
+        self.step(meta, write).await?.begun()
     }
 
     async fn advance_operation(

@@ -1,6 +1,7 @@
-//! Group commit for creates, shared by the backends.
+//! Group commit, shared by the backends: for creates, and (SQLite) for the steps of phased
+//! work.
 //!
-//! A create is queued; a collector takes every create waiting (up to `max_batch`, all of one
+//! A write is queued; a collector takes every write waiting (up to `max_batch`, all of one
 //! kind) and hands them to the backend's [`GroupWriter`], which writes them — each with its
 //! outbox event — in one transaction and one round trip. Under light load a batch holds one
 //! create, so nothing ever waits for company; under heavy load the per-create cost of a
@@ -10,6 +11,7 @@
 //! is answered with [`Create::missing`], and if a batch fails as a whole, each of its creates
 //! is written again alone, so one bad create never fails its neighbours.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -94,12 +96,6 @@ impl Create {
         }
     }
 
-    /// Only creates of one kind share a batch (one statement shape per batch).
-    fn same_kind(&self, other: &Create) -> bool {
-        std::mem::discriminant(self) == std::mem::discriminant(other)
-            && self.keyed().is_some() == other.keyed().is_some()
-    }
-
     /// The order this create inserts, as the record it becomes once written with `id` at
     /// `meta.at`: for backends that draw the id up front and render a keyed create's response
     /// before the write, so claim, insert, event and response go in one statement.
@@ -129,10 +125,36 @@ impl Create {
         })
     }
 
-    /// Roughly how many bytes this create binds as statement parameters: its text plus an
-    /// allowance per column and, for a keyed create, for its claim and the response that
-    /// will be rendered for it. Lets a backend bound the size of one statement.
-    pub fn bound_bytes(&self) -> usize {
+    /// The outcome of a create whose insert produced no row.
+    pub fn missing(&self) -> StorageError {
+        match self {
+            Create::Order { .. } => StorageError::UnknownCustomer,
+            Create::Customer { .. } => {
+                StorageError::Internal("customer insert returned no row".into())
+            }
+        }
+    }
+
+    /// A create's reported outcome, with "nothing inserted" turned into its error: what a
+    /// creates writer's [`GroupWriter::settle`] does.
+    pub fn settle<R>(&self, outcome: Written<R>) -> Result<Written<R>, StorageError> {
+        match outcome {
+            Written::Missing => Err(self.missing()),
+            written => Ok(written),
+        }
+    }
+}
+
+impl Batchable for Create {
+    /// Only creates of one kind share a batch (one statement shape per batch).
+    fn same_kind(&self, other: &Create) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.keyed().is_some() == other.keyed().is_some()
+    }
+
+    /// Its text plus an allowance per column and, for a keyed create, for its claim and the
+    /// response that will be rendered for it.
+    fn bound_bytes(&self) -> usize {
         // A length prefix, or a fixed-width number.
         const PER_COLUMN: usize = 8;
         // The write's request id and trace id, bound with every create.
@@ -161,34 +183,40 @@ impl Create {
             }
         }
     }
+}
 
-    /// The outcome of a create whose insert produced no row.
-    pub fn missing(&self) -> StorageError {
-        match self {
-            Create::Order { .. } => StorageError::UnknownCustomer,
-            Create::Customer { .. } => {
-                StorageError::Internal("customer insert returned no row".into())
-            }
-        }
-    }
+/// What a batch carries.
+pub trait Batchable: Clone + Send + Sync + 'static {
+    /// Only writes of one kind share a batch: one statement shape per batch, so the
+    /// backend's prepared statements are reused.
+    fn same_kind(&self, other: &Self) -> bool;
+    /// Roughly how many bytes this write binds as statement parameters. Lets a backend
+    /// bound the size of one statement.
+    fn bound_bytes(&self) -> usize;
 }
 
 /// A backend's way of writing a batch in one transaction.
 #[async_trait]
 pub trait GroupWriter: Send + Sync + 'static {
-    type Row: Send + 'static;
-    /// Writes all creates in one transaction; `Ok` holds one outcome per create, in order.
-    /// `Err` means nothing was committed.
+    type Item: Batchable;
+    type Out: Send + 'static;
+    /// Writes every item in one transaction; `Ok` holds one outcome per item, in order.
+    /// `Err` means nothing was committed; each item is then written again alone.
     async fn write(
         &self,
-        batch: &[(WriteMeta, Create)],
-    ) -> Result<Vec<Written<Self::Row>>, StorageError>;
+        batch: &[(WriteMeta, Self::Item)],
+    ) -> Result<Vec<Self::Out>, StorageError>;
+    /// What the caller of [`GroupCommit::submit`] gets for an item's outcome.
+    fn settle(item: &Self::Item, out: Self::Out) -> Result<Self::Out, StorageError> {
+        let _ = item;
+        Ok(out)
+    }
 }
 
 struct Job<W: GroupWriter> {
     meta: WriteMeta,
-    write: Create,
-    reply: oneshot::Sender<Result<Written<W::Row>, StorageError>>,
+    write: W::Item,
+    reply: oneshot::Sender<Result<W::Out, StorageError>>,
 }
 
 /// The queue in front of a [`GroupWriter`].
@@ -199,8 +227,8 @@ pub struct GroupCommit<W: GroupWriter> {
 impl<W: GroupWriter> GroupCommit<W> {
     /// Starts the collector. At most `concurrency` batches are written at once (1 for SQLite's
     /// single writer; a few for PostgreSQL, where fuller batches measured faster). A batch
-    /// holds at most `max_batch` creates and, beyond its first, `max_bytes` of
-    /// [`Create::bound_bytes`].
+    /// holds at most `max_batch` writes and, beyond its first, `max_bytes` of
+    /// [`Batchable::bound_bytes`].
     pub fn spawn(
         writer: W,
         max_batch: usize,
@@ -220,13 +248,9 @@ impl<W: GroupWriter> GroupCommit<W> {
         GroupCommit { jobs }
     }
 
-    /// Queues one create and waits until it is committed (or refused). A create that inserted
-    /// nothing comes back as its [`Create::missing`] error, never as `Written::Missing`.
-    pub async fn submit(
-        &self,
-        meta: WriteMeta,
-        write: Create,
-    ) -> Result<Written<W::Row>, StorageError> {
+    /// Queues one write and waits until it is committed (or refused), with its outcome as
+    /// the writer's [`GroupWriter::settle`] gives it.
+    pub async fn submit(&self, meta: WriteMeta, write: W::Item) -> Result<W::Out, StorageError> {
         let (reply, answer) = oneshot::channel();
         let gone = || StorageError::Unavailable("the writer has stopped".into());
         self.jobs
@@ -250,31 +274,46 @@ async fn collect<W: GroupWriter>(
     concurrency: usize,
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
-    let mut carry: Option<Job<W>> = None;
+    // Writes that arrived but have not been written yet, oldest first. Each kind is batched
+    // on its own, so when kinds interleave in the queue (the key claim, order claim and
+    // payment of different operations), a batch takes every waiting write of its kind
+    // instead of stopping at the first of another.
+    let mut waiting: VecDeque<Job<W>> = VecDeque::new();
     loop {
-        let first = match carry.take() {
-            Some(job) => job,
-            None => match rx.recv().await {
-                Some(job) => job,
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(job) => waiting.push_back(job),
                 None => return, // every sender is gone: the store was dropped
-            },
-        };
-        // Wait for a free writer before draining, so creates that arrive meanwhile join in.
+            }
+        }
+        // Wait for a free writer before draining, so writes that arrive meanwhile join in.
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
+        // Each submitter waits for its write, so what waits is bounded by the submitters.
+        while let Ok(job) = rx.try_recv() {
+            waiting.push_back(job);
+        }
+        // The oldest write sets the batch's kind, so no kind waits behind another for long.
+        let Some(first) = waiting.pop_front() else {
+            continue;
+        };
         let mut bytes = first.write.bound_bytes();
         let mut batch = vec![first];
-        while batch.len() < limits.creates {
-            let Ok(job) = rx.try_recv() else { break };
+        let mut rest = VecDeque::with_capacity(waiting.len());
+        for job in waiting.drain(..) {
             let size = job.write.bound_bytes();
-            if !job.write.same_kind(&batch[0].write) || bytes + size > limits.bytes {
-                carry = Some(job);
-                break;
+            if batch.len() < limits.creates
+                && job.write.same_kind(&batch[0].write)
+                && bytes + size <= limits.bytes
+            {
+                bytes += size;
+                batch.push(job);
+            } else {
+                rest.push_back(job);
             }
-            bytes += size;
-            batch.push(job);
         }
+        waiting = rest;
         let writer = writer.clone();
         tokio::spawn(async move {
             run(writer.as_ref(), batch).await;
@@ -298,7 +337,7 @@ async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>) {
         Err(_) => {
             for (job, input) in batch.into_iter().zip(inputs) {
                 let outcome = match writer.write(std::slice::from_ref(&input)).await {
-                    Ok(mut rows) => settle(rows.pop(), &job.write),
+                    Ok(mut rows) => settle::<W>(rows.pop(), &job.write),
                     Err(e) => Err(e),
                 };
                 let _ = job.reply.send(outcome);
@@ -307,18 +346,22 @@ async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>) {
     }
 }
 
-fn answer<W: GroupWriter>(batch: Vec<Job<W>>, rows: Vec<Written<W::Row>>) {
+fn answer<W: GroupWriter>(batch: Vec<Job<W>>, rows: Vec<W::Out>) {
     let mut rows = rows.into_iter();
     for job in batch {
-        let outcome = settle(rows.next(), &job.write);
+        let outcome = settle::<W>(rows.next(), &job.write);
         let _ = job.reply.send(outcome);
     }
 }
 
-/// A create's reported outcome, with "nothing inserted" turned into its error.
-fn settle<R>(outcome: Option<Written<R>>, write: &Create) -> Result<Written<R>, StorageError> {
+fn settle<W: GroupWriter>(
+    outcome: Option<W::Out>,
+    write: &W::Item,
+) -> Result<W::Out, StorageError> {
     match outcome {
-        None | Some(Written::Missing) => Err(write.missing()),
-        Some(written) => Ok(written),
+        Some(out) => W::settle(write, out),
+        None => Err(StorageError::Internal(
+            "a batch reported no outcome for a write".into(),
+        )),
     }
 }

@@ -40,6 +40,10 @@ pub enum StepEnd {
 /// runs inside the transaction, so the stored answer always names the committed row.
 pub type Respond<'a, T> = &'a (dyn Fn(&T) -> StoredResponse + Send + Sync);
 
+/// A [`Respond`] that can travel: a backend may hand the command to a group-commit writer
+/// that renders the response in the transaction of a batch (SQLite's payments).
+pub type Responder<T> = std::sync::Arc<dyn Fn(&T) -> StoredResponse + Send + Sync>;
+
 /// Where a payment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -277,19 +281,21 @@ pub trait MoneyStore: Send + Sync {
         meta: &WriteMeta,
         step: &Step,
         new: NewPayment,
-        respond: Respond<'_, Payment>,
+        respond: Responder<Payment>,
     ) -> Result<Payment>;
 
-    /// Records the processor's capture of `captured_minor` of an authorized payment (the rest
-    /// is released), `payment.captured`, the order's move to paid when captured in full, and
-    /// `step`. `Rule(PaymentState)` unless the payment requires capture.
+    /// Records the processor's capture of `captured_minor` of an authorized payment of
+    /// `authorized` (as the caller read it: the capture's ledger entry releases the rest of
+    /// it), `payment.captured`, the order's move to paid when captured in full, and `step`.
+    /// `Rule(PaymentState)` unless the payment requires capture.
     async fn capture_payment(
         &self,
         meta: &WriteMeta,
         step: &Step,
         payment_id: i64,
+        authorized: Money,
         captured_minor: i64,
-        respond: Respond<'_, Payment>,
+        respond: Responder<Payment>,
     ) -> Result<Payment>;
 
     /// Records the void of an authorized payment (`payment.canceled`), releases the order's

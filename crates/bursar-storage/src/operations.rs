@@ -24,7 +24,8 @@
 use async_trait::async_trait;
 use bursar_domain::{AccountId, Timestamp};
 
-use crate::{IdempotencyClaim, IdempotencyRecord, Result, StoredResponse, WriteMeta};
+use crate::money::Payment;
+use crate::{IdempotencyClaim, IdempotencyRecord, Order, Result, StoredResponse, WriteMeta};
 
 /// The recovery point of a record the work has just been claimed for.
 pub const STARTED: &str = "started";
@@ -76,6 +77,45 @@ pub struct LeasedOperation {
     pub trace_id: String,
     /// How many leases have been granted on the record, this one included.
     pub attempts: i64,
+    /// What [`OperationStore::begin_operation`] was asked to read along with the claim, as
+    /// it stood then; `None` if nothing was asked or the lease came another way.
+    pub prefetched: Option<Box<Prefetched>>,
+}
+
+/// A record the first phase of new work reads (the order a payment pays, the payment a
+/// capture settles), named when the work is claimed: the store reads it in the claim's
+/// transaction, so the phase does not wait for a read of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    Order(i64),
+    Payment(i64),
+}
+
+/// A [`Prefetch`] as read, scoped to the work's account: `None` inside if there is no such
+/// record there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prefetched {
+    Order(i64, Option<Order>),
+    Payment(i64, Option<Payment>),
+}
+
+impl Prefetched {
+    /// The order `id` as prefetched: `Some(found)` if it was read, `None` if it was not
+    /// asked for (read it yourself).
+    pub fn order(prefetched: Option<&Prefetched>, id: i64) -> Option<Option<Order>> {
+        match prefetched {
+            Some(Prefetched::Order(read, found)) if *read == id => Some(found.clone()),
+            _ => None,
+        }
+    }
+
+    /// The payment `id` as prefetched (see [`Prefetched::order`]).
+    pub fn payment(prefetched: Option<&Prefetched>, id: i64) -> Option<Option<Payment>> {
+        match prefetched {
+            Some(Prefetched::Payment(read, found)) if *read == id => Some(found.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// The outcome of [`OperationStore::begin_operation`].
@@ -94,13 +134,15 @@ pub trait OperationStore: Send + Sync {
     /// Claims `claim.key` for new work at [`STARTED`] with a lease until `lease_until`, or
     /// takes over the unfinished record of the same request whose lease has lapsed (bumping
     /// the fence). A finished record that expired counts as absent. `claim.expires_at` is not
-    /// used: retention starts at [`OperationStore::finish_operation`].
+    /// used: retention starts at [`OperationStore::finish_operation`]. A lease comes with
+    /// `prefetch` read as it stood at the claim.
     async fn begin_operation(
         &self,
         meta: &WriteMeta,
         claim: &IdempotencyClaim,
         request: &[u8],
         lease_until: Timestamp,
+        prefetch: Option<Prefetch>,
     ) -> Result<Begun>;
 
     /// Commits a phase: moves the record from `from` to the recovery point `to`, replaces

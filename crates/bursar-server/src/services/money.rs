@@ -31,8 +31,9 @@ use bursar_domain::fx::{self, FxError, Rate};
 use bursar_domain::{Currency, Money, Timestamp};
 use bursar_storage::money::{
     Conversion, FxRate, NewPayment, NewQuote, Payment, PaymentStatus, Quote, Refund, RefundOutcome,
+    Responder,
 };
-use bursar_storage::operations::STARTED;
+use bursar_storage::operations::{Prefetch, Prefetched, STARTED};
 use bursar_storage::{Rule, StorageError, StoredResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -204,6 +205,11 @@ impl Operation for CreatePaymentOp {
         super::finish(issues)
     }
 
+    fn prefetch(&self, request: &[u8]) -> Option<Prefetch> {
+        let req: CreatePayment = serde_json::from_slice(request).ok()?;
+        Some(Prefetch::Order(req.order_id))
+    }
+
     async fn phase(&self, ctx: &PhaseCtx, point: &str, state: &Value) -> Result<Phase, PhaseError> {
         match point {
             STARTED => {
@@ -212,7 +218,11 @@ impl Operation for CreatePaymentOp {
                     Err(e) => return refuse(ctx, e),
                 };
                 let store = &ctx.state.store;
-                let Some(order) = store.get_order(ctx.account_id, req.order_id).await? else {
+                let found = match Prefetched::order(ctx.prefetched.as_deref(), req.order_id) {
+                    Some(found) => found,
+                    None => store.get_order(ctx.account_id, req.order_id).await?,
+                };
+                let Some(order) = found else {
                     return refuse(ctx, ApiError::not_found("order"));
                 };
                 let amount = match &req.amount {
@@ -318,23 +328,27 @@ impl Operation for CreatePaymentOp {
                         return Err(PhaseError::Retryable(e.to_string()));
                     }
                 };
-                let respond = |p: &Payment| match &failure {
+                // The store may render the answer in a batch's transaction, off this task.
+                let (request_id, trace_id) = (ctx.request_id.clone(), ctx.trace_id.clone());
+                let respond: Responder<Payment> = Arc::new(move |p: &Payment| match &failure {
                     None => render::created_stored(
                         format!("/api/payments/{}", p.id),
                         p.version,
                         &render::payment(p),
                     ),
-                    Some(err) => ctx.error_response(
+                    Some(err) => super::operations::stored_error(
+                        &request_id,
+                        &trace_id,
                         &copy(err)
                             .with_extra("payment_id", p.id)
                             .with_extra("payment_status", p.status.as_str()),
                     ),
-                };
+                });
                 let step = ctx.finish_step(AUTHORIZING, state);
                 let p = ctx
                     .state
                     .store
-                    .record_payment(&ctx.write_meta(), &step, new, &respond)
+                    .record_payment(&ctx.write_meta(), &step, new, respond.clone())
                     .await?;
                 Ok(Phase::Stored(respond(&p)))
             }
@@ -438,6 +452,11 @@ impl Operation for SettlePaymentOp {
         .expect("plain data serialises"))
     }
 
+    fn prefetch(&self, request: &[u8]) -> Option<Prefetch> {
+        let req: SettleRequest = serde_json::from_slice(request).ok()?;
+        Some(Prefetch::Payment(req.payment_id))
+    }
+
     async fn phase(&self, ctx: &PhaseCtx, point: &str, state: &Value) -> Result<Phase, PhaseError> {
         if point != STARTED {
             return Err(unknown_point(point));
@@ -447,7 +466,11 @@ impl Operation for SettlePaymentOp {
             Err(e) => return refuse(ctx, e),
         };
         let store = &ctx.state.store;
-        let Some(p) = store.get_payment(ctx.account_id, req.payment_id).await? else {
+        let found = match Prefetched::payment(ctx.prefetched.as_deref(), req.payment_id) {
+            Some(found) => found,
+            None => store.get_payment(ctx.account_id, req.payment_id).await?,
+        };
+        let Some(p) = found else {
             return refuse(ctx, ApiError::not_found("payment"));
         };
         let wanted = if self.capture {
@@ -497,15 +520,19 @@ impl Operation for SettlePaymentOp {
                 | ProcessorError::Refused { code, message, .. },
             ) => return refuse(ctx, processor_refused(&code, &message)),
         };
-        let respond = |p: &Payment| render::ok_stored(p.version, &render::payment(p));
+        let respond: Responder<Payment> =
+            Arc::new(|p: &Payment| render::ok_stored(p.version, &render::payment(p)));
         let step = ctx.finish_step(STARTED, state);
         let meta = ctx.write_meta();
         let recorded = if self.capture {
+            let captured = settled.captured_minor;
             store
-                .capture_payment(&meta, &step, p.id, settled.captured_minor, &respond)
+                .capture_payment(&meta, &step, p.id, p.amount, captured, respond.clone())
                 .await
         } else {
-            store.void_payment(&meta, &step, p.id, &respond).await
+            store
+                .void_payment(&meta, &step, p.id, respond.as_ref())
+                .await
         };
         match recorded {
             Ok(p) => Ok(Phase::Stored(respond(&p))),

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use axum::response::Response;
 use bursar_api::ErrorCode;
 use bursar_domain::{AccountId, Timestamp};
+use bursar_storage::operations::{Prefetch, Prefetched};
 use bursar_storage::{
     Begun, IdempotencyClaim, Lease, LeasedOperation, Step, StepEnd, StorageError, StoredResponse,
     WriteMeta,
@@ -80,6 +81,9 @@ pub struct PhaseCtx {
     pub trace_flags: String,
     /// Runs of this work so far, this one included.
     pub attempts: i64,
+    /// What the claim read for the first phase ([`Operation::prefetch`]); a later driver
+    /// has none and reads for itself.
+    pub prefetched: Option<Box<Prefetched>>,
 }
 
 impl PhaseCtx {
@@ -131,12 +135,7 @@ impl PhaseCtx {
     /// A stored error answer in the envelope, attributed to the originating request. (The
     /// client's `Accept` is not known to a later driver, so it is always the JSON envelope.)
     pub fn error_response(&self, err: &ApiError) -> StoredResponse {
-        let body = crate::http::context::envelope(err, &self.request_id, &self.trace_id, 0);
-        StoredResponse {
-            status: err.status().as_u16(),
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: serde_json::to_vec(&body).expect("error bodies are plain data"),
-        }
+        stored_error(&self.request_id, &self.trace_id, err)
     }
 
     /// Metadata for writes made by a phase: attributed to the originating request.
@@ -147,6 +146,16 @@ impl PhaseCtx {
             request_id: self.request_id.clone(),
             trace_id: self.trace_id.clone(),
         }
+    }
+}
+
+/// [`PhaseCtx::error_response`] for a responder that outlives the context.
+pub fn stored_error(request_id: &str, trace_id: &str, err: &ApiError) -> StoredResponse {
+    let body = crate::http::context::envelope(err, request_id, trace_id, 0);
+    StoredResponse {
+        status: err.status().as_u16(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::to_vec(&body).expect("error bodies are plain data"),
     }
 }
 
@@ -167,6 +176,12 @@ pub trait Operation: Send + Sync + 'static {
         let _ = params;
         self.validate(body)?;
         Ok(body.to_vec())
+    }
+    /// A record the first phase reads, for the store to read along with the claim (one wait
+    /// instead of two). The phase finds it in [`PhaseCtx::prefetched`].
+    fn prefetch(&self, request: &[u8]) -> Option<Prefetch> {
+        let _ = request;
+        None
     }
     /// Runs the phase that starts at `point` ([`bursar_storage::operations::STARTED`] first).
     async fn phase(&self, ctx: &PhaseCtx, point: &str, state: &Value) -> Result<Phase, PhaseError>;
@@ -243,6 +258,7 @@ fn ctx_for(state: &AppState, op: &LeasedOperation, trace_flags: &str) -> PhaseCt
         trace_id: op.trace_id.clone(),
         trace_flags: trace_flags.to_owned(),
         attempts: op.attempts,
+        prefetched: op.prefetched.clone(),
     }
 }
 
@@ -360,7 +376,13 @@ pub async fn run(
     };
     let begun = state
         .store
-        .begin_operation(&meta, &claim, body, lease_end(state, meta.at))
+        .begin_operation(
+            &meta,
+            &claim,
+            body,
+            lease_end(state, meta.at),
+            op.prefetch(body),
+        )
         .await?;
     let leased = match begun {
         Begun::Existing(record) => {

@@ -8,7 +8,7 @@ use bursar_domain::ledger::{EntryKind, LedgerAccount, is_balanced};
 
 use super::*;
 use crate::money::*;
-use crate::operations::STARTED;
+use crate::operations::{Prefetch, Prefetched, STARTED};
 
 const LEASE: i64 = 90_000;
 
@@ -24,7 +24,13 @@ fn claim(key: &str) -> IdempotencyClaim {
 
 async fn lease(s: &Store, account: i64, key: &str) -> Lease {
     match s
-        .begin_operation(&meta(account), &claim(key), b"{}", Timestamp(NOW + LEASE))
+        .begin_operation(
+            &meta(account),
+            &claim(key),
+            b"{}",
+            Timestamp(NOW + LEASE),
+            None,
+        )
         .await
         .unwrap()
     {
@@ -63,6 +69,11 @@ fn answer<T: std::fmt::Debug>(what: &T) -> StoredResponse {
     }
 }
 
+/// [`answer`] as a payment command takes it.
+fn payment_answer() -> Responder<Payment> {
+    std::sync::Arc::new(answer)
+}
+
 fn new_payment(order: &Order, status: PaymentStatus, captured: i64) -> NewPayment {
     NewPayment {
         order_id: order.id,
@@ -86,7 +97,7 @@ async fn pay(s: &Store, account: i64, key: &str, order: &Order, status: PaymentS
         &meta(account),
         &finish(l),
         new_payment(order, status, captured),
-        &answer,
+        payment_answer(),
     )
     .await
     .unwrap()
@@ -144,7 +155,7 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
             &meta(a),
             &finish(stale),
             new_payment(&o, PaymentStatus::Succeeded, 1999),
-            &answer,
+            payment_answer(),
         )
         .await;
     assert!(matches!(fenced, Err(StorageError::Fenced)), "{fenced:?}");
@@ -154,7 +165,7 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
             &meta(a),
             &finish(l),
             new_payment(&o, PaymentStatus::Succeeded, 1999),
-            &answer,
+            payment_answer(),
         )
         .await
         .unwrap();
@@ -178,7 +189,7 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
             &meta(a),
             &finish(l),
             new_payment(&o, PaymentStatus::Succeeded, 1999),
-            &answer,
+            payment_answer(),
         )
         .await;
     assert!(again.is_err());
@@ -218,7 +229,7 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
                 failure: Some(("card_declined".into(), "declined".into())),
                 ..new_payment(&o2, PaymentStatus::Failed, 0)
             },
-            &answer,
+            payment_answer(),
         )
         .await
         .unwrap();
@@ -251,7 +262,7 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     // A partial capture releases the rest and does not pay the order.
     let l = lease(&s, a, "cap-1").await;
     let captured = s
-        .capture_payment(&meta(a), &finish(l), p.id, 600, &answer)
+        .capture_payment(&meta(a), &finish(l), p.id, p.amount, 600, payment_answer())
         .await
         .unwrap();
     assert_eq!(
@@ -275,7 +286,7 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     );
     let l = lease(&s, a, "cap-2").await;
     let twice = s
-        .capture_payment(&meta(a), &finish(l), p.id, 400, &answer)
+        .capture_payment(&meta(a), &finish(l), p.id, p.amount, 400, payment_answer())
         .await;
     assert!(
         matches!(
@@ -314,9 +325,16 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     let o3 = order(&s, a, c.id, 300).await;
     let p3 = pay(&s, a, "auth-3", &o3, PaymentStatus::RequiresCapture).await;
     let l = lease(&s, a, "cap-3").await;
-    s.capture_payment(&meta(a), &finish(l), p3.id, 300, &answer)
-        .await
-        .unwrap();
+    s.capture_payment(
+        &meta(a),
+        &finish(l),
+        p3.id,
+        p3.amount,
+        300,
+        payment_answer(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         s.get_order(a, o3.id).await.unwrap().unwrap().status,
         OrderStatus::Paid
@@ -585,6 +603,62 @@ pub async fn concurrent_conversions_never_overdraw(s: Store) {
     check_ledger(&s, a).await;
 }
 
+/// The record a claim prefetches comes with the lease, as it stood, and only from the
+/// work's own account; a claim that finds the key taken reads nothing.
+pub async fn a_claim_prefetches_what_its_first_phase_reads(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1000).await;
+    let p = pay(&s, a, "pay", &o, PaymentStatus::RequiresCapture).await;
+    let begin = |account: i64, key: &'static str, prefetch: Prefetch| {
+        let s = s.clone();
+        async move {
+            let claimed = s
+                .begin_operation(
+                    &meta(account),
+                    &claim(key),
+                    b"{}",
+                    Timestamp(NOW + LEASE),
+                    Some(prefetch),
+                )
+                .await
+                .unwrap();
+            match claimed {
+                Begun::Leased(op) => op.prefetched.map(|p| *p),
+                Begun::Existing(_) => None,
+            }
+        }
+    };
+    let got = begin(a, "o-1", Prefetch::Order(o.id)).await;
+    assert_eq!(Prefetched::order(got.as_ref(), o.id), Some(Some(o.clone())));
+    // Asked for one record, it answers for that one only.
+    assert_eq!(Prefetched::order(got.as_ref(), o.id + 1), None);
+    assert_eq!(Prefetched::payment(got.as_ref(), o.id), None);
+    let got = begin(a, "p-1", Prefetch::Payment(p.id)).await;
+    assert_eq!(
+        Prefetched::payment(got.as_ref(), p.id),
+        Some(Some(p.clone()))
+    );
+    // Another account's order and payment are absent, not shown.
+    let got = begin(b, "o-2", Prefetch::Order(o.id)).await;
+    assert_eq!(Prefetched::order(got.as_ref(), o.id), Some(None));
+    let got = begin(b, "p-2", Prefetch::Payment(p.id)).await;
+    assert_eq!(Prefetched::payment(got.as_ref(), p.id), Some(None));
+    // The same key again: the work is in flight, nothing is leased or read.
+    let again = s
+        .begin_operation(
+            &meta(a),
+            &claim("o-1"),
+            b"{}",
+            Timestamp(NOW + LEASE),
+            Some(Prefetch::Order(o.id)),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(again, Begun::Existing(r) if r.in_flight.is_some()));
+}
+
 pub async fn money_is_scoped_to_its_account(s: Store) {
     let a = account(&s, "a").await;
     let other = account(&s, "b").await;
@@ -594,8 +668,15 @@ pub async fn money_is_scoped_to_its_account(s: Store) {
     assert_eq!(s.get_payment(other, p.id).await.unwrap(), None);
     let l = lease(&s, other, "cap").await;
     assert!(matches!(
-        s.capture_payment(&meta(other), &finish(l), p.id, 1000, &answer)
-            .await,
+        s.capture_payment(
+            &meta(other),
+            &finish(l),
+            p.id,
+            p.amount,
+            1000,
+            payment_answer()
+        )
+        .await,
         Err(StorageError::NotFound)
     ));
     let l = lease(&s, other, "refund").await;
@@ -659,7 +740,7 @@ pub async fn an_order_takes_one_payment_at_a_time(s: Store) {
             failure: Some(("card_declined".into(), "declined".into())),
             ..new_payment(&o, PaymentStatus::Failed, 0)
         },
-        &answer,
+        payment_answer(),
     )
     .await
     .unwrap();
@@ -669,7 +750,7 @@ pub async fn an_order_takes_one_payment_at_a_time(s: Store) {
             &meta(a),
             &record(second),
             new_payment(&o, PaymentStatus::RequiresCapture, 0),
-            &answer,
+            payment_answer(),
         )
         .await
         .unwrap();
@@ -688,7 +769,7 @@ pub async fn an_order_takes_one_payment_at_a_time(s: Store) {
         &meta(a),
         &record(third),
         new_payment(&o, PaymentStatus::Succeeded, 1000),
-        &answer,
+        payment_answer(),
     )
     .await
     .unwrap();

@@ -30,6 +30,7 @@ async fn begin(s: &Store, account: i64, at: i64, key: &str, fp: &str) -> Begun {
         &op_claim(key, fp),
         b"{\"amount\":\"1.00\"}",
         Timestamp(at + LEASE),
+        None,
     )
     .await
     .unwrap()
