@@ -300,30 +300,10 @@ pub enum StepOut {
 }
 
 impl Batchable for StepWrite {
-    /// Steps of one kind share a batch; payments only with payments of the same status,
-    /// whose ledger statements have the same shape.
-    fn same_kind(&self, other: &StepWrite) -> bool {
-        match (self, other) {
-            (StepWrite::Begin { .. }, StepWrite::Begin { .. })
-            | (StepWrite::ClaimOrder { .. }, StepWrite::ClaimOrder { .. }) => true,
-            (
-                StepWrite::CapturePayment {
-                    authorized: a,
-                    captured_minor: x,
-                    ..
-                },
-                StepWrite::CapturePayment {
-                    authorized: b,
-                    captured_minor: y,
-                    ..
-                },
-            ) => (*x == a.minor) == (*y == b.minor),
-            (StepWrite::RecordPayment { new: a, .. }, StepWrite::RecordPayment { new: b, .. }) => {
-                a.status == b.status
-                    && (a.captured_minor == a.amount.minor) == (b.captured_minor == b.amount.minor)
-            }
-            _ => false,
-        }
+    /// Steps of every kind share a transaction: the writer sends each shape in a call of
+    /// its own ([`StepWrite::shape`]).
+    fn same_kind(&self, _other: &StepWrite) -> bool {
+        true
     }
 
     /// SQLite binds in process; batches are bounded by count only.
@@ -337,9 +317,40 @@ impl Batchable for StepWrite {
     }
 }
 
+/// Steps whose statements have the same text: a claim with or without a prefetch (and of
+/// which record), an order's claim, a payment by status (a captured one by whether in full),
+/// a full or partial capture. One call per shape keeps the multi-statement texts few, so
+/// their prepared statements are reused.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Shape {
+    Begin(u8),
+    ClaimOrder,
+    RecordPayment(&'static str, bool),
+    CapturePayment(bool),
+}
+
 impl StepWrite {
-    /// Appends the step's statements to the batch's first call. Rows it returns carry its
-    /// `slot`.
+    fn shape(&self) -> Shape {
+        match self {
+            StepWrite::Begin { prefetch, .. } => Shape::Begin(match prefetch {
+                None => 0,
+                Some(Prefetch::Order(_)) => 1,
+                Some(Prefetch::Payment(_)) => 2,
+            }),
+            StepWrite::ClaimOrder { .. } => Shape::ClaimOrder,
+            StepWrite::RecordPayment { new, .. } => {
+                Shape::RecordPayment(new.status.as_str(), new.captured_minor == new.amount.minor)
+            }
+            StepWrite::CapturePayment {
+                authorized,
+                captured_minor,
+                ..
+            } => Shape::CapturePayment(*captured_minor == authorized.minor),
+        }
+    }
+
+    /// Appends the step's statements to a call of the batch's first part. Rows it returns
+    /// carry its `slot`, its place in that call.
     fn stage(&self, slot: usize, meta: &WriteMeta, sql: &mut Sql) {
         match self {
             StepWrite::Begin {
@@ -478,8 +489,8 @@ impl StepWrite {
         }
     }
 
-    /// Reads the step's rows from the first call and appends what depends on them to the
-    /// second. `Err` fails the batch.
+    /// Reads the step's rows from the first part and appends what depends on them to a call
+    /// of the second, where its place is `slot`. `Err` fails the batch.
     fn settle(
         &self,
         slot: usize,
@@ -822,37 +833,81 @@ impl GroupWriter for SqliteSteps {
     }
 }
 
+/// `slots` cut into runs of falling powers of two (13 → 8, 4, 1): the multi-statement
+/// texts a connection prepares and caches stay few (one per shape and power of two), so the
+/// cache always hits and holds a bounded number of statements.
+fn runs(mut slots: &[usize]) -> Vec<&[usize]> {
+    let mut out = Vec::new();
+    while !slots.is_empty() {
+        let n = 1 << slots.len().ilog2();
+        let (run, rest) = slots.split_at(n);
+        out.push(run);
+        slots = rest;
+    }
+    out
+}
+
 async fn write_on(
     conn: &mut SqliteConnection,
     batch: &[(WriteMeta, StepWrite)],
 ) -> Result<Vec<StepOut>> {
-    let mut first = Sql::default();
-    first.push("BEGIN IMMEDIATE; ");
-    for (slot, (meta, step)) in batch.iter().enumerate() {
-        step.stage(slot, meta, &mut first);
+    // Slots by shape, each in submission order.
+    let mut shapes: std::collections::BTreeMap<Shape, Vec<usize>> = Default::default();
+    for (slot, (_, step)) in batch.iter().enumerate() {
+        shapes.entry(step.shape()).or_default().push(slot);
     }
-    let rows = by_slot(batch.len(), first.fetch_all(conn).await?)?;
-    let mut finish = Sql::default();
-    let mut outs = Vec::with_capacity(batch.len());
-    let mut stepped = 0;
-    for (slot, ((meta, step), rows)) in batch.iter().zip(rows).enumerate() {
-        let out = step.settle(slot, meta, rows, &mut finish)?;
-        stepped += usize::from(StepWrite::steps_in_finish(&out));
-        outs.push(out);
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *conn)
+        .await
+        .map_err(err)?;
+    // Rows carry their step's place in its call, so a call's text depends only on its
+    // shape and length.
+    let mut rows: Vec<Vec<SqliteRow>> = (0..batch.len()).map(|_| Vec::new()).collect();
+    for slots in shapes.values() {
+        for run in runs(slots) {
+            let mut first = Sql::default();
+            for (place, &slot) in run.iter().enumerate() {
+                let (meta, step) = &batch[slot];
+                step.stage(place, meta, &mut first);
+            }
+            for (place, found) in by_slot(run.len(), first.fetch_all(conn).await?)?
+                .into_iter()
+                .enumerate()
+            {
+                rows[run[place]] = found;
+            }
+        }
     }
-    if !finish.is_empty() {
-        let done = finish.fetch_all(conn).await?;
-        // Every step this call commits was checked in the first; a miss means the batch's
-        // own reading of the rows is wrong, and nothing of it may stay.
-        if done.len() != stepped {
-            return Err(StorageError::Internal("a batched step did not take".into()));
+    let mut outs: Vec<Option<StepOut>> = (0..batch.len()).map(|_| None).collect();
+    for slots in shapes.values() {
+        for run in runs(slots) {
+            let mut finish = Sql::default();
+            let mut stepped = 0;
+            for (place, &slot) in run.iter().enumerate() {
+                let (meta, step) = &batch[slot];
+                let found = std::mem::take(&mut rows[slot]);
+                let out = step.settle(place, meta, found, &mut finish)?;
+                stepped += usize::from(StepWrite::steps_in_finish(&out));
+                outs[slot] = Some(out);
+            }
+            if finish.is_empty() {
+                continue;
+            }
+            let done = finish.fetch_all(conn).await?;
+            // Every step this call commits was checked in the first; a miss means the
+            // batch's own reading of the rows is wrong, and nothing of it may stay.
+            if done.len() != stepped {
+                return Err(StorageError::Internal("a batched step did not take".into()));
+            }
         }
     }
     sqlx::query("COMMIT")
         .execute(&mut *conn)
         .await
         .map_err(err)?;
-    Ok(outs)
+    outs.into_iter()
+        .map(|out| out.ok_or_else(|| StorageError::Internal("a step was not settled".into())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -1203,8 +1258,9 @@ mod tests {
             capture(l[3], &p[1], 150),
         ];
         let (out, commits) = together(&store, captures).await;
-        // Full and partial captures have differently shaped ledger entries: one batch each.
-        assert_eq!(commits, 2);
+        // Full and partial captures have differently shaped ledger entries: one call each,
+        // one transaction for all.
+        assert_eq!(commits, 1);
         assert_eq!(paid(&out[0]).status, PaymentStatus::Succeeded);
         assert!(matches!(
             out[1],
