@@ -89,6 +89,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
         lock(&tokens).insert(token.clone());
         let batch = Arc::new(BatchLease {
             token,
+            lapses: started + lease,
             left: std::sync::atomic::AtomicUsize::new(claimed.len()),
             tokens: tokens.clone(),
         });
@@ -100,7 +101,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
                 .expect("the semaphore is never closed");
             let (state, batch, completions) = (state.clone(), batch.clone(), completions.clone());
             tokio::spawn(async move {
-                deliver(&state, c, &batch.token, &completions).await;
+                deliver(&state, c, &batch, &completions).await;
                 batch.done();
                 drop(permit);
             });
@@ -128,6 +129,9 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
 /// The lease token of one claim, forgotten once all its deliveries are done.
 struct BatchLease {
     token: String,
+    /// When the batch's leases lapse (this process's clock): past it a delivery is sent
+    /// again, so recording an attempt is worth trying until then.
+    lapses: Instant,
     left: std::sync::atomic::AtomicUsize,
     tokens: Arc<Mutex<HashSet<String>>>,
 }
@@ -223,9 +227,10 @@ where
 async fn deliver(
     state: &AppState,
     c: ClaimedDelivery,
-    token: &str,
+    batch: &BatchLease,
     completions: &mpsc::UnboundedSender<Done>,
 ) {
+    let token = batch.token.as_str();
     let started = Instant::now();
     let at = state.clock.now();
     let sent = match signed_request(state, &c, at) {
@@ -256,7 +261,9 @@ async fn deliver(
         policy: state.webhooks.config.health_policy(),
     };
     // A database that is briefly busy must not strand a sent delivery until its lease lapses —
-    // that would send it a second time — hence the retries in `complete_batches`.
+    // that would send it a second time — hence the retries in `complete_batches`, and then
+    // `record_until` for an outage that outlasts them.
+    let again = done.clone();
     let (reply, answer) = oneshot::channel();
     let result = match completions.send((done, reply)) {
         Ok(()) => answer.await.unwrap_or_else(|_| {
@@ -273,6 +280,10 @@ async fn deliver(
             .await
         }
     };
+    let result = match result {
+        Err(StorageError::Unavailable(_)) => record_until(state, again, batch.lapses).await,
+        other => other,
+    };
     match result {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
@@ -285,6 +296,34 @@ async fn deliver(
             error = %e,
             "recording a webhook attempt failed; the lease will lapse and it is sent again"
         ),
+    }
+}
+
+/// Keeps recording an attempt the database would not take, waiting longer each time (up to
+/// 5 s), for as long as the delivery's lease lasts: a database restart or a long lock must
+/// not make the worker send a delivered event again. Past the lease the delivery is due
+/// again anyway, and a late record would be fenced.
+async fn record_until(
+    state: &AppState,
+    done: Completion,
+    lapses: Instant,
+) -> bursar_storage::Result<bool> {
+    let mut wait = Duration::from_millis(250);
+    loop {
+        if Instant::now() + wait >= lapses {
+            return Err(StorageError::Unavailable(
+                "the database did not take the attempt while the lease lasted".into(),
+            ));
+        }
+        tokio::time::sleep(wait).await;
+        match state
+            .store
+            .complete_delivery(done.clone(), state.clock.now())
+            .await
+        {
+            Err(StorageError::Unavailable(_)) => wait = (wait * 2).min(Duration::from_secs(5)),
+            recorded => return recorded,
+        }
     }
 }
 

@@ -229,6 +229,11 @@ impl TestApp {
     }
 
     /// A raw request without any credentials.
+    /// The database URL the server runs on (its SQLite file, for a test that locks it).
+    pub fn database_url(&self) -> String {
+        self.config.effective_database_url()
+    }
+
     pub fn anon(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, format!("{}{path}", self.url))
     }

@@ -78,6 +78,7 @@ api_suite!(
     an_order_is_charged_once_under_concurrent_payments,
     the_sdk_pays_refunds_and_converts,
     a_receiver_outage_loses_no_event,
+    an_attempt_is_recorded_after_a_database_outage,
     delivered_deliveries_are_purged_after_retention,
     a_refusing_receiver_loses_no_event,
     fifo_endpoints_receive_each_order_in_version_order,

@@ -355,6 +355,75 @@ pub async fn a_receiver_outage_loses_no_event(app: &TestApp) {
 /// while 100 events of 10 orders (each created, then updated nine times) are produced, so
 /// every attempt fails with `connect`; then a receiver starts on that port and gets every
 /// event exactly once (each order's versions 1–10, each once).
+/// Durability under a database outage: the attempt of a delivery the receiver already got
+/// cannot be recorded for longer than the worker's quick retries (SQLite's write lock is
+/// held for 6 s while the busy timeout is 50 ms), and it is recorded once the database takes
+/// writes again, long before the lease lapses: the receiver gets the event once, and the
+/// delivery ends `succeeded` after one attempt. SQLite only: holding the write lock makes
+/// this server's database refuse writes without touching anyone else's (on PostgreSQL the
+/// same would mean cutting connections to the server every test shares).
+pub async fn an_attempt_is_recorded_after_a_database_outage(app: &TestApp) {
+    if !matches!(app.backend, crate::harness::Backend::Sqlite) {
+        return;
+    }
+    let app = webhook_app_with(app, |c| {
+        c.database.busy_timeout_ms = 50;
+        c.webhooks.lease_secs = 120;
+    })
+    .await;
+    let receiver = Receiver::start(200).await;
+    // Long enough to take the lock while the request is being answered.
+    receiver.delay_ms.store(1_000, Ordering::SeqCst);
+    let endpoint = endpoint_at(&app, &receiver, json!(["customer.created"])).await;
+    let resp = app
+        .a
+        .request(reqwest::Method::POST, "/api/customers")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    wait_for("the request to reach the receiver", || {
+        receiver.peak.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let options = app
+        .database_url()
+        .parse::<sqlx::sqlite::SqliteConnectOptions>()
+        .unwrap()
+        .busy_timeout(Duration::from_secs(10));
+    let mut lock = sqlx::ConnectOptions::connect(&options).await.unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let locked = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert_eq!(receiver.received().len(), 1, "answered while locked");
+    // Nothing was recorded while the lock was held.
+    let data = deliveries(&app, &endpoint).await;
+    assert_eq!(data.len(), 1);
+    let mut delivery = data[0].clone();
+    for _ in 0..200 {
+        if delivery["state"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        delivery = deliveries(&app, &endpoint).await[0].clone();
+    }
+    assert_eq!(delivery["state"], "succeeded", "{delivery}");
+    assert_eq!(delivery["attempt_count"], 1, "{delivery}");
+    assert!(
+        locked.elapsed() < Duration::from_secs(60),
+        "recorded within the lease"
+    );
+    // And it is not sent again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.received().len(), 1);
+    app.stop().await;
+}
+
 pub async fn a_refusing_receiver_loses_no_event(app: &TestApp) {
     // Enough attempts that none runs out during the outage.
     let app = webhook_app_with(app, |c| c.webhooks.schedule_secs = vec![1; 30]).await;
