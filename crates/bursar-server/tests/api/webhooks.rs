@@ -375,14 +375,7 @@ pub async fn an_attempt_is_recorded_after_a_database_outage(app: &TestApp) {
     // Long enough to take the lock while the request is being answered.
     receiver.delay_ms.store(1_000, Ordering::SeqCst);
     let endpoint = endpoint_at(&app, &receiver, json!(["customer.created"])).await;
-    let resp = app
-        .a
-        .request(reqwest::Method::POST, "/api/customers")
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
+    app.customer(&app.a).await;
     wait_for("the request to reach the receiver", || {
         receiver.peak.load(Ordering::SeqCst) > 0
     })
