@@ -1,12 +1,15 @@
 //! Group commit for the steps of phased work: claiming an operation's key, claiming an
-//! order for payment and recording the payment (`bursar_storage::group_commit`).
+//! order for payment, recording the payment and recording a capture
+//! (`bursar_storage::group_commit`, ADR 0006).
 //!
 //! SQLite has one writer. A transaction holds it for as long as the async side takes to
 //! hand it each statement and wait for the answer, and under load each of those hand-offs
 //! also waits for the task to be scheduled again (docs/PERFORMANCE.md). So, as creates do,
-//! these steps are queued and a collector writes every step waiting in one transaction,
-//! with two calls to the connection: `BEGIN IMMEDIATE` and every step's statements, then
-//! what depends on the rows they returned (events, stored responses) and `COMMIT`.
+//! these steps are queued and a collector writes every step waiting in one transaction:
+//! `BEGIN IMMEDIATE`; every step's statements; what depends on the rows they returned
+//! (events, stored responses, the fenced step); `COMMIT`. Statements go in calls of one
+//! shape and a power-of-two length ([`runs`]), so the connection's cache of prepared
+//! multi-statement texts stays small.
 //!
 //! Steps share a transaction without sharing a fate: every statement of a step is guarded
 //! by its own conditions (the lease's fencing token and recovery point, the order's state),
@@ -820,16 +823,14 @@ impl GroupWriter for SqliteSteps {
     type Item = StepWrite;
     type Out = StepOut;
 
+    /// A batch that fails, or whose task stops half-way (a panic in a responder), is rolled
+    /// back when its transaction is dropped, so the writer connection goes back clean.
     async fn write(&self, batch: &[(WriteMeta, StepWrite)]) -> Result<Vec<StepOut>> {
-        let mut conn = self.pool.acquire().await.map_err(err)?;
-        let outcome = write_on(&mut conn, batch).await;
-        if outcome.is_err() {
-            // After a failure `ROLLBACK` leaves the connection clean for the next batch.
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        } else {
-            self.commits.fetch_add(1, Ordering::Relaxed);
-        }
-        outcome
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+        let outs = write_on(&mut tx, batch).await?;
+        tx.commit().await.map_err(err)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(outs)
     }
 }
 
@@ -856,10 +857,6 @@ async fn write_on(
     for (slot, (_, step)) in batch.iter().enumerate() {
         shapes.entry(step.shape()).or_default().push(slot);
     }
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *conn)
-        .await
-        .map_err(err)?;
     // Rows carry their step's place in its call, so a call's text depends only on its
     // shape and length.
     let mut rows: Vec<Vec<SqliteRow>> = (0..batch.len()).map(|_| Vec::new()).collect();
@@ -901,10 +898,6 @@ async fn write_on(
             }
         }
     }
-    sqlx::query("COMMIT")
-        .execute(&mut *conn)
-        .await
-        .map_err(err)?;
     outs.into_iter()
         .map(|out| out.ok_or_else(|| StorageError::Internal("a step was not settled".into())))
         .collect()
