@@ -239,7 +239,10 @@ fn shard_of(operation: i64) -> i16 {
 }
 
 /// Writes `entries` (in order) and moves the balances they touch, in the caller's
-/// transaction. The balances move once per row, sorted, whatever the entries' order.
+/// transaction. The balances move once per row, sorted, whatever the entries' order. One
+/// statement: each entry with its postings is a data-modifying `WITH` part, each entry
+/// selected from the one before so their ids follow the entries' order, and the balance
+/// upsert is the statement itself.
 async fn post_entries(
     tx: &mut Tx,
     account: AccountId,
@@ -250,55 +253,68 @@ async fn post_entries(
     if entries.is_empty() {
         return Ok(());
     }
-    // One statement per entry: the journal entry and all its postings.
+    // $1 account, $2 shard, $3 at, $4 reference type, $5 reference id, $6–$8 the balance
+    // moves; then per entry its kind and its postings' three arrays.
+    let mut sql = String::from("WITH ");
+    for n in 0..entries.len() {
+        let p = 9 + 4 * n;
+        if n > 0 {
+            sql.push_str(", ");
+        }
+        // After the first, an entry is inserted from the one before: PostgreSQL runs the
+        // parts of a statement in no set order, and this makes ids follow the entries.
+        let after = if n == 0 {
+            String::new()
+        } else {
+            format!(" FROM e{}", n - 1)
+        };
+        sql.push_str(&format!(
+            "e{n} AS (INSERT INTO journal_entries (account_id, kind, reference_type, \
+             reference_id, created_at) SELECT $1, ${p}, $4, $5, $3{after} RETURNING id), \
+             p{n} AS (INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
+             amount_minor) SELECT e{n}.id, $1, p.l, p.c, p.m FROM e{n}, \
+             unnest(${}::text[], ${}::text[], ${}::bigint[]) WITH ORDINALITY AS p (l, c, m, n) \
+             ORDER BY p.n)",
+            p + 1,
+            p + 2,
+            p + 3
+        ));
+    }
+    sql.push_str(
+        " INSERT INTO balances (account_id, ledger_account, currency, shard, amount_minor, \
+         updated_at) SELECT $1, m.l, m.c, $2, m.a, $3 \
+         FROM unnest($6::text[], $7::text[], $8::bigint[]) WITH ORDINALITY AS m (c, l, a, n) \
+         ORDER BY m.n \
+         ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
+         amount_minor = balances.amount_minor + EXCLUDED.amount_minor, \
+         updated_at = EXCLUDED.updated_at",
+    );
+    let moves = balance_moves(entries);
+    let currencies: Vec<&str> = moves.keys().map(|(c, _)| *c).collect();
+    let accounts: Vec<&str> = moves.keys().map(|(_, l)| *l).collect();
+    let minors: Vec<i64> = moves.values().copied().collect();
+    // Only fixed fragments and parameter numbers go into the text; every value is bound.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(account)
+        .bind(shard)
+        .bind(at.0)
+        .bind(reference.0)
+        .bind(reference.1)
+        .bind(currencies)
+        .bind(accounts)
+        .bind(minors);
     for entry in entries {
         let postings = entry.postings();
         let accounts: Vec<&str> = postings.iter().map(|p| p.ledger_account.as_str()).collect();
         let currencies: Vec<&str> = postings.iter().map(|p| p.currency.code()).collect();
         let minors: Vec<i64> = postings.iter().map(|p| p.minor).collect();
-        sqlx::query(
-            "WITH e AS (INSERT INTO journal_entries (account_id, kind, reference_type, \
-             reference_id, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id) \
-             INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
-             amount_minor) SELECT e.id, $1, p.l, p.c, p.m FROM e, \
-             unnest($6::text[], $7::text[], $8::bigint[]) WITH ORDINALITY AS p (l, c, m, n) \
-             ORDER BY p.n",
-        )
-        .bind(account)
-        .bind(entry.kind().as_str())
-        .bind(reference.0)
-        .bind(reference.1)
-        .bind(at.0)
-        .bind(&accounts)
-        .bind(&currencies)
-        .bind(&minors)
-        .execute(&mut **tx)
-        .await
-        .map_err(err)?;
+        q = q
+            .bind(entry.kind().as_str())
+            .bind(accounts)
+            .bind(currencies)
+            .bind(minors);
     }
-    // One statement for the balances, each row once, in the lock order.
-    let moves = balance_moves(entries);
-    let currencies: Vec<&str> = moves.keys().map(|(c, _)| *c).collect();
-    let accounts: Vec<&str> = moves.keys().map(|(_, l)| *l).collect();
-    let minors: Vec<i64> = moves.values().copied().collect();
-    sqlx::query(
-        "INSERT INTO balances (account_id, ledger_account, currency, shard, amount_minor, \
-         updated_at) SELECT $1, m.l, m.c, $2, m.a, $3 \
-         FROM unnest($4::text[], $5::text[], $6::bigint[]) WITH ORDINALITY AS m (c, l, a, n) \
-         ORDER BY m.n \
-         ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
-         amount_minor = balances.amount_minor + EXCLUDED.amount_minor, \
-         updated_at = EXCLUDED.updated_at",
-    )
-    .bind(account)
-    .bind(shard)
-    .bind(at.0)
-    .bind(&currencies)
-    .bind(&accounts)
-    .bind(&minors)
-    .execute(&mut **tx)
-    .await
-    .map_err(err)?;
+    q.execute(&mut **tx).await.map_err(err)?;
     Ok(())
 }
 
