@@ -538,11 +538,6 @@ impl MoneyStore for PostgresStore {
         .map_err(err)?;
         let p = payment(&row)?;
         let reference = ("payment", p.id);
-        let kind = match p.status {
-            PaymentStatus::Failed => "failed",
-            PaymentStatus::RequiresCapture => "authorized",
-            PaymentStatus::Succeeded | PaymentStatus::Canceled => "succeeded",
-        };
         // Both entries in one posting, so their balances are locked in the one order.
         let mut entries = Vec::new();
         if p.status != PaymentStatus::Failed {
@@ -559,7 +554,7 @@ impl MoneyStore for PostgresStore {
             meta.at,
         )
         .await?;
-        append_event(&mut tx, meta, NewEvent::for_payment(kind, &p)).await?;
+        append_event(&mut tx, meta, NewEvent::for_recorded_payment(&p)).await?;
         if p.status == PaymentStatus::Failed {
             release_order(&mut tx, meta.account_id, p.order_id, step.lease.record_id).await?;
         }

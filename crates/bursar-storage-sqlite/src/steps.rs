@@ -226,6 +226,18 @@ pub(crate) fn step_sql(
     response: Option<&StoredResponse>,
     resource_id: i64,
 ) -> Result<()> {
+    step_sql_when(sql, slot, step, response, resource_id, |_| {})
+}
+
+/// [`step_sql`] that also takes only if what `also` appends to its `WHERE` holds.
+fn step_sql_when(
+    sql: &mut Sql,
+    slot: usize,
+    step: &Step,
+    response: Option<&StoredResponse>,
+    resource_id: i64,
+    also: impl FnOnce(&mut Sql),
+) -> Result<()> {
     match (&step.end, response) {
         (StepEnd::Advance { to, lease_until }, _) => sql
             .push(
@@ -260,6 +272,7 @@ pub(crate) fn step_sql(
         .bind(step.lease.record_id)
         .bind(step.lease.fence)
         .bind(step.from.clone());
+    also(sql);
     sql.push(&format!(" RETURNING {slot} AS slot, 'step' AS kind; "));
     Ok(())
 }
@@ -354,7 +367,7 @@ impl StepWrite {
 
     /// Appends the step's statements to a call of the batch's first part. Rows it returns
     /// carry its `slot`, its place in that call.
-    fn stage(&self, slot: usize, meta: &WriteMeta, sql: &mut Sql) {
+    fn stage(&self, slot: usize, meta: &WriteMeta, sql: &mut Sql) -> Result<()> {
         match self {
             StepWrite::Begin {
                 claim,
@@ -427,39 +440,27 @@ impl StepWrite {
                         concat!("'payment' AS kind, ", payment_cols!(), " FROM payments"),
                         id,
                     ),
-                    None => return,
+                    None => return Ok(()),
                 };
                 sql.push(&format!("SELECT {slot} AS slot, {select}"))
                     .push(" WHERE account_id = ? AND id = ?; ")
                     .bind(meta.account_id)
                     .bind(*id);
+                Ok(())
             }
             StepWrite::ClaimOrder { step, order_id } => {
-                let StepEnd::Advance { to, lease_until } = &step.end else {
-                    // Refused before queueing (`SqliteStore::step`).
-                    return;
-                };
                 // The step and the order's claim take together or not at all: the step
                 // only if the order is claimable, the claim only if the step took.
-                sql.push(
-                    "UPDATE idempotency_keys SET recovery_point = ?, phase_state = ?, \
-                     locked_until = ?, last_run_at = ? \
-                     WHERE id = ? AND fence = ? AND recovery_point = ? AND EXISTS \
-                     (SELECT 1 FROM orders WHERE account_id = ? AND id = ? \
-                     AND status = 'pending' \
-                     AND (payment_operation_id IS NULL OR payment_operation_id = ?)) ",
-                )
-                .bind(to.clone())
-                .bind(step.state.clone())
-                .bind(lease_until.0)
-                .bind(step.now.0)
-                .bind(step.lease.record_id)
-                .bind(step.lease.fence)
-                .bind(step.from.clone())
-                .bind(meta.account_id)
-                .bind(*order_id)
-                .bind(step.lease.record_id);
-                sql.push(&format!("RETURNING {slot} AS slot, 'step' AS kind; "));
+                step_sql_when(sql, slot, step, None, *order_id, |sql| {
+                    sql.push(
+                        " AND EXISTS (SELECT 1 FROM orders WHERE account_id = ? AND id = ? \
+                         AND status = 'pending' \
+                         AND (payment_operation_id IS NULL OR payment_operation_id = ?))",
+                    )
+                    .bind(meta.account_id)
+                    .bind(*order_id)
+                    .bind(step.lease.record_id);
+                })?;
                 sql.push(
                     "UPDATE orders SET payment_operation_id = ? \
                      WHERE account_id = ? AND id = ? AND changes() = 1; ",
@@ -473,22 +474,23 @@ impl StepWrite {
                 ))
                 .bind(meta.account_id)
                 .bind(*order_id);
+                Ok(())
             }
-            StepWrite::RecordPayment { step, new, .. } => record_sql(slot, meta, step, new, sql),
+            StepWrite::RecordPayment { step, new, .. } => {
+                record_sql(slot, meta, step, new, sql);
+                Ok(())
+            }
             StepWrite::CapturePayment {
                 step,
                 payment_id,
                 authorized,
                 captured_minor,
                 ..
-            } => capture_sql(
-                slot,
-                meta,
-                step,
-                (*payment_id, *authorized),
-                *captured_minor,
-                sql,
-            ),
+            } => {
+                let payment = (*payment_id, *authorized);
+                capture_sql(slot, meta, step, payment, *captured_minor, sql);
+                Ok(())
+            }
         }
     }
 
@@ -553,7 +555,7 @@ impl StepWrite {
                     return Ok(StepOut::Recorded(Err(StorageError::Fenced)));
                 };
                 let p = crate::money::payment(row)?;
-                event_sql(finish, meta, NewEvent::for_payment(payment_event(&p), &p));
+                event_sql(finish, meta, NewEvent::for_recorded_payment(&p));
                 if let Some(order) = of("order") {
                     let o = OrderRow::from_row(order).map_err(err)?.into_record()?;
                     event_sql(finish, meta, NewEvent::for_order(o.status.as_str(), &o));
@@ -589,15 +591,15 @@ impl StepWrite {
             }
         }
     }
-
-    /// Whether the batch's second call returns a `step` row for this step.
-    fn steps_in_finish(out: &StepOut) -> bool {
-        // Recorded payments and captures both finish in the second call.
-        matches!(out, StepOut::Recorded(Ok(_)))
-    }
 }
 
 impl StepOut {
+    /// Whether the batch's second part returns a `step` row for this step: recorded
+    /// payments and captures finish there.
+    fn finishes_later(&self) -> bool {
+        matches!(self, StepOut::Recorded(Ok(_)))
+    }
+
     pub(crate) fn begun(self) -> Result<Begun> {
         match self {
             StepOut::Begun(begun) => begun,
@@ -642,15 +644,6 @@ impl SqliteStore {
             ));
         }
         self.steps.submit(meta.clone(), write).await
-    }
-}
-
-/// The event a recorded payment emits, by its status.
-pub(crate) fn payment_event(p: &Payment) -> &'static str {
-    match p.status {
-        PaymentStatus::Failed => "failed",
-        PaymentStatus::RequiresCapture => "authorized",
-        PaymentStatus::Succeeded | PaymentStatus::Canceled => "succeeded",
     }
 }
 
@@ -865,7 +858,7 @@ async fn write_on(
             let mut first = Sql::default();
             for (place, &slot) in run.iter().enumerate() {
                 let (meta, step) = &batch[slot];
-                step.stage(place, meta, &mut first);
+                step.stage(place, meta, &mut first)?;
             }
             for (place, found) in by_slot(run.len(), first.fetch_all(conn).await?)?
                 .into_iter()
@@ -884,7 +877,7 @@ async fn write_on(
                 let (meta, step) = &batch[slot];
                 let found = std::mem::take(&mut rows[slot]);
                 let out = step.settle(place, meta, found, &mut finish)?;
-                stepped += usize::from(StepWrite::steps_in_finish(&out));
+                stepped += usize::from(out.finishes_later());
                 outs[slot] = Some(out);
             }
             if finish.is_empty() {

@@ -263,6 +263,18 @@ impl NewEvent {
         NewEvent::snapshot(format!("payment.{kind}"), "payment", p.id, p.version, p)
     }
 
+    /// The event of a payment as it was first recorded: `payment.failed`,
+    /// `payment.authorized` or, captured at once, `payment.succeeded`.
+    pub fn for_recorded_payment(p: &crate::money::Payment) -> NewEvent {
+        use crate::money::PaymentStatus;
+        let kind = match p.status {
+            PaymentStatus::Failed => "failed",
+            PaymentStatus::RequiresCapture => "authorized",
+            PaymentStatus::Succeeded | PaymentStatus::Canceled => "succeeded",
+        };
+        NewEvent::for_payment(kind, p)
+    }
+
     /// Refunds change status once, so their version is 1 when pending and 2 when settled.
     pub fn for_refund(kind: &str, r: &crate::money::Refund) -> NewEvent {
         let version = if r.status == crate::money::RefundStatus::Pending {

@@ -152,8 +152,13 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// A finished attempt waiting to be recorded, and who waits for the answer.
-type Done = (Completion, oneshot::Sender<bursar_storage::Result<bool>>);
+/// A finished attempt waiting to be recorded, when its lease lapses, and who waits for the
+/// answer.
+type Done = (
+    Completion,
+    Instant,
+    oneshot::Sender<bursar_storage::Result<bool>>,
+);
 
 /// At most this many attempts are recorded in one transaction.
 const COMPLETION_BATCH: usize = 64;
@@ -162,7 +167,8 @@ const COMPLETION_BATCH: usize = 64;
 /// committed goes in the next one, one transaction for all (`complete_deliveries`), so the
 /// database does one commit per batch instead of one per delivery. A lone attempt goes at once.
 /// If a batch fails for another reason than a busy database, each attempt is recorded on its
-/// own, so one bad completion cannot hold back the others.
+/// own, so one bad completion cannot hold back the others. An attempt the database still does
+/// not take after the quick retries is handed to [`record_until`], off this loop.
 async fn complete_batches(
     state: AppState,
     mut queued: mpsc::UnboundedReceiver<Done>,
@@ -170,7 +176,10 @@ async fn complete_batches(
 ) {
     let mut batch = Vec::with_capacity(COMPLETION_BATCH);
     while queued.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
-        let (cs, replies): (Vec<Completion>, Vec<_>) = batch.drain(..).unzip();
+        let (cs, waiting): (Vec<Completion>, Vec<_>) = batch
+            .drain(..)
+            .map(|(c, lapses, reply)| (c, (lapses, reply)))
+            .unzip();
         let result = retrying(|| {
             state
                 .store
@@ -179,26 +188,38 @@ async fn complete_batches(
         .await;
         match result {
             Ok(held) => {
-                for (reply, held) in replies.into_iter().zip(held) {
+                for ((_, reply), held) in waiting.into_iter().zip(held) {
                     let _ = reply.send(Ok(held));
                 }
             }
-            Err(StorageError::Unavailable(e)) => {
-                let why = e.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(StorageError::Unavailable(why.clone().into())));
+            Err(StorageError::Unavailable(_)) => {
+                for (c, (lapses, reply)) in cs.into_iter().zip(waiting) {
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let _ = reply.send(record_until(&state, c, lapses).await);
+                    });
                 }
             }
             Err(_) => {
-                for (c, reply) in cs.into_iter().zip(replies) {
-                    let one =
-                        retrying(|| state.store.complete_delivery(c.clone(), state.clock.now()))
-                            .await;
-                    let _ = reply.send(one);
+                for (c, (lapses, reply)) in cs.into_iter().zip(waiting) {
+                    let _ = reply.send(record_one(&state, c, lapses).await);
                 }
             }
         }
         freed.notify_one();
+    }
+}
+
+/// Records one attempt: the quick retries, then [`record_until`] if the database is still
+/// unavailable.
+async fn record_one(
+    state: &AppState,
+    c: Completion,
+    lapses: Instant,
+) -> bursar_storage::Result<bool> {
+    match retrying(|| state.store.complete_delivery(c.clone(), state.clock.now())).await {
+        Err(StorageError::Unavailable(_)) => record_until(state, c, lapses).await,
+        recorded => recorded,
     }
 }
 
@@ -263,26 +284,14 @@ async fn deliver(
     // A database that is briefly busy must not strand a sent delivery until its lease lapses —
     // that would send it a second time — hence the retries in `complete_batches`, and then
     // `record_until` for an outage that outlasts them.
-    let again = done.clone();
     let (reply, answer) = oneshot::channel();
-    let result = match completions.send((done, reply)) {
+    let result = match completions.send((done, batch.lapses, reply)) {
         Ok(()) => answer.await.unwrap_or_else(|_| {
             Err(StorageError::Unavailable(
                 "the completion task ended".into(),
             ))
         }),
-        Err(mpsc::error::SendError((done, _))) => {
-            retrying(|| {
-                state
-                    .store
-                    .complete_delivery(done.clone(), state.clock.now())
-            })
-            .await
-        }
-    };
-    let result = match result {
-        Err(StorageError::Unavailable(_)) => record_until(state, again, batch.lapses).await,
-        other => other,
+        Err(mpsc::error::SendError((done, lapses, _))) => record_one(state, done, lapses).await,
     };
     match result {
         Ok(true) => {}
