@@ -99,7 +99,7 @@ const STORE_AND_FAN_OUT: &str = concat!(
     "\
     WITH sequenced AS (\
        UPDATE outbox_events o SET event_id = u.event_id, seq = u.seq, body = u.body, \
-              sequenced_at = $5 \
+              sequenced_at = $5, published_at = $9 \
        FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[]) \
             AS u (id, event_id, seq, body) \
        WHERE o.id = u.id \
@@ -432,6 +432,7 @@ impl EventLogStore for PostgresStore {
         limit: u32,
         now: Timestamp,
         render: &dyn EventRenderer,
+        published: bool,
     ) -> Result<Vec<LoggedEvent>> {
         let mut tx = self.write_tx().await?;
         // First, in its own statement: a statement's snapshot is taken before it runs, so only
@@ -529,6 +530,7 @@ impl EventLogStore for PostgresStore {
             .bind(&fan_accounts)
             .bind(&fan_endpoints)
             .bind(&fan_events)
+            .bind(published.then_some(now.0))
             .execute(&mut *tx)
             .await
             .map_err(err)?;

@@ -217,6 +217,7 @@ impl EventLogStore for SqliteStore {
         limit: u32,
         now: Timestamp,
         render: &dyn EventRenderer,
+        published: bool,
     ) -> Result<Vec<LoggedEvent>> {
         let mut tx = self.write_tx().await?;
         let rows = sqlx::query(
@@ -304,7 +305,8 @@ impl EventLogStore for SqliteStore {
         // The deliveries read their events as just stored (the statements run in order).
         let sql = format!(
             "UPDATE outbox_events SET event_id = v.column2, seq = v.column3, body = v.column4, \
-             sequenced_at = ? FROM (VALUES {}) AS v WHERE outbox_events.id = v.column1; \
+             sequenced_at = ?, published_at = ? FROM (VALUES {}) AS v \
+             WHERE outbox_events.id = v.column1; \
              INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
              next_attempt_at, created_at, updated_at, aggregate_key, event_seq) \
              SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, 'pending', ?, ?, ?, {} \
@@ -315,7 +317,9 @@ impl EventLogStore for SqliteStore {
             vec!["(?, ?, ?, ?)"; out.len()].join(", "),
             bursar_storage::fifo_columns!("ep", "ev"),
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now.0);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(now.0)
+            .bind(published.then_some(now.0));
         for (e, r) in out.iter().zip(&rows) {
             q = q
                 .bind(r.get::<i64, _>("id"))

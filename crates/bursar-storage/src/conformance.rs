@@ -69,6 +69,7 @@ macro_rules! conformance_tests {
             a_gone_receiver_disables_its_endpoint,
             concurrent_workers_never_claim_one_delivery_twice,
             published_events_leave_the_backlog,
+            events_sequenced_as_published_skip_the_backlog,
             claims_never_exceed_an_endpoints_concurrency,
             the_circuit_opens_probes_and_closes,
             half_of_twenty_attempts_failing_opens_the_circuit,

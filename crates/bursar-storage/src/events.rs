@@ -721,11 +721,17 @@ pub trait EventLogStore: Send + Sync {
     /// delivery per enabled endpoint of its account whose patterns match (but never to the
     /// endpoint an operational event is about). One transaction,
     /// serialised against other relays. Returns the events sequenced, in `seq` order.
+    ///
+    /// `published`: the caller's own hand-off after the commit is the publication (a single
+    /// instance without NATS, whose in-process broadcast follows at once), so the events are
+    /// marked published by this transaction instead of a second write per pass. With NATS it
+    /// is `false`, and the publisher marks them once JetStream has acknowledged them.
     async fn sequence_events(
         &self,
         limit: u32,
         now: Timestamp,
         render: &dyn EventRenderer,
+        published: bool,
     ) -> Result<Vec<LoggedEvent>>;
 
     /// Events of `account` with `seq > after`, oldest first (SSE backfill and resume).

@@ -55,9 +55,13 @@ impl EventRenderer for PublicEvents {
 
 /// One relay pass: how many events it sequenced.
 pub async fn relay_once(state: &AppState) -> bursar_storage::Result<usize> {
+    // Without NATS the broadcast below is the publication: the sequencing transaction marks
+    // the events published, which keeps the backlog (and its metric) meaning "not yet handed
+    // on" without a second write per pass.
+    let published = state.nats.is_none();
     let events = state
         .store
-        .sequence_events(BATCH, state.clock.now(), &PublicEvents)
+        .sequence_events(BATCH, state.clock.now(), &PublicEvents, published)
         .await?;
     if events.is_empty() {
         return Ok(0);
@@ -67,13 +71,8 @@ pub async fn relay_once(state: &AppState) -> bursar_storage::Result<usize> {
     for e in &events {
         state.live.hub.publish(LiveEvent::from(e));
     }
-    if state.nats.is_some() {
+    if !published {
         state.live.sequenced.notify_one();
-    } else {
-        // Without NATS the broadcast is the publication; marking keeps the backlog (and its
-        // metric) meaning "not yet handed on".
-        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
-        state.store.mark_published(&ids, state.clock.now()).await?;
     }
     Ok(events.len())
 }

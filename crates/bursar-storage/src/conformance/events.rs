@@ -37,7 +37,10 @@ fn endpoint(types: &[&str]) -> NewEndpoint {
 async fn sequence_all(s: &Store, new_id: &dyn EventRenderer) -> Vec<LoggedEvent> {
     let mut all = Vec::new();
     loop {
-        let batch = s.sequence_events(100, Timestamp(T0), new_id).await.unwrap();
+        let batch = s
+            .sequence_events(100, Timestamp(T0), new_id, false)
+            .await
+            .unwrap();
         if batch.is_empty() {
             return all;
         }
@@ -118,7 +121,10 @@ pub async fn concurrent_sequencers_never_share_a_seq(s: Store) {
                 let new_id = ids();
                 let mut got = Vec::new();
                 for _ in 0..40 {
-                    let batch = s.sequence_events(7, Timestamp(T0), &new_id).await.unwrap();
+                    let batch = s
+                        .sequence_events(7, Timestamp(T0), &new_id, false)
+                        .await
+                        .unwrap();
                     got.extend(batch.into_iter().map(|e| e.seq));
                     tokio::task::yield_now().await;
                 }
@@ -726,6 +732,47 @@ pub async fn published_events_leave_the_backlog(s: Store) {
         "limit holds"
     );
     assert_eq!(s.mark_published(&[], Timestamp(T0)).await.unwrap(), 0);
+}
+
+/// A relay whose own hand-off is the publication (no NATS) marks what it sequences in the same
+/// transaction: nothing reaches the publisher's backlog, the events are logged as usual, and
+/// a later pass without the mark leaves its events to the publisher.
+pub async fn events_sequenced_as_published_skip_the_backlog(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    order(&s, a, c.id, 100).await;
+    let new_id = ids();
+    let marked = s
+        .sequence_events(100, Timestamp(T0), &new_id, true)
+        .await
+        .unwrap();
+    assert_eq!(marked.len(), 2, "the customer and the order");
+    assert!(s.unpublished_events(10).await.unwrap().is_empty());
+    let ids_of = |evs: &[LoggedEvent]| evs.iter().map(|e| e.event_id.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        s.mark_published(&ids_of(&marked), Timestamp(T0 + 1))
+            .await
+            .unwrap(),
+        0,
+        "already marked by the sequencing transaction"
+    );
+    let logged = s.events_after(a, 0, &[], 10).await.unwrap();
+    assert_eq!(
+        ids_of(&logged),
+        ids_of(&marked),
+        "logged as usual, in seq order"
+    );
+    order(&s, a, c.id, 200).await;
+    let later = s
+        .sequence_events(100, Timestamp(T0), &new_id, false)
+        .await
+        .unwrap();
+    assert_eq!(later.len(), 1);
+    assert_eq!(
+        ids_of(&s.unpublished_events(10).await.unwrap()),
+        ids_of(&later),
+        "only the unmarked pass is left to the publisher"
+    );
 }
 
 fn finish(c: &ClaimedDelivery, token: &str, outcome: Outcome, policy: HealthPolicy) -> Completion {
