@@ -55,6 +55,8 @@ pub struct SqliteStore {
     steps: Arc<GroupCommit<steps::SqliteSteps>>,
     step_commits: Arc<AtomicU64>,
     create_commits: Arc<AtomicU64>,
+    /// Copies the write-ahead log into the database file off the writer's timeline.
+    checkpointer: Arc<checkpoint::Checkpointer>,
 }
 
 fn err(e: sqlx::Error) -> StorageError {
@@ -96,7 +98,9 @@ impl SqliteStore {
         // Batched creates produce one statement text per batch size and kind; keep them all.
         let writer_connect = connect
             .clone()
-            .statement_cache_capacity(4 * batch::MAX_BATCH);
+            .statement_cache_capacity(4 * batch::MAX_BATCH)
+            // The checkpointer copies most of the log in the background (`checkpoint`).
+            .pragma("wal_autocheckpoint", checkpoint::WRITER_PAGES.to_string());
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
@@ -108,6 +112,7 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(|e| StorageError::Internal(Box::new(e)))?;
+        let checkpointer = checkpoint::Checkpointer::start(&connect).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(opts.readers.max(1))
             .test_before_acquire(false)
@@ -142,6 +147,7 @@ impl SqliteStore {
             steps,
             create_commits,
             step_commits,
+            checkpointer,
         })
     }
 
@@ -217,6 +223,7 @@ macro_rules! key_cols {
 
 // Declared after the SQL macros above, which they use.
 mod batch;
+mod checkpoint;
 mod events;
 mod money;
 mod ops;
@@ -899,6 +906,7 @@ impl Storage for SqliteStore {
     }
 
     async fn close(&self) {
+        self.checkpointer.stop();
         self.readers.close().await;
         self.writer.close().await;
     }
