@@ -65,6 +65,7 @@ macro_rules! conformance_tests {
             endpoints_are_scoped_and_rotate,
             deliveries_are_leased_fenced_and_retried,
             completions_in_one_batch_apply_each_fenced,
+            a_batch_survives_an_endpoint_deleted_under_it,
             fifo_endpoints_get_one_aggregate_at_a_time_in_order,
             a_gone_receiver_disables_its_endpoint,
             concurrent_workers_never_claim_one_delivery_twice,

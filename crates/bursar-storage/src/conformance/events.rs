@@ -362,6 +362,79 @@ pub async fn deliveries_are_leased_fenced_and_retried(s: Store) {
 /// Several completions in one transaction answer and record exactly what one-by-one
 /// completions would: held leases apply their outcome, a stale token changes nothing but a
 /// `lease_lost` attempt, and attempts of two endpoints mix in one batch.
+/// An endpoint deleted (with its deliveries) while its sends were in flight: the batch that
+/// records them, with other endpoints' completions beside it, either applies the others and
+/// answers the deleted ones `false`, or fails as a whole and then each completion on its own
+/// does (what the worker falls back to). Either way the other endpoint's deliveries end
+/// succeeded with one attempt each, and nothing of the deleted endpoint comes back.
+pub async fn a_batch_survives_an_endpoint_deleted_under_it(s: Store) {
+    let a = account(&s, "a").await;
+    let gone = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    let kept = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    customer(&s, a).await;
+    customer(&s, a).await;
+    sequence_all(&s, &ids()).await;
+    let now = Timestamp(T0);
+    let mut claimed = s
+        .claim_deliveries(now, Timestamp(T0 + 10_000), "A", 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4, "two events to two endpoints");
+    claimed.sort_by_key(|c| (c.endpoint_id != gone.id, c.delivery_id));
+    assert!(s.delete_endpoint(a, gone.id).await.unwrap());
+    let batch: Vec<Completion> = claimed
+        .iter()
+        .map(|c| finish(c, "A", Outcome::Succeeded, HealthPolicy::default()))
+        .collect();
+    let held = match s.complete_deliveries(batch.clone(), now).await {
+        Ok(held) => held,
+        Err(_) => {
+            let mut held = Vec::new();
+            for c in batch {
+                held.push(s.complete_delivery(c, now).await.unwrap());
+            }
+            held
+        }
+    };
+    assert_eq!(held, vec![false, false, true, true]);
+    assert!(s.get_endpoint(a, gone.id).await.unwrap().is_none());
+    assert!(
+        s.list_deliveries(a, gone.id, page(10, None))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.list_attempts(a, gone.id, page(10, None))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let states: Vec<String> = s
+        .list_deliveries(a, kept.id, page(10, None))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.state.clone())
+        .collect();
+    assert_eq!(states, vec!["succeeded", "succeeded"]);
+    let attempts = s.list_attempts(a, kept.id, page(10, None)).await.unwrap();
+    let mut of: Vec<i64> = attempts.iter().map(|at| at.delivery_id).collect();
+    of.sort_unstable();
+    let mut expected: Vec<i64> = claimed[2..].iter().map(|c| c.delivery_id).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        of, expected,
+        "one attempt per delivery of the kept endpoint"
+    );
+}
+
 pub async fn completions_in_one_batch_apply_each_fenced(s: Store) {
     let a = account(&s, "a").await;
     let e1 = s
