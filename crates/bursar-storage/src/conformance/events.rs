@@ -362,30 +362,40 @@ pub async fn deliveries_are_leased_fenced_and_retried(s: Store) {
 /// Several completions in one transaction answer and record exactly what one-by-one
 /// completions would: held leases apply their outcome, a stale token changes nothing but a
 /// `lease_lost` attempt, and attempts of two endpoints mix in one batch.
+/// An account with two endpoints for every event type and two events, fanned out and all four
+/// deliveries leased to `"A"`.
+async fn two_endpoints_two_events_claimed(
+    s: &Store,
+) -> (AccountId, Endpoint, Endpoint, Vec<ClaimedDelivery>) {
+    let a = account(s, "a").await;
+    let mut endpoints = Vec::new();
+    for _ in 0..2 {
+        endpoints.push(
+            s.create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+                .await
+                .unwrap(),
+        );
+    }
+    customer(s, a).await;
+    customer(s, a).await;
+    sequence_all(s, &ids()).await;
+    let claimed = s
+        .claim_deliveries(Timestamp(T0), Timestamp(T0 + 10_000), "A", 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4, "two events to two endpoints");
+    let second = endpoints.pop().unwrap();
+    (a, endpoints.pop().unwrap(), second, claimed)
+}
+
 /// An endpoint deleted (with its deliveries) while its sends were in flight: the batch that
 /// records them, with other endpoints' completions beside it, either applies the others and
 /// answers the deleted ones `false`, or fails as a whole and then each completion on its own
 /// does (what the worker falls back to). Either way the other endpoint's deliveries end
 /// succeeded with one attempt each, and nothing of the deleted endpoint comes back.
 pub async fn a_batch_survives_an_endpoint_deleted_under_it(s: Store) {
-    let a = account(&s, "a").await;
-    let gone = s
-        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
-        .await
-        .unwrap();
-    let kept = s
-        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
-        .await
-        .unwrap();
-    customer(&s, a).await;
-    customer(&s, a).await;
-    sequence_all(&s, &ids()).await;
+    let (a, gone, kept, mut claimed) = two_endpoints_two_events_claimed(&s).await;
     let now = Timestamp(T0);
-    let mut claimed = s
-        .claim_deliveries(now, Timestamp(T0 + 10_000), "A", 10)
-        .await
-        .unwrap();
-    assert_eq!(claimed.len(), 4, "two events to two endpoints");
     claimed.sort_by_key(|c| (c.endpoint_id != gone.id, c.delivery_id));
     assert!(s.delete_endpoint(a, gone.id).await.unwrap());
     let batch: Vec<Completion> = claimed
@@ -436,24 +446,8 @@ pub async fn a_batch_survives_an_endpoint_deleted_under_it(s: Store) {
 }
 
 pub async fn completions_in_one_batch_apply_each_fenced(s: Store) {
-    let a = account(&s, "a").await;
-    let e1 = s
-        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
-        .await
-        .unwrap();
-    let e2 = s
-        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
-        .await
-        .unwrap();
-    customer(&s, a).await;
-    customer(&s, a).await;
-    sequence_all(&s, &ids()).await;
+    let (a, e1, e2, mut claimed) = two_endpoints_two_events_claimed(&s).await;
     let now = Timestamp(T0);
-    let mut claimed = s
-        .claim_deliveries(now, Timestamp(T0 + 10_000), "A", 10)
-        .await
-        .unwrap();
-    assert_eq!(claimed.len(), 4, "two events to two endpoints");
     claimed.sort_by_key(|c| (c.endpoint_id, c.delivery_id));
     let retry = Outcome::Retry(Timestamp(T0 + 5_000));
     let batch = vec![
