@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use bursar_domain::Timestamp;
 use bursar_storage::money::MoneyStore;
-use bursar_storage::operations::{FINISHED, Prefetch, Prefetched, STARTED};
+use bursar_storage::operations::{FINISHED, FirstPhase, FirstStep, Prefetch, Prefetched, STARTED};
 use bursar_storage::{
     Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, OrderStore, Result,
     StorageError, StoredResponse, WriteMeta, decode,
@@ -64,6 +64,7 @@ impl OperationStore for PostgresStore {
         request: &[u8],
         lease_until: Timestamp,
         prefetch: Option<Prefetch>,
+        first: Option<FirstPhase>,
     ) -> Result<Begun> {
         let mut tx = self.write_tx().await?;
         // Only a finished record expires (an unfinished one's expiry is the largest integer).
@@ -125,20 +126,28 @@ impl OperationStore for PostgresStore {
         };
         tx.commit().await.map_err(err)?;
         // Read right after the claim: the work's first phase would read it next anyway.
-        Ok(match (begun, prefetch) {
-            (Begun::Leased(mut op), Some(wanted)) => {
-                op.prefetched = Some(Box::new(match wanted {
-                    Prefetch::Order(id) => {
-                        Prefetched::Order(id, self.get_order(op.account_id, id).await?)
-                    }
-                    Prefetch::Payment(id) => {
-                        Prefetched::Payment(id, self.get_payment(op.account_id, id).await?)
-                    }
-                }));
-                Begun::Leased(op)
+        let Begun::Leased(mut op) = begun else {
+            return Ok(begun);
+        };
+        if let Some(wanted) = prefetch {
+            op.prefetched = Some(Box::new(match wanted {
+                Prefetch::Order(id) => {
+                    Prefetched::Order(id, self.get_order(op.account_id, id).await?)
+                }
+                Prefetch::Payment(id) => {
+                    Prefetched::Payment(id, self.get_payment(op.account_id, id).await?)
+                }
+            }));
+        }
+        // The first step in a transaction of its own, right after (ADR 0007). Refused or
+        // failed, it leaves the work at the claim's recovery point for the phase to run.
+        if let Some(step) = first.and_then(|decide| decide(&op)) {
+            let FirstStep::ClaimOrder { step: s, order_id } = &step;
+            if self.claim_order(meta, s, *order_id).await.is_ok() {
+                op.advanced_by(&step);
             }
-            (begun, _) => begun,
-        })
+        }
+        Ok(Begun::Leased(op))
     }
 
     async fn advance_operation(

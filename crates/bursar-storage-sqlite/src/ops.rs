@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use bursar_domain::Timestamp;
-use bursar_storage::operations::{FINISHED, Prefetch};
+use bursar_storage::operations::{FINISHED, FirstPhase, Prefetch};
 use bursar_storage::{
     Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, Result, StorageError,
     StoredResponse, WriteMeta, decode,
@@ -58,12 +58,14 @@ impl OperationStore for SqliteStore {
         request: &[u8],
         lease_until: Timestamp,
         prefetch: Option<Prefetch>,
+        first: Option<FirstPhase>,
     ) -> Result<Begun> {
         let write = StepWrite::Begin {
             claim: claim.clone(),
             request: request.into(),
             lease_until,
             prefetch,
+            first,
         };
         self.step(meta, write).await?.begun()
     }

@@ -24,9 +24,10 @@ use bursar_domain::ledger::Entry;
 use bursar_domain::{AccountId, Money, OrderStatus, Timestamp};
 use bursar_storage::group_commit::{Batchable, GroupWriter};
 use bursar_storage::money::{NewPayment, Payment, PaymentStatus, Responder, Rule, Step, StepEnd};
-use bursar_storage::operations::{FINISHED, Prefetch, Prefetched, STARTED};
+use bursar_storage::operations::{FINISHED, FirstPhase, FirstStep, Prefetch, Prefetched, STARTED};
 use bursar_storage::{
-    Begun, IdempotencyClaim, NewEvent, Result, StorageError, StoredResponse, WriteMeta, decode,
+    Begun, IdempotencyClaim, LeasedOperation, NewEvent, Result, StorageError, StoredResponse,
+    WriteMeta, decode,
 };
 use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{Arguments, Encode, FromRow, Row, Sqlite, Type};
@@ -286,6 +287,8 @@ pub enum StepWrite {
         request: Arc<[u8]>,
         lease_until: Timestamp,
         prefetch: Option<Prefetch>,
+        /// Decides the lease's first step, written in the batch's second part (ADR 0007).
+        first: Option<FirstPhase>,
     },
     /// Claim an order for the work's payment and advance the work (`claim_order`).
     ClaimOrder { step: Step, order_id: i64 },
@@ -311,6 +314,9 @@ pub enum StepWrite {
 /// batch.
 pub enum StepOut {
     Begun(Result<Begun>),
+    /// A lease whose first step is in the batch's second part; settled into `Begun` by
+    /// whether that step's row came back.
+    BegunFirst(LeasedOperation, FirstStep),
     Claimed(Result<()>),
     Recorded(Result<Payment>),
 }
@@ -339,7 +345,8 @@ impl Batchable for StepWrite {
 /// their prepared statements are reused.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Shape {
-    Begin(u8),
+    /// The prefetch's kind, and whether a first step is decided.
+    Begin(u8, bool),
     ClaimOrder,
     RecordPayment(&'static str, bool),
     CapturePayment(bool),
@@ -348,11 +355,16 @@ enum Shape {
 impl StepWrite {
     fn shape(&self) -> Shape {
         match self {
-            StepWrite::Begin { prefetch, .. } => Shape::Begin(match prefetch {
-                None => 0,
-                Some(Prefetch::Order(_)) => 1,
-                Some(Prefetch::Payment(_)) => 2,
-            }),
+            StepWrite::Begin {
+                prefetch, first, ..
+            } => Shape::Begin(
+                match prefetch {
+                    None => 0,
+                    Some(Prefetch::Order(_)) => 1,
+                    Some(Prefetch::Payment(_)) => 2,
+                },
+                first.is_some(),
+            ),
             StepWrite::ClaimOrder { .. } => Shape::ClaimOrder,
             StepWrite::RecordPayment { new, .. } => {
                 Shape::RecordPayment(new.status.as_str(), new.captured_minor == new.amount.minor)
@@ -374,6 +386,7 @@ impl StepWrite {
                 request,
                 lease_until,
                 prefetch,
+                ..
             } => {
                 // Only a finished record expires (an unfinished one's expiry is the largest
                 // integer). The takeover runs only if the insert found the key taken
@@ -449,25 +462,7 @@ impl StepWrite {
                 Ok(())
             }
             StepWrite::ClaimOrder { step, order_id } => {
-                // The step and the order's claim take together or not at all: the step
-                // only if the order is claimable, the claim only if the step took.
-                step_sql_when(sql, slot, step, None, *order_id, |sql| {
-                    sql.push(
-                        " AND EXISTS (SELECT 1 FROM orders WHERE account_id = ? AND id = ? \
-                         AND status = 'pending' \
-                         AND (payment_operation_id IS NULL OR payment_operation_id = ?))",
-                    )
-                    .bind(meta.account_id)
-                    .bind(*order_id)
-                    .bind(step.lease.record_id);
-                })?;
-                sql.push(
-                    "UPDATE orders SET payment_operation_id = ? \
-                     WHERE account_id = ? AND id = ? AND changes() = 1; ",
-                )
-                .bind(step.lease.record_id)
-                .bind(meta.account_id)
-                .bind(*order_id);
+                claim_order_sql(sql, slot, meta, step, *order_id)?;
                 sql.push(&format!(
                     "SELECT {slot} AS slot, 'order' AS kind, status, payment_operation_id \
                      FROM orders WHERE account_id = ? AND id = ?; "
@@ -505,7 +500,9 @@ impl StepWrite {
     ) -> Result<StepOut> {
         let of = |kind: &str| rows.iter().find(|r| row_kind(r) == kind);
         match self {
-            StepWrite::Begin { prefetch, .. } => {
+            StepWrite::Begin {
+                prefetch, first, ..
+            } => {
                 let begun = match (of("leased"), of("record")) {
                     (Some(row), _) => {
                         let mut op = crate::ops::leased(row)?;
@@ -528,7 +525,24 @@ impl StepWrite {
                         return Err(StorageError::Internal("claimed key vanished".into()));
                     }
                 };
-                Ok(StepOut::Begun(Ok(begun)))
+                let Some(decide) = first else {
+                    return Ok(StepOut::Begun(Ok(begun)));
+                };
+                let decided = match &begun {
+                    Begun::Leased(op) => decide(op),
+                    Begun::Existing(_) => None,
+                };
+                match (begun, decided) {
+                    (Begun::Leased(op), Some(first)) => {
+                        let FirstStep::ClaimOrder { step, order_id } = &first;
+                        claim_order_sql(finish, slot, meta, step, *order_id)?;
+                        Ok(StepOut::BegunFirst(op, first))
+                    }
+                    (begun, _) => {
+                        claim_order_sql(finish, slot, meta, &no_first_step(), 0)?;
+                        Ok(StepOut::Begun(Ok(begun)))
+                    }
+                }
             }
             StepWrite::ClaimOrder { step, .. } => {
                 if of("step").is_some() {
@@ -650,6 +664,55 @@ impl SqliteStore {
 /// The first-call statements of a payment's record: the payment, its ledger entries, and the
 /// order's move (paid when captured in full; the claim released when the payment failed),
 /// every one only if the step still holds its lease.
+/// The order's claim and the step that advances the work, taking together or not at all:
+/// the step only if the order is claimable, the claim only if the step took. Returns a
+/// `step` row for `slot` when it took.
+fn claim_order_sql(
+    sql: &mut Sql,
+    slot: usize,
+    meta: &WriteMeta,
+    step: &Step,
+    order_id: i64,
+) -> Result<()> {
+    step_sql_when(sql, slot, step, None, order_id, |sql| {
+        sql.push(
+            " AND EXISTS (SELECT 1 FROM orders WHERE account_id = ? AND id = ? \
+             AND status = 'pending' \
+             AND (payment_operation_id IS NULL OR payment_operation_id = ?))",
+        )
+        .bind(meta.account_id)
+        .bind(order_id)
+        .bind(step.lease.record_id);
+    })?;
+    sql.push(
+        "UPDATE orders SET payment_operation_id = ? \
+         WHERE account_id = ? AND id = ? AND changes() = 1; ",
+    )
+    .bind(step.lease.record_id)
+    .bind(meta.account_id)
+    .bind(order_id);
+    Ok(())
+}
+
+/// A claim-order step that matches no record: what a call of the `Begin` shape with a first
+/// step carries for a claim whose first step was not decided, so the call's text is the
+/// same for every claim in it.
+fn no_first_step() -> Step {
+    Step {
+        lease: bursar_storage::Lease {
+            record_id: 0,
+            fence: 0,
+        },
+        from: String::new(),
+        state: String::new(),
+        now: Timestamp(0),
+        end: StepEnd::Advance {
+            to: String::new(),
+            lease_until: Timestamp(0),
+        },
+    }
+}
+
 fn record_sql(slot: usize, meta: &WriteMeta, step: &Step, new: &NewPayment, sql: &mut Sql) {
     let (code, message) = new.failure.clone().unzip();
     sql.push(
@@ -872,22 +935,38 @@ async fn write_on(
     for slots in shapes.values() {
         for run in runs(slots) {
             let mut finish = Sql::default();
-            let mut stepped = 0;
             for (place, &slot) in run.iter().enumerate() {
                 let (meta, step) = &batch[slot];
                 let found = std::mem::take(&mut rows[slot]);
-                let out = step.settle(place, meta, found, &mut finish)?;
-                stepped += usize::from(out.finishes_later());
-                outs[slot] = Some(out);
+                outs[slot] = Some(step.settle(place, meta, found, &mut finish)?);
             }
             if finish.is_empty() {
                 continue;
             }
-            let done = finish.fetch_all(conn).await?;
-            // Every step this call commits was checked in the first; a miss means the
-            // batch's own reading of the rows is wrong, and nothing of it may stay.
-            if done.len() != stepped {
-                return Err(StorageError::Internal("a batched step did not take".into()));
+            let done = by_slot(run.len(), finish.fetch_all(conn).await?)?;
+            for (&slot, back) in run.iter().zip(done) {
+                let took = match back.len() {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(StorageError::Internal("a step took twice".into())),
+                };
+                outs[slot] = match outs[slot].take() {
+                    // A claim's first step takes if the claim and the order allow it;
+                    // otherwise the work stays where the claim left it.
+                    Some(StepOut::BegunFirst(mut op, first)) => {
+                        if took {
+                            op.advanced_by(&first);
+                        }
+                        Some(StepOut::Begun(Ok(Begun::Leased(op))))
+                    }
+                    // Every other step this call commits was checked in the first; a miss
+                    // means the batch's own reading of the rows is wrong, and nothing of it
+                    // may stay.
+                    Some(out) if out.finishes_later() != took => {
+                        return Err(StorageError::Internal("a batched step did not take".into()));
+                    }
+                    out => out,
+                };
             }
         }
     }
@@ -1016,6 +1095,7 @@ mod tests {
             request: Arc::from(&b"{}"[..]),
             lease_until: Timestamp(NOW + LEASE),
             prefetch: None,
+            first: None,
         };
         (a, write)
     }
@@ -1121,6 +1201,79 @@ mod tests {
     async fn order_status(store: &SqliteStore, a: i64, order: &Order) -> &'static str {
         let o = store.get_order(a, order.id).await.unwrap().unwrap();
         o.status.as_str()
+    }
+
+    /// Claims with a first step share a batch and keep their own outcomes: one takes its
+    /// order, one is refused because the first took that order in the same transaction, and
+    /// one whose step was not decided runs the call's no-op claim and leaves its order free.
+    #[tokio::test(flavor = "current_thread")]
+    async fn first_steps_in_one_batch_take_or_leave_the_work_each() {
+        let (_dir, store, a, orders) = fixture(&[100, 200]).await;
+        let undecided = orders[1].id;
+        let first: FirstPhase = Arc::new(move |op: &LeasedOperation| {
+            let Some(Prefetched::Order(id, Some(_))) = op.prefetched.as_deref() else {
+                return None;
+            };
+            (*id != undecided).then(|| FirstStep::ClaimOrder {
+                step: step(
+                    op.lease,
+                    STARTED,
+                    StepEnd::Advance {
+                        to: "authorizing".into(),
+                        lease_until: Timestamp(NOW + LEASE),
+                    },
+                ),
+                order_id: *id,
+            })
+        });
+        let with_first = |key: &str, order: i64| {
+            let (a, mut write) = begin(a, key);
+            if let StepWrite::Begin {
+                prefetch, first: f, ..
+            } = &mut write
+            {
+                *prefetch = Some(Prefetch::Order(order));
+                *f = Some(first.clone());
+            }
+            (a, write)
+        };
+        let writes = vec![
+            with_first("k1", orders[0].id),
+            with_first("k2", orders[0].id),
+            with_first("k3", undecided),
+        ];
+        let (begun, commits) = together(&store, writes).await;
+        assert_eq!(commits, 1, "three claims, one commit");
+        let points: Vec<String> = begun
+            .iter()
+            .map(|out| match out {
+                StepOut::Begun(Ok(Begun::Leased(op))) => op.recovery_point.clone(),
+                _ => panic!("expected a lease"),
+            })
+            .collect();
+        assert_eq!(points, vec!["authorizing", STARTED, STARTED]);
+        let readers = store.readers.clone();
+        let claimed_by = |order: i64| {
+            let readers = readers.clone();
+            async move {
+                sqlx::query_scalar::<_, Option<i64>>(
+                    "SELECT payment_operation_id FROM orders WHERE account_id = ? AND id = ?",
+                )
+                .bind(a)
+                .bind(order)
+                .fetch_one(&readers)
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(
+            claimed_by(orders[0].id).await,
+            Some(leased(&begun[0]).record_id)
+        );
+        assert_eq!(claimed_by(undecided).await, None);
+        let again = vec![claim_order(a, leased(&begun[2]), undecided)];
+        let (claimed, _) = together(&store, again).await;
+        assert!(matches!(claimed[0], StepOut::Claimed(Ok(()))));
     }
 
     /// Claims, order claims and payments of several operations each share one transaction,

@@ -118,6 +118,35 @@ impl Prefetched {
     }
 }
 
+/// The step the first phase of new work would write, decided from the claimed work alone
+/// (ADR 0007): the store writes it in the claim's transaction (SQLite) or right after it
+/// (PostgreSQL), so a payment goes from the key's claim to the processor with one step
+/// fewer. Local work before the first foreign call may share one transaction
+/// (spec/idempotency.md, atomic phases); the recovery point it records is the same.
+#[derive(Debug, Clone)]
+pub enum FirstStep {
+    /// `MoneyStore::claim_order` with this step (an advance from [`STARTED`]).
+    ClaimOrder {
+        step: crate::money::Step,
+        order_id: i64,
+    },
+}
+
+/// Decides the [`FirstStep`] for work as claimed (its lease and what was prefetched), or
+/// none. Pure and quick: it runs inside the claim's batch.
+pub type FirstPhase = std::sync::Arc<dyn Fn(&LeasedOperation) -> Option<FirstStep> + Send + Sync>;
+
+impl LeasedOperation {
+    /// The work as it stands once `first` took.
+    pub fn advanced_by(&mut self, first: &FirstStep) {
+        let FirstStep::ClaimOrder { step, .. } = first;
+        if let crate::money::StepEnd::Advance { to, .. } = &step.end {
+            self.recovery_point = to.clone();
+            self.state = step.state.clone();
+        }
+    }
+}
+
 /// The outcome of [`OperationStore::begin_operation`].
 #[derive(Debug)]
 pub enum Begun {
@@ -135,7 +164,10 @@ pub trait OperationStore: Send + Sync {
     /// takes over the unfinished record of the same request whose lease has lapsed (bumping
     /// the fence). A finished record that expired counts as absent. `claim.expires_at` is not
     /// used: retention starts at [`OperationStore::finish_operation`]. A lease comes with
-    /// `prefetch` read as it stood at the claim.
+    /// `prefetch` read as it stood at the claim. With `first`, a lease's first step is
+    /// decided and written too if it may be ([`FirstStep`]); the lease then comes back at
+    /// the step's recovery point, or, if the step was refused, at the claim's, unchanged
+    /// (the phase then runs as without it, and answers the refusal itself).
     async fn begin_operation(
         &self,
         meta: &WriteMeta,
@@ -143,6 +175,7 @@ pub trait OperationStore: Send + Sync {
         request: &[u8],
         lease_until: Timestamp,
         prefetch: Option<Prefetch>,
+        first: Option<FirstPhase>,
     ) -> Result<Begun>;
 
     /// Commits a phase: moves the record from `from` to the recovery point `to`, replaces

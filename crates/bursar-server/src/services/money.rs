@@ -33,7 +33,7 @@ use bursar_storage::money::{
     Conversion, FxRate, NewPayment, NewQuote, Payment, PaymentStatus, Quote, Refund, RefundOutcome,
     Responder,
 };
-use bursar_storage::operations::{Prefetch, Prefetched, STARTED};
+use bursar_storage::operations::{FirstStep, Prefetch, Prefetched, STARTED};
 use bursar_storage::{Rule, StorageError, StoredResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -178,6 +178,39 @@ struct Authorizing {
     capture: bool,
 }
 
+/// The first phase's decision for `req` against its order as read (`None`: not found in the
+/// account): the order to claim and the `authorizing` state, or the answer that refuses.
+fn authorizing(
+    req: CreatePayment,
+    found: Option<bursar_storage::Order>,
+) -> Result<(i64, Value), ApiError> {
+    let Some(order) = found else {
+        return Err(ApiError::not_found("order"));
+    };
+    let amount = match &req.amount {
+        None => order.amount,
+        Some(a) => money_in("amount", a, order.amount.currency)?,
+    };
+    if amount.minor > order.amount.minor {
+        return Err(ApiError::validation(vec![issue(
+            "amount",
+            "exceeds_order_amount",
+            "must not exceed the order's amount",
+        )]));
+    }
+    let next = Authorizing {
+        order_id: order.id,
+        amount_minor: amount.minor,
+        currency: amount.currency.code().to_owned(),
+        payment_method: req.payment_method,
+        capture: req.capture.unwrap_or(true),
+    };
+    Ok((
+        order.id,
+        serde_json::to_value(next).expect("plain data serialises"),
+    ))
+}
+
 #[async_trait]
 impl Operation for CreatePaymentOp {
     fn route(&self) -> &'static str {
@@ -210,6 +243,23 @@ impl Operation for CreatePaymentOp {
         Some(Prefetch::Order(req.order_id))
     }
 
+    /// The order's claim, when the prefetched order passes the first phase's checks: the
+    /// claim of the key then carries it, and the payment goes to the processor with one
+    /// step fewer (ADR 0007). A failed check is left to the phase, which stores the answer.
+    fn first_step(&self, ctx: &PhaseCtx) -> Option<FirstStep> {
+        let req: CreatePayment = request(ctx).ok()?;
+        let found = Prefetched::order(ctx.prefetched.as_deref(), req.order_id)?;
+        let (order_id, next) = authorizing(req, found).ok()?;
+        Some(FirstStep::ClaimOrder {
+            step: ctx.advance_step(STARTED, AUTHORIZING, &next),
+            order_id,
+        })
+    }
+
+    fn decides_first_step(&self) -> bool {
+        true
+    }
+
     async fn phase(&self, ctx: &PhaseCtx, point: &str, state: &Value) -> Result<Phase, PhaseError> {
         match point {
             STARTED => {
@@ -222,38 +272,14 @@ impl Operation for CreatePaymentOp {
                     Some(found) => found,
                     None => store.get_order(ctx.account_id, req.order_id).await?,
                 };
-                let Some(order) = found else {
-                    return refuse(ctx, ApiError::not_found("order"));
-                };
-                let amount = match &req.amount {
-                    None => order.amount,
-                    Some(a) => match money_in("amount", a, order.amount.currency) {
-                        Ok(m) => m,
-                        Err(e) => return refuse(ctx, e),
-                    },
-                };
-                if amount.minor > order.amount.minor {
-                    return refuse(
-                        ctx,
-                        ApiError::validation(vec![issue(
-                            "amount",
-                            "exceeds_order_amount",
-                            "must not exceed the order's amount",
-                        )]),
-                    );
-                }
-                let next = Authorizing {
-                    order_id: order.id,
-                    amount_minor: amount.minor,
-                    currency: amount.currency.code().to_owned(),
-                    payment_method: req.payment_method,
-                    capture: req.capture.unwrap_or(true),
+                let (order_id, next) = match authorizing(req, found) {
+                    Ok(decided) => decided,
+                    Err(e) => return refuse(ctx, e),
                 };
                 // The order is claimed with the recovery point: from here on the charge may
                 // happen, and no second payment of the order can start.
-                let next = serde_json::to_value(next).expect("plain data serialises");
                 let step = ctx.advance_step(STARTED, AUTHORIZING, &next);
-                match store.claim_order(&ctx.write_meta(), &step, order.id).await {
+                match store.claim_order(&ctx.write_meta(), &step, order_id).await {
                     Ok(()) => Ok(Phase::Advanced {
                         to: AUTHORIZING.into(),
                         state: next,

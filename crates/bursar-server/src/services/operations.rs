@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use axum::response::Response;
 use bursar_api::ErrorCode;
 use bursar_domain::{AccountId, Timestamp};
-use bursar_storage::operations::{Prefetch, Prefetched};
+use bursar_storage::operations::{FirstPhase, FirstStep, Prefetch, Prefetched, STARTED};
 use bursar_storage::{
     Begun, IdempotencyClaim, Lease, LeasedOperation, Step, StepEnd, StorageError, StoredResponse,
     WriteMeta,
@@ -182,6 +182,19 @@ pub trait Operation: Send + Sync + 'static {
     fn prefetch(&self, request: &[u8]) -> Option<Prefetch> {
         let _ = request;
         None
+    }
+    /// The step the first phase would write, decided without waiting on anything (from the
+    /// request and [`PhaseCtx::prefetched`]), for the store to write with the claim (ADR
+    /// 0007). `None` leaves the first phase to run as usual; so does a step the store
+    /// refuses. Called only for work at [`STARTED`], and only if
+    /// [`Operation::decides_first_step`].
+    fn first_step(&self, ctx: &PhaseCtx) -> Option<FirstStep> {
+        let _ = ctx;
+        None
+    }
+    /// Whether [`Operation::first_step`] may decide anything: the claim then carries it.
+    fn decides_first_step(&self) -> bool {
+        false
     }
     /// Runs the phase that starts at `point` ([`bursar_storage::operations::STARTED`] first).
     async fn phase(&self, ctx: &PhaseCtx, point: &str, state: &Value) -> Result<Phase, PhaseError>;
@@ -374,6 +387,14 @@ pub async fn run(
         fingerprint: fingerprint.clone(),
         expires_at: retention_end(state, meta.at),
     };
+    let first: Option<FirstPhase> = op.decides_first_step().then(|| {
+        let (state, op, flags) = (state.clone(), op.clone(), call.info.trace.flags.clone());
+        Arc::new(move |leased: &LeasedOperation| {
+            (leased.recovery_point == STARTED)
+                .then(|| op.first_step(&ctx_for(&state, leased, &flags)))
+                .flatten()
+        }) as FirstPhase
+    });
     let begun = state
         .store
         .begin_operation(
@@ -382,6 +403,7 @@ pub async fn run(
             body,
             lease_end(state, meta.at),
             op.prefetch(body),
+            first,
         )
         .await?;
     let leased = match begun {

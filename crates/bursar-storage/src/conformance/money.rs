@@ -8,7 +8,7 @@ use bursar_domain::ledger::{EntryKind, LedgerAccount, is_balanced};
 
 use super::*;
 use crate::money::*;
-use crate::operations::{Prefetch, Prefetched, STARTED};
+use crate::operations::{FirstPhase, FirstStep, Prefetch, Prefetched, STARTED};
 
 const LEASE: i64 = 90_000;
 
@@ -23,18 +23,30 @@ fn claim(key: &str) -> IdempotencyClaim {
 }
 
 async fn lease(s: &Store, account: i64, key: &str) -> Lease {
+    leased_with(s, account, key, None, None).await.lease
+}
+
+/// New work under `key`, claimed with `prefetch` and `first`.
+async fn leased_with(
+    s: &Store,
+    account: i64,
+    key: &str,
+    prefetch: Option<Prefetch>,
+    first: Option<FirstPhase>,
+) -> LeasedOperation {
     match s
         .begin_operation(
             &meta(account),
             &claim(key),
             b"{}",
             Timestamp(NOW + LEASE),
-            None,
+            prefetch,
+            first,
         )
         .await
         .unwrap()
     {
-        Begun::Leased(op) => op.lease,
+        Begun::Leased(op) => op,
         Begun::Existing(r) => panic!("expected a lease, got {r:?}"),
     }
 }
@@ -621,6 +633,7 @@ pub async fn a_claim_prefetches_what_its_first_phase_reads(s: Store) {
                     b"{}",
                     Timestamp(NOW + LEASE),
                     Some(prefetch),
+                    None,
                 )
                 .await
                 .unwrap();
@@ -653,10 +666,94 @@ pub async fn a_claim_prefetches_what_its_first_phase_reads(s: Store) {
             b"{}",
             Timestamp(NOW + LEASE),
             Some(Prefetch::Order(o.id)),
+            None,
         )
         .await
         .unwrap();
     assert!(matches!(again, Begun::Existing(r) if r.in_flight.is_some()));
+}
+
+/// A claim's first step (ADR 0007) is written with the claim when the order allows it: the
+/// work comes back at the step's recovery point with its state, and the order is claimed by
+/// it. Refused (the order is another work's, or another account's) or not decided, the work
+/// comes back at `started`, unchanged, and nothing but the key is written.
+pub async fn a_claims_first_step_is_written_with_it(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1000).await;
+    // Claims the prefetched order if it was found pending, as a payment's first phase does.
+    let first: FirstPhase = std::sync::Arc::new(|op: &LeasedOperation| {
+        let Some(Prefetched::Order(id, Some(order))) = op.prefetched.as_deref() else {
+            return None;
+        };
+        (order.status == OrderStatus::Pending).then(|| FirstStep::ClaimOrder {
+            step: Step {
+                end: StepEnd::Advance {
+                    to: "authorizing".into(),
+                    lease_until: Timestamp(NOW + LEASE),
+                },
+                state: format!("{{\"order_id\":{id}}}"),
+                ..finish(op.lease)
+            },
+            order_id: *id,
+        })
+    });
+    let begin = |account: i64, key: &'static str, order_id: i64, first: Option<FirstPhase>| {
+        let s = s.clone();
+        async move { leased_with(&s, account, key, Some(Prefetch::Order(order_id)), first).await }
+    };
+    let took = begin(a, "k1", o.id, Some(first.clone())).await;
+    assert_eq!(took.recovery_point, "authorizing");
+    assert_eq!(took.state, format!("{{\"order_id\":{}}}", o.id));
+    // The order is this work's now: a second payment's first step is refused, and so is its
+    // own claim of the order.
+    let refused = begin(a, "k2", o.id, Some(first.clone())).await;
+    assert_eq!(
+        (refused.recovery_point.as_str(), refused.state.as_str()),
+        (STARTED, "{}")
+    );
+    assert!(matches!(
+        s.claim_order(&meta(a), &advance(refused.lease, "authorizing"), o.id)
+            .await,
+        Err(StorageError::Rule(Rule::OrderPaymentInProgress))
+    ));
+    // The recovery point is stored: the work advances from it, and not from `started`.
+    assert!(matches!(
+        s.advance_operation(
+            took.lease,
+            STARTED,
+            "x",
+            "{}",
+            Timestamp(NOW),
+            Timestamp(NOW + LEASE)
+        )
+        .await,
+        Err(StorageError::Fenced)
+    ));
+    s.advance_operation(
+        took.lease,
+        "authorizing",
+        "charged",
+        "{}",
+        Timestamp(NOW),
+        Timestamp(NOW + LEASE),
+    )
+    .await
+    .unwrap();
+    // Another account's order is absent to the claim: nothing decided, nothing written.
+    let foreign = begin(b, "k3", o.id, Some(first.clone())).await;
+    assert_eq!(foreign.recovery_point, STARTED);
+    // No first step asked for, or none decided: the claim alone.
+    let o2 = order(&s, a, c.id, 500).await;
+    let plain = begin(a, "k4", o2.id, None).await;
+    assert_eq!(plain.recovery_point, STARTED);
+    let undecided: FirstPhase = std::sync::Arc::new(|_: &LeasedOperation| None);
+    let none = begin(a, "k5", o2.id, Some(undecided)).await;
+    assert_eq!(none.recovery_point, STARTED);
+    // Neither claimed the order: a later first step takes it.
+    let later = begin(a, "k6", o2.id, Some(first)).await;
+    assert_eq!(later.recovery_point, "authorizing");
 }
 
 pub async fn money_is_scoped_to_its_account(s: Store) {

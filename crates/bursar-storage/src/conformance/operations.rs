@@ -31,6 +31,7 @@ async fn begin(s: &Store, account: i64, at: i64, key: &str, fp: &str) -> Begun {
         b"{\"amount\":\"1.00\"}",
         Timestamp(at + LEASE),
         None,
+        None,
     )
     .await
     .unwrap()
