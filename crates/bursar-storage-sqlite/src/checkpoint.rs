@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bursar_storage::{Result, StorageError};
+use bursar_storage::Result;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::watch;
@@ -38,13 +38,10 @@ pub(crate) struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Opens the checkpointer's connection (a failure here fails the store's open, since
-    /// without it the writer's log would grow without bound) and starts the task.
+    /// Opens the checkpointer's connection (a failure fails the store's open, as the other
+    /// connections' do) and starts the task.
     pub(crate) async fn start(connect: &SqliteConnectOptions) -> Result<Arc<Checkpointer>> {
-        let mut conn = connect
-            .connect()
-            .await
-            .map_err(|e| StorageError::Internal(Box::new(e)))?;
+        let mut conn = connect.connect().await.map_err(crate::err)?;
         let (stop, mut stopped) = watch::channel(false);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(EVERY);

@@ -661,9 +661,6 @@ impl SqliteStore {
     }
 }
 
-/// The first-call statements of a payment's record: the payment, its ledger entries, and the
-/// order's move (paid when captured in full; the claim released when the payment failed),
-/// every one only if the step still holds its lease.
 /// The order's claim and the step that advances the work, taking together or not at all:
 /// the step only if the order is claimable, the claim only if the step took. Returns a
 /// `step` row for `slot` when it took.
@@ -713,6 +710,9 @@ fn no_first_step() -> Step {
     }
 }
 
+/// The first-call statements of a payment's record: the payment, its ledger entries, and the
+/// order's move (paid when captured in full; the claim released when the payment failed),
+/// every one only if the step still holds its lease.
 fn record_sql(slot: usize, meta: &WriteMeta, step: &Step, new: &NewPayment, sql: &mut Sql) {
     let (code, message) = new.failure.clone().unzip();
     sql.push(
