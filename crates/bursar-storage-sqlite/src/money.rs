@@ -13,7 +13,7 @@ use bursar_storage::{
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 
-use crate::steps::{Gate, Reference, Sql, StepWrite, entry_sql, step_sql};
+use crate::steps::{Gate, Reference, Sql, StepWrite, entries_sql, step_sql};
 use crate::{SqliteStore, append_event, err};
 
 type Tx = Transaction<'static, Sqlite>;
@@ -138,7 +138,7 @@ async fn commit_step(
 }
 
 /// Writes `entry` and moves the balances it touches, in the caller's transaction, as one
-/// call to the writer (`steps::entry_sql`). Statement hand-offs are what a transaction holds
+/// call to the writer (`steps::entries_sql`). Statement hand-offs are what a transaction holds
 /// SQLite's one writer for (`docs/PERFORMANCE.md`).
 async fn post_entry(
     tx: &mut Tx,
@@ -148,10 +148,10 @@ async fn post_entry(
     at: Timestamp,
 ) -> Result<()> {
     let mut sql = Sql::default();
-    entry_sql(
+    entries_sql(
         &mut sql,
         account,
-        entry,
+        &[entry],
         (reference_type, Reference::Known(id)),
         at,
         &Gate::Always,

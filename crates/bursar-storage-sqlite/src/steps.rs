@@ -125,25 +125,32 @@ pub(crate) enum Reference {
     NewestPayment,
 }
 
-/// Appends `entry`'s statements: the journal entry, its postings (which find their entry as
-/// the newest: the transaction holds the write lock) and the balance upserts, each only
-/// through `gate`. Each changes at least one row, so a [`Gate::Chained`] chain goes on
-/// through them.
-pub(crate) fn entry_sql(
+/// Appends the statements of `entries`, one movement's journal entries: the entries, their
+/// postings and the balances they move, three statements however many entries, each only
+/// through `gate`. The entries go in as one multi-row insert, so they get consecutive ids
+/// and the last is the table's newest (the transaction holds the write lock, and the ids
+/// only grow); each posting finds its entry by its distance from the newest. Each statement
+/// changes at least one row, so a [`Gate::Chained`] chain goes on through them.
+pub(crate) fn entries_sql(
     sql: &mut Sql,
     account: AccountId,
-    entry: &Entry,
+    entries: &[&Entry],
     (reference_type, reference): (&'static str, Reference),
     at: Timestamp,
     gate: &Gate<'_>,
 ) {
-    let postings = entry.postings();
-    if postings.is_empty() {
+    let entries: Vec<&Entry> = entries
+        .iter()
+        .copied()
+        .filter(|e| !e.postings().is_empty())
+        .collect();
+    if entries.is_empty() {
         return;
     }
-    // A capture moves `pending` twice (captured and released): one upsert row per account.
+    // One upsert row per ledger account the movement nets, however many postings move it (a
+    // capture moves `pending` twice, a one-step payment's entries move it there and back).
     let mut moves: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
-    for p in postings {
+    for p in entries.iter().flat_map(|e| e.postings()) {
         *moves
             .entry((p.currency.code(), p.ledger_account.as_str()))
             .or_default() += p.minor;
@@ -151,28 +158,42 @@ pub(crate) fn entry_sql(
     let when = |sql: &mut Sql| gate.push(sql);
     sql.push(
         "INSERT INTO journal_entries (account_id, kind, reference_type, reference_id, \
-         created_at) SELECT ?, ?, ?, ",
+         created_at) SELECT ?, v.column1, ?, ",
     )
     .bind(account)
-    .bind(entry.kind().as_str())
     .bind(reference_type);
     match reference {
         Reference::Known(id) => sql.push("?").bind(id),
         Reference::NewestPayment => sql.push("(SELECT max(id) FROM payments)"),
     };
-    sql.push(", ?").bind(at.0);
+    sql.push(", ? FROM (VALUES ").bind(at.0);
+    for (i, e) in entries.iter().enumerate() {
+        sql.push(if i == 0 { "(?)" } else { ", (?)" })
+            .bind(e.kind().as_str());
+    }
+    sql.push(") AS v");
     when(sql);
     sql.push(
         "; INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
-         amount_minor) SELECT (SELECT max(id) FROM journal_entries), ?, v.column1, \
-         v.column2, v.column3 FROM (VALUES ",
+         amount_minor) SELECT (SELECT max(id) FROM journal_entries) - v.column4, ?, \
+         v.column1, v.column2, v.column3 FROM (VALUES ",
     )
     .bind(account);
-    for (i, p) in postings.iter().enumerate() {
-        sql.push(if i == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" })
+    let last = entries.len() - 1;
+    let mut first = true;
+    for (i, e) in entries.iter().enumerate() {
+        for p in e.postings() {
+            sql.push(if first {
+                "(?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?)"
+            })
             .bind(p.ledger_account.as_str())
             .bind(p.currency.code())
-            .bind(p.minor);
+            .bind(p.minor)
+            .bind((last - i) as i64);
+            first = false;
+        }
     }
     sql.push(") AS v");
     when(sql);
@@ -737,29 +758,25 @@ fn record_sql(slot: usize, meta: &WriteMeta, step: &Step, new: &NewPayment, sql:
     guard(sql, step);
     sql.push(&format!(" RETURNING {slot} AS slot, 'payment' AS kind, "))
         .push(concat!(payment_cols!(), "; "));
-    let reference = || ("payment", Reference::NewestPayment);
-    if new.status != PaymentStatus::Failed {
-        let auth = Entry::authorization(new.amount);
-        entry_sql(
-            sql,
-            meta.account_id,
-            &auth,
-            reference(),
-            meta.at,
-            &Gate::Step(step),
-        );
-    }
+    // An authorization, and its capture when the payment was captured at once: one
+    // movement's entries, written together.
+    let auth = Entry::authorization(new.amount);
+    let capture = Entry::capture(new.amount, new.captured_minor);
+    let entries: &[&Entry] = match new.status {
+        PaymentStatus::Failed => &[],
+        PaymentStatus::Succeeded => &[&auth, &capture],
+        PaymentStatus::RequiresCapture | PaymentStatus::Canceled => &[&auth],
+    };
+    entries_sql(
+        sql,
+        meta.account_id,
+        entries,
+        ("payment", Reference::NewestPayment),
+        meta.at,
+        &Gate::Step(step),
+    );
     match new.status {
         PaymentStatus::Succeeded => {
-            let capture = Entry::capture(new.amount, new.captured_minor);
-            entry_sql(
-                sql,
-                meta.account_id,
-                &capture,
-                reference(),
-                meta.at,
-                &Gate::Step(step),
-            );
             sql.push(
                 "UPDATE orders SET status = 'paid', version = version + 1, updated_at = ? \
                  WHERE account_id = ? AND id = ? AND status = 'pending' AND amount_minor = ? \
@@ -817,10 +834,10 @@ fn capture_sql(
         .push(concat!(payment_cols!(), "; "));
     let capture = Entry::capture(authorized, captured_minor);
     let reference = ("payment", Reference::Known(payment_id));
-    entry_sql(
+    entries_sql(
         sql,
         meta.account_id,
-        &capture,
+        &[&capture],
         reference,
         meta.at,
         &Gate::Chained,

@@ -209,6 +209,45 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
     assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 1999);
     assert_eq!(balance(&b, LedgerAccount::Pending, "USD"), 0);
     assert_eq!(balance(&b, LedgerAccount::ProcessorClearing, "USD"), -1999);
+    // Captured at once: the authorization, then its capture, each entry with its own
+    // postings (a backend may write them together).
+    let journal = s.journal(a, page(10, None)).await.unwrap().items;
+    let booked: Vec<(EntryKind, Vec<(LedgerAccount, i64)>)> = journal
+        .iter()
+        .rev()
+        .map(|e| {
+            assert_eq!(
+                (e.reference_type.as_str(), e.reference_id),
+                ("payment", p.id)
+            );
+            let mut lines: Vec<_> = e
+                .postings
+                .iter()
+                .map(|p| (p.ledger_account, p.minor))
+                .collect();
+            lines.sort();
+            (e.kind, lines)
+        })
+        .collect();
+    assert_eq!(
+        booked,
+        [
+            (
+                EntryKind::Authorization,
+                vec![
+                    (LedgerAccount::Pending, 1999),
+                    (LedgerAccount::ProcessorClearing, -1999)
+                ]
+            ),
+            (
+                EntryKind::Capture,
+                vec![
+                    (LedgerAccount::Available, 1999),
+                    (LedgerAccount::Pending, -1999)
+                ]
+            ),
+        ]
+    );
     assert_eq!(
         s.get_order(a, o.id).await.unwrap().unwrap().status,
         OrderStatus::Paid
