@@ -210,6 +210,14 @@ impl SqliteStore {
     }
 }
 
+/// An outbox row read for sequencing, its object rendered, waiting for its number.
+struct Unsequenced {
+    id: i64,
+    about: Option<i64>,
+    object: String,
+    event: LoggedEvent,
+}
+
 #[async_trait]
 impl EventLogStore for SqliteStore {
     async fn sequence_events(
@@ -219,24 +227,70 @@ impl EventLogStore for SqliteStore {
         render: &dyn EventRenderer,
         published: bool,
     ) -> Result<Vec<LoggedEvent>> {
-        let mut tx = self.write_tx().await?;
+        // Read and render on a reader, outside the write lock, which this pass then holds
+        // only to number, store and fan out. A reader sees committed rows only, and SQLite
+        // hands out ids under the write lock, so no event committed later can come before
+        // the ones read here. Another relay may sequence some of them meanwhile: the
+        // transaction takes those still unsequenced, which keep their order.
         let rows = sqlx::query(
             "SELECT id, account_id, event_type, aggregate_type, aggregate_id, \
              aggregate_version, payload, request_id, trace_id, created_at, about_endpoint_id \
              FROM outbox_events WHERE seq IS NULL ORDER BY id LIMIT ?",
         )
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.readers)
         .await
         .map_err(err)?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        let mut read: Vec<Unsequenced> = rows
+            .iter()
+            .map(|r| {
+                let aggregate_type: String = r.get("aggregate_type");
+                let payload: String = r.get("payload");
+                let object = render.object(&aggregate_type, &payload).unwrap_or(payload);
+                Unsequenced {
+                    id: r.get("id"),
+                    about: r.get("about_endpoint_id"),
+                    object,
+                    event: LoggedEvent {
+                        event_id: render.new_id(),
+                        seq: 0,
+                        account_id: r.get("account_id"),
+                        event_type: r.get("event_type"),
+                        aggregate_type,
+                        aggregate_id: r.get("aggregate_id"),
+                        aggregate_version: r.get("aggregate_version"),
+                        request_id: r.get("request_id"),
+                        trace_id: r.get("trace_id"),
+                        created_at: Timestamp(r.get("created_at")),
+                        body: String::new(),
+                    },
+                }
+            })
+            .collect();
+        let mut tx = self.write_tx().await?;
+        let ids: Vec<i64> = read.iter().map(|u| u.id).collect();
+        let still: std::collections::HashSet<i64> = sqlx::query_scalar(
+            "SELECT id FROM outbox_events WHERE seq IS NULL \
+             AND id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(serde_json::Value::from(ids).to_string())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?
+        .into_iter()
+        .collect();
+        read.retain(|u| still.contains(&u.id));
+        if read.is_empty() {
+            return Ok(Vec::new());
+        }
         // Each account's sequence moves once per batch, by its number of events, which take
         // the numbers after the previous end in outbox order (as one move per event would).
         let mut counts: std::collections::BTreeMap<AccountId, i64> = Default::default();
-        for r in &rows {
-            *counts.entry(r.get("account_id")).or_default() += 1;
+        for u in &read {
+            *counts.entry(u.event.account_id).or_default() += 1;
         }
         let mut next_seq = std::collections::HashMap::with_capacity(counts.len());
         let mut endpoints = std::collections::HashMap::with_capacity(counts.len());
@@ -268,36 +322,22 @@ impl EventLogStore for SqliteStore {
             .collect::<Result<Vec<_>>>()?;
             endpoints.insert(account, eps);
         }
-        let mut out = Vec::with_capacity(rows.len());
+        let mut out = Vec::with_capacity(read.len());
+        let mut rowids = Vec::with_capacity(read.len());
         let mut fan_out = Vec::new();
-        for r in &rows {
-            let account: AccountId = r.get("account_id");
+        for u in read {
+            let account = u.event.account_id;
             let seq = next_seq.get_mut(&account).expect("counted above");
-            let payload: String = r.get("payload");
-            let mut event = LoggedEvent {
-                event_id: render.new_id(),
-                seq: *seq,
-                account_id: account,
-                event_type: r.get("event_type"),
-                aggregate_type: r.get("aggregate_type"),
-                aggregate_id: r.get("aggregate_id"),
-                aggregate_version: r.get("aggregate_version"),
-                request_id: r.get("request_id"),
-                trace_id: r.get("trace_id"),
-                created_at: Timestamp(r.get("created_at")),
-                body: String::new(),
-            };
+            let mut event = u.event;
+            event.seq = *seq;
             *seq += 1;
-            let object = render
-                .object(&event.aggregate_type, &payload)
-                .unwrap_or(payload);
-            event.body = render_body(&event, &object)?;
-            let about: Option<i64> = r.get("about_endpoint_id");
+            event.body = render_body(&event, &u.object)?;
             for (endpoint_id, types) in &endpoints[&account] {
-                if about != Some(*endpoint_id) && type_matches(types, &event.event_type) {
+                if u.about != Some(*endpoint_id) && type_matches(types, &event.event_type) {
                     fan_out.push(serde_json::json!([account, endpoint_id, event.event_id]));
                 }
             }
+            rowids.push(u.id);
             out.push(event);
         }
         // One call stores every event's sequence and body and inserts every delivery. Only
@@ -320,9 +360,9 @@ impl EventLogStore for SqliteStore {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(now.0)
             .bind(published.then_some(now.0));
-        for (e, r) in out.iter().zip(&rows) {
+        for (e, id) in out.iter().zip(rowids) {
             q = q
-                .bind(r.get::<i64, _>("id"))
+                .bind(id)
                 .bind(e.event_id.clone())
                 .bind(e.seq)
                 .bind(e.body.clone());

@@ -140,6 +140,18 @@ pub async fn concurrent_sequencers_never_share_a_seq(s: Store) {
     seqs.extend(sequence_all(&s, &ids()).await.into_iter().map(|e| e.seq));
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=61).collect::<Vec<_>>(), "dense, each once");
+    // Numbered in commit order: the one writer created the orders one after another.
+    let logged = s.events_after(a, 0, &[], 100).await.unwrap();
+    let created: Vec<i64> = logged
+        .iter()
+        .filter(|e| e.event_type == "order.created")
+        .map(|e| e.aggregate_id)
+        .collect();
+    assert_eq!(created.len(), 60);
+    assert!(
+        created.windows(2).all(|w| w[0] < w[1]),
+        "seq follows commit order: {created:?}"
+    );
 }
 
 pub async fn fan_out_follows_endpoint_filters_once(s: Store) {
