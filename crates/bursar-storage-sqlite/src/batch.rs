@@ -17,9 +17,10 @@ use async_trait::async_trait;
 use bursar_storage::group_commit::{Create, GroupWriter, Written};
 use bursar_storage::{StorageError, StoredResponse, WriteMeta, decode};
 use sqlx::FromRow;
-use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow};
+use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Row, Sqlite};
 
+use crate::writer::Writer;
 use crate::{OrderRow, err};
 
 /// Most creates one transaction carries (12 bind parameters each, far below SQLite's limit).
@@ -130,7 +131,7 @@ fn bind(create: &Create, meta: &WriteMeta, q: Query) -> Query {
 
 /// Writes batches on the single writer connection.
 pub struct SqliteCreates {
-    pub pool: SqlitePool,
+    pub(crate) writer: Writer,
     /// Committed transactions, for metrics and tests.
     pub commits: Arc<AtomicU64>,
 }
@@ -149,7 +150,8 @@ impl GroupWriter for SqliteCreates {
 
     /// One call to the writer connection: `BEGIN IMMEDIATE; <each create>; COMMIT`.
     /// `fetch_all` drives every statement to the end; after a failure `ROLLBACK` leaves the
-    /// connection clean for the next batch.
+    /// connection clean for the next batch (and a task stopped half-way rolls back through
+    /// `WriteTx`'s drop).
     async fn write(
         &self,
         batch: &[(WriteMeta, Create)],
@@ -168,9 +170,9 @@ impl GroupWriter for SqliteCreates {
         for (meta, write) in batch {
             query = bind(write, meta, query);
         }
-        let mut conn = self.pool.acquire().await.map_err(err)?;
-        let outcome = match query.fetch_all(&mut *conn).await {
-            Ok(rows) if keyed => respond_and_commit(&mut conn, batch, rows).await,
+        let mut tx = self.writer.deferred().await?;
+        let outcome = match query.fetch_all(&mut *tx).await {
+            Ok(rows) if keyed => respond_and_commit(&mut tx, batch, rows).await,
             Ok(rows) => Ok(by_slot(batch.len(), rows, "row")
                 .into_iter()
                 .map(|row| row.map_or(Written::Missing, Written::Row))
@@ -178,8 +180,9 @@ impl GroupWriter for SqliteCreates {
             Err(e) => Err(err(e)),
         };
         if outcome.is_err() {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            let _ = tx.rollback().await;
         } else {
+            tx.committed();
             self.commits.fetch_add(1, Ordering::Relaxed);
         }
         outcome

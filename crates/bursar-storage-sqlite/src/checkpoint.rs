@@ -92,13 +92,13 @@ mod tests {
             .await
             .unwrap();
         sqlx::query("CREATE TABLE scratch (x INTEGER NOT NULL)")
-            .execute(&store.writer)
+            .execute(&mut *store.writer.lock().await.unwrap())
             .await
             .unwrap();
         for x in 0..100 {
             sqlx::query("INSERT INTO scratch (x) VALUES (?)")
                 .bind(x)
-                .execute(&store.writer)
+                .execute(&mut *store.writer.lock().await.unwrap())
                 .await
                 .unwrap();
         }

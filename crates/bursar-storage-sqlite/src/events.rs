@@ -12,9 +12,10 @@ use bursar_storage::events::{
     render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
+use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
 
+use crate::writer::WriteTx;
 use crate::{SqliteStore, err};
 
 macro_rules! event_cols {
@@ -164,7 +165,7 @@ fn type_filter(types: &[String]) -> String {
 /// command appends its events (`crate::append_event`), in the caller's transaction; the
 /// relay sequences and fans it out like any other.
 async fn append_operational(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut WriteTx,
     account: AccountId,
     about: i64,
     request_id: String,
@@ -203,7 +204,7 @@ impl SqliteStore {
         ))
         .bind(account)
         .bind(id)
-        .fetch_one(&self.writer)
+        .fetch_one(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         delivery(&row)
@@ -270,7 +271,7 @@ impl EventLogStore for SqliteStore {
                 }
             })
             .collect();
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let ids: Vec<i64> = read.iter().map(|u| u.id).collect();
         let still: std::collections::HashSet<i64> = sqlx::query_scalar(
             "SELECT id FROM outbox_events WHERE seq IS NULL \
@@ -430,7 +431,7 @@ impl EventLogStore for SqliteStore {
         )
         .bind(now.0)
         .bind(ids)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         Ok(done.rows_affected())
@@ -496,7 +497,7 @@ impl EventLogStore for SqliteStore {
         .bind(new.fifo_per_aggregate)
         .bind(now.0)
         .bind(now.0)
-        .fetch_one(&self.writer)
+        .fetch_one(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         endpoint(&row)
@@ -569,7 +570,7 @@ impl EventLogStore for SqliteStore {
         .bind(account)
         .bind(id)
         .bind(patch.fifo_per_aggregate)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         row.as_ref()
@@ -582,7 +583,7 @@ impl EventLogStore for SqliteStore {
         let done = sqlx::query("DELETE FROM webhook_endpoints WHERE account_id = ? AND id = ?")
             .bind(account)
             .bind(id)
-            .execute(&self.writer)
+            .execute(&mut *self.writer.lock().await?)
             .await
             .map_err(err)?;
         Ok(done.rows_affected() == 1)
@@ -607,7 +608,7 @@ impl EventLogStore for SqliteStore {
         .bind(now.0)
         .bind(account)
         .bind(id)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         row.as_ref()
@@ -704,7 +705,7 @@ impl EventLogStore for SqliteStore {
         .bind(endpoint_id)
         .bind(account)
         .bind(event_id)
-        .fetch_optional(&self.writer)
+        .fetch_optional(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         self.delivery_by_id(account, id.ok_or(StorageError::NotFound)?)
@@ -718,7 +719,7 @@ impl EventLogStore for SqliteStore {
         lease_token: &str,
         limit: u32,
     ) -> Result<Vec<ClaimedDelivery>> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         // Under the write lock: no other claim runs meanwhile, so each endpoint's room (its
         // cap, or one probe for a half-open circuit, less its live leases) is exact. Each
         // endpoint contributes at most `limit` of its oldest due deliveries (from the partial
@@ -815,7 +816,7 @@ impl EventLogStore for SqliteStore {
     }
 
     async fn complete_delivery(&self, c: Completion, now: Timestamp) -> Result<bool> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let held = complete_in(&mut tx, c, now).await?;
         tx.commit().await.map_err(err)?;
         Ok(held)
@@ -825,7 +826,7 @@ impl EventLogStore for SqliteStore {
     /// endpoints' health, then the attempts and the deliveries as one multi-statement call);
     /// the rest one by one, as `complete_delivery` does, in the same transaction.
     async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let ids = serde_json::to_string(&cs.iter().map(|c| c.delivery_id).collect::<Vec<_>>())
             .expect("integers serialise");
         let rows = sqlx::query(concat!(
@@ -865,7 +866,7 @@ impl EventLogStore for SqliteStore {
             sqlx::query(sql)
                 .bind(before.0)
                 .bind(i64::from(limit))
-                .execute(&self.writer)
+                .execute(&mut *self.writer.lock().await?)
                 .await
                 .map(|done| done.rows_affected())
                 .map_err(err)
@@ -899,7 +900,7 @@ impl EventLogStore for SqliteStore {
         .bind(now.0 - 1)
         .bind(now.0)
         .bind(lease_token)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         Ok(done.rows_affected())
@@ -912,7 +913,7 @@ impl EventLogStore for SqliteStore {
         req: ReplayRequest,
         now: Timestamp,
     ) -> Result<Replay> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let types: Option<String> = sqlx::query_scalar(
             "SELECT event_types FROM webhook_endpoints WHERE account_id = ? AND id = ?",
         )
@@ -1032,7 +1033,7 @@ impl EventLogStore for SqliteStore {
 /// `complete_in` records it), then every delivery whose lease is still held. Returns the ids
 /// of those. Only fixed fragments and a row count go into the text; every value is bound.
 async fn complete_plain(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut WriteTx,
     cs: &[&Completion],
     now: Timestamp,
 ) -> Result<std::collections::HashSet<i64>> {
@@ -1092,11 +1093,7 @@ async fn complete_plain(
 }
 
 /// One completion inside the caller's write transaction (see `Store::complete_delivery`).
-async fn complete_in(
-    tx: &mut Transaction<'static, Sqlite>,
-    c: Completion,
-    now: Timestamp,
-) -> Result<bool> {
+async fn complete_in(tx: &mut WriteTx, c: Completion, now: Timestamp) -> Result<bool> {
     let (new_state, next_at) = match c.outcome {
         Outcome::Succeeded => (state::SUCCEEDED, None),
         Outcome::Retry(at) => (state::RETRYING, Some(at.0)),
@@ -1292,11 +1289,7 @@ async fn complete_in(
 
 /// The endpoint's latest attempts since `since` (at most `RECENT_ATTEMPTS`, lost leases not
 /// counted) and how many failed, for the failure-rate trigger of `Health::after`.
-async fn recent_attempts(
-    tx: &mut Transaction<'static, Sqlite>,
-    endpoint_id: i64,
-    since: Timestamp,
-) -> Result<Recent> {
+async fn recent_attempts(tx: &mut WriteTx, endpoint_id: i64, since: Timestamp) -> Result<Recent> {
     let row = sqlx::query(
         "SELECT count(*) AS n, count(error_kind) AS failed FROM (\
            SELECT error_kind FROM webhook_attempts \

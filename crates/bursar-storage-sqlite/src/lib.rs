@@ -23,7 +23,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{FromRow, Row, Sqlite, Transaction};
+use sqlx::{ConnectOptions, FromRow, Row, Sqlite};
+
+use crate::writer::{WriteTx, Writer};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -46,7 +48,8 @@ impl Default for SqliteOptions {
 }
 
 pub struct SqliteStore {
-    writer: SqlitePool,
+    /// The one write connection (`writer`).
+    writer: Writer,
     readers: SqlitePool,
     /// Creates go through group commit (see `batch`).
     creates: Arc<GroupCommit<batch::SqliteCreates>>,
@@ -101,17 +104,12 @@ impl SqliteStore {
             .statement_cache_capacity(4 * batch::MAX_BATCH)
             // The checkpointer copies most of the log in the background (`checkpoint`).
             .pragma("wal_autocheckpoint", checkpoint::WRITER_PAGES.to_string());
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .acquire_timeout(opts.busy_timeout * 2)
-            .connect_with(writer_connect)
-            .await
-            .map_err(err)?;
+        let mut conn = writer_connect.connect().await.map_err(err)?;
         MIGRATOR
-            .run(&writer)
+            .run(&mut conn)
             .await
             .map_err(|e| StorageError::Internal(Box::new(e)))?;
+        let writer = Writer::new(conn, opts.busy_timeout * 2);
         let checkpointer = checkpoint::Checkpointer::start(&connect).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(opts.readers.max(1))
@@ -122,7 +120,7 @@ impl SqliteStore {
         let create_commits = Arc::new(AtomicU64::new(0));
         let creates = Arc::new(GroupCommit::spawn(
             batch::SqliteCreates {
-                pool: writer.clone(),
+                writer: writer.clone(),
                 commits: create_commits.clone(),
             },
             batch::MAX_BATCH,
@@ -133,7 +131,7 @@ impl SqliteStore {
         let step_commits = Arc::new(AtomicU64::new(0));
         let steps = Arc::new(GroupCommit::spawn(
             steps::SqliteSteps {
-                pool: writer.clone(),
+                writer: writer.clone(),
                 commits: step_commits.clone(),
             },
             steps::MAX_BATCH,
@@ -160,10 +158,6 @@ impl SqliteStore {
     /// Transactions the group-commit writer has committed (each carries one or more creates).
     pub fn create_commits(&self) -> u64 {
         self.create_commits.load(Ordering::Relaxed)
-    }
-
-    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>> {
-        self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(err)
     }
 }
 
@@ -229,6 +223,7 @@ mod money;
 mod ops;
 mod product;
 mod steps;
+mod writer;
 
 #[derive(FromRow)]
 struct CustomerRow {
@@ -289,11 +284,7 @@ impl OrderRow {
     }
 }
 
-async fn append_event(
-    tx: &mut Transaction<'static, Sqlite>,
-    meta: &WriteMeta,
-    ev: NewEvent,
-) -> Result<()> {
+async fn append_event(tx: &mut WriteTx, meta: &WriteMeta, ev: NewEvent) -> Result<()> {
     let mut sql = steps::Sql::default();
     steps::event_sql(&mut sql, meta, ev);
     sql.fetch_all(tx).await?;
@@ -302,7 +293,7 @@ async fn append_event(
 
 /// After a conditional UPDATE matched nothing: tell "gone" from "stale" from "wrong state".
 async fn explain_miss(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut WriteTx,
     table_is_orders: bool,
     account: AccountId,
     id: i64,
@@ -340,7 +331,7 @@ async fn explain_miss(
 #[async_trait]
 impl AccountStore for SqliteStore {
     async fn create_account(&self, name: &str, at: Timestamp) -> Result<Account> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO accounts (name, created_at) VALUES (?, ?) RETURNING id",
         )
@@ -384,7 +375,7 @@ impl AccountStore for SqliteStore {
     }
 
     async fn create_api_key(&self, key: NewApiKey, at: Timestamp) -> Result<i64> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let id = sqlx::query_scalar(
             "INSERT INTO api_keys (account_id, mode, key_hash, start, last4, created_at, name, \
              scopes, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
@@ -486,7 +477,7 @@ impl CustomerStore for SqliteStore {
         expected: Precondition,
         patch: CustomerPatch,
     ) -> Result<Customer> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let row: Option<CustomerRow> = sqlx::query_as(concat!(
             "UPDATE customers SET name = COALESCE(?, name), email = COALESCE(?, email), \
              metadata = COALESCE(?, metadata), version = version + 1, updated_at = ? \
@@ -523,7 +514,7 @@ impl SqliteStore {
         new: NewOrder,
         respond: OrderResponder,
     ) -> Result<Idempotent> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         clear_expired_key(&mut tx, meta, &claim.key).await?;
         let claimed: Option<i64> = sqlx::query_scalar(
             "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
@@ -658,7 +649,7 @@ impl OrderStore for SqliteStore {
         expected: Precondition,
         patch: OrderPatch,
     ) -> Result<Order> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let row: Option<OrderRow> = sqlx::query_as(concat!(
             "UPDATE orders SET description = COALESCE(?, description), \
              metadata = COALESCE(?, metadata), version = version + 1, updated_at = ? \
@@ -724,7 +715,7 @@ impl OrderStore for SqliteStore {
         expected: Precondition,
         action: OrderAction,
     ) -> Result<Order> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let row: Option<OrderRow> = sqlx::query_as(concat!(
             "UPDATE orders SET status = ?, version = version + 1, updated_at = ? \
              WHERE account_id = ? AND id = ? AND (? IS NULL OR version = ?) \
@@ -763,11 +754,7 @@ fn written_row(written: Written<SqliteRow>) -> Result<SqliteRow> {
 
 /// Deletes `key`'s record if it has expired (an expired record counts as absent), so the key
 /// can be claimed anew in the same transaction.
-async fn clear_expired_key(
-    tx: &mut Transaction<'static, Sqlite>,
-    meta: &WriteMeta,
-    key: &str,
-) -> Result<()> {
+async fn clear_expired_key(tx: &mut WriteTx, meta: &WriteMeta, key: &str) -> Result<()> {
     sqlx::query(
         "DELETE FROM idempotency_keys WHERE account_id = ? AND idem_key = ? \
          AND expires_at <= ?",
@@ -836,7 +823,7 @@ impl IdempotencyStore for SqliteStore {
 
     async fn sweep_idempotency(&self, now: Timestamp, limit: u32) -> Result<u64> {
         // A bounded batch per transaction, so writers wait for at most one small delete.
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query(
             "DELETE FROM idempotency_keys WHERE id IN \
              (SELECT id FROM idempotency_keys WHERE expires_at <= ? LIMIT ?)",

@@ -10,13 +10,14 @@ use bursar_storage::operations::fenced_unless_one;
 use bursar_storage::{
     NewEvent, Page, PageRequest, Result, StorageError, StoredResponse, WriteMeta, decode,
 };
+use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
 
 use crate::steps::{Gate, Reference, Sql, StepWrite, entries_sql, step_sql};
+use crate::writer::WriteTx;
 use crate::{SqliteStore, append_event, err};
 
-type Tx = Transaction<'static, Sqlite>;
+type Tx = WriteTx;
 
 const REFUNDED: (&str, &str) = ("paid", "refunded");
 
@@ -310,7 +311,7 @@ impl MoneyStore for SqliteStore {
         payment_id: i64,
         respond: Respond<'_, Payment>,
     ) -> Result<Payment> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let p = settle_authorization(&mut tx, meta, payment_id, PaymentStatus::Canceled, 0).await?;
         post_entry(
             &mut tx,
@@ -374,7 +375,7 @@ impl MoneyStore for SqliteStore {
         payment_id: i64,
         amount_minor: Option<i64>,
     ) -> Result<Refund> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let p = payment_in(&mut tx, meta.account_id, payment_id).await?;
         if p.status != PaymentStatus::Succeeded {
             return Err(StorageError::Rule(Rule::PaymentState(p.status)));
@@ -433,7 +434,7 @@ impl MoneyStore for SqliteStore {
         outcome: RefundOutcome,
         respond: Respond<'_, Refund>,
     ) -> Result<Refund> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let (status, processor_id, code) = match &outcome {
             RefundOutcome::Succeeded { processor_id } => {
                 (RefundStatus::Succeeded, Some(processor_id.as_str()), None)
@@ -503,7 +504,7 @@ impl MoneyStore for SqliteStore {
         operation_id: i64,
     ) -> Result<Option<Refund>> {
         row_by!(
-            &self.writer,
+            &mut *self.writer.lock().await?,
             refund_cols,
             "refunds",
             "operation_id",
@@ -550,7 +551,7 @@ impl MoneyStore for SqliteStore {
     }
 
     async fn set_rates(&self, rates: &[(Currency, Currency, String)], at: Timestamp) -> Result<()> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         for (base, quote, rate) in rates {
             sqlx::query(
                 "INSERT INTO fx_rates (base_currency, quote_currency, rate, set_at) \
@@ -595,7 +596,7 @@ impl MoneyStore for SqliteStore {
         new: NewQuote,
         respond: Respond<'_, Quote>,
     ) -> Result<Quote> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let row = sqlx::query(concat!(
             "INSERT INTO fx_quotes (account_id, from_currency, from_minor, to_currency, \
              to_minor, market_rate, rate, spread_bps, created_at, expires_at) \
@@ -640,7 +641,7 @@ impl MoneyStore for SqliteStore {
         quote_id: i64,
         respond: Respond<'_, Conversion>,
     ) -> Result<Conversion> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let row = sqlx::query(concat!(
             "SELECT ",
             quote_cols!(),

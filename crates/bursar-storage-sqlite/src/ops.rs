@@ -96,7 +96,7 @@ impl OperationStore for SqliteStore {
         .bind(lease.record_id)
         .bind(lease.fence)
         .bind(from)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         fenced_unless_one(done.rows_affected())
@@ -126,7 +126,7 @@ impl OperationStore for SqliteStore {
         .bind(lease.record_id)
         .bind(lease.fence)
         .bind(FINISHED)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         fenced_unless_one(done.rows_affected())
@@ -142,7 +142,7 @@ impl OperationStore for SqliteStore {
         .bind(lease.record_id)
         .bind(lease.fence)
         .bind(FINISHED)
-        .execute(&self.writer)
+        .execute(&mut *self.writer.lock().await?)
         .await
         .map_err(err)?;
         fenced_unless_one(done.rows_affected())
@@ -157,7 +157,7 @@ impl OperationStore for SqliteStore {
     ) -> Result<Vec<LeasedOperation>> {
         // `BEGIN IMMEDIATE` makes the pick and the takeover one step for every writer. The
         // literal 'finished' lets SQLite use the partial index of unfinished records.
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let rows = sqlx::query(concat!(
             "UPDATE idempotency_keys SET fence = fence + 1, locked_until = ?, \
              last_run_at = ?, attempts = attempts + 1 \

@@ -72,7 +72,7 @@ impl ProductStore for SqliteStore {
         old_expires_at: Timestamp,
         at: Timestamp,
     ) -> Result<ApiKeyInfo> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         // The old key must be live; its successor copies what it was allowed to do.
         let old = sqlx::query(
             "SELECT mode, name, scopes, expires_at, COALESCE(limit_id, id) AS limit_id \
@@ -127,7 +127,7 @@ impl ProductStore for SqliteStore {
         id: i64,
         at: Timestamp,
     ) -> Result<ApiKeyInfo> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let sql = format!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) \
              WHERE account_id = ? AND id = ? RETURNING {KEY_COLS}"
@@ -145,7 +145,7 @@ impl ProductStore for SqliteStore {
     }
 
     async fn set_account_plan(&self, account: AccountId, plan: Option<&str>) -> Result<()> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         let done = sqlx::query("UPDATE accounts SET plan = ? WHERE id = ?")
             .bind(plan)
             .bind(account)
@@ -159,7 +159,7 @@ impl ProductStore for SqliteStore {
     }
 
     async fn charge_quota(&self, c: &QuotaCharge) -> Result<QuotaOutcome> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         if let Some(key) = &c.idempotency_key {
             let fresh = sqlx::query(
                 "INSERT INTO quota_charges (account_id, period_start, idempotency_key) \
@@ -205,7 +205,7 @@ impl ProductStore for SqliteStore {
     }
 
     async fn refund_quota(&self, c: &QuotaCharge) -> Result<()> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         if let Some(key) = &c.idempotency_key {
             sqlx::query(
                 "DELETE FROM quota_charges \
@@ -240,7 +240,7 @@ impl ProductStore for SqliteStore {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.writer.begin().await?;
         for r in rows {
             sqlx::query(
                 "INSERT INTO usage_daily (account_id, day, key_id, route_class, requests) \

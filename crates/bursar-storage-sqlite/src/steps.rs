@@ -29,9 +29,10 @@ use bursar_storage::{
     Begun, IdempotencyClaim, LeasedOperation, NewEvent, Result, StorageError, StoredResponse,
     WriteMeta, decode,
 };
-use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqliteRow};
 use sqlx::{Arguments, Encode, FromRow, Row, Sqlite, Type};
 
+use crate::writer::Writer;
 use crate::{OrderRow, SqliteStore, err, key_record};
 
 /// Most steps one transaction carries.
@@ -886,7 +887,7 @@ fn by_slot(n: usize, rows: Vec<SqliteRow>) -> Result<Vec<Vec<SqliteRow>>> {
 
 /// Writes batches of steps on the single writer connection.
 pub struct SqliteSteps {
-    pub pool: SqlitePool,
+    pub(crate) writer: Writer,
     /// Committed transactions, for tests.
     pub commits: Arc<AtomicU64>,
 }
@@ -896,14 +897,22 @@ impl GroupWriter for SqliteSteps {
     type Item = StepWrite;
     type Out = StepOut;
 
-    /// A batch that fails, or whose task stops half-way (a panic in a responder), is rolled
-    /// back when its transaction is dropped, so the writer connection goes back clean.
+    /// The transaction opens in the batch's first call (`BEGIN IMMEDIATE; …`), which saves
+    /// the writer a hand-off per batch, as creates do. A batch that fails is rolled back, and
+    /// so is one whose task stops half-way (a panic in a responder: `WriteTx`'s drop).
     async fn write(&self, batch: &[(WriteMeta, StepWrite)]) -> Result<Vec<StepOut>> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
-        let outs = write_on(&mut tx, batch).await?;
-        tx.commit().await.map_err(err)?;
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        Ok(outs)
+        let mut tx = self.writer.deferred().await?;
+        match write_on(&mut tx, batch).await {
+            Ok(outs) => {
+                tx.commit().await.map_err(err)?;
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                Ok(outs)
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -933,9 +942,14 @@ async fn write_on(
     // Rows carry their step's place in its call, so a call's text depends only on its
     // shape and length.
     let mut rows: Vec<Vec<SqliteRow>> = (0..batch.len()).map(|_| Vec::new()).collect();
+    // The batch's transaction opens in its first call.
+    let mut opening = Some("BEGIN IMMEDIATE; ");
     for slots in shapes.values() {
         for run in runs(slots) {
             let mut first = Sql::default();
+            if let Some(begin) = opening.take() {
+                first.push(begin);
+            }
             for (place, &slot) in run.iter().enumerate() {
                 let (meta, step) = &batch[slot];
                 step.stage(place, meta, &mut first)?;
