@@ -158,6 +158,25 @@ macro_rules! order_cols {
     };
 }
 
+/// The order `id` of `account`, on the pool or in a transaction.
+async fn order_by_id<'e>(
+    ex: impl sqlx::PgExecutor<'e>,
+    account: AccountId,
+    id: i64,
+) -> Result<Option<Order>> {
+    let row: Option<OrderRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        order_cols!(),
+        " FROM orders WHERE account_id = $1 AND id = $2"
+    ))
+    .bind(account)
+    .bind(id)
+    .fetch_optional(ex)
+    .await
+    .map_err(err)?;
+    row.map(OrderRow::into_record).transpose()
+}
+
 // Declared after the SQL macros above, which it uses.
 mod batch;
 mod events;
@@ -559,17 +578,7 @@ impl OrderStore for PostgresStore {
     }
 
     async fn get_order(&self, account: AccountId, id: i64) -> Result<Option<Order>> {
-        let row: Option<OrderRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            order_cols!(),
-            " FROM orders WHERE account_id = $1 AND id = $2"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(err)?;
-        row.map(OrderRow::into_record).transpose()
+        order_by_id(&self.pool, account, id).await
     }
 
     async fn list_orders(&self, account: AccountId, f: OrderFilter) -> Result<Page<Order>> {

@@ -139,6 +139,48 @@ fn conversion(r: &PgRow) -> Result<Conversion> {
     })
 }
 
+/// Claims the order for the work's payment and advances the work, in the caller's
+/// transaction: the claim only if the order is payable and not another work's, the step only
+/// after it. A refusal by the order's rules writes nothing, so the caller may go on and
+/// commit what it wrote before (a key's claim carrying its first step, ADR 0007); a fenced
+/// step leaves an order claim only this work's record can hold, and take again.
+pub(crate) async fn claim_order_in(
+    tx: &mut Tx,
+    meta: &WriteMeta,
+    step: &Step,
+    order_id: i64,
+) -> Result<()> {
+    let claimed = sqlx::query(
+        "UPDATE orders SET payment_operation_id = $1 WHERE account_id = $2 AND id = $3 \
+         AND status = 'pending' AND (payment_operation_id IS NULL OR payment_operation_id = $4)",
+    )
+    .bind(step.lease.record_id)
+    .bind(meta.account_id)
+    .bind(order_id)
+    .bind(step.lease.record_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(err)?;
+    if claimed.rows_affected() != 1 {
+        let row = sqlx::query("SELECT status FROM orders WHERE account_id = $1 AND id = $2")
+            .bind(meta.account_id)
+            .bind(order_id)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(err)?;
+        let Some(row) = row else {
+            return Err(StorageError::NotFound);
+        };
+        let status = decode::status(row.get("status"))?;
+        return Err(StorageError::Rule(if status == OrderStatus::Pending {
+            Rule::OrderPaymentInProgress
+        } else {
+            Rule::OrderNotPayable(status)
+        }));
+    }
+    commit_step(tx, step, None, order_id).await
+}
+
 /// Commits the phased work's step as the transaction's last write: fenced on the lease's
 /// token and on the recovery point, so a replaced driver's whole transaction rolls back.
 async fn commit_step(
@@ -371,7 +413,8 @@ async fn release_order(
     Ok(())
 }
 
-async fn payment_in(tx: &mut Tx, account: AccountId, id: i64) -> Result<Payment> {
+/// The payment `id` of `account`, read in the caller's transaction.
+pub(crate) async fn payment_in(tx: &mut Tx, account: AccountId, id: i64) -> Result<Payment> {
     let found: Option<Payment> = row_by!(
         &mut **tx,
         payment_cols,
@@ -472,35 +515,7 @@ async fn try_reserve(
 impl MoneyStore for PostgresStore {
     async fn claim_order(&self, meta: &WriteMeta, step: &Step, order_id: i64) -> Result<()> {
         let mut tx = self.write_tx().await?;
-        let claimed = sqlx::query(
-            "UPDATE orders SET payment_operation_id = $1 WHERE account_id = $2 AND id = $3 \
-             AND status = 'pending' AND (payment_operation_id IS NULL OR payment_operation_id = $4)",
-        )
-        .bind(step.lease.record_id)
-        .bind(meta.account_id)
-        .bind(order_id)
-        .bind(step.lease.record_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(err)?;
-        if claimed.rows_affected() != 1 {
-            let row = sqlx::query("SELECT status FROM orders WHERE account_id = $1 AND id = $2")
-                .bind(meta.account_id)
-                .bind(order_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(err)?;
-            let Some(row) = row else {
-                return Err(StorageError::NotFound);
-            };
-            let status = decode::status(row.get("status"))?;
-            return Err(StorageError::Rule(if status == OrderStatus::Pending {
-                Rule::OrderPaymentInProgress
-            } else {
-                Rule::OrderNotPayable(status)
-            }));
-        }
-        commit_step(&mut tx, step, None, order_id).await?;
+        claim_order_in(&mut tx, meta, step, order_id).await?;
         tx.commit().await.map_err(err)
     }
 

@@ -5,11 +5,10 @@
 
 use async_trait::async_trait;
 use bursar_domain::Timestamp;
-use bursar_storage::money::MoneyStore;
 use bursar_storage::operations::{FINISHED, FirstPhase, FirstStep, Prefetch, Prefetched, STARTED};
 use bursar_storage::{
-    Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, OrderStore, Result,
-    StorageError, StoredResponse, WriteMeta, decode,
+    Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, Result, StorageError,
+    StoredResponse, WriteMeta, decode,
 };
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -116,37 +115,43 @@ impl OperationStore for PostgresStore {
             .await
             .map_err(err)?,
         };
-        let begun = match row {
-            Some(row) => Begun::Leased(leased(&row)?),
-            None => Begun::Existing(
-                find_key(&mut *tx, meta.account_id, &claim.key)
+        let mut op = match row {
+            Some(row) => leased(&row)?,
+            None => {
+                let existing = find_key(&mut *tx, meta.account_id, &claim.key)
                     .await?
-                    .ok_or_else(|| StorageError::Internal("claimed key vanished".into()))?,
-            ),
+                    .ok_or_else(|| StorageError::Internal("claimed key vanished".into()))?;
+                tx.commit().await.map_err(err)?;
+                return Ok(Begun::Existing(existing));
+            }
         };
-        tx.commit().await.map_err(err)?;
-        // Read right after the claim: the work's first phase would read it next anyway.
-        let Begun::Leased(mut op) = begun else {
-            return Ok(begun);
-        };
+        // What the first phase reads, and its first step when the service can decide it from
+        // that, go in the claim's transaction (ADR 0007): one commit instead of three. A step
+        // the order refuses writes nothing, and the work stays where the claim left it.
         if let Some(wanted) = prefetch {
             op.prefetched = Some(Box::new(match wanted {
                 Prefetch::Order(id) => {
-                    Prefetched::Order(id, self.get_order(op.account_id, id).await?)
+                    Prefetched::Order(id, crate::order_by_id(&mut *tx, op.account_id, id).await?)
                 }
-                Prefetch::Payment(id) => {
-                    Prefetched::Payment(id, self.get_payment(op.account_id, id).await?)
-                }
+                Prefetch::Payment(id) => Prefetched::Payment(
+                    id,
+                    match crate::money::payment_in(&mut tx, op.account_id, id).await {
+                        Ok(p) => Some(p),
+                        Err(StorageError::NotFound) => None,
+                        Err(e) => return Err(e),
+                    },
+                ),
             }));
         }
-        // The first step in a transaction of its own, right after (ADR 0007). Refused or
-        // failed, it leaves the work at the claim's recovery point for the phase to run.
         if let Some(step) = first.and_then(|decide| decide(&op)) {
             let FirstStep::ClaimOrder { step: s, order_id } = &step;
-            if self.claim_order(meta, s, *order_id).await.is_ok() {
-                op.advanced_by(&step);
+            match crate::money::claim_order_in(&mut tx, meta, s, *order_id).await {
+                Ok(()) => op.advanced_by(&step),
+                Err(StorageError::Rule(_) | StorageError::NotFound | StorageError::Fenced) => {}
+                Err(e) => return Err(e),
             }
         }
+        tx.commit().await.map_err(err)?;
         Ok(Begun::Leased(op))
     }
 
