@@ -260,14 +260,16 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
         .map(|e| e.event_type)
         .collect();
     assert_eq!(events, ["payment.succeeded"]);
-    let order_events: Vec<String> = s
-        .events_for(a, "order", o.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_type)
-        .collect();
-    assert_eq!(order_events, ["order.created", "order.paid"]);
+    let order_events = s.events_for(a, "order", o.id).await.unwrap();
+    let types: Vec<&str> = order_events.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["order.created", "order.paid"]);
+    // The move's event carries the order as it now stands, in its serde form (a backend may
+    // build the payload in SQL).
+    let paid = s.get_order(a, o.id).await.unwrap().unwrap();
+    assert_eq!(
+        (order_events[1].aggregate_version, &order_events[1].payload),
+        (paid.version, &serde_json::to_value(&paid).unwrap())
+    );
     // A declined payment is recorded without moving money.
     let o2 = order(&s, a, c.id, 500).await;
     let l2 = lease(&s, a, "pay-2").await;
