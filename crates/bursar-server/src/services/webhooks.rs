@@ -5,7 +5,7 @@ use bursar_domain::Timestamp;
 use bursar_domain::webhook::WebhookSecret;
 use bursar_storage::events::{
     Attempt, Delivery, Endpoint, EndpointPatch, LoggedEvent, NewEndpoint, REPLAY_MAX_EVENTS,
-    Replay, ReplayRequest,
+    Replay, ReplayRequest, state,
 };
 use bursar_storage::{Page, PageRequest, StorageError};
 
@@ -263,23 +263,38 @@ pub async fn redeliver(
     endpoint_id: i64,
     event_id: &str,
 ) -> Result<Delivery, ApiError> {
-    let d = call
-        .state
-        .store
-        .redeliver(
-            call.auth.account_id,
-            endpoint_id,
-            event_id,
-            call.state.clock.now(),
-        )
-        .await
-        .map_err(|e| match e {
-            StorageError::NotFound => ApiError::not_found("webhook endpoint or event"),
-            other => other.into(),
-        })?;
-    call.state.webhooks.relayed.notify_waiters();
-    Ok(d)
+    // A delivery whose attempt is in flight is not queued again by the store: that attempt
+    // may already have reached the receiver, which then never sees the redelivery it asked
+    // for. So wait for the attempt to be recorded (normally milliseconds after the send)
+    // and queue it then; an attempt still running after `IN_FLIGHT_WAIT` is answered as it
+    // stands, in flight, with its lease bounding when it is sent again.
+    let started = tokio::time::Instant::now();
+    loop {
+        let d = call
+            .state
+            .store
+            .redeliver(
+                call.auth.account_id,
+                endpoint_id,
+                event_id,
+                call.state.clock.now(),
+            )
+            .await
+            .map_err(|e| match e {
+                StorageError::NotFound => ApiError::not_found("webhook endpoint or event"),
+                other => other.into(),
+            })?;
+        if d.state != state::IN_FLIGHT || started.elapsed() >= IN_FLIGHT_WAIT {
+            call.state.webhooks.relayed.notify_waiters();
+            return Ok(d);
+        }
+        tokio::time::sleep(IN_FLIGHT_POLL).await;
+    }
 }
+
+/// How long a redelivery waits for an attempt in flight to be recorded.
+const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const IN_FLIGHT_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Resends the endpoint's events of a time range (at most [`REPLAY_MAX_EVENTS`], the oldest),
 /// queued at once in one transaction and recorded; the worker then sends them with their

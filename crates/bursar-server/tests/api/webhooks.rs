@@ -786,6 +786,30 @@ pub async fn webhook_endpoints_are_guarded_scoped_and_rotate(app: &TestApp) {
         v.verify_hex(&again.headers, &again.body).unwrap();
     }
 
+    // Asked again while an attempt is in flight (the receiver now takes a second to answer,
+    // so that attempt has reached it but is not recorded), the redelivery waits for the
+    // attempt to be recorded and then queues: one more arrival, not none.
+    receiver.delay_ms.store(1_000, Ordering::SeqCst);
+    let again_please = || {
+        app.a
+            .request(reqwest::Method::POST, &redeliver)
+            .json(&json!({"event_id": event_id}))
+            .send()
+    };
+    assert_eq!(again_please().await.unwrap().status(), 202);
+    let deliveries = format!("/api/webhook_endpoints/{id}/deliveries?limit=100");
+    wait_json(&app.a, &deliveries, "the attempt in flight", |v| {
+        v["data"][0]["state"] == "in_flight"
+    })
+    .await;
+    let queued: Value = again_please().await.unwrap().json().await.unwrap();
+    assert_ne!(queued["state"], "in_flight", "{queued}");
+    wait_for("the redelivery after the one in flight", || {
+        receiver.received().len() >= 4
+    })
+    .await;
+    receiver.delay_ms.store(0, Ordering::SeqCst);
+
     // The `order.*` filter held: no customer event ever reached this endpoint.
     for r in receiver.received() {
         let payload: Value = serde_json::from_slice(&r.body).unwrap();
