@@ -177,6 +177,10 @@ mod tests {
         Writer::new(conn, Duration::from_millis(200))
     }
 
+    async fn run(tx: &mut WriteTx, sql: &'static str) {
+        sqlx::query(sql).execute(&mut **tx).await.unwrap();
+    }
+
     async fn rows(w: &Writer) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM t")
             .fetch_one(&mut *w.lock().await.unwrap())
@@ -191,31 +195,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = writer(&dir).await;
         let mut tx = w.begin().await.unwrap();
-        sqlx::query("INSERT INTO t (x) VALUES (1)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        run(&mut tx, "INSERT INTO t (x) VALUES (1)").await;
         drop(tx);
         let mut tx = w.deferred().await.unwrap();
-        sqlx::query("BEGIN IMMEDIATE; INSERT INTO t (x) VALUES (2)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        run(&mut tx, "BEGIN IMMEDIATE; INSERT INTO t (x) VALUES (2)").await;
         drop(tx);
         // Both would fail inside a transaction left open.
         let mut tx = w.begin().await.unwrap();
-        sqlx::query("INSERT INTO t (x) VALUES (3)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        run(&mut tx, "INSERT INTO t (x) VALUES (3)").await;
         tx.commit().await.unwrap();
         assert_eq!(rows(&w).await, 1);
         // A caller's own `COMMIT` ends it too.
         let mut tx = w.deferred().await.unwrap();
-        sqlx::query("BEGIN IMMEDIATE; INSERT INTO t (x) VALUES (4); COMMIT")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        run(
+            &mut tx,
+            "BEGIN IMMEDIATE; INSERT INTO t (x) VALUES (4); COMMIT",
+        )
+        .await;
         tx.committed();
         assert_eq!(rows(&w).await, 2);
     }

@@ -119,10 +119,10 @@ impl Prefetched {
 }
 
 /// The step the first phase of new work would write, decided from the claimed work alone
-/// (ADR 0007): the store writes it in the claim's transaction (SQLite) or right after it
-/// (PostgreSQL), so a payment goes from the key's claim to the processor with one step
-/// fewer. Local work before the first foreign call may share one transaction
-/// (spec/idempotency.md, atomic phases); the recovery point it records is the same.
+/// (ADR 0007): the store writes it in the claim's transaction (SQLite: in the claim's
+/// batch), so a payment goes from the key's claim to the processor with one step fewer.
+/// Local work before the first foreign call may share one transaction (spec/idempotency.md,
+/// atomic phases); the recovery point it records is the same.
 #[derive(Debug, Clone)]
 pub enum FirstStep {
     /// `MoneyStore::claim_order` with this step (an advance from [`STARTED`]).
