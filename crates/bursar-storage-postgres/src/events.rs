@@ -28,14 +28,14 @@ use bursar_domain::{AccountId, Timestamp};
 use bursar_storage::events::{
     Attempt, ClaimedDelivery, Completion, Delivery, Endpoint, EndpointPatch, EventLogStore,
     EventRenderer, Finished, Health, LoggedEvent, NewEndpoint, Outcome, RECENT_ATTEMPTS, Recent,
-    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, plain_successes,
-    render_body, state, type_matches,
+    Replay, ReplayRequest, TypeFilter, delivery_events, endpoint_disabled_event, plain_if_healthy,
+    plain_successes, render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row, Transaction};
 
-use crate::{PostgresStore, err};
+use crate::{PostgresStore, err, planned_each_call};
 
 /// The advisory lock key that serialises relays (`pg_advisory_xact_lock`): "BURSAR" and the
 /// issue that introduced the event log, combined with a hash of the schema. Advisory locks are
@@ -521,7 +521,7 @@ impl EventLogStore for PostgresStore {
         let event_ids: Vec<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
         let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
         let bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
-        sqlx::query(STORE_AND_FAN_OUT)
+        planned_each_call(STORE_AND_FAN_OUT)
             .bind(&ids)
             .bind(&event_ids)
             .bind(&seqs)
@@ -580,7 +580,7 @@ impl EventLogStore for PostgresStore {
         if event_ids.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(
+        let done = planned_each_call(
             "UPDATE outbox_events SET published_at = $1 \
              WHERE event_id = ANY($2) AND published_at IS NULL",
         )
@@ -903,64 +903,38 @@ impl EventLogStore for PostgresStore {
         Ok(held)
     }
 
-    /// Reads the health of every endpoint of the batch without a lock: a row lock is a write to
-    /// the endpoint's row, and every batch and relay locking the same few endpoints made them
-    /// the hottest rows of the database (measured: most of a completion's time was spent
-    /// there). Plain successes (`plain_successes`) need no lock: they leave a healthy endpoint
-    /// as it is, so they come before any health change committed meanwhile, and one statement
-    /// writes them all (`COMPLETE_PLAIN`); an endpoint deleted meanwhile fails the batch on
-    /// its foreign key, and the worker then records each completion on its own
-    /// (`complete_delivery`). The endpoints of the rest are then locked for update in
-    /// ascending id order — the order relays take their share locks in — so batches, single
-    /// completions and relays never wait on each other in a cycle, and completed one by one
-    /// (re-locking a held row is free).
+    /// A batch of nothing but plain candidates (`plain_if_healthy`, each delivery once), the
+    /// usual batch at healthy receivers, is one statement outside a transaction
+    /// (`COMPLETE_PLAIN`, one round trip instead of four); the few it leaves, at endpoints not
+    /// in full health, then go through `complete_together`. Any other batch goes there whole.
     async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>> {
-        let mut tx = self.write_tx().await?;
-        let ids: Vec<i64> = cs.iter().map(|c| c.delivery_id).collect();
-        let rows = sqlx::query(concat!(
-            "SELECT x.delivery_id, ",
-            endpoint_cols!(),
-            " FROM webhook_endpoints JOIN (\
-               SELECT id AS delivery_id, endpoint_id AS of_endpoint FROM webhook_deliveries \
-               WHERE id = ANY($1)) AS x ON x.of_endpoint = webhook_endpoints.id \
-             ORDER BY webhook_endpoints.id"
-        ))
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err)?;
-        let of = |r: &PgRow| Ok((r.try_get("delivery_id").map_err(err)?, endpoint(r)?));
-        let plain = plain_successes(&cs, rows.iter().map(of).collect::<Result<_>>()?);
-        let (together, rest): (Vec<&Completion>, Vec<&Completion>) = {
-            let mut split = (Vec::new(), Vec::new());
-            for (c, p) in cs.iter().zip(&plain) {
-                if *p { &mut split.0 } else { &mut split.1 }.push(c);
-            }
-            split
-        };
-        let held_together = complete_plain(&mut tx, &together, now).await?;
-        if !rest.is_empty() {
-            let rest_ids: Vec<i64> = rest.iter().map(|c| c.delivery_id).collect();
-            sqlx::query(
-                "SELECT id FROM webhook_endpoints WHERE id IN \
-                 (SELECT endpoint_id FROM webhook_deliveries WHERE id = ANY($1)) \
-                 ORDER BY id FOR NO KEY UPDATE",
-            )
-            .bind(&rest_ids)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(err)?;
+        let mut ids = std::collections::HashSet::with_capacity(cs.len());
+        let candidates = cs
+            .iter()
+            .all(|c| plain_if_healthy(c) && ids.insert(c.delivery_id));
+        if !candidates {
+            return self.complete_together(cs, now).await;
         }
-        let mut held = Vec::with_capacity(cs.len());
-        for (c, plain) in cs.into_iter().zip(plain) {
-            held.push(if plain {
-                held_together.contains(&c.delivery_id)
-            } else {
-                complete_in(&mut tx, c, now).await?
-            });
+        let all: Vec<&Completion> = cs.iter().collect();
+        let taken = complete_plain(&self.pool, &all, now).await?;
+        let rest: Vec<Completion> = cs
+            .iter()
+            .filter(|c| !taken.contains_key(&c.delivery_id))
+            .cloned()
+            .collect();
+        let mut rest_held = if rest.is_empty() {
+            Vec::new()
+        } else {
+            self.complete_together(rest, now).await?
         }
-        tx.commit().await.map_err(err)?;
-        Ok(held)
+        .into_iter();
+        Ok(cs
+            .iter()
+            .map(|c| match taken.get(&c.delivery_id) {
+                Some(held) => *held,
+                None => rest_held.next().unwrap_or(false),
+            })
+            .collect())
     }
 
     async fn purge_deliveries(&self, before: Timestamp, limit: u32) -> Result<u64> {
@@ -1133,44 +1107,121 @@ impl EventLogStore for PostgresStore {
     }
 }
 
-/// Plain successes, all at once: each delivery whose lease is still the completion's is
-/// marked succeeded, and every attempt is recorded (`lease_lost` where the lease was not held,
-/// as `COMPLETE` records it). Returns the ids of the deliveries whose lease was held. Unlike
-/// `COMPLETE`, `present` takes no row lock: in one statement a lock on a row that `owned` updates
-/// would skip it. The attempts' foreign key checks lock the deliveries they name.
+impl PostgresStore {
+    /// A batch in one transaction. Reads the health of every endpoint of the batch without a
+    /// lock: a row lock is a write to the endpoint's row, and every batch and relay locking
+    /// the same few endpoints made them the hottest rows of the database (measured: most of a
+    /// completion's time was spent there). Plain successes (`plain_successes`) need no lock:
+    /// they leave a healthy endpoint as it is, so they come before any health change committed
+    /// meanwhile, and one statement writes them all (`COMPLETE_PLAIN`, which also leaves any
+    /// whose endpoint is no longer healthy when it runs); an endpoint deleted meanwhile fails
+    /// the batch on its foreign key, and the worker then records each completion on its own
+    /// (`complete_delivery`). The endpoints of the rest are then locked for update in
+    /// ascending id order — the order relays take their share locks in — so batches, single
+    /// completions and relays never wait on each other in a cycle, and completed one by one
+    /// (re-locking a held row is free).
+    async fn complete_together(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>> {
+        let mut tx = self.write_tx().await?;
+        let ids: Vec<i64> = cs.iter().map(|c| c.delivery_id).collect();
+        let rows = planned_each_call(concat!(
+            "SELECT x.delivery_id, ",
+            endpoint_cols!(),
+            " FROM webhook_endpoints JOIN (\
+               SELECT id AS delivery_id, endpoint_id AS of_endpoint FROM webhook_deliveries \
+               WHERE id = ANY($1)) AS x ON x.of_endpoint = webhook_endpoints.id \
+             ORDER BY webhook_endpoints.id"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(err)?;
+        let of = |r: &PgRow| Ok((r.try_get("delivery_id").map_err(err)?, endpoint(r)?));
+        let plain = plain_successes(&cs, rows.iter().map(of).collect::<Result<_>>()?);
+        let together: Vec<&Completion> = cs
+            .iter()
+            .zip(&plain)
+            .filter(|(_, p)| **p)
+            .map(|(c, _)| c)
+            .collect();
+        let taken = complete_plain(&mut *tx, &together, now).await?;
+        let one_by_one: Vec<i64> = cs
+            .iter()
+            .filter(|c| !taken.contains_key(&c.delivery_id))
+            .map(|c| c.delivery_id)
+            .collect();
+        if !one_by_one.is_empty() {
+            planned_each_call(
+                "SELECT id FROM webhook_endpoints WHERE id IN \
+                 (SELECT endpoint_id FROM webhook_deliveries WHERE id = ANY($1)) \
+                 ORDER BY id FOR NO KEY UPDATE",
+            )
+            .bind(&one_by_one)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err)?;
+        }
+        let mut held = Vec::with_capacity(cs.len());
+        for c in cs {
+            held.push(match taken.get(&c.delivery_id) {
+                Some(h) => *h,
+                None => complete_in(&mut tx, c, now).await?,
+            });
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(held)
+    }
+}
+
+/// Plain successes, all at once, for the deliveries whose endpoint this statement finds in full
+/// health (`Health::default()`, spelled in SQL by `healthy`): each one whose lease is still the
+/// completion's is marked succeeded, and each one's attempt is recorded (`lease_lost` where the
+/// lease was not held, as `COMPLETE` records it). Returns the deliveries it took, each with
+/// whether its lease was held; the others (an endpoint not in full health, a delivery deleted)
+/// are the caller's to complete one by one. Unlike `COMPLETE`, `plain` takes no row lock: in
+/// one statement a lock on a row that `owned` updates would skip it. The attempts' foreign key
+/// checks lock the deliveries they name.
 const COMPLETE_PLAIN: &str = "\
     WITH v AS (\
        SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], \
                             $5::bigint[], $6::text[], $7::text[], $8::bigint[]) \
        AS v(id, token, attempt_no, status_code, duration_ms, error_kind, snippet, created_at)), \
+     plain AS MATERIALIZED (\
+       SELECT d.id, d.endpoint_id FROM webhook_deliveries d \
+       JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
+       WHERE d.id = ANY($1) AND ep.first_failure_at IS NULL AND ep.consecutive_failures = 0 \
+         AND ep.circuit_state <> 'open' AND ep.circuit_open_until IS NULL), \
      owned AS (\
        UPDATE webhook_deliveries d SET state = 'succeeded', lease_token = NULL, \
               lease_expires_at = NULL, last_status = v.status_code, last_error = v.error_kind, \
               updated_at = $9 \
-       FROM v WHERE d.id = v.id AND d.lease_token = v.token RETURNING d.id), \
-     present AS (SELECT id, endpoint_id FROM webhook_deliveries WHERE id = ANY($1)), \
+       FROM v JOIN plain p ON p.id = v.id \
+       WHERE d.id = v.id AND d.lease_token = v.token RETURNING d.id), \
      recorded AS (\
        INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
                                      duration_ms, error_kind, response_snippet, created_at) \
        SELECT p.id, p.endpoint_id, v.attempt_no, v.status_code, v.duration_ms, \
               CASE WHEN o.id IS NULL THEN 'lease_lost' ELSE v.error_kind END, v.snippet, \
               v.created_at \
-       FROM v JOIN present p ON p.id = v.id LEFT JOIN owned o ON o.id = v.id \
+       FROM v JOIN plain p ON p.id = v.id LEFT JOIN owned o ON o.id = v.id \
        ON CONFLICT (delivery_id, attempt_no) DO NOTHING) \
-    SELECT id FROM owned";
+    SELECT p.id, o.id IS NOT NULL AS held FROM plain p LEFT JOIN owned o ON o.id = p.id";
 
-/// Runs `COMPLETE_PLAIN` for `cs` in the caller's transaction.
-async fn complete_plain(
-    tx: &mut Transaction<'static, Postgres>,
+/// Runs `COMPLETE_PLAIN` for `cs` on `executor` (a transaction, or the pool: one statement is
+/// atomic on its own). Returns, for each delivery it took, whether its lease was held.
+async fn complete_plain<'e, E>(
+    executor: E,
     cs: &[&Completion],
     now: Timestamp,
-) -> Result<std::collections::HashSet<i64>> {
+) -> Result<std::collections::HashMap<i64, bool>>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
     if cs.is_empty() {
         return Ok(Default::default());
     }
     let col = |f: fn(&Completion) -> Option<i64>| cs.iter().map(|c| f(c)).collect::<Vec<_>>();
     let text = |f: fn(&Completion) -> Option<String>| cs.iter().map(|c| f(c)).collect::<Vec<_>>();
-    let held: Vec<i64> = sqlx::query_scalar(COMPLETE_PLAIN)
+    let taken = planned_each_call(COMPLETE_PLAIN)
         .bind(col(|c| Some(c.delivery_id)))
         .bind(text(|c| Some(c.lease_token.clone())))
         .bind(col(|c| Some(c.attempt.attempt_no)))
@@ -1180,10 +1231,18 @@ async fn complete_plain(
         .bind(text(|c| c.attempt.response_snippet.clone()))
         .bind(col(|c| Some(c.attempt.created_at.0)))
         .bind(now.0)
-        .fetch_all(&mut **tx)
+        .fetch_all(executor)
         .await
         .map_err(err)?;
-    Ok(held.into_iter().collect())
+    taken
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get("id").map_err(err)?,
+                r.try_get("held").map_err(err)?,
+            ))
+        })
+        .collect()
 }
 
 /// One completion inside the caller's transaction (see `Store::complete_delivery`).

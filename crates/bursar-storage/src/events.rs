@@ -544,6 +544,15 @@ macro_rules! fifo_columns {
     };
 }
 
+/// Whether a completion is plain (see [`plain_successes`]) as long as its endpoint is in full
+/// health: a success that cannot cause a `recovered` notice. A batch of only these (each
+/// delivery once) can be written before its endpoints' health is known, by a statement that
+/// takes the ones whose endpoint it finds healthy and leaves the rest to the caller.
+pub fn plain_if_healthy(c: &Completion) -> bool {
+    matches!(c.outcome, Outcome::Succeeded)
+        && c.attempt.attempt_no <= operational::FAILING_AFTER_ATTEMPTS
+}
+
 /// Which completions of a batch can be written together, as multi-row statements, without
 /// reading or changing anything else: successes that cannot cause a `recovered` notice (at most
 /// [`FAILING_AFTER_ATTEMPTS`](operational::FAILING_AFTER_ATTEMPTS) attempts) at an endpoint in
@@ -559,17 +568,13 @@ pub fn plain_successes(
     endpoints: std::collections::HashMap<i64, Endpoint>,
 ) -> Vec<bool> {
     use std::collections::HashSet;
-    let simple = |c: &Completion| {
-        matches!(c.outcome, Outcome::Succeeded)
-            && c.attempt.attempt_no <= operational::FAILING_AFTER_ATTEMPTS
-    };
     let mut seen = HashSet::new();
     let mut mixed = HashSet::new();
     for c in cs {
         let Some(e) = endpoints.get(&c.delivery_id) else {
             continue;
         };
-        if !seen.insert(c.delivery_id) || !simple(c) || e.health != Health::default() {
+        if !seen.insert(c.delivery_id) || !plain_if_healthy(c) || e.health != Health::default() {
             mixed.insert(e.id);
         }
     }
