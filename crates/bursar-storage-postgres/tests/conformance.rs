@@ -19,3 +19,12 @@ async fn fresh() -> Option<Arc<dyn Storage>> {
 }
 
 bursar_storage::conformance_tests!(fresh());
+
+/// PostgreSQL hands leases on (`complete_and_hand_on`); the shared case accepts a backend that
+/// does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successes_hand_their_leases_on() {
+    if let Some(s) = fresh().await {
+        bursar_storage::conformance::successes_hand_their_leases_on(s).await;
+    }
+}

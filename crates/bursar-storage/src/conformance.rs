@@ -73,6 +73,7 @@ macro_rules! conformance_tests {
             published_events_leave_the_backlog,
             events_sequenced_as_published_skip_the_backlog,
             claims_never_exceed_an_endpoints_concurrency,
+            completions_hand_leases_on_within_the_cap,
             the_circuit_opens_probes_and_closes,
             half_of_twenty_attempts_failing_opens_the_circuit,
             retention_purges_finished_deliveries_in_bounded_batches,

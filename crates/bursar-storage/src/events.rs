@@ -849,6 +849,28 @@ pub trait EventLogStore: Send + Sync {
     /// deliveries keep up with fan-out (the same reasoning as group commit for creates).
     async fn complete_deliveries(&self, cs: Vec<Completion>, now: Timestamp) -> Result<Vec<bool>>;
 
+    /// [`complete_deliveries`](Self::complete_deliveries), and, with `hand_on_until` given,
+    /// in the same statement: each held success at an endpoint in full health may hand its
+    /// lease on to one of that endpoint's oldest due deliveries (pending or retrying,
+    /// per-aggregate FIFO respected), leased under the same token until `hand_on_until`,
+    /// its attempt counted, and returned beside the completion it follows. The endpoint's
+    /// number of live leases does not move, so the cap holds without a claim's count; an
+    /// endpoint that is disabled, has an open circuit or more live leases than its cap hands
+    /// nothing on. Why: at a busy endpoint a claim's round trips between one send's end and
+    /// the next send's start were a third of each delivery's cycle, and with the cap bounding
+    /// what is in flight, the cycle bounds the rate. The default hands nothing on, for a
+    /// backend whose claims are cheap.
+    async fn complete_and_hand_on(
+        &self,
+        cs: Vec<Completion>,
+        now: Timestamp,
+        hand_on_until: Option<Timestamp>,
+    ) -> Result<Vec<(bool, Option<ClaimedDelivery>)>> {
+        let _ = hand_on_until;
+        let held = self.complete_deliveries(cs, now).await?;
+        Ok(held.into_iter().map(|h| (h, None)).collect())
+    }
+
     /// Retention: deletes at most `limit` rows belonging to finished deliveries (succeeded,
     /// failed, cancelled) last changed before `before` — their attempts first, then the
     /// deliveries left without attempts — in one statement, so each call is one short

@@ -46,7 +46,12 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
     // allowed than the endpoints' caps add up to, a claim can come back empty while
     // permits are free; it then waits for this, not only for new events or the poll.
     let freed = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(complete_batches(state.clone(), queued, freed.clone()));
+    tokio::spawn(complete_batches(
+        state.clone(),
+        queued,
+        freed.clone(),
+        stop.clone(),
+    ));
     while !*stop.borrow() {
         let free = slots.available_permits();
         if free == 0 {
@@ -89,7 +94,6 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
         lock(&tokens).insert(token.clone());
         let batch = Arc::new(BatchLease {
             token,
-            lapses: started + lease,
             left: std::sync::atomic::AtomicUsize::new(claimed.len()),
             tokens: tokens.clone(),
         });
@@ -101,7 +105,12 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
                 .expect("the semaphore is never closed");
             let (state, batch, completions) = (state.clone(), batch.clone(), completions.clone());
             tokio::spawn(async move {
-                deliver(&state, c, &batch, &completions).await;
+                // A delivery handed on by the completion of the previous one (same endpoint,
+                // same lease token) is sent next by this task, under the same permit.
+                let mut next = Some((c, started + lease));
+                while let Some((c, lapses)) = next {
+                    next = deliver(&state, c, lapses, &batch.token, &completions).await;
+                }
                 batch.done();
                 drop(permit);
             });
@@ -126,12 +135,10 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
     }
 }
 
-/// The lease token of one claim, forgotten once all its deliveries are done.
+/// The lease token of one claim, forgotten once all its deliveries (and those handed on to
+/// them) are done.
 struct BatchLease {
     token: String,
-    /// When the batch's leases lapse (this process's clock): past it a delivery is sent
-    /// again, so recording an attempt is worth trying until then.
-    lapses: Instant,
     left: std::sync::atomic::AtomicUsize,
     tokens: Arc<Mutex<HashSet<String>>>,
 }
@@ -152,20 +159,27 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// A finished attempt waiting to be recorded, when its lease lapses, and who waits for the
-/// answer.
+/// Whether an attempt's lease was still held when it was recorded, and the delivery its
+/// completion handed the lease on to, if any, with when that lease lapses.
+type Recorded = (bool, Option<(ClaimedDelivery, Instant)>);
+
+/// A finished attempt waiting to be recorded, when its lease lapses (this process's clock:
+/// past it the delivery is sent again, so recording is worth trying until then), and who
+/// waits for the answer.
 type Done = (
     Completion,
     Instant,
-    oneshot::Sender<bursar_storage::Result<bool>>,
+    oneshot::Sender<bursar_storage::Result<Recorded>>,
 );
 
 /// At most this many attempts are recorded in one transaction.
 const COMPLETION_BATCH: usize = 64;
 
 /// Records finished attempts in batches: whatever finished while the previous batch was being
-/// committed goes in the next one, one transaction for all (`complete_deliveries`), so the
+/// committed goes in the next one, one transaction for all (`complete_and_hand_on`), so the
 /// database does one commit per batch instead of one per delivery. A lone attempt goes at once.
+/// Until `stop`, a held success may hand its lease on to its endpoint's next due delivery,
+/// which its sender then sends without waiting for a claim.
 /// If a batch fails for another reason than a busy database, each attempt is recorded on its
 /// own, so one bad completion cannot hold back the others. An attempt the database still does
 /// not take after the quick retries is handed to [`record_until`], off this loop.
@@ -173,36 +187,52 @@ async fn complete_batches(
     state: AppState,
     mut queued: mpsc::UnboundedReceiver<Done>,
     freed: Arc<tokio::sync::Notify>,
+    stop: watch::Receiver<bool>,
 ) {
+    let lease = Duration::from_secs(state.webhooks.config.lease_secs.max(1));
     let mut batch = Vec::with_capacity(COMPLETION_BATCH);
     while queued.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
         let (cs, waiting): (Vec<Completion>, Vec<_>) = batch
             .drain(..)
             .map(|(c, lapses, reply)| (c, (lapses, reply)))
             .unzip();
+        // Before any try, so the process's idea of a handed-on lease ends no later than the
+        // database's.
+        let asked = Instant::now();
         let result = retrying(|| {
+            let now = state.clock.now();
+            let hand_on_until = (!*stop.borrow()).then(|| Timestamp(now.0 + millis(lease)));
             state
                 .store
-                .complete_deliveries(cs.clone(), state.clock.now())
+                .complete_and_hand_on(cs.clone(), now, hand_on_until)
         })
         .await;
         match result {
             Ok(held) => {
-                for ((_, reply), held) in waiting.into_iter().zip(held) {
-                    let _ = reply.send(Ok(held));
+                for ((_, reply), (held, next)) in waiting.into_iter().zip(held) {
+                    let done = (held, next.map(|n| (n, asked + lease)));
+                    if let Err(Ok((_, Some((next, _))))) = reply.send(Ok(done)) {
+                        // Its sender is gone (only at shutdown): the lease lapses and the
+                        // delivery is claimed again.
+                        tracing::warn!(
+                            delivery_id = next.delivery_id,
+                            "a delivery handed on had no sender; it is sent once its lease lapses"
+                        );
+                    }
                 }
             }
             Err(StorageError::Unavailable(_)) => {
                 for (c, (lapses, reply)) in cs.into_iter().zip(waiting) {
                     let state = state.clone();
                     tokio::spawn(async move {
-                        let _ = reply.send(record_until(&state, c, lapses).await);
+                        let _ =
+                            reply.send(record_until(&state, c, lapses).await.map(|h| (h, None)));
                     });
                 }
             }
             Err(_) => {
                 for (c, (lapses, reply)) in cs.into_iter().zip(waiting) {
-                    let _ = reply.send(record_one(&state, c, lapses).await);
+                    let _ = reply.send(record_one(&state, c, lapses).await.map(|h| (h, None)));
                 }
             }
         }
@@ -244,14 +274,15 @@ where
     result
 }
 
-/// Sends one claimed delivery and records the attempt.
+/// Sends one claimed delivery and records the attempt; returns the delivery the completion
+/// handed the lease on to, with when that lease lapses.
 async fn deliver(
     state: &AppState,
     c: ClaimedDelivery,
-    batch: &BatchLease,
+    lapses: Instant,
+    token: &str,
     completions: &mpsc::UnboundedSender<Done>,
-) {
-    let token = batch.token.as_str();
+) -> Option<(ClaimedDelivery, Instant)> {
     let started = Instant::now();
     let at = state.clock.now();
     let sent = match signed_request(state, &c, at) {
@@ -285,17 +316,19 @@ async fn deliver(
     // that would send it a second time — hence the retries in `complete_batches`, and then
     // `record_until` for an outage that outlasts them.
     let (reply, answer) = oneshot::channel();
-    let result = match completions.send((done, batch.lapses, reply)) {
+    let result = match completions.send((done, lapses, reply)) {
         Ok(()) => answer.await.unwrap_or_else(|_| {
             Err(StorageError::Unavailable(
                 "the completion task ended".into(),
             ))
         }),
-        Err(mpsc::error::SendError((done, lapses, _))) => record_one(state, done, lapses).await,
+        Err(mpsc::error::SendError((done, lapses, _))) => {
+            record_one(state, done, lapses).await.map(|h| (h, None))
+        }
     };
     match result {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
+        Ok((true, next)) => return next,
+        Ok((false, _)) => tracing::warn!(
             delivery_id = c.delivery_id,
             attempt = c.attempt_no,
             "webhook lease lost before the attempt was recorded"
@@ -306,6 +339,7 @@ async fn deliver(
             "recording a webhook attempt failed; the lease will lapse and it is sent again"
         ),
     }
+    None
 }
 
 /// Keeps recording an attempt the database would not take, waiting longer each time (up to
