@@ -669,8 +669,8 @@ async fn paced_creates(t: &Arc<Target>, rate: u32, s: load::Settings) -> Result<
     Ok(p)
 }
 
-/// The worker's claim latency from Bursar's `/metrics` (a summary over its last minute):
-/// `None` if it cannot be read.
+/// The worker's claim latency from Bursar's `/metrics` (a summary over its last minute), and
+/// how many deliveries completions handed on: `None` if it cannot be read.
 async fn claim_latency(t: &Target) -> Option<String> {
     let text = t.client().get(t.server("/metrics")).send().await.ok()?;
     let text = text.text().await.ok()?;
@@ -681,9 +681,11 @@ async fn claim_latency(t: &Target) -> Option<String> {
     let q = |q: &str| value(&format!("webhook_claim_seconds{{quantile=\"{q}\"}}"));
     let (p50, p99, max) = (q("0.5")?, q("0.99")?, q("1")?);
     let count = value("webhook_claim_seconds_count")?;
+    // Since the server started; absent where the store hands nothing on.
+    let handed = value("webhook_handed_on_total").unwrap_or(0.0);
     Some(format!(
         "claims (Bursar's /metrics, its last minute): {count} claims, p50 {:.1} ms, p99 {:.1} ms, \
-         max {:.1} ms",
+         max {:.1} ms; {handed} deliveries handed on by completions (since start)",
         p50 * 1e3,
         p99 * 1e3,
         max * 1e3

@@ -209,6 +209,9 @@ async fn complete_batches(
         .await;
         match result {
             Ok(held) => {
+                // How often a send followed another without a claim (`GET /metrics`).
+                let handed = held.iter().filter(|(_, next)| next.is_some()).count();
+                metrics::counter!("webhook_handed_on_total").increment(handed as u64);
                 for ((_, reply), (held, next)) in waiting.into_iter().zip(held) {
                     let done = (held, next.map(|n| (n, asked + lease)));
                     if let Err(Ok((_, Some((next, _))))) = reply.send(Ok(done)) {
