@@ -927,63 +927,8 @@ pub async fn claims_never_exceed_an_endpoints_concurrency(s: Store) {
     assert_eq!((per(&taken, capped.id), per(&taken, other.id)), (3, 2));
 
     // Many claimers at once, each holding its leases for a while: the number held for the
-    // endpoint (counted up after a claim commits, down before its completion commits, so never
-    // above the database's own count) never exceeds the cap, and every delivery goes out once.
-    let b = account(&s, "b").await;
-    let ep = s
-        .create_endpoint(b, endpoint_capped(&["*"], 4), Timestamp(T0))
-        .await
-        .unwrap();
-    for _ in 0..60 {
-        customer(&s, b).await;
-    }
-    sequence_all(&s, &ids()).await;
-    let held = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
-    let claimers: Vec<_> = (0..6)
-        .map(|w| {
-            let (s, held, peak) = (s.clone(), held.clone(), peak.clone());
-            tokio::spawn(async move {
-                let token = format!("w{w}");
-                let mut got = Vec::new();
-                let mut idle = 0;
-                while idle < 50 {
-                    let batch = s
-                        .claim_deliveries(Timestamp(T0), Timestamp(T0 + 600_000), &token, 3)
-                        .await
-                        .unwrap();
-                    let mine: Vec<_> = batch.into_iter().filter(|c| c.account_id == b).collect();
-                    if mine.is_empty() {
-                        idle += 1;
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                    idle = 0;
-                    let n = mine.len() as i64;
-                    let now_held = held.fetch_add(n, Ordering::SeqCst) + n;
-                    peak.fetch_max(now_held, Ordering::SeqCst);
-                    tokio::task::yield_now().await;
-                    for c in mine {
-                        held.fetch_sub(1, Ordering::SeqCst);
-                        let done = finish(&c, &token, Outcome::Succeeded, HealthPolicy::default());
-                        assert!(s.complete_delivery(done, Timestamp(T0)).await.unwrap());
-                        got.push(c.delivery_id);
-                    }
-                }
-                got
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for c in claimers {
-        all.extend(c.await.unwrap());
-    }
-    let distinct: BTreeSet<_> = all.iter().copied().collect();
-    assert_eq!((all.len(), distinct.len()), (60, 60));
-    let peak = peak.load(Ordering::SeqCst);
-    assert!((1..=4).contains(&peak), "peak in flight {peak}");
-    let left = s.list_deliveries(b, ep.id, page(100, None)).await.unwrap();
-    assert!(left.iter().all(|d| d.state == "succeeded"));
+    // endpoint never exceeds the cap, and every delivery goes out once.
+    capped_workers(&s, "b", false).await;
 }
 
 /// Issue 5: a completion that hands its lease on (`complete_and_hand_on`) keeps the endpoint
@@ -1121,26 +1066,38 @@ pub async fn completions_hand_leases_on_within_the_cap(s: Store) {
     assert!(out[0].0);
     assert!(in_flight(s.clone()).await <= 1);
 
-    // Many workers, each claiming, then completing and following what is handed on: the
-    // count held (up after a claim or hand-on commits, down before a completion commits) never
-    // passes the cap, and each delivery goes out once.
-    let w = account(&s, "w").await;
+    // Many workers, each claiming, then completing and following what is handed on: never
+    // more than the cap held, each delivery out once.
+    capped_workers(&s, "w", true).await;
+}
+
+/// Six workers over 60 deliveries to one endpoint with a cap of 4, each claiming up to 2 at a
+/// time, holding them a while and completing them one by one — with `hand_on`, through
+/// `complete_and_hand_on`, sending what is handed on next. The count held (up after a claim or
+/// hand-on commits, down before a completion commits, so never above the database's own
+/// count) never passes the cap, and every delivery goes out exactly once.
+async fn capped_workers(s: &Store, name: &str, hand_on: bool) {
+    let w = account(s, name).await;
+    let now = Timestamp(T0);
     let busy = s
         .create_endpoint(w, endpoint_capped(&["*"], 4), now)
         .await
         .unwrap();
     for _ in 0..60 {
-        customer(&s, w).await;
+        customer(s, w).await;
     }
-    sequence_all(&s, &ids()).await;
+    sequence_all(s, &ids()).await;
     let held = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let up = |held: &std::sync::atomic::AtomicI64, peak: &std::sync::atomic::AtomicI64, k| {
+        peak.fetch_max(held.fetch_add(k, Ordering::SeqCst) + k, Ordering::SeqCst);
+    };
     let workers: Vec<_> = (0..6)
         .map(|n| {
             let (s, held, peak) = (s.clone(), held.clone(), peak.clone());
             tokio::spawn(async move {
-                let token = format!("h{n}");
-                let (far, until) = (Timestamp(T0 + 600_000), Timestamp(T0 + 600_000));
+                let token = format!("{}{n}", if hand_on { "h" } else { "w" });
+                let far = Timestamp(T0 + 600_000);
                 let mut got = Vec::new();
                 let mut idle = 0;
                 while idle < 50 {
@@ -1153,24 +1110,24 @@ pub async fn completions_hand_leases_on_within_the_cap(s: Store) {
                         continue;
                     }
                     idle = 0;
-                    let k = mine.len() as i64;
-                    peak.fetch_max(held.fetch_add(k, Ordering::SeqCst) + k, Ordering::SeqCst);
+                    up(&held, &peak, mine.len() as i64);
                     while let Some(c) = mine.pop() {
                         tokio::task::yield_now().await;
                         held.fetch_sub(1, Ordering::SeqCst);
                         let done = finish(&c, &token, Outcome::Succeeded, HealthPolicy::default());
+                        got.push(c.delivery_id);
+                        if !hand_on {
+                            assert!(s.complete_delivery(done, now).await.unwrap());
+                            continue;
+                        }
                         let out = s
-                            .complete_and_hand_on(vec![done], now, Some(until))
+                            .complete_and_hand_on(vec![done], now, Some(far))
                             .await
                             .unwrap();
                         let (ok, next) = out.into_iter().next().unwrap();
                         assert!(ok);
-                        got.push(c.delivery_id);
                         if let Some(next) = next {
-                            peak.fetch_max(
-                                held.fetch_add(1, Ordering::SeqCst) + 1,
-                                Ordering::SeqCst,
-                            );
+                            up(&held, &peak, 1);
                             mine.push(next);
                         }
                     }
