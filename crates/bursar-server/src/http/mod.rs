@@ -100,6 +100,10 @@ pub fn router(state: AppState) -> Router {
         api = api.route(op.route(), routes::operations::create(op.clone()));
     }
     api.route_layer(from_fn(context::record_route))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::webhooks::relay::wake_on_write,
+        ))
         .with_state(state)
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::document()))
         .layer(DefaultBodyLimit::max(body_limit))

@@ -26,6 +26,9 @@ pub struct Webhooks {
     pub client: reqwest::Client,
     /// Woken by the relay after a fan-out, so the worker does not wait for its poll.
     pub relayed: Notify,
+    /// Woken after a write request of this process succeeded (it may have committed events),
+    /// so the relay does not wait for its poll (`relay::wake_on_write`).
+    pub committed: Notify,
 }
 
 impl std::fmt::Debug for Webhooks {
@@ -54,6 +57,7 @@ impl Webhooks {
             policy,
             client,
             relayed: Notify::new(),
+            committed: Notify::new(),
         })
     }
 

@@ -77,13 +77,43 @@ pub async fn relay_once(state: &AppState) -> bursar_storage::Result<usize> {
     Ok(events.len())
 }
 
-/// Runs until the task is dropped; a failed pass is logged and retried after a pause.
+/// After a wake-up, the relay waits this long before its pass, so that under a stream of
+/// writes its passes come at most about this often: each pass holds SQLite's one writer, which
+/// payments and creates need too, and a pass per write would take it from them.
+const WAKE_FLOOR: std::time::Duration = std::time::Duration::from_millis(12);
+
+/// Middleware: a successful write request (`POST`, `PATCH`, `DELETE` …) may have committed
+/// events; it wakes this process's relay, which otherwise finds them at its next poll. Events
+/// committed elsewhere (another instance, the completer, the worker) wait for the poll.
+pub async fn wake_on_write(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let writes = !req.method().is_safe();
+    let resp = next.run(req).await;
+    if writes && resp.status().is_success() {
+        state.webhooks.committed.notify_one();
+    }
+    resp
+}
+
+/// Runs until the task is dropped; a failed pass is logged and retried after a pause. Between
+/// passes it waits for the poll interval or, sooner, for a write of this process
+/// ([`wake_on_write`]).
 pub async fn run(state: AppState) {
     let idle = state.webhooks.poll_interval();
     loop {
         match relay_once(&state).await {
             Ok(n) if n == BATCH as usize => continue,
-            Ok(_) => tokio::time::sleep(idle).await,
+            Ok(_) => {
+                tokio::select! {
+                    () = tokio::time::sleep(idle) => {}
+                    () = state.webhooks.committed.notified() => {
+                        tokio::time::sleep(WAKE_FLOOR.min(idle)).await;
+                    }
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "event relay pass failed; will retry");
                 tokio::time::sleep(idle * 20).await;

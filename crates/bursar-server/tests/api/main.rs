@@ -83,6 +83,7 @@ api_suite!(
     a_refusing_receiver_loses_no_event,
     fifo_endpoints_receive_each_order_in_version_order,
     webhook_endpoints_are_guarded_scoped_and_rotate,
+    a_write_wakes_the_relay_before_its_poll,
     many_workers_send_each_delivery_once,
     sse_resumes_from_the_log_then_goes_live,
     a_revoked_or_expired_key_ends_its_streams,

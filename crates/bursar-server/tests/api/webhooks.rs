@@ -1564,3 +1564,31 @@ pub async fn delivered_deliveries_are_purged_after_retention(app: &TestApp) {
     assert_eq!(events_of_type(&app.a, "order.created").await.len(), 3);
     app.stop().await;
 }
+
+/// A write wakes this process's relay: with the poll an hour long, a created customer's event
+/// is still sequenced (and listed by the events API) right after the create, not an hour later.
+pub async fn a_write_wakes_the_relay_before_its_poll(app: &TestApp) {
+    let (mut config, dir) = crate::harness::test_config(app.backend).unwrap();
+    config.webhooks.poll_interval_ms = 3_600_000;
+    let slow = TestApp::start_with(
+        app.backend,
+        config,
+        dir,
+        Arc::new(SystemClock),
+        bursar_server::services::operations::Operations::default(),
+    )
+    .await;
+    // The relay's first pass runs at start; let it go to sleep before the write.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    slow.customer(&slow.a).await;
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = all_event_ids(&slow.a, "customer.created").await;
+        if !listed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(listed.len(), 1, "the relay was not woken by the create");
+    slow.stop().await;
+}
