@@ -1185,13 +1185,13 @@ impl PostgresStore {
 }
 
 /// Plain successes, all at once, for the deliveries whose endpoint this statement finds in full
-/// health (`Health::default()`, spelled in SQL by `healthy`): each one whose lease is still the
-/// completion's is marked succeeded, and each one's attempt is recorded (`lease_lost` where the
-/// lease was not held, as `COMPLETE` records it). `plain` finds the batch's rows by their keys
-/// first (`OFFSET 0` keeps the planner from starting at the endpoints, which probed an index
-/// once per endpoint and id: 2 ms of a 7 ms statement). Unlike `COMPLETE`, `plain` takes no row lock:
-/// in one statement a lock on a row that `owned` updates would skip it. The attempts' foreign
-/// key checks lock the deliveries they name.
+/// health (`endpoint_healthy!`): each one whose lease is still the completion's is marked
+/// succeeded, and each one's attempt is recorded (`lease_lost` where the lease was not held, as
+/// `COMPLETE` records it). `plain` finds the batch's rows by their keys first (`OFFSET 0` keeps
+/// the planner from starting at the endpoints, which probed an index once per endpoint and id:
+/// 2 ms of a 7 ms statement). Unlike `COMPLETE`, `plain` takes no row lock: in one statement a
+/// lock on a row that `owned` updates would skip it. The attempts' foreign key checks lock the
+/// deliveries they name.
 ///
 /// With `$10` (a lease's end) given, each held success hands its lease on (`handed`): the
 /// endpoint's oldest due deliveries, as many as it had held successes here and FIFO respected
@@ -1200,7 +1200,8 @@ impl PostgresStore {
 /// atomic statement), so a claim counting its room never sees a slot that is about to be
 /// taken, and no endpoint lock is needed; two takers of one delivery are kept apart by
 /// `SKIP LOCKED` and by the re-check of a row updated meanwhile. Only an enabled endpoint
-/// with a closed circuit and no more live leases than its cap hands anything on.
+/// (in full health, as `plain` found it) with no more live leases than its cap hands anything
+/// on.
 ///
 /// Rows: each delivery taken (`after` NULL), with whether its lease was held; then each
 /// delivery handed on, as a claim returns it, with the delivery it follows (`after`).
@@ -1215,9 +1216,9 @@ const COMPLETE_PLAIN: &str = concat!(
      plain AS MATERIALIZED (\
        SELECT d.id, d.endpoint_id \
        FROM (SELECT id, endpoint_id FROM webhook_deliveries WHERE id = ANY($1) OFFSET 0) d \
-       JOIN webhook_endpoints ep ON ep.id = d.endpoint_id \
-       WHERE ep.first_failure_at IS NULL AND ep.consecutive_failures = 0 \
-         AND ep.circuit_state <> 'open' AND ep.circuit_open_until IS NULL), \
+       JOIN webhook_endpoints ep ON ep.id = d.endpoint_id WHERE ",
+    bursar_storage::endpoint_healthy!("ep"),
+    "), \
      owned AS (\
        UPDATE webhook_deliveries d SET state = 'succeeded', lease_token = NULL, \
               lease_expires_at = NULL, last_status = v.status_code, last_error = v.error_kind, \
@@ -1239,8 +1240,7 @@ const COMPLETE_PLAIN: &str = concat!(
      slots AS (\
        SELECT f.endpoint_id, count(*) AS k FROM freed f \
        JOIN webhook_endpoints ep ON ep.id = f.endpoint_id \
-       WHERE ep.enabled AND ep.circuit_state <> 'open' \
-         AND (SELECT count(*) FROM webhook_deliveries l WHERE l.endpoint_id = ep.id \
+       WHERE ep.enabled AND (SELECT count(*) FROM webhook_deliveries l WHERE l.endpoint_id = ep.id \
               AND l.state = 'in_flight' AND l.lease_expires_at >= $9) <= ep.max_concurrency \
        GROUP BY f.endpoint_id), \
      next AS MATERIALIZED (\

@@ -301,6 +301,25 @@ pub struct Health {
     pub circuit_open_until: Option<Timestamp>,
 }
 
+/// SQL: endpoint `$ep` is in full health (its columns equal [`Health::default`]), spelled
+/// here beside the struct so the two cannot drift; a statement that writes plain successes
+/// (see [`plain_successes`]) without reading the endpoint first checks it with this.
+#[macro_export]
+macro_rules! endpoint_healthy {
+    ($ep:literal) => {
+        concat!(
+            $ep,
+            ".first_failure_at IS NULL AND ",
+            $ep,
+            ".consecutive_failures = 0 AND ",
+            $ep,
+            ".circuit_state <> 'open' AND ",
+            $ep,
+            ".circuit_open_until IS NULL"
+        )
+    };
+}
+
 /// What one finished attempt does to its endpoint (see [`Health::after`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthChange {

@@ -64,4 +64,9 @@ impl Webhooks {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.config.poll_interval_ms.max(1))
     }
+
+    /// How long a claimed or handed-on delivery is leased for.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.config.lease_secs.max(1))
+    }
 }

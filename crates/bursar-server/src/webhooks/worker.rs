@@ -63,7 +63,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
         }
         let token = uuid::Uuid::new_v4().simple().to_string();
         let now = state.clock.now();
-        let lease = Duration::from_secs(hooks.config.lease_secs.max(1));
+        let lease = hooks.lease();
         let lease_until = Timestamp(now.0 + millis(lease));
         let limit = u32::try_from(free.min(64)).unwrap_or(64);
         let started = Instant::now();
@@ -189,7 +189,7 @@ async fn complete_batches(
     freed: Arc<tokio::sync::Notify>,
     stop: watch::Receiver<bool>,
 ) {
-    let lease = Duration::from_secs(state.webhooks.config.lease_secs.max(1));
+    let lease = state.webhooks.lease();
     let mut batch = Vec::with_capacity(COMPLETION_BATCH);
     while queued.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
         let (cs, waiting): (Vec<Completion>, Vec<_>) = batch
