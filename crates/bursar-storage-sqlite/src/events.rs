@@ -12,8 +12,8 @@ use bursar_storage::events::{
     render_body, state, type_matches,
 };
 use bursar_storage::{NewEvent, PageRequest, Result, StorageError};
-use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
 
 use crate::writer::WriteTx;
 use crate::{SqliteStore, err};
@@ -194,21 +194,25 @@ async fn append_operational(
     Ok(())
 }
 
-impl SqliteStore {
-    async fn delivery_by_id(&self, account: AccountId, id: i64) -> Result<Delivery> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            delivery_cols!(),
-            " FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
+/// A delivery with its event's type, read on `conn`: the writer, when the read must see what a
+/// write just left and nothing committed after it.
+async fn delivery_by_id(
+    conn: &mut SqliteConnection,
+    account: AccountId,
+    id: i64,
+) -> Result<Delivery> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        delivery_cols!(),
+        " FROM webhook_deliveries d JOIN outbox_events e ON e.event_id = d.event_id \
              WHERE d.account_id = ? AND d.id = ?"
-        ))
-        .bind(account)
-        .bind(id)
-        .fetch_one(&mut *self.writer.lock().await?)
-        .await
-        .map_err(err)?;
-        delivery(&row)
-    }
+    ))
+    .bind(account)
+    .bind(id)
+    .fetch_one(conn)
+    .await
+    .map_err(err)?;
+    delivery(&row)
 }
 
 /// An outbox row read for sequencing, its object rendered, waiting for its number.
@@ -683,6 +687,7 @@ impl EventLogStore for SqliteStore {
         event_id: &str,
         now: Timestamp,
     ) -> Result<Delivery> {
+        let mut writer = self.writer.lock().await?;
         let id: Option<i64> = sqlx::query_scalar(concat!(
             "INSERT INTO webhook_deliveries (account_id, endpoint_id, event_id, state, \
              next_attempt_at, created_at, updated_at, aggregate_key, event_seq) \
@@ -705,11 +710,12 @@ impl EventLogStore for SqliteStore {
         .bind(endpoint_id)
         .bind(account)
         .bind(event_id)
-        .fetch_optional(&mut *self.writer.lock().await?)
+        .fetch_optional(&mut *writer)
         .await
         .map_err(err)?;
-        self.delivery_by_id(account, id.ok_or(StorageError::NotFound)?)
-            .await
+        // Read under the same hold of the writer: a completion committed between the upsert
+        // and a later read would answer its outcome, as if this call had queued the delivery.
+        delivery_by_id(&mut writer, account, id.ok_or(StorageError::NotFound)?).await
     }
 
     async fn claim_deliveries(

@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             fifo_endpoints_get_one_aggregate_at_a_time_in_order,
             a_gone_receiver_disables_its_endpoint,
             concurrent_workers_never_claim_one_delivery_twice,
+            a_redelivery_answers_what_it_wrote,
             published_events_leave_the_backlog,
             events_sequenced_as_published_skip_the_backlog,
             claims_never_exceed_an_endpoints_concurrency,

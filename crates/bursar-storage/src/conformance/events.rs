@@ -763,6 +763,55 @@ pub async fn concurrent_workers_never_claim_one_delivery_twice(s: Store) {
     assert_eq!((all.len(), distinct.len()), (200, 200));
 }
 
+/// A redelivery racing the completion of the attempt in flight answers with the state its own
+/// write left: in flight (not queued, the attempt under way) or pending (queued). Never the
+/// outcome the completion recorded just after it, which would tell the caller its redelivery
+/// was queued when it was not.
+pub async fn a_redelivery_answers_what_it_wrote(s: Store) {
+    let a = account(&s, "a").await;
+    let e = s
+        .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    customer(&s, a).await;
+    let event_id = sequence_all(&s, &ids()).await[0].event_id.clone();
+    for round in 0..40 {
+        let now = Timestamp(T0 + round * 10_000);
+        let token = format!("r{round}");
+        let claimed = s
+            .claim_deliveries(now, Timestamp(now.0 + 5_000), &token, 1)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1, "round {round}");
+        let done = Completion {
+            delivery_id: claimed[0].delivery_id,
+            lease_token: token,
+            attempt: attempt(&claimed[0], Some(200), None),
+            outcome: Outcome::Succeeded,
+            policy: HealthPolicy::default(),
+        };
+        let (completer, redeliverer) = (s.clone(), s.clone());
+        let completed =
+            tokio::spawn(async move { completer.complete_delivery(done, now).await.unwrap() });
+        let event = event_id.clone();
+        let answered =
+            tokio::spawn(async move { redeliverer.redeliver(a, e.id, &event, now).await.unwrap() });
+        assert!(completed.await.unwrap());
+        let answered = answered.await.unwrap();
+        let after = &s.list_deliveries(a, e.id, page(10, None)).await.unwrap()[0];
+        match answered.state.as_str() {
+            // Queued: the completion came first and the delivery is due again.
+            "pending" => assert_eq!(after.state, "pending", "round {round}"),
+            // Not queued: the attempt was still in flight; the completion then finished it.
+            "in_flight" => {
+                assert_eq!(after.state, "succeeded", "round {round}");
+                s.redeliver(a, e.id, &event_id, now).await.unwrap();
+            }
+            other => panic!("round {round}: a redelivery answered {other:?}"),
+        }
+    }
+}
+
 pub async fn published_events_leave_the_backlog(s: Store) {
     let (a, b) = (account(&s, "a").await, account(&s, "b").await);
     let ca = customer(&s, a).await;
