@@ -42,9 +42,10 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
     let idle = hooks.poll_interval();
     // Ends by itself once the last send holding a sender has finished.
     let (completions, queued) = mpsc::unbounded_channel();
-    // Fired after each recorded batch: their endpoints have room again. With more sends
-    // allowed than the endpoints' caps add up to, a claim can come back empty while
-    // permits are free; it then waits for this, not only for new events or the poll.
+    // Fired after a recorded batch that ended a lease without handing it on: its endpoint
+    // has room again. With more sends allowed than the endpoints' caps add up to, a claim can
+    // come back empty while permits are free; it then waits for this, not only for new events
+    // or the poll.
     let freed = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(complete_batches(
         state.clone(),
@@ -207,11 +208,16 @@ async fn complete_batches(
                 .complete_and_hand_on(cs.clone(), now, hand_on_until)
         })
         .await;
+        // Whether an endpoint may have room it did not have before the batch. Each lease
+        // handed on ends one and starts one, so a batch that handed every lease on freed no
+        // room, and a claim now (most of a backlog's claims, measured) would come back empty.
+        let mut room = true;
         match result {
             Ok(held) => {
                 // How often a send followed another without a claim (`GET /metrics`).
                 let handed = held.iter().filter(|(_, next)| next.is_some()).count();
                 metrics::counter!("webhook_handed_on_total").increment(handed as u64);
+                room = handed < held.len();
                 for ((_, reply), (held, next)) in waiting.into_iter().zip(held) {
                     let done = (held, next.map(|n| (n, asked + lease)));
                     if let Err(Ok((_, Some((next, _))))) = reply.send(Ok(done)) {
@@ -239,7 +245,9 @@ async fn complete_batches(
                 }
             }
         }
-        freed.notify_one();
+        if room {
+            freed.notify_one();
+        }
     }
 }
 
