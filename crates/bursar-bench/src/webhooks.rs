@@ -144,6 +144,11 @@ struct Fixed {
     send_ms: Vec<u64>,
     /// The worker's claim latency as Bursar's `/metrics` summarised it after the phase.
     claims: Option<String>,
+    /// PostgreSQL only: checkpoints the server started during the fixed-rate phases (each
+    /// begins right after a forced one). A checkpoint's full-page writes slow every
+    /// write that follows it, so a window that holds one is not comparable with one that
+    /// does not.
+    checkpoints: Option<i64>,
 }
 
 /// What the phases of a run share.
@@ -213,7 +218,11 @@ impl Run<'_> {
     /// database.
     async fn fixed_rate(&self, f: &mut Fixed) -> Result<()> {
         let endpoints = self.add_endpoints().await?;
+        let before = self.db.checkpoint().await;
         let paced = paced_creates(self.hooked, self.args.event_rate, self.settings).await?;
+        if let (Some(before), Some(after)) = (before, self.db.checkpoints().await) {
+            *f.checkpoints.get_or_insert(0) += after - before;
+        }
         f.offered += paced.offered;
         f.offered_measured += paced.offered_measured;
         f.window += self.settings.duration;
@@ -766,6 +775,40 @@ impl Db {
         Ok(Db::Postgres(url.to_owned()))
     }
 
+    /// PostgreSQL: forces a checkpoint, so that the window after it starts with none under
+    /// way, and answers the server's count of checkpoints then; `None` on SQLite, or when
+    /// the role may not checkpoint (superuser or `pg_checkpoint`), said once on stderr.
+    async fn checkpoint(&self) -> Option<i64> {
+        let Db::Postgres(url) = self else { return None };
+        let forced = async {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+            conn.close().await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = forced.await {
+            eprintln!("  (no checkpoint before the window: {e:#})");
+            return None;
+        }
+        self.checkpoints().await
+    }
+
+    /// PostgreSQL: checkpoints started since the server's statistics were reset.
+    async fn checkpoints(&self) -> Option<i64> {
+        let Db::Postgres(url) = self else { return None };
+        let counted = async {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            let n: i64 = sqlx::query_scalar(
+                "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            conn.close().await?;
+            anyhow::Ok(n)
+        };
+        counted.await.ok()
+    }
+
     /// For every first attempt of the deliveries of orders `lo..=hi` (ms): request →
     /// sequenced, sequenced → attempt started, the attempt's send. Bursar stores times as
     /// Unix milliseconds of its clock: the request's time (`outbox_events.created_at`), the
@@ -912,6 +955,12 @@ fn report(args: &Args, r: &mut Results) -> ExitCode {
 
     if let Some(claims) = &f.claims {
         println!("{claims}");
+    }
+    if let Some(n) = f.checkpoints {
+        println!(
+            "checkpoints started by PostgreSQL during the fixed-rate phases (warm-up \
+             included; each began right after a forced one): {n}"
+        );
     }
 
     println!();
