@@ -35,7 +35,7 @@ struct Subscribers {
 
 pub async fn run(args: &Args) -> Result<ExitCode> {
     let bin = args.bursar_bin.as_deref().context("no --bursar-bin")?;
-    let (_scratch, flags) = bursar::store(args.backend, args.database_url.as_deref()).await?;
+    let (scratch, flags) = bursar::store(args.backend, args.database_url.as_deref()).await?;
     // One connection per stream; the pool must not make requests wait for each other.
     let client = Client::builder()
         .http1_only()
@@ -48,7 +48,10 @@ pub async fn run(args: &Args) -> Result<ExitCode> {
     let target = Arc::new(targets.into_iter().next().context("one target")?);
     let result = measure(args, &target, pid).await;
     server.kill().await?;
+    // The store goes with the run (on PostgreSQL a database of its own, left behind before).
+    let removed = scratch.remove().await;
     let report = result?;
+    removed?;
     println!("{report}");
     Ok(if report.complete() {
         ExitCode::SUCCESS
