@@ -1201,27 +1201,44 @@ async fn capped_workers(s: &Store, name: &str, hand_on: bool) {
 
 /// For a backend that hands leases on (PostgreSQL): two held successes at an endpoint with a
 /// cap of 2 hand both leases on, to the two oldest due deliveries, and a claim then finds no
-/// room (the generic case above accepts a backend that hands nothing on).
+/// room though a fifth is still due (the generic case above accepts a backend that hands
+/// nothing on).
 pub async fn successes_hand_their_leases_on(s: Store) {
     let a = account(&s, "a").await;
     let ep = s
         .create_endpoint(a, endpoint_capped(&["*"], 2), Timestamp(T0))
         .await
         .unwrap();
-    for _ in 0..3 {
+    for _ in 0..5 {
         customer(&s, a).await;
     }
     sequence_all(&s, &ids()).await;
     let (now, lease) = (Timestamp(T0), Timestamp(T0 + 1_000));
     let first = s.claim_deliveries(now, lease, "A", 10).await.unwrap();
+    assert_eq!(first.len(), 2, "the cap: {first:?}");
     let cs = first
         .iter()
         .map(|c| finish(c, "A", Outcome::Succeeded, HealthPolicy::default()))
         .collect();
     let out = s.complete_and_hand_on(cs, now, Some(lease)).await.unwrap();
-    let handed: Vec<_> = out.iter().filter_map(|(_, next)| next.as_ref()).collect();
-    assert_eq!(handed.len(), 1, "one due delivery left to hand on: {out:?}");
-    assert_eq!(handed[0].endpoint_id, ep.id);
+    let mut handed: Vec<i64> = out
+        .iter()
+        .filter_map(|(_, next)| next.as_ref())
+        .inspect(|n| assert_eq!((n.endpoint_id, n.attempt_no), (ep.id, 1)))
+        .map(|n| n.delivery_id)
+        .collect();
+    handed.sort_unstable();
+    // The two oldest of the three still due: the third and fourth deliveries fanned out.
+    let mut all: Vec<i64> = s
+        .list_deliveries(a, ep.id, page(10, None))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    all.sort_unstable();
+    assert_eq!(handed, all[2..4], "{out:?}");
+    // Two leases live at a cap of 2: the fifth, due, is not claimed.
     assert!(
         s.claim_deliveries(now, lease, "B", 10)
             .await
