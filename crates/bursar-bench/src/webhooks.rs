@@ -218,9 +218,9 @@ impl Run<'_> {
     /// database.
     async fn fixed_rate(&self, f: &mut Fixed) -> Result<()> {
         let endpoints = self.add_endpoints().await?;
-        let before = self.db.checkpoint().await;
+        let before = self.db.checkpoints(true).await;
         let paced = paced_creates(self.hooked, self.args.event_rate, self.settings).await?;
-        if let (Some(before), Some(after)) = (before, self.db.checkpoints().await) {
+        if let (Some(before), Some(after)) = (before, self.db.checkpoints(false).await) {
             *f.checkpoints.get_or_insert(0) += after - before;
         }
         f.offered += paced.offered;
@@ -775,29 +775,17 @@ impl Db {
         Ok(Db::Postgres(url.to_owned()))
     }
 
-    /// PostgreSQL: forces a checkpoint, so that the window after it starts with none under
-    /// way, and answers the server's count of checkpoints then; `None` on SQLite, or when
-    /// the role may not checkpoint (superuser or `pg_checkpoint`), said once on stderr.
-    async fn checkpoint(&self) -> Option<i64> {
-        let Db::Postgres(url) = self else { return None };
-        let forced = async {
-            let mut conn = sqlx::PgConnection::connect(url).await?;
-            sqlx::query("CHECKPOINT").execute(&mut conn).await?;
-            conn.close().await?;
-            anyhow::Ok(())
-        };
-        if let Err(e) = forced.await {
-            eprintln!("  (no checkpoint before the window: {e:#})");
-            return None;
-        }
-        self.checkpoints().await
-    }
-
-    /// PostgreSQL: checkpoints started since the server's statistics were reset.
-    async fn checkpoints(&self) -> Option<i64> {
+    /// PostgreSQL: the server's count of checkpoints started, after forcing one first if
+    /// `force` (so that the window after it starts with none under way). `None` on SQLite, or
+    /// when the count cannot be read or the role may not checkpoint (superuser or
+    /// `pg_checkpoint`; said on stderr).
+    async fn checkpoints(&self, force: bool) -> Option<i64> {
         let Db::Postgres(url) = self else { return None };
         let counted = async {
             let mut conn = sqlx::PgConnection::connect(url).await?;
+            if force {
+                sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+            }
             let n: i64 = sqlx::query_scalar(
                 "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter",
             )
@@ -806,7 +794,10 @@ impl Db {
             conn.close().await?;
             anyhow::Ok(n)
         };
-        counted.await.ok()
+        counted
+            .await
+            .inspect_err(|e| eprintln!("  (checkpoints not counted: {e:#})"))
+            .ok()
     }
 
     /// For every first attempt of the deliveries of orders `lo..=hi` (ms): request →
