@@ -64,7 +64,8 @@ struct Args {
     /// baseline), order creates, then pays orders created earlier (create with capture false,
     /// then capture: one op) through the sandbox processor running inside `bursar serve`.
     /// `webhooks`: Bursar only, webhook fan-out of `order.created` to local receivers: order
-    /// creates at a fixed rate (commit-to-delivery latency, every delivery checked), then
+    /// creates at a fixed rate (commit-to-delivery latency, every delivery checked, and the
+    /// deliveries that arrived inside the measured window against those offered), then
     /// closed-loop creates on an account without endpoints and on one with them (creates/s
     /// ratio, deliveries/s).
     /// `live`: Bursar only, `--subscribers` SSE streams on one instance, then `--events`

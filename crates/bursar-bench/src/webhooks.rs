@@ -125,6 +125,10 @@ struct Fixed {
     /// Create latencies (send → 201) of the measured windows, µs.
     create_us: Vec<u64>,
     errors: u64,
+    /// Deliveries that arrived inside the measured windows, whatever event they were of: with
+    /// the windows, whether the fan-out kept up with the offered rate (a median alone cannot
+    /// tell a backlog that grew from the start from one that a single stall left).
+    window_deliveries: u64,
     /// Commit-to-delivery latencies of measured events: each receiver-event pair, and each
     /// event until its last receiver had it, µs; [`LATE`] for those never delivered.
     pair_us: Vec<u64>,
@@ -228,7 +232,7 @@ impl Run<'_> {
         f.window += self.settings.duration;
         f.errors += paced.errors;
         f.create_us.extend(&paced.create_us);
-        let mut tally = Tally::new(self.args.receivers, None);
+        let mut tally = Tally::new(self.args.receivers, Some(paced.window));
         for c in &paced.created {
             tally.expect(c.order, Some(c.at), c.measured);
         }
@@ -250,6 +254,7 @@ impl Run<'_> {
         f.pair_us.extend(std::iter::repeat_n(LATE, pairs));
         f.all_us.extend(std::iter::repeat_n(LATE, events));
         f.delivered += tally.delivered;
+        f.window_deliveries += tally.window_deliveries;
         f.missing += tally.missing();
         // Deliveries still arriving at the deadline: a backlog rather than a loss.
         let arriving = tally
@@ -618,9 +623,10 @@ struct Created {
     measured: bool,
 }
 
-#[derive(Default)]
 struct Paced {
     created: Vec<Created>,
+    /// The measured window (after the warm-up).
+    window: (Instant, Instant),
     offered: u64,
     offered_measured: u64,
     create_us: Vec<u64>,
@@ -638,7 +644,14 @@ async fn paced_creates(t: &Arc<Target>, rate: u32, s: load::Settings) -> Result<
     let mut ticks = tokio::time::interval_at(start, period);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut tasks = JoinSet::new();
-    let mut p = Paced::default();
+    let mut p = Paced {
+        created: Vec::new(),
+        window: (warm_end.into_std(), end.into_std()),
+        offered: 0,
+        offered_measured: 0,
+        create_us: Vec::new(),
+        errors: 0,
+    };
     loop {
         let tick = ticks.tick().await;
         if tick >= end {
@@ -922,6 +935,12 @@ fn report(args: &Args, r: &mut Results) -> ExitCode {
         f.offered_measured,
         f.offered,
         args.drain_secs
+    );
+    let offered = f64::from(rate) * f64::from(recv);
+    println!(
+        "arrived during the measured windows: {:.0} deliveries/s of {offered:.0}/s offered \
+         ({rate} creates/s × {recv} receivers); fewer means a backlog grew in the window",
+        per_sec(f.window_deliveries, f.window)
     );
     if f.duplicates > 0 || f.early > 0 {
         println!(
