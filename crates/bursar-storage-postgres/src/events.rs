@@ -928,7 +928,8 @@ impl EventLogStore for PostgresStore {
             return Ok(held.into_iter().map(|h| (h, None)).collect());
         }
         let all: Vec<&Completion> = cs.iter().collect();
-        let mut plain = complete_plain(&self.pool, &all, now, hand_on_until).await?;
+        let on = (&self.completions, Sessions::Completions);
+        let mut plain = complete_plain(on, &all, now, hand_on_until).await?;
         let rest: Vec<Completion> = cs
             .iter()
             .filter(|c| !plain.taken.contains_key(&c.delivery_id))
@@ -1155,7 +1156,9 @@ impl PostgresStore {
             .filter(|(_, p)| **p)
             .map(|(c, _)| c)
             .collect();
-        let taken = complete_plain(&mut *tx, &together, now, None).await?.taken;
+        let taken = complete_plain((&mut *tx, Sessions::Shared), &together, now, None)
+            .await?
+            .taken;
         let one_by_one: Vec<i64> = cs
             .iter()
             .filter(|c| !taken.contains_key(&c.delivery_id))
@@ -1283,10 +1286,20 @@ struct Plain {
     handed: std::collections::HashMap<i64, ClaimedDelivery>,
 }
 
-/// Runs `COMPLETE_PLAIN` for `cs` on `executor` (a transaction, or the pool: one statement is
+/// Which sessions a statement runs on, and so how it may be planned.
+#[derive(Clone, Copy)]
+enum Sessions {
+    /// `PostgresStore::completions`: prepared once, with a generic plan that reads through
+    /// indexes whatever the tables' sizes (`completion_sessions`).
+    Completions,
+    /// The shared pool: planned with its arguments on every call (`planned_each_call`).
+    Shared,
+}
+
+/// Runs `COMPLETE_PLAIN` for `cs` on `executor` (a transaction, or a pool: one statement is
 /// atomic on its own), handing leases on until `hand_on_until` if given.
 async fn complete_plain<'e, E>(
-    executor: E,
+    (executor, sessions): (E, Sessions),
     cs: &[&Completion],
     now: Timestamp,
     hand_on_until: Option<Timestamp>,
@@ -1299,20 +1312,23 @@ where
     }
     let col = |f: fn(&Completion) -> Option<i64>| cs.iter().map(|c| f(c)).collect::<Vec<_>>();
     let text = |f: fn(&Completion) -> Option<String>| cs.iter().map(|c| f(c)).collect::<Vec<_>>();
-    let rows = planned_each_call(COMPLETE_PLAIN)
-        .bind(col(|c| Some(c.delivery_id)))
-        .bind(text(|c| Some(c.lease_token.clone())))
-        .bind(col(|c| Some(c.attempt.attempt_no)))
-        .bind(col(|c| c.attempt.status_code))
-        .bind(col(|c| Some(c.attempt.duration_ms)))
-        .bind(text(|c| c.attempt.error_kind.clone()))
-        .bind(text(|c| c.attempt.response_snippet.clone()))
-        .bind(col(|c| Some(c.attempt.created_at.0)))
-        .bind(now.0)
-        .bind(hand_on_until.map(|t| t.0))
-        .fetch_all(executor)
-        .await
-        .map_err(err)?;
+    let rows = match sessions {
+        Sessions::Completions => sqlx::query(COMPLETE_PLAIN),
+        Sessions::Shared => planned_each_call(COMPLETE_PLAIN),
+    }
+    .bind(col(|c| Some(c.delivery_id)))
+    .bind(text(|c| Some(c.lease_token.clone())))
+    .bind(col(|c| Some(c.attempt.attempt_no)))
+    .bind(col(|c| c.attempt.status_code))
+    .bind(col(|c| Some(c.attempt.duration_ms)))
+    .bind(text(|c| c.attempt.error_kind.clone()))
+    .bind(text(|c| c.attempt.response_snippet.clone()))
+    .bind(col(|c| Some(c.attempt.created_at.0)))
+    .bind(now.0)
+    .bind(hand_on_until.map(|t| t.0))
+    .fetch_all(executor)
+    .await
+    .map_err(err)?;
     let mut plain = Plain::default();
     for r in &rows {
         match r.try_get::<Option<i64>, _>("after").map_err(err)? {
@@ -1513,4 +1529,60 @@ async fn recent_attempts(
         attempts: row.try_get("n").map_err(err)?,
         failures: row.try_get("failed").map_err(err)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PostgresOptions;
+
+    /// The completer's sessions make their plan of `COMPLETE_PLAIN` while the tables are empty
+    /// (a fresh schema), as a server that starts on a new database does, and the plan still
+    /// reads every table through an index: a sequential scan planned then would read the
+    /// whole deliveries table for every batch once it has grown.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_completion_plan_reads_through_indexes_even_made_on_empty_tables() {
+        let Some(url) = bursar_storage::conformance::postgres_test_url() else {
+            return;
+        };
+        let opts = PostgresOptions {
+            max_connections: 2,
+            schema: Some(format!("t_{}", uuid::Uuid::new_v4().simple())),
+            ..Default::default()
+        };
+        let store = PostgresStore::open(&url, &opts).await.unwrap();
+        let mut conn = store.completions.acquire().await.unwrap();
+        for (setting, value) in [
+            ("enable_seqscan", "off"),
+            ("plan_cache_mode", "force_generic_plan"),
+        ] {
+            let shown: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {setting}")))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            assert_eq!(shown, value, "{setting} on the completer's sessions");
+        }
+        let prepare = format!(
+            "PREPARE complete_plain (bigint[], text[], bigint[], bigint[], bigint[], text[], \
+             text[], bigint[], bigint, bigint) AS {COMPLETE_PLAIN}"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(
+            "EXPLAIN EXECUTE complete_plain('{1}', '{token}', '{1}', '{204}', '{3}', '{NULL}', \
+             '{NULL}', '{0}', 0, 90000)",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        sqlx::raw_sql("DEALLOCATE complete_plain")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains("webhook_deliveries"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "a sequential scan:\n{plan}");
+    }
 }
