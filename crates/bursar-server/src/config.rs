@@ -35,7 +35,8 @@ request_timeout_ms = 30000
 shutdown_grace_ms = 10000
 
 [database]
-# Pool size (PostgreSQL) or read-pool size capped at 8 (SQLite, which always has one writer).
+# Pool size (PostgreSQL, plus up to 2 sessions of the webhook worker's completer) or
+# read-pool size capped at 8 (SQLite, which always has one writer).
 max_connections = 16
 # How long a request waits for a pooled connection before 503 service_unavailable.
 acquire_timeout_ms = 5000

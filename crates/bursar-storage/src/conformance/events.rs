@@ -925,6 +925,29 @@ fn endpoint_capped(types: &[&str], max_concurrency: i64) -> NewEndpoint {
     }
 }
 
+/// Account `a` with one endpoint for every event, capped at 2, and five deliveries to it,
+/// fanned out: the account, the endpoint, and the deliveries' ids, oldest first.
+async fn five_due_at_a_cap_of_two(s: &Store) -> (i64, Endpoint, Vec<i64>) {
+    let a = account(s, "a").await;
+    let ep = s
+        .create_endpoint(a, endpoint_capped(&["*"], 2), Timestamp(T0))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        customer(s, a).await;
+    }
+    sequence_all(s, &ids()).await;
+    let mut all: Vec<i64> = s
+        .list_deliveries(a, ep.id, page(100, None))
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    all.sort_unstable();
+    (a, ep, all)
+}
+
 /// A policy whose breaker never opens (for cases about something else).
 fn no_breaker() -> HealthPolicy {
     HealthPolicy {
@@ -987,23 +1010,7 @@ pub async fn claims_never_exceed_an_endpoints_concurrency(s: Store) {
 /// cap, each delivery going out once. A backend may hand nothing on (the default); every check
 /// below holds either way.
 pub async fn completions_hand_leases_on_within_the_cap(s: Store) {
-    let a = account(&s, "a").await;
-    let ep = s
-        .create_endpoint(a, endpoint_capped(&["*"], 2), Timestamp(T0))
-        .await
-        .unwrap();
-    for _ in 0..5 {
-        customer(&s, a).await;
-    }
-    sequence_all(&s, &ids()).await;
-    let mut all: Vec<i64> = s
-        .list_deliveries(a, ep.id, page(100, None))
-        .await
-        .unwrap()
-        .iter()
-        .map(|d| d.id)
-        .collect();
-    all.sort_unstable();
+    let (a, ep, all) = five_due_at_a_cap_of_two(&s).await;
     let (now, lease, until) = (Timestamp(T0), Timestamp(T0 + 1_000), Timestamp(T0 + 5_000));
     let first = s.claim_deliveries(now, lease, "A", 10).await.unwrap();
     assert_eq!(
@@ -1204,15 +1211,7 @@ async fn capped_workers(s: &Store, name: &str, hand_on: bool) {
 /// room though a fifth is still due (the generic case above accepts a backend that hands
 /// nothing on).
 pub async fn successes_hand_their_leases_on(s: Store) {
-    let a = account(&s, "a").await;
-    let ep = s
-        .create_endpoint(a, endpoint_capped(&["*"], 2), Timestamp(T0))
-        .await
-        .unwrap();
-    for _ in 0..5 {
-        customer(&s, a).await;
-    }
-    sequence_all(&s, &ids()).await;
+    let (_, ep, all) = five_due_at_a_cap_of_two(&s).await;
     let (now, lease) = (Timestamp(T0), Timestamp(T0 + 1_000));
     let first = s.claim_deliveries(now, lease, "A", 10).await.unwrap();
     assert_eq!(first.len(), 2, "the cap: {first:?}");
@@ -1229,14 +1228,6 @@ pub async fn successes_hand_their_leases_on(s: Store) {
         .collect();
     handed.sort_unstable();
     // The two oldest of the three still due: the third and fourth deliveries fanned out.
-    let mut all: Vec<i64> = s
-        .list_deliveries(a, ep.id, page(10, None))
-        .await
-        .unwrap()
-        .iter()
-        .map(|d| d.id)
-        .collect();
-    all.sort_unstable();
     assert_eq!(handed, all[2..4], "{out:?}");
     // Two leases live at a cap of 2: the fifth, due, is not claimed.
     assert!(
