@@ -1536,21 +1536,26 @@ mod tests {
     use super::*;
     use crate::PostgresOptions;
 
+    /// A store on a schema of its own, or `None` when no PostgreSQL server is configured.
+    async fn fresh_store() -> Option<PostgresStore> {
+        let url = bursar_storage::conformance::postgres_test_url()?;
+        let opts = PostgresOptions {
+            max_connections: 2,
+            schema: Some(format!("t_{}", uuid::Uuid::new_v4().simple())),
+            ..Default::default()
+        };
+        Some(PostgresStore::open(&url, &opts).await.unwrap())
+    }
+
     /// The completer's sessions make their plan of `COMPLETE_PLAIN` while the tables are empty
     /// (a fresh schema), as a server that starts on a new database does, and the plan still
     /// reads every table through an index: a sequential scan planned then would read the
     /// whole deliveries table for every batch once it has grown.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_completion_plan_reads_through_indexes_even_made_on_empty_tables() {
-        let Some(url) = bursar_storage::conformance::postgres_test_url() else {
+        let Some(store) = fresh_store().await else {
             return;
         };
-        let opts = PostgresOptions {
-            max_connections: 2,
-            schema: Some(format!("t_{}", uuid::Uuid::new_v4().simple())),
-            ..Default::default()
-        };
-        let store = PostgresStore::open(&url, &opts).await.unwrap();
         let mut conn = store.completions.acquire().await.unwrap();
         for (setting, value) in [
             ("enable_seqscan", "off"),
@@ -1584,5 +1589,56 @@ mod tests {
         let plan = plan.join("\n");
         assert!(plan.contains("webhook_deliveries"), "{plan}");
         assert!(!plan.contains("Seq Scan"), "a sequential scan:\n{plan}");
+    }
+
+    /// Tenant rows take no lock on their account's row (migration 0013, ADR 0008): every write
+    /// of an account used to key-share lock that one row, and the checks cost a third of
+    /// PostgreSQL's time under payments. Only the tables written at account set-up still
+    /// name the account in a key, and nothing names an event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tenant_rows_lock_nothing_of_their_account() {
+        let Some(store) = fresh_store().await else {
+            return;
+        };
+        let referencing = |table: &'static str| {
+            sqlx::query_scalar::<_, String>(
+                "SELECT conrelid::regclass::text FROM pg_constraint \
+                 WHERE contype = 'f' AND confrelid = $1::regclass ORDER BY 1",
+            )
+            .bind(table)
+            .fetch_all(&store.pool)
+        };
+        assert_eq!(
+            referencing("accounts").await.unwrap(),
+            ["api_keys", "webhook_endpoints"]
+        );
+        assert!(referencing("outbox_events").await.unwrap().is_empty());
+
+        let account: i64 = sqlx::query_scalar(
+            "INSERT INTO accounts (name, created_at) VALUES ('a', 0) RETURNING id",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        let mut writer = store.pool.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
+             aggregate_version, payload, request_id, trace_id, created_at) \
+             VALUES ($1, 'order.created', 'order', 1, 1, '{}', 'req', 'trace', 0)",
+        )
+        .bind(account)
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+        // With a key to `accounts`, the insert above holds a KEY SHARE lock on the row until
+        // it commits, and this would fail at once.
+        let mut other = store.pool.begin().await.unwrap();
+        sqlx::query("SELECT id FROM accounts WHERE id = $1 FOR UPDATE NOWAIT")
+            .bind(account)
+            .execute(&mut *other)
+            .await
+            .expect("the account row is not locked by its tenant's write");
+        other.rollback().await.unwrap();
+        writer.rollback().await.unwrap();
     }
 }
