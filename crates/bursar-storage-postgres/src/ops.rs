@@ -10,8 +10,8 @@ use bursar_storage::{
     Begun, IdempotencyClaim, Lease, LeasedOperation, OperationStore, Result, StorageError,
     StoredResponse, WriteMeta, decode,
 };
-use sqlx::Row;
 use sqlx::postgres::PgRow;
+use sqlx::{Postgres, Row, Transaction};
 
 use bursar_storage::operations::fenced_unless_one;
 
@@ -66,34 +66,12 @@ impl OperationStore for PostgresStore {
         first: Option<FirstPhase>,
     ) -> Result<Begun> {
         let mut tx = self.write_tx().await?;
+        let mut fresh = claim_key(&mut tx, meta, claim, request, lease_until).await?;
         // Only a finished record expires (an unfinished one's expiry is the largest integer).
-        clear_expired_key(&mut tx, meta, &claim.key).await?;
-        let fresh = sqlx::query(concat!(
-            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
-             response_status, response_headers, response_body, created_at, expires_at, \
-             recovery_point, phase_state, fence, locked_until, last_run_at, attempts, \
-             request_body, request_id, trace_id) \
-             VALUES ($1, $2, $3, $4, $5, 0, '[]', ''::bytea, $6, $7, $8, '{}', 1, $9, $10, 1, \
-             $11, $12, $13) \
-             ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING RETURNING ",
-            leased_cols!()
-        ))
-        .bind(meta.account_id)
-        .bind(&claim.key)
-        .bind(&claim.method)
-        .bind(&claim.route)
-        .bind(&claim.fingerprint)
-        .bind(meta.at.0)
-        .bind(i64::MAX)
-        .bind(STARTED)
-        .bind(lease_until.0)
-        .bind(meta.at.0)
-        .bind(request)
-        .bind(&meta.request_id)
-        .bind(&meta.trace_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(err)?;
+        // An expired record counts as absent: it goes, and the key is claimed anew.
+        if fresh.is_none() && clear_expired_key(&mut tx, meta, &claim.key).await? {
+            fresh = claim_key(&mut tx, meta, claim, request, lease_until).await?;
+        }
         // Not new: take the work over if it is this request's and its lease has lapsed.
         let row = match fresh {
             Some(row) => Some(row),
@@ -264,4 +242,41 @@ impl OperationStore for PostgresStore {
         tx.commit().await.map_err(err)?;
         rows.iter().map(leased).collect()
     }
+}
+
+/// Inserts `claim`'s record as new work leased until `lease_until`; `None` if the key has a
+/// record already (live or expired).
+async fn claim_key(
+    tx: &mut Transaction<'static, Postgres>,
+    meta: &WriteMeta,
+    claim: &IdempotencyClaim,
+    request: &[u8],
+    lease_until: Timestamp,
+) -> Result<Option<PgRow>> {
+    sqlx::query(concat!(
+        "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
+         response_status, response_headers, response_body, created_at, expires_at, \
+         recovery_point, phase_state, fence, locked_until, last_run_at, attempts, \
+         request_body, request_id, trace_id) \
+         VALUES ($1, $2, $3, $4, $5, 0, '[]', ''::bytea, $6, $7, $8, '{}', 1, $9, $10, 1, \
+         $11, $12, $13) \
+         ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING RETURNING ",
+        leased_cols!()
+    ))
+    .bind(meta.account_id)
+    .bind(&claim.key)
+    .bind(&claim.method)
+    .bind(&claim.route)
+    .bind(&claim.fingerprint)
+    .bind(meta.at.0)
+    .bind(i64::MAX)
+    .bind(STARTED)
+    .bind(lease_until.0)
+    .bind(meta.at.0)
+    .bind(request)
+    .bind(&meta.request_id)
+    .bind(&meta.trace_id)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(err)
 }
