@@ -370,25 +370,30 @@ async fn follow_order(
     (from, to): (&str, &str),
     settled_minor: i64,
 ) -> Result<()> {
+    // The order's event is written by the same statement, its payload built from the updated
+    // row (`order_json!`, as group-committed creates do): one round trip instead of two in
+    // the transaction that records a payment, a capture or a refund.
     let sql = concat!(
-        "UPDATE orders SET status = $1, version = version + 1, updated_at = $2 \
-         WHERE account_id = $3 AND id = $4 AND status = $5 AND amount_minor = $6 RETURNING ",
-        order_cols!()
+        "WITH o AS (UPDATE orders SET status = $1, version = version + 1, updated_at = $2 \
+         WHERE account_id = $3 AND id = $4 AND status = $5 AND amount_minor = $6 RETURNING *) \
+         INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
+         aggregate_version, payload, request_id, trace_id, created_at) \
+         SELECT account_id, 'order.' || status, 'order', id, version, ",
+        order_json!(),
+        ", $7, $8, $2 FROM o"
     );
-    let row: Option<crate::OrderRow> = sqlx::query_as(sql)
+    sqlx::query(sql)
         .bind(to)
         .bind(meta.at.0)
         .bind(meta.account_id)
         .bind(order_id)
         .bind(from)
         .bind(settled_minor)
-        .fetch_optional(&mut **tx)
+        .bind(&meta.request_id)
+        .bind(&meta.trace_id)
+        .execute(&mut **tx)
         .await
         .map_err(err)?;
-    if let Some(row) = row {
-        let o = row.into_record()?;
-        append_event(tx, meta, NewEvent::for_order(o.status.as_str(), &o)).await?;
-    }
     Ok(())
 }
 
