@@ -545,12 +545,27 @@ impl PostgresStore {
         respond: OrderResponder,
     ) -> Result<Idempotent> {
         let mut tx = self.write_tx().await?;
+        // Only keys that came back from the batch as taken come here, so the expired record
+        // is cleared first (inserting first would only add a statement here).
+        clear_expired_key(&mut tx, meta, &claim.key).await?;
         // A concurrent claimer of the same key waits here until the first commits (then takes
         // the conflict path and sees the finished record) or rolls back (then claims it).
-        let mut claimed = claim_plain_key(&mut tx, meta, claim).await?;
-        if claimed.is_none() && clear_expired_key(&mut tx, meta, &claim.key).await? {
-            claimed = claim_plain_key(&mut tx, meta, claim).await?;
-        }
+        let claimed: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
+             response_status, response_headers, response_body, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, 0, '[]', ''::bytea, $6, $7) \
+             ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING RETURNING id",
+        )
+        .bind(meta.account_id)
+        .bind(&claim.key)
+        .bind(&claim.method)
+        .bind(&claim.route)
+        .bind(&claim.fingerprint)
+        .bind(meta.at.0)
+        .bind(claim.expires_at.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(err)?;
         let Some(key_id) = claimed else {
             let existing = find_key(&mut *tx, meta.account_id, &claim.key).await?;
             return existing
@@ -760,9 +775,9 @@ fn written_row(written: Written<PgRow>) -> Result<PgRow> {
 }
 
 /// Deletes `key`'s record if it has expired (an expired record counts as absent), so the key
-/// can be claimed anew in the same transaction; whether it did. Called only after a claim
-/// found the key taken: most claims are of new keys, and running it first cost every one of
-/// them a statement that deleted nothing.
+/// can be claimed anew in the same transaction; whether it did. Phased work calls it only
+/// after its claim found the key taken: most of those claims are of new keys, and clearing
+/// first cost each a statement that deleted nothing.
 async fn clear_expired_key(
     tx: &mut Transaction<'static, Postgres>,
     meta: &WriteMeta,
@@ -779,31 +794,6 @@ async fn clear_expired_key(
     .await
     .map_err(err)?;
     Ok(done.rows_affected() > 0)
-}
-
-/// Inserts the record of a keyed create (one transaction, no phases); its id, or `None` if
-/// the key has a record already (live or expired).
-async fn claim_plain_key(
-    tx: &mut Transaction<'static, Postgres>,
-    meta: &WriteMeta,
-    claim: &IdempotencyClaim,
-) -> Result<Option<i64>> {
-    sqlx::query_scalar(
-        "INSERT INTO idempotency_keys (account_id, idem_key, method, route, fingerprint, \
-         response_status, response_headers, response_body, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, 0, '[]', ''::bytea, $6, $7) \
-         ON CONFLICT ON CONSTRAINT idempotency_keys_account_key DO NOTHING RETURNING id",
-    )
-    .bind(meta.account_id)
-    .bind(&claim.key)
-    .bind(&claim.method)
-    .bind(&claim.route)
-    .bind(&claim.fingerprint)
-    .bind(meta.at.0)
-    .bind(claim.expires_at.0)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(err)
 }
 
 /// Reads one idempotency record (expired or not) inside a transaction or on the pool.
