@@ -112,16 +112,23 @@ const KEYED_ORDERS: &str = concat!(
 /// Ids for `$1` orders from the table's identity sequence.
 const ORDER_IDS: &str =
     "SELECT nextval(pg_get_serial_sequence('orders', 'id')) FROM generate_series(1, $1)";
+/// Ids for `$1` payments from the table's identity sequence.
+const PAYMENT_IDS: &str =
+    "SELECT nextval(pg_get_serial_sequence('payments', 'id')) FROM generate_series(1, $1)";
 
-/// Order ids drawn ahead of the keyed creates that need them (their responses are rendered
-/// before the write). Drawing per batch would cost a round trip — and, every 32 values, a WAL
-/// flush for the sequence — per batch; drawing ahead amortises both. Ids held longer than
-/// [`OrderIds::MAX_AGE`] are dropped (a gap in the sequence, which ids never promised to
+/// Ids of one table drawn ahead of the writes that need them (their responses are rendered
+/// before the write: keyed creates, and a payment's record written in one statement).
+/// Drawing per write would cost a round trip — and, every 32 values, a WAL flush for the
+/// sequence — per write; drawing ahead amortises both. Ids held longer than
+/// [`DrawnIds::MAX_AGE`] are dropped (a gap in the sequence, which ids never promised to
 /// lack), so an id is never more than that out of step with creation order. The draw size
 /// adapts: it doubles while every drawn id is used in time and halves when some expire, so
 /// light traffic draws one id at a time and leaves no gaps.
-#[derive(Default)]
-pub struct OrderIds(std::sync::Mutex<IdState>);
+pub struct DrawnIds {
+    state: std::sync::Mutex<IdState>,
+    /// `ORDER_IDS` or `PAYMENT_IDS`.
+    draw: &'static str,
+}
 
 #[derive(Default)]
 struct IdState {
@@ -130,18 +137,32 @@ struct IdState {
     size: usize,
 }
 
-impl OrderIds {
+impl DrawnIds {
     const MAX_AGE: std::time::Duration = std::time::Duration::from_millis(500);
     const MAX_DRAW: usize = 256;
 
+    pub fn orders() -> DrawnIds {
+        DrawnIds {
+            state: std::sync::Mutex::default(),
+            draw: ORDER_IDS,
+        }
+    }
+
+    pub fn payments() -> DrawnIds {
+        DrawnIds {
+            state: std::sync::Mutex::default(),
+            draw: PAYMENT_IDS,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, IdState> {
-        self.0
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `n` fresh ids, in increasing order.
-    async fn take(&self, pool: &PgPool, n: usize) -> Result<Vec<i64>, StorageError> {
+    pub async fn take(&self, pool: &PgPool, n: usize) -> Result<Vec<i64>, StorageError> {
         let draw = {
             let mut st = self.lock();
             let stale = st.drawn_at.is_some_and(|t| t.elapsed() > Self::MAX_AGE);
@@ -160,7 +181,7 @@ impl OrderIds {
             }
             st.size.max(n)
         };
-        let mut fresh: Vec<i64> = sqlx::query_scalar(ORDER_IDS)
+        let mut fresh: Vec<i64> = sqlx::query_scalar(self.draw)
             .bind(i64::try_from(draw).unwrap_or(i64::MAX))
             .fetch_all(pool)
             .await
@@ -178,7 +199,7 @@ impl OrderIds {
 
 pub struct PgCreates {
     pub pool: PgPool,
-    pub ids: OrderIds,
+    pub ids: DrawnIds,
 }
 
 impl PgCreates {

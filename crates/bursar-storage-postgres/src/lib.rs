@@ -46,6 +46,9 @@ pub struct PostgresStore {
     completions: PgPool,
     /// Creates go through group commit (see `batch`).
     creates: GroupCommit<batch::PgCreates>,
+    /// Payment ids drawn ahead: a payment's record is one statement whose stored response
+    /// names the payment, so its id is known before the write (`money::record_payment`).
+    payment_ids: batch::DrawnIds,
 }
 
 /// A statement planned with its arguments on every call instead of once per connection.
@@ -136,7 +139,7 @@ impl PostgresStore {
         let creates = GroupCommit::spawn(
             batch::PgCreates {
                 pool: pool.clone(),
-                ids: batch::OrderIds::default(),
+                ids: batch::DrawnIds::orders(),
             },
             batch::MAX_BATCH,
             batch::STATEMENT_BYTES,
@@ -146,6 +149,7 @@ impl PostgresStore {
             pool,
             completions,
             creates,
+            payment_ids: batch::DrawnIds::payments(),
         })
     }
 

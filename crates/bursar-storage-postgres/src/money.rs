@@ -1,13 +1,17 @@
 //! PostgreSQL's side of payments, refunds, the ledger and conversions (`bursar_storage::money`).
 //! Every command is one READ COMMITTED transaction whose step's fenced `UPDATE` is its last
-//! statement. No writer lock serialises commands as SQLite's `BEGIN IMMEDIATE` does, so each
-//! rule is checked under the row lock of what it guards: a refund's reservation is one
-//! conditional `UPDATE` of the payment, a conversion locks its quote and the balances it
-//! moves before checking them.
+//! statement, except a payment's record: one statement whose fenced step gates every write.
+//! No writer lock serialises commands as SQLite's `BEGIN IMMEDIATE` does, so each rule is
+//! checked under the row lock of what it guards: a refund's reservation is one conditional
+//! `UPDATE` of the payment, a conversion locks its quote and the balances it moves before
+//! checking them.
 //!
 //! Lock order, the same in every command, so concurrent commands wait instead of
 //! deadlocking: the payment, refund or quote first; then the balance rows, sorted by
 //! (currency, ledger account) bytewise; then the order; the idempotency record last.
+//! The one exception, a payment's record (one statement, its step first), locks its own
+//! idempotency record first: only the same work's claim and takeovers touch that row, and
+//! they lock it first too (then, at most, the order), so no cycle can form through it.
 
 use std::collections::BTreeMap;
 
@@ -295,26 +299,48 @@ async fn post_entries(
     if entries.is_empty() {
         return Ok(());
     }
-    // $1 account, $2 shard, $3 at, $4 reference type, $5 reference id, $6–$8 the balance
-    // moves; then per entry its kind and its postings' three arrays.
-    let mut sql = String::from("WITH ");
-    for n in 0..entries.len() {
-        let p = 9 + 4 * n;
-        if n > 0 {
+    let sql = format!(
+        "WITH {} {}",
+        entry_parts(entries.len(), FIRST_ENTRY_PARAM, None),
+        balance_upsert(None)
+    );
+    // Only fixed fragments and parameter numbers go into the text; every value is bound.
+    let q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    let q = bind_entries(q, account, entries, (reference, shard), at);
+    bind_entry_rows(q, entries)
+        .execute(&mut **tx)
+        .await
+        .map_err(err)?;
+    Ok(())
+}
+
+/// The first of the entries' parameters in [`entry_parts`]: `$1` account, `$2` shard, `$3`
+/// at, `$4` reference type, `$5` reference id and `$6`–`$8` the balance moves come before
+/// them ([`bind_entries`]).
+const FIRST_ENTRY_PARAM: usize = 9;
+
+/// `e0 AS (…), p0 AS (…), …`: each of `n` entries with its postings as data-modifying `WITH`
+/// parts, its kind and postings' three arrays from `$first` on, four parameters an entry.
+/// After the first, an entry is inserted from the one before: PostgreSQL runs the parts of a
+/// statement in no set order, and this makes ids follow the entries. The first is inserted
+/// once per row of `gate` when given (none when the gate is empty).
+fn entry_parts(n: usize, first: usize, gate: Option<&str>) -> String {
+    let mut sql = String::new();
+    for k in 0..n {
+        let p = first + 4 * k;
+        if k > 0 {
             sql.push_str(", ");
         }
-        // After the first, an entry is inserted from the one before: PostgreSQL runs the
-        // parts of a statement in no set order, and this makes ids follow the entries.
-        let after = if n == 0 {
-            String::new()
-        } else {
-            format!(" FROM e{}", n - 1)
+        let from = match (k, gate) {
+            (0, None) => String::new(),
+            (0, Some(gate)) => format!(" FROM {gate}"),
+            _ => format!(" FROM e{}", k - 1),
         };
         sql.push_str(&format!(
-            "e{n} AS (INSERT INTO journal_entries (account_id, kind, reference_type, \
-             reference_id, created_at) SELECT $1, ${p}, $4, $5, $3{after} RETURNING id), \
-             p{n} AS (INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
-             amount_minor) SELECT e{n}.id, $1, p.l, p.c, p.m FROM e{n}, \
+            "e{k} AS (INSERT INTO journal_entries (account_id, kind, reference_type, \
+             reference_id, created_at) SELECT $1, ${p}, $4, $5, $3{from} RETURNING id), \
+             p{k} AS (INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
+             amount_minor) SELECT e{k}.id, $1, p.l, p.c, p.m FROM e{k}, \
              unnest(${}::text[], ${}::text[], ${}::bigint[]) WITH ORDINALITY AS p (l, c, m, n) \
              ORDER BY p.n)",
             p + 1,
@@ -322,29 +348,54 @@ async fn post_entries(
             p + 3
         ));
     }
-    sql.push_str(
-        " INSERT INTO balances (account_id, ledger_account, currency, shard, amount_minor, \
+    sql
+}
+
+/// The balance upsert of the moves `$6`–`$8` on shard `$2`, locking the rows in the sorted
+/// order of the moves; only if `gate` has a row, when given.
+fn balance_upsert(gate: Option<&str>) -> String {
+    let gated = gate.map_or(String::new(), |g| {
+        format!(" WHERE EXISTS (SELECT 1 FROM {g})")
+    });
+    format!(
+        "INSERT INTO balances (account_id, ledger_account, currency, shard, amount_minor, \
          updated_at) SELECT $1, m.l, m.c, $2, m.a, $3 \
-         FROM unnest($6::text[], $7::text[], $8::bigint[]) WITH ORDINALITY AS m (c, l, a, n) \
+         FROM unnest($6::text[], $7::text[], $8::bigint[]) WITH ORDINALITY AS m (c, l, a, n){gated} \
          ORDER BY m.n \
          ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
          amount_minor = balances.amount_minor + EXCLUDED.amount_minor, \
-         updated_at = EXCLUDED.updated_at",
-    );
+         updated_at = EXCLUDED.updated_at"
+    )
+}
+
+/// Binds `$1`–`$8` of [`entry_parts`] and [`balance_upsert`]; the entries' own parameters
+/// follow ([`bind_entry_rows`]), from [`FIRST_ENTRY_PARAM`] on unless others come between.
+fn bind_entries<'q>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    account: AccountId,
+    entries: &[Entry],
+    (reference, shard): ((&'q str, i64), i16),
+    at: Timestamp,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
     let moves = balance_moves(entries);
     let currencies: Vec<&str> = moves.keys().map(|(c, _)| *c).collect();
     let accounts: Vec<&str> = moves.keys().map(|(_, l)| *l).collect();
     let minors: Vec<i64> = moves.values().copied().collect();
-    // Only fixed fragments and parameter numbers go into the text; every value is bound.
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(account)
+    q.bind(account)
         .bind(shard)
         .bind(at.0)
         .bind(reference.0)
         .bind(reference.1)
         .bind(currencies)
         .bind(accounts)
-        .bind(minors);
+        .bind(minors)
+}
+
+/// Binds each entry's kind and postings' three arrays, in order (see [`entry_parts`]).
+fn bind_entry_rows<'q>(
+    mut q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    entries: &[Entry],
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
     for entry in entries {
         let postings = entry.postings();
         let accounts: Vec<&str> = postings.iter().map(|p| p.ledger_account.as_str()).collect();
@@ -356,8 +407,7 @@ async fn post_entries(
             .bind(currencies)
             .bind(minors);
     }
-    q.execute(&mut **tx).await.map_err(err)?;
-    Ok(())
+    q
 }
 
 /// Moves the payment's order from `from` to `to` (with its `order.<to>` event) when the
@@ -524,6 +574,12 @@ impl MoneyStore for PostgresStore {
         tx.commit().await.map_err(err)
     }
 
+    /// One statement, in autocommit: the step's fenced `UPDATE` comes first, and every other
+    /// part writes once per row it returns, so a fenced step writes nothing at all. The
+    /// payment's id is drawn ahead (`payment_ids`), so its response and event are rendered
+    /// before the write. The parts run in no set order, so each that must follow another
+    /// reads it: the entries follow the payment (their ids in order), the order's event
+    /// follows the payment's (their `seq`s in order).
     async fn record_payment(
         &self,
         meta: &WriteMeta,
@@ -531,33 +587,31 @@ impl MoneyStore for PostgresStore {
         new: NewPayment,
         respond: Responder<Payment>,
     ) -> Result<Payment> {
-        let mut tx = self.write_tx().await?;
-        let (code, message) = new.failure.clone().unzip();
-        let row = sqlx::query(concat!(
-            "INSERT INTO payments (account_id, order_id, operation_id, processor_id, \
-             payment_method, amount_minor, currency, status, captured_minor, failure_code, \
-             failure_message, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
-            payment_cols!()
-        ))
-        .bind(meta.account_id)
-        .bind(new.order_id)
-        .bind(step.lease.record_id)
-        .bind(&new.processor_id)
-        .bind(&new.payment_method)
-        .bind(new.amount.minor)
-        .bind(new.amount.currency.code())
-        .bind(new.status.as_str())
-        .bind(new.captured_minor)
-        .bind(code)
-        .bind(message)
-        .bind(meta.at.0)
-        .bind(meta.at.0)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(err)?;
-        let p = payment(&row)?;
-        let reference = ("payment", p.id);
+        let StepEnd::Finish { expires_at } = step.end else {
+            return Err(StorageError::Internal(
+                "a payment's record finishes its work".into(),
+            ));
+        };
+        let id = self.payment_ids.take(&self.pool, 1).await?[0];
+        let (failure_code, failure_message) = new.failure.unzip();
+        let p = Payment {
+            id,
+            account_id: meta.account_id,
+            order_id: new.order_id,
+            processor_id: new.processor_id,
+            payment_method: new.payment_method,
+            amount: new.amount,
+            status: new.status,
+            captured_minor: new.captured_minor,
+            refunded_minor: 0,
+            failure_code,
+            failure_message,
+            version: 1,
+            created_at: meta.at,
+            updated_at: meta.at,
+        };
+        let response = respond(&p);
+        let event = NewEvent::for_recorded_payment(&p);
         // Both entries in one posting, so their balances are locked in the one order.
         let mut entries = Vec::new();
         if p.status != PaymentStatus::Failed {
@@ -566,23 +620,93 @@ impl MoneyStore for PostgresStore {
         if p.status == PaymentStatus::Succeeded {
             entries.push(Entry::capture(p.amount, p.captured_minor));
         }
-        post_entries(
-            &mut tx,
+        // $1–$8 as `bind_entries`, then the step ($9–$18), the payment ($19–$27), its event
+        // ($28–$33), and the entries from $34.
+        let mut sql = String::from(
+            "WITH step AS (UPDATE idempotency_keys SET recovery_point = $12, \
+             phase_state = $13, response_status = $14, response_headers = $15, \
+             response_body = $16, resource_id = $5, locked_until = NULL, last_run_at = $17, \
+             expires_at = $18 WHERE id = $9 AND fence = $10 AND recovery_point = $11 \
+             RETURNING id), \
+             pay AS (INSERT INTO payments (id, account_id, order_id, operation_id, \
+             processor_id, payment_method, amount_minor, currency, status, captured_minor, \
+             failure_code, failure_message, created_at, updated_at) OVERRIDING SYSTEM VALUE \
+             SELECT $5, $1, $19, $9, $20, $21, $22, $23, $24, $25, $26, $27, $3, $3 FROM step \
+             RETURNING id), \
+             ev AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+             SELECT $1, $28, $33, $5, $29, $30::jsonb, $31, $32, $3 FROM pay RETURNING id)",
+        );
+        if !entries.is_empty() {
+            sql.push_str(&format!(
+                ", {}, bal AS ({})",
+                entry_parts(entries.len(), 34, Some("pay")),
+                balance_upsert(Some("pay"))
+            ));
+        }
+        match p.status {
+            PaymentStatus::Failed => sql.push_str(
+                ", rel AS (UPDATE orders SET payment_operation_id = NULL \
+                 WHERE account_id = $1 AND id = $19 AND payment_operation_id = $9 \
+                 AND EXISTS (SELECT 1 FROM pay))",
+            ),
+            PaymentStatus::Succeeded => sql.push_str(&format!(
+                concat!(
+                    ", o AS (UPDATE orders SET status = '{to}', version = version + 1, \
+                     updated_at = $3 WHERE account_id = $1 AND id = $19 AND status = '{from}' \
+                     AND amount_minor = $25 AND EXISTS (SELECT 1 FROM ev) RETURNING *), \
+                     oe AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+                     aggregate_id, aggregate_version, payload, request_id, trace_id, \
+                     created_at) SELECT account_id, 'order.' || status, 'order', id, version, ",
+                    order_json!(),
+                    ", $31, $32, $3 FROM o)"
+                ),
+                from = PAID.0,
+                to = PAID.1
+            )),
+            PaymentStatus::RequiresCapture | PaymentStatus::Canceled => {}
+        }
+        sql.push_str(" SELECT count(*) FROM step");
+        // Only fixed fragments and parameter numbers go into the text; every value is bound.
+        let q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let q = bind_entries(
+            q,
             meta.account_id,
             &entries,
-            (reference, shard_of(step.lease.record_id)),
+            (("payment", p.id), shard_of(step.lease.record_id)),
             meta.at,
         )
-        .await?;
-        append_event(&mut tx, meta, NewEvent::for_recorded_payment(&p)).await?;
-        if p.status == PaymentStatus::Failed {
-            release_order(&mut tx, meta.account_id, p.order_id, step.lease.record_id).await?;
-        }
-        if p.status == PaymentStatus::Succeeded {
-            follow_order(&mut tx, meta, p.order_id, PAID, p.captured_minor).await?;
-        }
-        commit_step(&mut tx, step, Some(&respond(&p)), p.id).await?;
-        tx.commit().await.map_err(err)?;
+        .bind(step.lease.record_id)
+        .bind(step.lease.fence)
+        .bind(&step.from)
+        .bind(FINISHED)
+        .bind(&step.state)
+        .bind(i32::from(response.status))
+        .bind(decode::headers_json(&response.headers))
+        .bind(&response.body)
+        .bind(step.now.0)
+        .bind(expires_at.0)
+        .bind(p.order_id)
+        .bind(&p.processor_id)
+        .bind(&p.payment_method)
+        .bind(p.amount.minor)
+        .bind(p.amount.currency.code())
+        .bind(p.status.as_str())
+        .bind(p.captured_minor)
+        .bind(&p.failure_code)
+        .bind(&p.failure_message)
+        .bind(&event.event_type)
+        .bind(event.aggregate_version)
+        .bind(&event.payload)
+        .bind(&meta.request_id)
+        .bind(&meta.trace_id)
+        .bind(event.aggregate_type);
+        let stepped: i64 = bind_entry_rows(q, &entries)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err)?
+            .get(0);
+        fenced_unless_one(u64::try_from(stepped).unwrap_or(0))?;
         Ok(p)
     }
 

@@ -10,7 +10,7 @@ use super::*;
 
 const T0: i64 = 1_700_000_000_000;
 
-fn ids() -> impl Fn() -> String + Send + Sync {
+pub(super) fn ids() -> impl Fn() -> String + Send + Sync {
     let n = AtomicU64::new(0);
     let run = uuid_free_run_id();
     move || format!("evt_{run}_{}", n.fetch_add(1, Ordering::Relaxed))
@@ -34,7 +34,7 @@ fn endpoint(types: &[&str]) -> NewEndpoint {
 }
 
 /// Sequences everything committed so far.
-async fn sequence_all(s: &Store, new_id: &dyn EventRenderer) -> Vec<LoggedEvent> {
+pub(super) async fn sequence_all(s: &Store, new_id: &dyn EventRenderer) -> Vec<LoggedEvent> {
     let mut all = Vec::new();
     loop {
         let batch = s

@@ -263,6 +263,19 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
     let order_events = s.events_for(a, "order", o.id).await.unwrap();
     let types: Vec<&str> = order_events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["order.created", "order.paid"]);
+    // The payment's event comes before the order's move it caused, in the account's sequence
+    // (also where a backend writes both in one statement).
+    let mut logged = super::events::sequence_all(&s, &super::events::ids()).await;
+    logged.sort_by_key(|e| e.seq);
+    let caused: Vec<&str> = logged
+        .iter()
+        .filter(|e| {
+            e.account_id == a
+                && (e.event_type == "order.paid" || e.event_type.starts_with("payment."))
+        })
+        .map(|e| e.event_type.as_str())
+        .collect();
+    assert_eq!(caused, ["payment.succeeded", "order.paid"]);
     // The move's event carries the order as it now stands, in its serde form (a backend may
     // build the payload in SQL).
     let paid = s.get_order(a, o.id).await.unwrap().unwrap();
