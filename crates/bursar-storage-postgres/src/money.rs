@@ -1,6 +1,7 @@
 //! PostgreSQL's side of payments, refunds, the ledger and conversions (`bursar_storage::money`).
 //! Every command is one READ COMMITTED transaction whose step's fenced `UPDATE` is its last
-//! statement, except a payment's record: one statement whose fenced step gates every write.
+//! statement, or whose last statement starts with it and gates every write on it (a
+//! payment's record, which is that one statement alone, and a capture's).
 //! No writer lock serialises commands as SQLite's `BEGIN IMMEDIATE` does, so each rule is
 //! checked under the row lock of what it guards: a refund's reservation is one conditional
 //! `UPDATE` of the payment, a conversion locks its quote and the balances it moves before
@@ -566,6 +567,142 @@ async fn try_reserve(
     row.as_ref().map(payment).transpose()
 }
 
+/// What a finishing statement does to the payment's order.
+#[derive(Clone, Copy)]
+enum OrderMove {
+    /// Nothing.
+    Stay,
+    /// Pending to paid (with `order.paid`) if the payment captured the order's whole amount.
+    Follow,
+    /// The order's claim by this work goes (the payment failed).
+    Release,
+}
+
+/// One statement that finishes a payment's work: the step's fenced `UPDATE` first, storing
+/// the response; then, as data-modifying `WITH` parts that write once per row the step
+/// returns (so a fenced step writes nothing at all), the payment's insert when `insert`, its
+/// event, its `entries` with their postings and balance moves, and the order's `order` move
+/// with its event. PostgreSQL runs a statement's parts in no set order, so a part that must
+/// follow another reads it: the entries follow the payment (their ids in order) and the
+/// order's event follows the payment's (their `seq`s in order). Returns the step's row count.
+///
+/// Parameters ([`finishing`]): `$1`–`$8` as [`bind_entries`] (the payment as the
+/// reference); the step `$9`–`$18`; the order `$19` and the captured amount `$20`; the
+/// payment's event `$21`–`$26`; then, when `insert`, the payment's other columns `$27`–`$33`;
+/// then the entries (four each).
+fn finishing_statement(insert: bool, entries: usize, order: OrderMove) -> String {
+    let gate = if insert { "pay" } else { "step" };
+    let mut sql = String::from(
+        "WITH step AS (UPDATE idempotency_keys SET recovery_point = $12, phase_state = $13, \
+         response_status = $14, response_headers = $15, response_body = $16, resource_id = $5, \
+         locked_until = NULL, last_run_at = $17, expires_at = $18 \
+         WHERE id = $9 AND fence = $10 AND recovery_point = $11 RETURNING id)",
+    );
+    if insert {
+        sql.push_str(
+            ", pay AS (INSERT INTO payments (id, account_id, order_id, operation_id, \
+             processor_id, payment_method, amount_minor, currency, status, captured_minor, \
+             failure_code, failure_message, created_at, updated_at) OVERRIDING SYSTEM VALUE \
+             SELECT $5, $1, $19, $9, $27, $28, $29, $30, $31, $20, $32, $33, $3, $3 FROM step \
+             RETURNING id)",
+        );
+    }
+    sql.push_str(&format!(
+        ", ev AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+         aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+         SELECT $1, $21, $26, $5, $22, $23::jsonb, $24, $25, $3 FROM {gate} RETURNING id)"
+    ));
+    if entries > 0 {
+        let first = if insert { 34 } else { 27 };
+        sql.push_str(&format!(
+            ", {}, bal AS ({})",
+            entry_parts(entries, first, Some(gate)),
+            balance_upsert(Some(gate))
+        ));
+    }
+    match order {
+        OrderMove::Stay => {}
+        OrderMove::Release => sql.push_str(&format!(
+            ", rel AS (UPDATE orders SET payment_operation_id = NULL \
+             WHERE account_id = $1 AND id = $19 AND payment_operation_id = $9 \
+             AND EXISTS (SELECT 1 FROM {gate}))"
+        )),
+        OrderMove::Follow => sql.push_str(&format!(
+            concat!(
+                ", o AS (UPDATE orders SET status = '{to}', version = version + 1, \
+                 updated_at = $3 WHERE account_id = $1 AND id = $19 AND status = '{from}' \
+                 AND amount_minor = $20 AND EXISTS (SELECT 1 FROM ev) RETURNING *), \
+                 oe AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+                 aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+                 SELECT account_id, 'order.' || status, 'order', id, version, ",
+                order_json!(),
+                ", $24, $25, $3 FROM o)"
+            ),
+            from = PAID.0,
+            to = PAID.1
+        )),
+    }
+    sql.push_str(" SELECT count(*) FROM step");
+    sql
+}
+
+/// A [`finishing_statement`] (`insert`, `order`) for payment `p` with `$1`–`$26` bound; the
+/// caller binds the payment's columns (an insert) and runs it ([`run_finishing`]).
+fn finishing<'q>(
+    (insert, order): (bool, OrderMove),
+    (meta, step): (&'q WriteMeta, &'q Step),
+    p: &Payment,
+    entries: &[Entry],
+    (response, event): (&'q StoredResponse, &'q NewEvent),
+) -> Result<sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>> {
+    let StepEnd::Finish { expires_at } = step.end else {
+        return Err(StorageError::Internal(
+            "this command finishes its work".into(),
+        ));
+    };
+    let sql = finishing_statement(insert, entries.len(), order);
+    Ok(bind_entries(
+        sqlx::query(sqlx::AssertSqlSafe(sql)),
+        meta.account_id,
+        entries,
+        (("payment", p.id), shard_of(step.lease.record_id)),
+        meta.at,
+    )
+    .bind(step.lease.record_id)
+    .bind(step.lease.fence)
+    .bind(&step.from)
+    .bind(FINISHED)
+    .bind(&step.state)
+    .bind(i32::from(response.status))
+    .bind(decode::headers_json(&response.headers))
+    .bind(&response.body)
+    .bind(step.now.0)
+    .bind(expires_at.0)
+    .bind(p.order_id)
+    .bind(p.captured_minor)
+    .bind(&event.event_type)
+    .bind(event.aggregate_version)
+    .bind(&event.payload)
+    .bind(&meta.request_id)
+    .bind(&meta.trace_id)
+    .bind(event.aggregate_type))
+}
+
+/// Binds the entries' rows of a [`finishing`] statement and runs it on `ex`: `Fenced` unless
+/// its step wrote.
+async fn run_finishing<'q, 'e>(
+    q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    entries: &[Entry],
+    ex: impl sqlx::PgExecutor<'e>,
+) -> Result<()> {
+    let stepped: i64 = bind_entry_rows(q, entries)
+        .fetch_one(ex)
+        .await
+        .map_err(err)?
+        .get(0);
+    fenced_unless_one(u64::try_from(stepped).unwrap_or(0))
+}
+
 #[async_trait]
 impl MoneyStore for PostgresStore {
     async fn claim_order(&self, meta: &WriteMeta, step: &Step, order_id: i64) -> Result<()> {
@@ -574,12 +711,8 @@ impl MoneyStore for PostgresStore {
         tx.commit().await.map_err(err)
     }
 
-    /// One statement, in autocommit: the step's fenced `UPDATE` comes first, and every other
-    /// part writes once per row it returns, so a fenced step writes nothing at all. The
-    /// payment's id is drawn ahead (`payment_ids`), so its response and event are rendered
-    /// before the write. The parts run in no set order, so each that must follow another
-    /// reads it: the entries follow the payment (their ids in order), the order's event
-    /// follows the payment's (their `seq`s in order).
+    /// One statement, in autocommit (`finishing_statement`), with the payment's id drawn
+    /// ahead (`payment_ids`) so its response and event are rendered before the write.
     async fn record_payment(
         &self,
         meta: &WriteMeta,
@@ -587,11 +720,6 @@ impl MoneyStore for PostgresStore {
         new: NewPayment,
         respond: Responder<Payment>,
     ) -> Result<Payment> {
-        let StepEnd::Finish { expires_at } = step.end else {
-            return Err(StorageError::Internal(
-                "a payment's record finishes its work".into(),
-            ));
-        };
         let id = self.payment_ids.take(&self.pool, 1).await?[0];
         let (failure_code, failure_message) = new.failure.unzip();
         let p = Payment {
@@ -610,8 +738,6 @@ impl MoneyStore for PostgresStore {
             created_at: meta.at,
             updated_at: meta.at,
         };
-        let response = respond(&p);
-        let event = NewEvent::for_recorded_payment(&p);
         // Both entries in one posting, so their balances are locked in the one order.
         let mut entries = Vec::new();
         if p.status != PaymentStatus::Failed {
@@ -620,93 +746,28 @@ impl MoneyStore for PostgresStore {
         if p.status == PaymentStatus::Succeeded {
             entries.push(Entry::capture(p.amount, p.captured_minor));
         }
-        // $1–$8 as `bind_entries`, then the step ($9–$18), the payment ($19–$27), its event
-        // ($28–$33), and the entries from $34.
-        let mut sql = String::from(
-            "WITH step AS (UPDATE idempotency_keys SET recovery_point = $12, \
-             phase_state = $13, response_status = $14, response_headers = $15, \
-             response_body = $16, resource_id = $5, locked_until = NULL, last_run_at = $17, \
-             expires_at = $18 WHERE id = $9 AND fence = $10 AND recovery_point = $11 \
-             RETURNING id), \
-             pay AS (INSERT INTO payments (id, account_id, order_id, operation_id, \
-             processor_id, payment_method, amount_minor, currency, status, captured_minor, \
-             failure_code, failure_message, created_at, updated_at) OVERRIDING SYSTEM VALUE \
-             SELECT $5, $1, $19, $9, $20, $21, $22, $23, $24, $25, $26, $27, $3, $3 FROM step \
-             RETURNING id), \
-             ev AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-             SELECT $1, $28, $33, $5, $29, $30::jsonb, $31, $32, $3 FROM pay RETURNING id)",
-        );
-        if !entries.is_empty() {
-            sql.push_str(&format!(
-                ", {}, bal AS ({})",
-                entry_parts(entries.len(), 34, Some("pay")),
-                balance_upsert(Some("pay"))
-            ));
-        }
-        match p.status {
-            PaymentStatus::Failed => sql.push_str(
-                ", rel AS (UPDATE orders SET payment_operation_id = NULL \
-                 WHERE account_id = $1 AND id = $19 AND payment_operation_id = $9 \
-                 AND EXISTS (SELECT 1 FROM pay))",
-            ),
-            PaymentStatus::Succeeded => sql.push_str(&format!(
-                concat!(
-                    ", o AS (UPDATE orders SET status = '{to}', version = version + 1, \
-                     updated_at = $3 WHERE account_id = $1 AND id = $19 AND status = '{from}' \
-                     AND amount_minor = $25 AND EXISTS (SELECT 1 FROM ev) RETURNING *), \
-                     oe AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-                     aggregate_id, aggregate_version, payload, request_id, trace_id, \
-                     created_at) SELECT account_id, 'order.' || status, 'order', id, version, ",
-                    order_json!(),
-                    ", $31, $32, $3 FROM o)"
-                ),
-                from = PAID.0,
-                to = PAID.1
-            )),
-            PaymentStatus::RequiresCapture | PaymentStatus::Canceled => {}
-        }
-        sql.push_str(" SELECT count(*) FROM step");
-        // Only fixed fragments and parameter numbers go into the text; every value is bound.
-        let q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        let q = bind_entries(
-            q,
-            meta.account_id,
+        let order = match p.status {
+            PaymentStatus::Failed => OrderMove::Release,
+            PaymentStatus::Succeeded => OrderMove::Follow,
+            PaymentStatus::RequiresCapture | PaymentStatus::Canceled => OrderMove::Stay,
+        };
+        let event = NewEvent::for_recorded_payment(&p);
+        let response = respond(&p);
+        let q = finishing(
+            (true, order),
+            (meta, step),
+            &p,
             &entries,
-            (("payment", p.id), shard_of(step.lease.record_id)),
-            meta.at,
-        )
-        .bind(step.lease.record_id)
-        .bind(step.lease.fence)
-        .bind(&step.from)
-        .bind(FINISHED)
-        .bind(&step.state)
-        .bind(i32::from(response.status))
-        .bind(decode::headers_json(&response.headers))
-        .bind(&response.body)
-        .bind(step.now.0)
-        .bind(expires_at.0)
-        .bind(p.order_id)
+            (&response, &event),
+        )?
         .bind(&p.processor_id)
         .bind(&p.payment_method)
         .bind(p.amount.minor)
         .bind(p.amount.currency.code())
         .bind(p.status.as_str())
-        .bind(p.captured_minor)
         .bind(&p.failure_code)
-        .bind(&p.failure_message)
-        .bind(&event.event_type)
-        .bind(event.aggregate_version)
-        .bind(&event.payload)
-        .bind(&meta.request_id)
-        .bind(&meta.trace_id)
-        .bind(event.aggregate_type);
-        let stepped: i64 = bind_entry_rows(q, &entries)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(err)?
-            .get(0);
-        fenced_unless_one(u64::try_from(stepped).unwrap_or(0))?;
+        .bind(&p.failure_message);
+        run_finishing(q, &entries, &self.pool).await?;
         Ok(p)
     }
 
@@ -728,18 +789,14 @@ impl MoneyStore for PostgresStore {
             captured_minor,
         )
         .await?;
-        let capture = Entry::capture(p.amount, p.captured_minor);
-        post_entries(
-            &mut tx,
-            meta.account_id,
-            &[capture],
-            (("payment", p.id), shard_of(step.lease.record_id)),
-            meta.at,
-        )
-        .await?;
-        append_event(&mut tx, meta, NewEvent::for_payment("captured", &p)).await?;
-        follow_order(&mut tx, meta, p.order_id, PAID, p.captured_minor).await?;
-        commit_step(&mut tx, step, Some(&respond(&p)), p.id).await?;
+        // The rest in one statement of the same transaction (`finishing_statement`): a
+        // fenced step writes none of it, and the settlement rolls back with the transaction.
+        let entries = [Entry::capture(p.amount, p.captured_minor)];
+        let event = NewEvent::for_payment("captured", &p);
+        let response = respond(&p);
+        let move_order = (false, OrderMove::Follow);
+        let q = finishing(move_order, (meta, step), &p, &entries, (&response, &event))?;
+        run_finishing(q, &entries, &mut *tx).await?;
         tx.commit().await.map_err(err)?;
         Ok(p)
     }

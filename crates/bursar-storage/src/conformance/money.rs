@@ -51,6 +51,14 @@ async fn leased_with(
     }
 }
 
+/// `lease` as a driver holds it after another took its work over (one fence later).
+fn overtaken(lease: Lease) -> Lease {
+    Lease {
+        fence: lease.fence + 1,
+        ..lease
+    }
+}
+
 fn finish(lease: Lease) -> Step {
     Step {
         lease,
@@ -158,14 +166,10 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
     let o = order(&s, a, c.id, 1999).await;
     let l = lease(&s, a, "pay-1").await;
     // A step fenced out writes nothing at all: no payment, no ledger, no event.
-    let stale = Lease {
-        fence: l.fence + 1,
-        ..l
-    };
     let fenced = s
         .record_payment(
             &meta(a),
-            &finish(stale),
+            &finish(overtaken(l)),
             new_payment(&o, PaymentStatus::Succeeded, 1999),
             payment_answer(),
         )
@@ -391,6 +395,23 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     let o3 = order(&s, a, c.id, 300).await;
     let p3 = pay(&s, a, "auth-3", &o3, PaymentStatus::RequiresCapture).await;
     let l = lease(&s, a, "cap-3").await;
+    // A capture whose step is fenced out settles nothing (also where a backend settles
+    // before it writes the step).
+    let fenced = s
+        .capture_payment(
+            &meta(a),
+            &finish(overtaken(l)),
+            p3.id,
+            p3.amount,
+            300,
+            payment_answer(),
+        )
+        .await;
+    assert!(matches!(fenced, Err(StorageError::Fenced)), "{fenced:?}");
+    assert_eq!(
+        s.get_payment(a, p3.id).await.unwrap().unwrap().status,
+        PaymentStatus::RequiresCapture
+    );
     s.capture_payment(
         &meta(a),
         &finish(l),
@@ -404,6 +425,26 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     assert_eq!(
         s.get_order(a, o3.id).await.unwrap().unwrap().status,
         OrderStatus::Paid
+    );
+    // The capture's event comes before the order's move it caused.
+    let mut logged = super::events::sequence_all(&s, &super::events::ids()).await;
+    logged.sort_by_key(|e| e.seq);
+    let caused: Vec<&str> = logged
+        .iter()
+        .filter(|e| {
+            (e.aggregate_type == "payment" && e.aggregate_id == p3.id)
+                || (e.aggregate_type == "order" && e.aggregate_id == o3.id)
+        })
+        .map(|e| e.event_type.as_str())
+        .collect();
+    assert_eq!(
+        caused,
+        [
+            "order.created",
+            "payment.authorized",
+            "payment.captured",
+            "order.paid"
+        ]
     );
     let b = s.balances(a).await.unwrap();
     assert_eq!(balance(&b, LedgerAccount::Available, "USD"), 900);
