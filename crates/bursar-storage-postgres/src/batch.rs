@@ -119,13 +119,18 @@ const PAYMENT_IDS: &str =
 /// Ids of one table drawn ahead of the writes that need them (their responses are rendered
 /// before the write: keyed creates, and a payment's record written in one statement).
 /// Drawing per write would cost a round trip — and, every 32 values, a WAL flush for the
-/// sequence — per write; drawing ahead amortises both. Ids held longer than
-/// [`DrawnIds::MAX_AGE`] are dropped (a gap in the sequence, which ids never promised to
-/// lack), so an id is never more than that out of step with creation order. The draw size
-/// adapts: it doubles while every drawn id is used in time and halves when some expire, so
-/// light traffic draws one id at a time and leaves no gaps.
+/// sequence — per write; drawing ahead amortises both. One draw runs at a time: writers that
+/// find the pool empty together wait for it instead of each drawing a full pool, which
+/// replaced the others' (measured: 11.6 ids drawn per payment at 32 clients, 0.1 s a second of
+/// PostgreSQL's time). Ids held longer than [`DrawnIds::MAX_AGE`] are dropped (a gap in the
+/// sequence, which ids never promised to lack), so an id is never more than that out of step
+/// with creation order. The draw size adapts: it doubles while every drawn id is used in
+/// time and halves when some expire, so light traffic draws one id at a time and leaves no
+/// gaps.
 pub struct DrawnIds {
     state: std::sync::Mutex<IdState>,
+    /// Held while drawing, so draws do not overlap.
+    drawing: tokio::sync::Mutex<()>,
     /// `ORDER_IDS` or `PAYMENT_IDS`.
     draw: &'static str,
 }
@@ -142,16 +147,18 @@ impl DrawnIds {
     const MAX_DRAW: usize = 256;
 
     pub fn orders() -> DrawnIds {
-        DrawnIds {
-            state: std::sync::Mutex::default(),
-            draw: ORDER_IDS,
-        }
+        DrawnIds::new(ORDER_IDS)
     }
 
     pub fn payments() -> DrawnIds {
+        DrawnIds::new(PAYMENT_IDS)
+    }
+
+    fn new(draw: &'static str) -> DrawnIds {
         DrawnIds {
             state: std::sync::Mutex::default(),
-            draw: PAYMENT_IDS,
+            drawing: tokio::sync::Mutex::new(()),
+            draw,
         }
     }
 
@@ -161,25 +168,37 @@ impl DrawnIds {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// `n` ids from the pool if it holds that many fresh ones; otherwise `Err` with how many
+    /// to draw (stale ids are dropped here).
+    fn pooled(&self, n: usize) -> std::result::Result<Vec<i64>, usize> {
+        let mut st = self.lock();
+        let stale = st.drawn_at.is_some_and(|t| t.elapsed() > Self::MAX_AGE);
+        if stale {
+            if !st.ids.is_empty() {
+                st.size /= 2;
+            }
+            st.ids.clear();
+        }
+        if st.ids.len() >= n {
+            return Ok(st.ids.drain(..n).collect());
+        }
+        // Everything drawn was used in time: draw more next time.
+        if !stale && st.drawn_at.is_some() {
+            st.size = (st.size * 2).min(Self::MAX_DRAW);
+        }
+        Err(st.size.max(n))
+    }
+
     /// `n` fresh ids, in increasing order.
     pub async fn take(&self, pool: &PgPool, n: usize) -> Result<Vec<i64>, StorageError> {
-        let draw = {
-            let mut st = self.lock();
-            let stale = st.drawn_at.is_some_and(|t| t.elapsed() > Self::MAX_AGE);
-            if stale {
-                if !st.ids.is_empty() {
-                    st.size /= 2;
-                }
-                st.ids.clear();
-            }
-            if st.ids.len() >= n {
-                return Ok(st.ids.drain(..n).collect());
-            }
-            // Everything drawn was used in time: draw more next time.
-            if !stale && st.drawn_at.is_some() {
-                st.size = (st.size * 2).min(Self::MAX_DRAW);
-            }
-            st.size.max(n)
+        if let Ok(ids) = self.pooled(n) {
+            return Ok(ids);
+        }
+        let _one = self.drawing.lock().await;
+        // The draw this one waited for may have filled the pool.
+        let draw = match self.pooled(n) {
+            Ok(ids) => return Ok(ids),
+            Err(draw) => draw,
         };
         let mut fresh: Vec<i64> = sqlx::query_scalar(self.draw)
             .bind(i64::try_from(draw).unwrap_or(i64::MAX))
@@ -551,6 +570,47 @@ impl GroupWriter for PgCreates {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Takers that find the pool empty together share one draw, instead of each drawing a
+    /// full pool that replaces the others'.
+    #[tokio::test]
+    async fn takers_of_an_empty_pool_share_one_draw() {
+        let Some(url) = bursar_storage::conformance::postgres_test_url() else {
+            return;
+        };
+        let opts = crate::PostgresOptions {
+            max_connections: 8,
+            schema: Some(format!("t_{}", uuid::Uuid::new_v4().simple())),
+            ..Default::default()
+        };
+        let store = crate::PostgresStore::open(&url, &opts).await.unwrap();
+        let ids = std::sync::Arc::new(DrawnIds::payments());
+        // As after a busy stretch: draws have grown to the largest and the pool is empty.
+        {
+            let mut st = ids.lock();
+            st.size = DrawnIds::MAX_DRAW;
+            st.drawn_at = Some(std::time::Instant::now());
+        }
+        let mut takers = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (ids, pool) = (ids.clone(), store.pool.clone());
+            takers.spawn(async move { ids.take(&pool, 1).await.unwrap()[0] });
+        }
+        let mut got: Vec<i64> = takers.join_all().await;
+        got.sort_unstable();
+        got.dedup();
+        assert_eq!(got.len(), 32, "every taker has an id of its own");
+        let next: i64 =
+            sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('payments', 'id'))")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            next,
+            DrawnIds::MAX_DRAW as i64 + 1,
+            "one draw served all 32"
+        );
+    }
 
     #[test]
     fn statements_are_cut_below_the_byte_bound() {
