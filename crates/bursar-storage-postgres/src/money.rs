@@ -10,9 +10,11 @@
 //! Lock order, the same in every command, so concurrent commands wait instead of
 //! deadlocking: the payment, refund or quote first; then the balance rows, sorted by
 //! (currency, ledger account) bytewise; then the order; the idempotency record last.
-//! The one exception, a payment's record (one statement, its step first), locks its own
-//! idempotency record first: only the same work's claim and takeovers touch that row, and
-//! they lock it first too (then, at most, the order), so no cycle can form through it.
+//! The exception, the statements that start with their step (`finishing_statement`: a
+//! payment's record, and a capture's after its settlement), lock their own idempotency record
+//! before the balances and the order: only the same work's claim and takeovers touch that
+//! row, and they lock it first too (then, at most, the order), so no cycle can form through
+//! it.
 
 use std::collections::BTreeMap;
 
