@@ -176,6 +176,23 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
         .await;
     assert!(matches!(fenced, Err(StorageError::Fenced)), "{fenced:?}");
     assert!(s.balances(a).await.unwrap().is_empty());
+    assert!(s.journal(a, page(10, None)).await.unwrap().items.is_empty());
+    let of_order = PaymentFilter {
+        page: page(10, None),
+        order_id: Some(o.id),
+    };
+    assert!(s.list_payments(a, of_order).await.unwrap().items.is_empty());
+    let untouched = s.get_order(a, o.id).await.unwrap().unwrap();
+    assert_eq!(
+        (untouched.status, untouched.version),
+        (OrderStatus::Pending, o.version)
+    );
+    let order_events = s.events_for(a, "order", o.id).await.unwrap();
+    assert_eq!(
+        order_events.len(),
+        1,
+        "only order.created: {order_events:?}"
+    );
     let p = s
         .record_payment(
             &meta(a),
