@@ -705,9 +705,20 @@ async fn claim_latency(t: &Target) -> Option<String> {
     let count = value("webhook_claim_seconds_count")?;
     // Since the server started; absent where the store hands nothing on.
     let handed = value("webhook_handed_on_total").unwrap_or(0.0);
+    let wait = |q: &str| value(&format!("webhook_record_wait_seconds{{quantile=\"{q}\"}}"));
+    let size = |q: &str| value(&format!("webhook_record_batch_size{{quantile=\"{q}\"}}"));
+    let records = match (wait("0.5"), wait("0.99"), size("0.5"), size("0.99")) {
+        (Some(w50), Some(w99), Some(s50), Some(s99)) => format!(
+            "; a sent delivery waited for its record p50 {:.1} ms, p99 {:.1} ms, in batches of \
+             p50 {s50:.0}, p99 {s99:.0}",
+            w50 * 1e3,
+            w99 * 1e3
+        ),
+        _ => String::new(),
+    };
     Some(format!(
         "claims (Bursar's /metrics, its last minute): {count} claims, p50 {:.1} ms, p99 {:.1} ms, \
-         max {:.1} ms; {handed} deliveries handed on by completions (since start)",
+         max {:.1} ms; {handed} deliveries handed on by completions (since start){records}",
         p50 * 1e3,
         p99 * 1e3,
         max * 1e3

@@ -116,8 +116,17 @@ const STORE_AND_FAN_OUT: &str = concat!(
     ON CONFLICT (event_id, endpoint_id) DO NOTHING"
 );
 
-/// How many more deliveries of endpoint `ep` may be leased: its cap, or one probe for a
-/// half-open circuit, less its live leases (`live.n`).
+/// The slots of an endpoint's rows under a live lease, in a `GROUP BY endpoint_id`: each a
+/// lease token with its slot number (`claim_ahead`), a row leased before slots existed a slot
+/// of its own.
+macro_rules! live_slots {
+    () => {
+        "count(DISTINCT (lease_token, COALESCE(lease_slot, -id)))"
+    };
+}
+
+/// How many more slots of endpoint `ep` may be leased: its cap, or one probe for a
+/// half-open circuit, less its slots under a live lease (`live.n`).
 macro_rules! room {
     () => {
         "(CASE WHEN ep.circuit_state = 'closed' THEN ep.max_concurrency ELSE 1 END \
@@ -133,7 +142,9 @@ macro_rules! room {
 /// id, so deployments sharing a database in separate schemas never share a lock.
 const CLAIM_ENDPOINTS: &str = concat!(
     "WITH live AS (\
-       SELECT endpoint_id, count(*) AS n FROM webhook_deliveries \
+       SELECT endpoint_id, ",
+    live_slots!(),
+    " AS n FROM webhook_deliveries \
        WHERE state = 'in_flight' AND lease_expires_at >= $1 GROUP BY endpoint_id), \
      candidates AS MATERIALIZED (\
        SELECT ep.id AS endpoint_id, f.first_due \
@@ -169,35 +180,40 @@ const CLAIM_ENDPOINTS: &str = concat!(
 /// the fenced-off worker's own record of it then does nothing (`ON CONFLICT`).
 const CLAIM: &str = concat!(
     "WITH live AS (\
-       SELECT endpoint_id, count(*) AS n FROM webhook_deliveries \
+       SELECT endpoint_id, ",
+    live_slots!(),
+    " AS n FROM webhook_deliveries \
        WHERE state = 'in_flight' AND lease_expires_at >= $1 AND endpoint_id = ANY($5) \
        GROUP BY endpoint_id), \
-     ranked AS (\
+     ranked AS MATERIALIZED (\
        SELECT x.id, row_number() OVER (PARTITION BY x.endpoint_id \
-                                       ORDER BY x.next_attempt_at, x.id) AS rn, x.room \
+                                       ORDER BY x.next_attempt_at, x.id) AS rn, x.room, \
+              x.deep \
        FROM (SELECT ep.id AS eid, ",
     room!(),
-    " AS room \
+    " AS room, CASE WHEN ep.circuit_state = 'closed' THEN $6 ELSE 1 END AS deep \
              FROM webhook_endpoints ep LEFT JOIN live ON live.endpoint_id = ep.id \
              WHERE ep.id = ANY($5) AND ep.enabled \
                AND (ep.circuit_state = 'closed' OR ep.circuit_open_until <= $1)) e \
        CROSS JOIN LATERAL (\
-         (SELECT d.id, d.endpoint_id, d.next_attempt_at, e.room FROM webhook_deliveries d \
+         (SELECT d.id, d.endpoint_id, d.next_attempt_at, e.room, e.deep \
+          FROM webhook_deliveries d \
           WHERE d.endpoint_id = e.eid AND d.state IN ('pending', 'retrying') \
             AND d.next_attempt_at <= $1 AND ",
     bursar_storage::fifo_ready!("d"),
-    " ORDER BY d.next_attempt_at, d.id LIMIT $2) \
+    " ORDER BY d.next_attempt_at, d.id LIMIT $2 * $6) \
          UNION ALL \
-         (SELECT d.id, d.endpoint_id, d.next_attempt_at, e.room FROM webhook_deliveries d \
+         (SELECT d.id, d.endpoint_id, d.next_attempt_at, e.room, e.deep \
+          FROM webhook_deliveries d \
           WHERE d.endpoint_id = e.eid AND d.state = 'in_flight' \
             AND d.lease_expires_at < $1)) x), \
      due AS MATERIALIZED (\
-       SELECT d.id, d.endpoint_id, d.state, d.attempt_count \
-       FROM webhook_deliveries d \
-       WHERE d.id IN (SELECT id FROM ranked WHERE rn <= room) \
+       SELECT d.id, d.endpoint_id, d.state, d.attempt_count, (r.rn - 1) % r.room AS slot \
+       FROM webhook_deliveries d JOIN ranked r ON r.id = d.id \
+       WHERE r.rn <= r.room * r.deep \
          AND ((d.state IN ('pending', 'retrying') AND d.next_attempt_at <= $1) \
               OR (d.state = 'in_flight' AND d.lease_expires_at < $1)) \
-       ORDER BY d.next_attempt_at, d.id LIMIT $2 \
+       ORDER BY d.next_attempt_at, d.id LIMIT $2 * $6 \
        FOR NO KEY UPDATE OF d SKIP LOCKED), \
      lost AS (\
        INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, duration_ms, \
@@ -207,13 +223,14 @@ const CLAIM: &str = concat!(
        ON CONFLICT (delivery_id, attempt_no) DO NOTHING), \
      claimed AS (\
        UPDATE webhook_deliveries w SET state = 'in_flight', lease_token = $3, \
-              lease_expires_at = $4, attempt_count = w.attempt_count + 1, updated_at = $1 \
+              lease_slot = due.slot, lease_expires_at = $4, \
+              attempt_count = w.attempt_count + 1, updated_at = $1 \
        FROM due WHERE w.id = due.id \
        RETURNING w.id, w.account_id, w.endpoint_id, w.attempt_count, w.event_id, \
-                 w.next_attempt_at) \
+                 w.next_attempt_at, w.lease_slot) \
     SELECT c.id, c.account_id, c.endpoint_id, c.attempt_count, c.event_id, e.body, \
            e.request_id, e.trace_id, ep.url, ep.secret_enc, ep.previous_secret_enc, \
-           ep.previous_secret_expires_at \
+           ep.previous_secret_expires_at, c.lease_slot::bigint AS slot \
     FROM claimed c JOIN outbox_events e ON e.event_id = c.event_id \
     JOIN webhook_endpoints ep ON ep.id = c.endpoint_id \
     ORDER BY c.next_attempt_at, c.id"
@@ -234,8 +251,8 @@ const COMPLETE: &str = "\
     WITH prev AS (SELECT last_error FROM webhook_deliveries WHERE id = $6), \
      owned AS (\
        UPDATE webhook_deliveries SET state = $1, next_attempt_at = COALESCE($2, next_attempt_at), \
-              lease_token = NULL, lease_expires_at = NULL, last_status = $3, last_error = $4, \
-              updated_at = $5 \
+              lease_token = NULL, lease_slot = NULL, lease_expires_at = NULL, last_status = $3, \
+              last_error = $4, updated_at = $5 \
        WHERE id = $6 AND lease_token = $7 RETURNING id, account_id, endpoint_id, event_id), \
      unowned AS (SELECT id, endpoint_id FROM webhook_deliveries WHERE id = $6 FOR KEY SHARE), \
      recorded AS (\
@@ -414,6 +431,7 @@ fn claimed(r: &PgRow) -> Result<ClaimedDelivery> {
                 .map(Timestamp),
             request_id: r.try_get("request_id")?,
             trace_id: r.try_get("trace_id")?,
+            slot: r.try_get("slot")?,
         })
     };
     get().map_err(err)
@@ -858,14 +876,27 @@ impl EventLogStore for PostgresStore {
             .ok_or(StorageError::NotFound)
     }
 
-    /// Two statements in one transaction: `CLAIM_ENDPOINTS` locks the endpoints to serve,
-    /// `CLAIM` leases their deliveries.
+    /// `claim_ahead` with one delivery per slot.
     async fn claim_deliveries(
         &self,
         now: Timestamp,
         lease_until: Timestamp,
         lease_token: &str,
         limit: u32,
+    ) -> Result<Vec<ClaimedDelivery>> {
+        self.claim_ahead(now, lease_until, lease_token, limit, 1)
+            .await
+    }
+
+    /// Two statements in one transaction: `CLAIM_ENDPOINTS` locks the endpoints to serve,
+    /// `CLAIM` leases their deliveries, each to a slot numbered from 0 per endpoint.
+    async fn claim_ahead(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        lease_token: &str,
+        limit: u32,
+        depth: u32,
     ) -> Result<Vec<ClaimedDelivery>> {
         let mut tx = self.write_tx().await?;
         let endpoints: Vec<i64> = sqlx::query_scalar(CLAIM_ENDPOINTS)
@@ -883,6 +914,7 @@ impl EventLogStore for PostgresStore {
             .bind(lease_token)
             .bind(lease_until.0)
             .bind(&endpoints)
+            .bind(i64::from(depth.max(1)))
             .fetch_all(&mut *tx)
             .await
             .map_err(err)?;
@@ -988,6 +1020,22 @@ impl EventLogStore for PostgresStore {
         )
         .bind(now.0 - 1)
         .bind(now.0)
+        .bind(lease_token)
+        .execute(&self.pool)
+        .await
+        .map_err(err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn return_unsent(&self, lease_token: &str, ids: &[i64], now: Timestamp) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET attempt_count = attempt_count - 1, \
+             state = CASE WHEN attempt_count > 1 THEN 'retrying' ELSE 'pending' END, \
+             lease_token = NULL, lease_slot = NULL, lease_expires_at = NULL, updated_at = $1 \
+             WHERE id = ANY($2) AND lease_token = $3 AND state = 'in_flight'",
+        )
+        .bind(now.0)
+        .bind(ids)
         .bind(lease_token)
         .execute(&self.pool)
         .await
@@ -1198,13 +1246,13 @@ impl PostgresStore {
 ///
 /// With `$10` (a lease's end) given, each held success hands its lease on (`handed`): the
 /// endpoint's oldest due deliveries, as many as it had held successes here and FIFO respected
-/// (`fifo_ready!`), are leased under the tokens of those successes, one each, and returned
-/// with them. An endpoint's count of live leases does not move (one ends, one starts, in one
-/// atomic statement), so a claim counting its room never sees a slot that is about to be
-/// taken, and no endpoint lock is needed; two takers of one delivery are kept apart by
-/// `SKIP LOCKED` and by the re-check of a row updated meanwhile. Only an enabled endpoint
-/// (in full health, as `plain` found it) with no more live leases than its cap hands anything
-/// on.
+/// (`fifo_ready!`), are leased under the tokens and in the slots of those successes, one
+/// each, and returned with them. An endpoint's slots under a live lease do not change (one
+/// delivery of a slot ends, one starts, in one atomic statement), so a claim counting its
+/// room never sees a slot that is about to be taken, and no endpoint lock is needed; two
+/// takers of one delivery are kept apart by `SKIP LOCKED` and by the re-check of a row
+/// updated meanwhile. Only an enabled endpoint (in full health, as `plain` found it) with no
+/// more slots under a live lease than its cap hands anything on.
 ///
 /// Rows: each delivery taken (`after` NULL), with whether its lease was held; then each
 /// delivery handed on, as a claim returns it, with the delivery it follows (`after`).
@@ -1216,18 +1264,20 @@ const COMPLETE_PLAIN: &str = concat!(
        SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], \
                             $5::bigint[], $6::text[], $7::text[], $8::bigint[]) \
        AS v(id, token, attempt_no, status_code, duration_ms, error_kind, snippet, created_at)), \
-     batch AS MATERIALIZED (SELECT id, endpoint_id FROM webhook_deliveries WHERE id = ANY($1)), \
+     batch AS MATERIALIZED (SELECT id, endpoint_id, lease_slot FROM webhook_deliveries \
+                            WHERE id = ANY($1)), \
      plain AS MATERIALIZED (\
-       SELECT d.id, d.endpoint_id FROM batch d \
+       SELECT d.id, d.endpoint_id, d.lease_slot FROM batch d \
        JOIN webhook_endpoints ep ON ep.id = d.endpoint_id WHERE ",
     bursar_storage::endpoint_healthy!("ep"),
     "), \
      owned AS (\
        UPDATE webhook_deliveries d SET state = 'succeeded', lease_token = NULL, \
-              lease_expires_at = NULL, last_status = v.status_code, last_error = v.error_kind, \
-              updated_at = $9 \
+              lease_slot = NULL, lease_expires_at = NULL, last_status = v.status_code, \
+              last_error = v.error_kind, updated_at = $9 \
        FROM v JOIN plain p ON p.id = v.id \
-       WHERE d.id = v.id AND d.lease_token = v.token RETURNING d.id, d.endpoint_id), \
+       WHERE d.id = v.id AND d.lease_token = v.token \
+       RETURNING d.id, d.endpoint_id, p.lease_slot), \
      recorded AS (\
        INSERT INTO webhook_attempts (delivery_id, endpoint_id, attempt_no, status_code, \
                                      duration_ms, error_kind, response_snippet, created_at) \
@@ -1237,14 +1287,16 @@ const COMPLETE_PLAIN: &str = concat!(
        FROM v JOIN plain p ON p.id = v.id LEFT JOIN owned o ON o.id = v.id \
        ON CONFLICT (delivery_id, attempt_no) DO NOTHING), \
      freed AS (\
-       SELECT o.id, o.endpoint_id, v.token, \
+       SELECT o.id, o.endpoint_id, v.token, o.lease_slot, \
               row_number() OVER (PARTITION BY o.endpoint_id ORDER BY o.id) AS rn \
        FROM owned o JOIN v ON v.id = o.id WHERE $10::bigint IS NOT NULL), \
      slots AS (\
        SELECT f.endpoint_id, f.k FROM \
        (SELECT endpoint_id, count(*) AS k FROM freed GROUP BY endpoint_id) f \
        JOIN webhook_endpoints ep ON ep.id = f.endpoint_id \
-       WHERE ep.enabled AND (SELECT count(*) FROM webhook_deliveries l WHERE l.endpoint_id = ep.id \
+       WHERE ep.enabled AND (\
+              SELECT count(DISTINCT (l.lease_token, COALESCE(l.lease_slot, -l.id))) \
+              FROM webhook_deliveries l WHERE l.endpoint_id = ep.id \
               AND l.state = 'in_flight' AND l.lease_expires_at >= $9) <= ep.max_concurrency), \
      next AS MATERIALIZED (\
        SELECT n.id, n.endpoint_id, \
@@ -1259,21 +1311,22 @@ const COMPLETE_PLAIN: &str = concat!(
          FOR NO KEY UPDATE OF d SKIP LOCKED) n), \
      handed AS (\
        UPDATE webhook_deliveries w SET state = 'in_flight', lease_token = f.token, \
-              lease_expires_at = $10, attempt_count = w.attempt_count + 1, updated_at = $9 \
+              lease_slot = f.lease_slot, lease_expires_at = $10, \
+              attempt_count = w.attempt_count + 1, updated_at = $9 \
        FROM next n JOIN freed f ON f.endpoint_id = n.endpoint_id AND f.rn = n.rn \
        WHERE w.id = n.id \
        RETURNING w.id, w.account_id, w.endpoint_id, w.attempt_count, w.event_id, \
-                 f.id AS after) \
+                 w.lease_slot, f.id AS after) \
     SELECT p.id, o.id IS NOT NULL AS held, NULL::bigint AS after, NULL::bigint AS account_id, \
            NULL::bigint AS endpoint_id, NULL::bigint AS attempt_count, NULL::text AS event_id, \
            NULL::text AS body, NULL::text AS request_id, NULL::text AS trace_id, \
            NULL::text AS url, NULL::text AS secret_enc, NULL::text AS previous_secret_enc, \
-           NULL::bigint AS previous_secret_expires_at \
+           NULL::bigint AS previous_secret_expires_at, NULL::bigint AS slot \
     FROM plain p LEFT JOIN owned o ON o.id = p.id \
     UNION ALL \
     SELECT h.id, true, h.after, h.account_id, h.endpoint_id, h.attempt_count, h.event_id, \
            e.body, e.request_id, e.trace_id, ep.url, ep.secret_enc, ep.previous_secret_enc, \
-           ep.previous_secret_expires_at \
+           ep.previous_secret_expires_at, h.lease_slot::bigint \
     FROM handed h JOIN outbox_events e ON e.event_id = h.event_id \
     JOIN webhook_endpoints ep ON ep.id = h.endpoint_id"
 );

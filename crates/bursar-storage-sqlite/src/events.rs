@@ -817,6 +817,7 @@ impl EventLogStore for SqliteStore {
                     .map(Timestamp),
                 request_id: r.get("request_id"),
                 trace_id: r.get("trace_id"),
+                slot: None,
             })
             .collect())
     }
@@ -905,6 +906,26 @@ impl EventLogStore for SqliteStore {
         )
         .bind(now.0 - 1)
         .bind(now.0)
+        .bind(lease_token)
+        .execute(&mut *self.writer.lock().await?)
+        .await
+        .map_err(err)?;
+        Ok(done.rows_affected())
+    }
+
+    /// SQLite leases nothing ahead (the default `claim_ahead`), so a worker gives nothing back
+    /// here; implemented for the trait's contract all the same.
+    async fn return_unsent(&self, lease_token: &str, ids: &[i64], now: Timestamp) -> Result<u64> {
+        let ids = serde_json::to_string(ids).map_err(|e| StorageError::Internal(Box::new(e)))?;
+        let done = sqlx::query(
+            "UPDATE webhook_deliveries SET attempt_count = attempt_count - 1, \
+             state = CASE WHEN attempt_count > 1 THEN 'retrying' ELSE 'pending' END, \
+             lease_token = NULL, lease_expires_at = NULL, updated_at = ? \
+             WHERE id IN (SELECT value FROM json_each(?)) AND lease_token = ? \
+               AND state = 'in_flight'",
+        )
+        .bind(now.0)
+        .bind(ids)
         .bind(lease_token)
         .execute(&mut *self.writer.lock().await?)
         .await

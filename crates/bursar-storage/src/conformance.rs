@@ -65,6 +65,7 @@ macro_rules! conformance_tests {
             fan_out_follows_endpoint_filters_once,
             endpoints_are_scoped_and_rotate,
             deliveries_are_leased_fenced_and_retried,
+            slots_lease_ahead_within_the_cap,
             completions_in_one_batch_apply_each_fenced,
             a_batch_survives_an_endpoint_deleted_under_it,
             fifo_endpoints_get_one_aggregate_at_a_time_in_order,

@@ -220,6 +220,10 @@ pub struct ClaimedDelivery {
     pub previous_secret_expires_at: Option<Timestamp>,
     pub request_id: String,
     pub trace_id: String,
+    /// The slot of its endpoint it was leased to, where the store leases ahead
+    /// ([`EventLogStore::claim_ahead`]): the deliveries of one slot are sent one after the
+    /// other, never two at once. `None`: a slot of its own.
+    pub slot: Option<i64>,
 }
 
 /// How an attempt ends a delivery's lease.
@@ -853,6 +857,36 @@ pub trait EventLogStore: Send + Sync {
         lease_token: &str,
         limit: u32,
     ) -> Result<Vec<ClaimedDelivery>>;
+
+    /// [`claim_deliveries`](Self::claim_deliveries) for up to `limit` slots, where each slot
+    /// of an endpoint with a closed circuit may lease up to `depth` of its due deliveries
+    /// ahead ([`ClaimedDelivery::slot`]), and the cap counts slots, not deliveries: an
+    /// endpoint never has more than `max_concurrency` slots with a live lease. A worker sends
+    /// a slot's deliveries one after the other, so the receiver never has more requests in
+    /// flight than the cap, and sends the next while the previous one's attempt is being
+    /// recorded. Why: at a busy endpoint a slot's turn was its send plus the wait for its
+    /// record, and with the cap bounding the slots, that wait bounded the endpoint's rate.
+    /// A handed-on lease ([`complete_and_hand_on`](Self::complete_and_hand_on)) stays in its
+    /// slot. The default leases one delivery per slot (`depth` ignored), for a backend whose
+    /// records are cheap.
+    async fn claim_ahead(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        lease_token: &str,
+        limit: u32,
+        depth: u32,
+    ) -> Result<Vec<ClaimedDelivery>> {
+        let _ = depth;
+        self.claim_deliveries(now, lease_until, lease_token, limit)
+            .await
+    }
+
+    /// Gives back deliveries leased ahead under `lease_token` that were never sent (a worker
+    /// stopping): each is due again as it was before the claim, its attempt not counted, so
+    /// no attempt that never happened is recorded as lost. Rows no longer under the token are
+    /// left alone. Returns how many it gave back.
+    async fn return_unsent(&self, lease_token: &str, ids: &[i64], now: Timestamp) -> Result<u64>;
 
     /// Records the attempt and applies the outcome if the lease is still `lease_token`'s;
     /// otherwise records the attempt as `lease_lost` and changes nothing else (`false`).

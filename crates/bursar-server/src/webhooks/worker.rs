@@ -3,7 +3,7 @@
 //! transaction guarded by the lease token — so a worker that stalled past its lease writes
 //! nothing but a `lease_lost` attempt. Any number of workers, in any number of processes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,8 +38,11 @@ struct Sent {
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Duration) {
     let hooks = state.webhooks.clone();
     let slots = Arc::new(Semaphore::new(hooks.config.concurrency.max(1)));
-    let tokens: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // The lease tokens of claims not done yet, each with the deliveries its slots hold but
+    // have not sent: what a shutdown gives back or releases.
+    let tokens: Arc<Mutex<HashMap<String, HashSet<i64>>>> = Arc::default();
     let idle = hooks.poll_interval();
+    let depth = lease_ahead_depth(&hooks.config);
     // Ends by itself once the last send holding a sender has finished.
     let (completions, queued) = mpsc::unbounded_channel();
     // Fired after a recorded batch that ended a lease without handing it on: its endpoint
@@ -70,7 +73,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
         let started = Instant::now();
         let claimed = state
             .store
-            .claim_deliveries(now, lease_until, &token, limit)
+            .claim_ahead(now, lease_until, &token, limit, depth)
             .await;
         // Claims are serialised per endpoint (and, on SQLite, with every other write): their
         // latency is what a worker waits before it can send anything (`GET /metrics`).
@@ -92,26 +95,32 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
             }
             continue;
         }
-        lock(&tokens).insert(token.clone());
+        let ids = claimed.iter().map(|c| c.delivery_id).collect();
+        lock(&tokens).insert(token.clone(), ids);
+        let held = by_slot(claimed);
         let batch = Arc::new(BatchLease {
             token,
-            left: std::sync::atomic::AtomicUsize::new(claimed.len()),
+            left: std::sync::atomic::AtomicUsize::new(held.len()),
             tokens: tokens.clone(),
         });
-        for c in claimed {
+        for held in held {
             let permit = slots
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
             let (state, batch, completions) = (state.clone(), batch.clone(), completions.clone());
+            let stop = stop.clone();
             tokio::spawn(async move {
-                // A delivery handed on by the completion of the previous one (same endpoint,
-                // same lease token) is sent next by this task, under the same permit.
-                let mut next = Some((c, started + lease));
-                while let Some((c, lapses)) = next {
-                    next = deliver(&state, c, lapses, &batch.token, &completions).await;
-                }
+                let held = held.into_iter().map(|c| (c, started + lease)).collect();
+                let slot = Slot {
+                    state: &state,
+                    batch: &batch,
+                    completions: &completions,
+                    stop: &stop,
+                    ahead: depth > 1,
+                };
+                slot.run(held).await;
                 batch.done();
                 drop(permit);
             });
@@ -122,8 +131,23 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
         .await
         .is_err()
     {
-        let left: Vec<String> = lock(&tokens).iter().cloned().collect();
-        for token in left {
+        let left: Vec<(String, HashSet<i64>)> = lock(&tokens)
+            .iter()
+            .map(|(t, held)| (t.clone(), held.clone()))
+            .collect();
+        for (token, held) in left {
+            // What slots held ahead and never sent goes back as it was, its attempt not
+            // counted; then what is still leased (sends cut off by the grace) lapses now.
+            if !held.is_empty() {
+                let ids: Vec<i64> = held.into_iter().collect();
+                if let Err(e) = state
+                    .store
+                    .return_unsent(&token, &ids, state.clock.now())
+                    .await
+                {
+                    tracing::warn!(error = %e, "giving back unsent webhook deliveries failed");
+                }
+            }
             match state
                 .store
                 .release_deliveries(&token, state.clock.now())
@@ -136,18 +160,59 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
     }
 }
 
-/// The lease token of one claim, forgotten once all its deliveries (and those handed on to
-/// them) are done.
+/// How many deliveries a slot leases ahead: two where the lease outlasts three sends that
+/// time out (the one in flight, the one held behind it, and a margin for its record), so a
+/// delivery held ahead is never sent on a lease about to lapse; otherwise one.
+fn lease_ahead_depth(config: &crate::config::WebhooksConfig) -> u32 {
+    if config.lease_secs.saturating_mul(1000) >= config.timeout_ms.saturating_mul(3) {
+        2
+    } else {
+        1
+    }
+}
+
+/// A claim's deliveries by slot, in the claim's order (oldest due first): those of one slot
+/// of an endpoint together, a delivery without a slot alone.
+fn by_slot(claimed: Vec<ClaimedDelivery>) -> Vec<Vec<ClaimedDelivery>> {
+    let mut slots: Vec<Vec<ClaimedDelivery>> = Vec::new();
+    let mut at: HashMap<(i64, i64), usize> = HashMap::new();
+    for c in claimed {
+        match c.slot.and_then(|s| at.get(&(c.endpoint_id, s)).copied()) {
+            Some(i) => slots[i].push(c),
+            None => {
+                if let Some(s) = c.slot {
+                    at.insert((c.endpoint_id, s), slots.len());
+                }
+                slots.push(vec![c]);
+            }
+        }
+    }
+    slots
+}
+
+/// The lease token of one claim, forgotten once all its slots (and the deliveries handed on
+/// to them) are done.
 struct BatchLease {
     token: String,
     left: std::sync::atomic::AtomicUsize,
-    tokens: Arc<Mutex<HashSet<String>>>,
+    tokens: Arc<Mutex<HashMap<String, HashSet<i64>>>>,
 }
 
 impl BatchLease {
     fn done(&self) {
         if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
             lock(&self.tokens).remove(&self.token);
+        }
+    }
+
+    /// Whether a slot of this claim holds `id` unsent (`true`) or has sent or given it back.
+    fn holds(&self, id: i64, unsent: bool) {
+        if let Some(held) = lock(&self.tokens).get_mut(&self.token) {
+            if unsent {
+                held.insert(id);
+            } else {
+                held.remove(&id);
+            }
         }
     }
 }
@@ -193,6 +258,8 @@ async fn complete_batches(
     let lease = state.webhooks.lease();
     let mut batch = Vec::with_capacity(COMPLETION_BATCH);
     while queued.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
+        metrics::histogram!("webhook_record_batch_size")
+            .record(u32::try_from(batch.len()).unwrap_or(u32::MAX));
         let (cs, waiting): (Vec<Completion>, Vec<_>) = batch
             .drain(..)
             .map(|(c, lapses, reply)| (c, (lapses, reply)))
@@ -285,19 +352,142 @@ where
     result
 }
 
-/// Sends one claimed delivery and records the attempt; returns the delivery the completion
-/// handed the lease on to, with when that lease lapses.
-async fn deliver(
-    state: &AppState,
-    c: ClaimedDelivery,
-    lapses: Instant,
-    token: &str,
-    completions: &mpsc::UnboundedSender<Done>,
-) -> Option<(ClaimedDelivery, Instant)> {
+/// One slot of an endpoint: sends the deliveries it holds one after the other, never two at
+/// once, so the endpoint's cap (which counts slots) bounds the requests in flight to it.
+struct Slot<'a> {
+    state: &'a AppState,
+    batch: &'a BatchLease,
+    completions: &'a mpsc::UnboundedSender<Done>,
+    stop: &'a watch::Receiver<bool>,
+    /// Whether the slot may send a delivery it holds while an earlier one's attempt is still
+    /// being recorded (`EventLogStore::claim_ahead`).
+    ahead: bool,
+}
+
+/// An attempt queued for its record: the answer, with when it was queued.
+type Pending = (
+    oneshot::Receiver<bursar_storage::Result<Recorded>>,
+    Instant,
+    i64,
+    i64,
+);
+
+impl Slot<'_> {
+    /// Sends what the slot holds, and what completions hand on to it, until it holds nothing,
+    /// the worker stops, or a held delivery's lease could lapse during its send. After a
+    /// success it sends its next held delivery at once, while the success is recorded; after
+    /// a failure it first waits for every record, so the endpoint's health (a circuit opened,
+    /// a backlog deferred) is known before it sends again. What it held and did not send is
+    /// given back once every record is in.
+    async fn run(&self, mut held: std::collections::VecDeque<(ClaimedDelivery, Instant)>) {
+        let timeout = Duration::from_millis(self.state.webhooks.config.timeout_ms);
+        let mut pending: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+        loop {
+            let sendable = held.front().is_some_and(|(_, lapses)| {
+                !*self.stop.borrow()
+                    && (pending.is_empty() || (self.ahead && Instant::now() + timeout < *lapses))
+            });
+            if sendable && let Some((c, lapses)) = held.pop_front() {
+                self.batch.holds(c.delivery_id, false);
+                let (done, succeeded) = attempt(self.state, &c, &self.batch.token).await;
+                pending.push_back(self.queue(done, lapses, &c));
+                if succeeded {
+                    continue;
+                }
+                while let Some(p) = pending.pop_front() {
+                    self.take(&mut held, p).await;
+                }
+            } else if let Some(p) = pending.pop_front() {
+                self.take(&mut held, p).await;
+            } else {
+                break;
+            }
+        }
+        if !held.is_empty() {
+            let ids: Vec<i64> = held.iter().map(|(c, _)| c.delivery_id).collect();
+            let now = self.state.clock.now();
+            match self
+                .state
+                .store
+                .return_unsent(&self.batch.token, &ids, now)
+                .await
+            {
+                Ok(_) => ids.iter().for_each(|id| self.batch.holds(*id, false)),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "giving back unsent webhook deliveries failed; their leases lapse"
+                ),
+            }
+        }
+    }
+
+    /// Waits for a queued record and holds what its completion handed on.
+    async fn take(
+        &self,
+        held: &mut std::collections::VecDeque<(ClaimedDelivery, Instant)>,
+        pending: Pending,
+    ) {
+        if let Some((next, lapses)) = self.recorded(pending).await {
+            self.batch.holds(next.delivery_id, true);
+            held.push_back((next, lapses));
+        }
+    }
+
+    /// Hands a finished attempt to the completion task (or, once that has ended, records it
+    /// here); the answer comes through the returned receiver.
+    fn queue(&self, done: Completion, lapses: Instant, c: &ClaimedDelivery) -> Pending {
+        // A database that is briefly busy must not strand a sent delivery until its lease
+        // lapses — that would send it a second time — hence the retries in
+        // `complete_batches`, and then `record_until` for an outage that outlasts them.
+        let (reply, answer) = oneshot::channel();
+        if let Err(mpsc::error::SendError((done, lapses, reply))) =
+            self.completions.send((done, lapses, reply))
+        {
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let _ = reply.send(record_one(&state, done, lapses).await.map(|h| (h, None)));
+            });
+        }
+        (answer, Instant::now(), c.delivery_id, c.attempt_no)
+    }
+
+    /// Waits for a queued attempt's record; returns the delivery its completion handed the
+    /// lease on to, with when that lease lapses.
+    async fn recorded(
+        &self,
+        (answer, queued, delivery_id, attempt): Pending,
+    ) -> Option<(ClaimedDelivery, Instant)> {
+        let result = answer.await.unwrap_or_else(|_| {
+            Err(StorageError::Unavailable(
+                "the completion task ended".into(),
+            ))
+        });
+        // How long a sent delivery waits for its record (and for the delivery handed on to
+        // it): with the send, one turn of a slot that holds nothing ahead (`GET /metrics`).
+        metrics::histogram!("webhook_record_wait_seconds").record(queued.elapsed().as_secs_f64());
+        match result {
+            Ok((true, next)) => return next,
+            Ok((false, _)) => tracing::warn!(
+                delivery_id,
+                attempt,
+                "webhook lease lost before the attempt was recorded"
+            ),
+            Err(e) => tracing::warn!(
+                delivery_id,
+                error = %e,
+                "recording a webhook attempt failed; the lease will lapse and it is sent again"
+            ),
+        }
+        None
+    }
+}
+
+/// Sends one claimed delivery; returns its completion and whether it succeeded.
+async fn attempt(state: &AppState, c: &ClaimedDelivery, token: &str) -> (Completion, bool) {
     let started = Instant::now();
     let at = state.clock.now();
-    let sent = match signed_request(state, &c, at) {
-        Ok(headers) => send(state, &c, headers).await,
+    let sent = match signed_request(state, c, at) {
+        Ok(headers) => send(state, c, headers).await,
         Err(kind) => Sent {
             status: None,
             error_kind: Some(kind),
@@ -305,7 +495,7 @@ async fn deliver(
             snippet: None,
         },
     };
-    let outcome = outcome(state, &c, &sent);
+    let outcome = outcome(state, c, &sent);
     let attempt = Attempt {
         id: 0,
         delivery_id: c.delivery_id,
@@ -323,34 +513,7 @@ async fn deliver(
         outcome,
         policy: state.webhooks.config.health_policy(),
     };
-    // A database that is briefly busy must not strand a sent delivery until its lease lapses —
-    // that would send it a second time — hence the retries in `complete_batches`, and then
-    // `record_until` for an outage that outlasts them.
-    let (reply, answer) = oneshot::channel();
-    let result = match completions.send((done, lapses, reply)) {
-        Ok(()) => answer.await.unwrap_or_else(|_| {
-            Err(StorageError::Unavailable(
-                "the completion task ended".into(),
-            ))
-        }),
-        Err(mpsc::error::SendError((done, lapses, _))) => {
-            record_one(state, done, lapses).await.map(|h| (h, None))
-        }
-    };
-    match result {
-        Ok((true, next)) => return next,
-        Ok((false, _)) => tracing::warn!(
-            delivery_id = c.delivery_id,
-            attempt = c.attempt_no,
-            "webhook lease lost before the attempt was recorded"
-        ),
-        Err(e) => tracing::warn!(
-            delivery_id = c.delivery_id,
-            error = %e,
-            "recording a webhook attempt failed; the lease will lapse and it is sent again"
-        ),
-    }
-    None
+    (done, outcome == Outcome::Succeeded)
 }
 
 /// Keeps recording an attempt the database would not take, waiting longer each time (up to

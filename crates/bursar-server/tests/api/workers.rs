@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use bursar_server::webhooks::{relay, worker};
-use bursar_server::{AppState, SystemClock};
+use bursar_server::{AppState, Config, SystemClock};
 use bursar_storage::PageRequest;
 use bursar_storage::events::state as delivery;
 use serde_json::{Value, json};
@@ -83,6 +83,21 @@ async fn receiver() -> (String, Arc<Seen>) {
     (base, seen)
 }
 
+/// A sibling of `app` with no relay or worker in the server (the test fans out and runs the
+/// workers itself), receivers on loopback allowed, a 10 s send timeout, and `change`.
+async fn without_workers(app: &TestApp, change: impl FnOnce(&mut Config)) -> TestApp {
+    app.sibling(
+        |c| {
+            c.webhooks.run_workers = false;
+            c.webhooks.allow_cidrs = vec!["127.0.0.0/8".into()];
+            c.webhooks.timeout_ms = 10_000;
+            change(c);
+        },
+        Arc::new(SystemClock),
+    )
+    .await
+}
+
 /// B15/B16: `workers` delivery workers (8 on PostgreSQL, 4 on SQLite; every other one with a
 /// store of its own) drain 2 × `events` due deliveries: every (endpoint, webhook-id) reaches the
 /// receiver exactly once, never two copies at a time, each request is attempt 1 of its
@@ -93,19 +108,11 @@ pub async fn many_workers_send_each_delivery_once(app: &TestApp) {
         Backend::Postgres => (8, 2500),
         Backend::Sqlite => (4, 2500),
     };
-    // No relay or worker in the server: the test fans out and runs the workers itself.
-    let app = app
-        .sibling(
-            |c| {
-                c.webhooks.run_workers = false;
-                c.webhooks.allow_cidrs = vec!["127.0.0.0/8".into()];
-                c.webhooks.timeout_ms = 10_000;
-                c.webhooks.concurrency = 16;
-                c.database.max_connections = 4;
-            },
-            Arc::new(SystemClock),
-        )
-        .await;
+    let app = without_workers(app, |c| {
+        c.webhooks.concurrency = 16;
+        c.database.max_connections = 4;
+    })
+    .await;
     let (base, seen) = receiver().await;
     let mut endpoints = BTreeMap::new();
     for tag in ["one", "two"] {
@@ -282,4 +289,111 @@ pub async fn many_workers_send_each_delivery_once(app: &TestApp) {
         assert!(rows.iter().all(|d| d.attempt_count == 1), "retried");
     }
     app.stop().await;
+}
+
+/// A worker stopped while a slot's send hangs past the grace: the delivery the slot held
+/// behind that send (PostgreSQL leases one ahead) goes back as it was, so the next worker
+/// sends it as its first attempt and its log shows no lost attempt that never happened; the
+/// hanging one is resent. Without leasing ahead every other delivery simply waits.
+pub async fn a_stopped_worker_gives_back_what_a_slot_held_unsent(app: &TestApp) {
+    let app = without_workers(app, |_| {}).await;
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let (h, n) = (hang.clone(), arrived.clone());
+    let router = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move || {
+            let (h, n) = (h.clone(), n.clone());
+            async move {
+                n.fetch_add(1, Ordering::SeqCst);
+                if h.swap(false, Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let resp = app
+        .a
+        .request(reqwest::Method::POST, "/api/webhook_endpoints")
+        .json(&json!({"url": url, "event_types": ["customer.*"], "max_concurrency": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let endpoint_id = resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    for _ in 0..3 {
+        app.a.create_customer(&Default::default()).await.unwrap();
+    }
+    // All three due before a worker runs, so its first claim sees them together.
+    while relay::relay_once(&app.state).await.unwrap() > 0 {}
+    let all = PageRequest {
+        limit: 100,
+        starting_after: None,
+    };
+    let listed = || app.store.list_deliveries(app.account_a, endpoint_id, all);
+    let run = |grace| {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(worker::run(app.state.clone(), stopped, grace));
+        (stop, task)
+    };
+    let (stop, task) = run(Duration::from_millis(300));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while arrived.load(Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < deadline, "the first send never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let leased: Vec<_> = listed()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.state == delivery::IN_FLIGHT)
+        .collect();
+    let ahead = matches!(app.backend, Backend::Postgres);
+    assert_eq!(leased.len(), if ahead { 2 } else { 1 }, "{leased:?}");
+    let hanging = leased.iter().map(|d| d.id).min().unwrap();
+    // Stop: the hanging send outlasts the grace.
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(
+        arrived.load(Ordering::SeqCst),
+        1,
+        "one slot, one send at a time"
+    );
+    let back = listed().await.unwrap();
+    for d in back.iter().filter(|d| d.id != hanging) {
+        assert_eq!(
+            (d.state.as_str(), d.attempt_count),
+            (delivery::PENDING, 0),
+            "{d:?}"
+        );
+    }
+    // The next worker delivers all three.
+    let (stop, task) = run(Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = listed().await.unwrap();
+        if done.iter().all(|d| d.state == delivery::SUCCEEDED) {
+            for d in &done {
+                let expected = if d.id == hanging { 2 } else { 1 };
+                assert_eq!(d.attempt_count, expected, "{d:?}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let attempts = app
+        .store
+        .list_attempts(app.account_a, endpoint_id, all)
+        .await
+        .unwrap();
+    for a in attempts.iter().filter(|a| a.delivery_id != hanging) {
+        assert_eq!((a.attempt_no, a.error_kind.as_deref()), (1, None), "{a:?}");
+    }
 }

@@ -1003,6 +1003,102 @@ pub async fn claims_never_exceed_an_endpoints_concurrency(s: Store) {
     capped_workers(&s, "b", false).await;
 }
 
+/// Issue 5: a claim that leases ahead (`claim_ahead`) gives each of an endpoint's slots up to
+/// `depth` deliveries, oldest first across the slots, and counts the cap in slots, so nobody
+/// else leases anything while the endpoint's slots are taken; a lease handed on stays in its
+/// slot; and a delivery held ahead but never sent is given back as it was, its attempt not
+/// counted and nothing recorded for it. PostgreSQL leases ahead; a backend that does not (the
+/// default) leases one delivery per slot, within the cap.
+pub async fn slots_lease_ahead_within_the_cap(s: Store) {
+    let (a, ep, all) = five_due_at_a_cap_of_two(&s).await;
+    let (now, lease, until) = (Timestamp(T0), Timestamp(T0 + 1_000), Timestamp(T0 + 5_000));
+    let claimed = s.claim_ahead(now, lease, "A", 10, 2).await.unwrap();
+    let ahead = claimed.iter().any(|c| c.slot.is_some());
+    assert_eq!(ahead, s.backend() == "postgres", "{claimed:?}");
+    let mut slots: std::collections::BTreeMap<i64, Vec<i64>> = Default::default();
+    for c in &claimed {
+        assert_eq!((c.endpoint_id, c.account_id), (ep.id, a));
+        let slot = c.slot.unwrap_or(-c.delivery_id);
+        slots.entry(slot).or_default().push(c.delivery_id);
+    }
+    let held: Vec<Vec<i64>> = slots.into_values().collect();
+    if ahead {
+        assert_eq!(held, [vec![all[0], all[2]], vec![all[1], all[3]]]);
+    } else {
+        assert_eq!(held.len(), 2);
+        assert!(held.iter().all(|slot| slot.len() == 1), "{held:?}");
+    }
+    // The cap counts slots: with both taken, nobody else leases anything.
+    assert!(
+        s.claim_ahead(now, lease, "B", 10, 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        s.claim_deliveries(now, lease, "B", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    if !ahead {
+        return;
+    }
+    // Slot 0's first delivery succeeds and hands its lease on: the oldest due one joins the
+    // slot, which now holds two again, so still nobody else leases anything.
+    let first = &claimed[0];
+    assert_eq!(first.delivery_id, all[0]);
+    let out = s
+        .complete_and_hand_on(
+            vec![finish(
+                first,
+                "A",
+                Outcome::Succeeded,
+                HealthPolicy::default(),
+            )],
+            now,
+            Some(until),
+        )
+        .await
+        .unwrap();
+    let next = out[0].1.clone().expect("a lease handed on");
+    assert_eq!((next.delivery_id, next.slot), (all[4], first.slot));
+    assert!(
+        s.claim_ahead(now, lease, "B", 10, 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Slot 0 stops before sending its second delivery: it is given back as it was. A token
+    // that does not hold a delivery gives back nothing.
+    assert_eq!(s.return_unsent("B", &[all[2]], now).await.unwrap(), 0);
+    assert_eq!(s.return_unsent("A", &[all[2]], now).await.unwrap(), 1);
+    let deliveries = s.list_deliveries(a, ep.id, page(100, None)).await.unwrap();
+    let back = deliveries.iter().find(|d| d.id == all[2]).unwrap();
+    assert_eq!((back.state.as_str(), back.attempt_count), ("pending", 0));
+    let attempts = s.list_attempts(a, ep.id, page(100, None)).await.unwrap();
+    assert!(
+        attempts.iter().all(|t| t.delivery_id != all[2]),
+        "{attempts:?}"
+    );
+    // Slot 0 still holds the delivery handed on, slot 1 its two: the cap still holds.
+    assert!(
+        s.claim_ahead(now, lease, "B", 10, 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Once the leases lapse, a claim leases the endpoint's slots afresh, oldest due first.
+    let later = Timestamp(T0 + 6_000);
+    let again = s
+        .claim_ahead(later, Timestamp(T0 + 7_000), "C", 10, 2)
+        .await
+        .unwrap();
+    let mut ids: Vec<i64> = again.iter().map(|c| c.delivery_id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [all[1], all[2], all[3], all[4]]);
+}
+
 /// Issue 5: a completion that hands its lease on (`complete_and_hand_on`) keeps the endpoint
 /// within its cap. What is handed on is the endpoint's oldest due delivery, under the
 /// completion's token, counted as its first attempt; a disabled or FIFO-held endpoint gets
