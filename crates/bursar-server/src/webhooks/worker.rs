@@ -364,13 +364,13 @@ struct Slot<'a> {
     ahead: bool,
 }
 
-/// An attempt queued for its record: the answer, with when it was queued.
-type Pending = (
-    oneshot::Receiver<bursar_storage::Result<Recorded>>,
-    Instant,
-    i64,
-    i64,
-);
+/// An attempt queued for its record.
+struct Pending {
+    answer: oneshot::Receiver<bursar_storage::Result<Recorded>>,
+    queued: Instant,
+    delivery_id: i64,
+    attempt: i64,
+}
 
 impl Slot<'_> {
     /// Sends what the slot holds, and what completions hand on to it, until it holds nothing,
@@ -384,8 +384,7 @@ impl Slot<'_> {
         let mut pending: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
         loop {
             let sendable = held.front().is_some_and(|(_, lapses)| {
-                !*self.stop.borrow()
-                    && (pending.is_empty() || (self.ahead && Instant::now() + timeout < *lapses))
+                !*self.stop.borrow() && may_send(self.ahead, Instant::now(), timeout, *lapses)
             });
             if sendable && let Some((c, lapses)) = held.pop_front() {
                 self.batch.holds(c.delivery_id, false);
@@ -448,15 +447,23 @@ impl Slot<'_> {
                 let _ = reply.send(record_one(&state, done, lapses).await.map(|h| (h, None)));
             });
         }
-        (answer, Instant::now(), c.delivery_id, c.attempt_no)
+        Pending {
+            answer,
+            queued: Instant::now(),
+            delivery_id: c.delivery_id,
+            attempt: c.attempt_no,
+        }
     }
 
     /// Waits for a queued attempt's record; returns the delivery its completion handed the
     /// lease on to, with when that lease lapses.
-    async fn recorded(
-        &self,
-        (answer, queued, delivery_id, attempt): Pending,
-    ) -> Option<(ClaimedDelivery, Instant)> {
+    async fn recorded(&self, pending: Pending) -> Option<(ClaimedDelivery, Instant)> {
+        let Pending {
+            answer,
+            queued,
+            delivery_id,
+            attempt,
+        } = pending;
         let result = answer.await.unwrap_or_else(|_| {
             Err(StorageError::Unavailable(
                 "the completion task ended".into(),
@@ -480,6 +487,16 @@ impl Slot<'_> {
         }
         None
     }
+}
+
+/// Whether a slot may send a delivery it holds, leased until `lapses`. A slot that leases
+/// ahead holds a delivery while others are sent and recorded, which can take long (a send
+/// that times out, a record kept trying through a database outage), so it sends one only
+/// while the lease outlasts a send: past it, another worker may have taken the delivery over.
+/// Without leasing ahead, a delivery is sent as soon as it is claimed or handed on, on a lease
+/// just taken.
+fn may_send(ahead: bool, now: Instant, timeout: Duration, lapses: Instant) -> bool {
+    !ahead || now + timeout < lapses
 }
 
 /// Sends one claimed delivery; returns its completion and whether it succeeded.
@@ -745,6 +762,18 @@ fn outcome(state: &AppState, c: &ClaimedDelivery, sent: &Sent) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_held_ahead_is_sent_only_while_its_lease_outlasts_a_send() {
+        let now = Instant::now();
+        let timeout = Duration::from_secs(15);
+        assert!(may_send(true, now, timeout, now + Duration::from_secs(16)));
+        assert!(!may_send(true, now, timeout, now + Duration::from_secs(15)));
+        // A record that failed long after the claim leaves nothing pending, and the lease
+        // held ahead may already have lapsed: it is not sent.
+        assert!(!may_send(true, now + Duration::from_secs(89), timeout, now));
+        assert!(may_send(false, now, timeout, now));
+    }
 
     #[test]
     fn retry_after_takes_seconds_or_a_date_and_ignores_garbage() {
