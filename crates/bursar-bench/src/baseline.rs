@@ -3,18 +3,24 @@
 //!
 //! It runs on a tokio runtime of its own so that, like the separate `bursar` process, it does
 //! not share worker threads with the load generator.
+//!
+//! For the `payments` scenario it is the *ceiling*: its `POST /payments` (and `…/capture`)
+//! makes the very processor call Bursar makes — over HTTP to the sandbox processor served in
+//! the same process, under the request's idempotency key — and stores nothing. A pay op can
+//! go no faster than this on the machine, whatever Bursar's storage does.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use reqwest::Client;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
@@ -48,7 +54,22 @@ const PG_SELECT: &str = "SELECT id, account_id, customer_id, amount_minor, curre
     description, metadata::text AS metadata, version, created_at, updated_at \
     FROM orders WHERE id = $1";
 
-/// The axum state: the pools.
+/// The axum state: the pools and the processor the ceiling's payments call.
+#[derive(Clone)]
+struct App {
+    db: Db,
+    processor: Processor,
+}
+
+/// The sandbox processor served on a port of the baseline's own, as `bursar serve` serves it in
+/// test mode, and the HTTP client that calls it.
+#[derive(Clone)]
+struct Processor {
+    http: Client,
+    /// `http://127.0.0.1:PORT/v1/payments`.
+    payments: String,
+}
+
 #[derive(Clone)]
 enum Db {
     Sqlite {
@@ -77,8 +98,16 @@ impl Baseline {
             };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
+            let processor = start_processor().await?;
             let app = Router::new().route("/orders", post(create));
-            let app = app.route("/orders/{id}", get(fetch)).with_state(db.clone());
+            let app = app.route("/orders/{id}", get(fetch));
+            let app = app.route("/payments", post(pay));
+            let app = app.route("/payments/{id}/capture", post(capture));
+            let state = App {
+                db: db.clone(),
+                processor,
+            };
+            let app = app.with_state(state);
             // The floor of any handler, for the idempotent-replay comparison.
             let app = app.route("/hello", get(|| async { "hello" }));
             tokio::spawn(async move { axum::serve(listener, app).await });
@@ -99,11 +128,11 @@ impl Baseline {
         }
     }
 
-    /// The baseline as the load generator sees it.
-    pub fn target(&self, client: &Client) -> Target {
+    /// The baseline as the load generator sees it, under `name`.
+    pub fn target(&self, name: &'static str, client: &Client) -> Target {
         let body = r#"{"customer_id":1,"amount_minor":19900,"currency":"USD"}"#;
         let orders = format!("http://{}/orders", self.addr);
-        Target::new("baseline", client, orders, None, body.into())
+        Target::new(name, client, orders, None, body.into())
     }
 
     /// Closes the pools and the runtime, then removes the temp dir or the schema.
@@ -147,6 +176,17 @@ async fn open_sqlite() -> Result<(Db, Scratch)> {
         .test_before_acquire(false);
     let readers = pool.connect_with(connect.read_only(true)).await?;
     Ok((Db::Sqlite { writer, readers }, Scratch::Dir(dir)))
+}
+
+/// Serves a fresh sandbox on a port of its own; the client is built as Bursar's processor
+/// client is (reqwest's defaults: a keep-alive pool, HTTP/1.1 to a plain `http` URL).
+async fn start_processor() -> Result<Processor> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let payments = format!("http://{}/v1/payments", listener.local_addr()?);
+    let sandbox = bursar_sandbox::Sandbox::new(bursar_sandbox::Faults::default());
+    tokio::spawn(bursar_sandbox::serve(listener, sandbox));
+    let http = Client::builder().timeout(Duration::from_secs(15)).build()?;
+    Ok(Processor { http, payments })
 }
 
 /// A pool of 16 (Bursar's default) on a fresh schema of its own.
@@ -202,7 +242,7 @@ fn internal(e: sqlx::Error) -> (StatusCode, String) {
 }
 
 /// One autocommitted INSERT (the table's CHECK rejects a non-positive amount).
-async fn create(State(db): State<Db>, Json(o): Json<NewOrder>) -> Reply {
+async fn create(State(App { db, .. }): State<App>, Json(o): Json<NewOrder>) -> Reply {
     macro_rules! insert {
         ($sql:expr, $pool:expr) => {
             sqlx::query_scalar($sql)
@@ -222,7 +262,7 @@ async fn create(State(db): State<Db>, Json(o): Json<NewOrder>) -> Reply {
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn fetch(State(db): State<Db>, Path(id): Path<i64>) -> Reply {
+async fn fetch(State(App { db, .. }): State<App>, Path(id): Path<i64>) -> Reply {
     macro_rules! select {
         ($sql:expr, $pool:expr) => {
             sqlx::query_as($sql).bind(id).fetch_optional($pool).await
@@ -237,4 +277,67 @@ async fn fetch(State(db): State<Db>, Path(id): Path<i64>) -> Reply {
         Some(order) => Ok(Json(order).into_response()),
         None => Err((StatusCode::NOT_FOUND, format!("no order {id}"))),
     }
+}
+
+#[derive(Deserialize)]
+struct NewPayment {
+    payment_method: String,
+    #[serde(default = "yes")]
+    capture: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The ceiling's payment: the processor call Bursar makes for it (the order's amount as the
+/// bench creates it), the answer passed on, nothing stored.
+async fn pay(State(app): State<App>, headers: HeaderMap, Json(p): Json<NewPayment>) -> Reply {
+    let body = serde_json::json!({
+        "amount_minor": 19900,
+        "currency": "USD",
+        "payment_method": p.payment_method,
+        "capture": p.capture,
+    });
+    let url = app.processor.payments.clone();
+    call_processor(&app.processor, &headers, url, &body).await
+}
+
+/// The ceiling's capture of a payment made by [`pay`]: the processor's capture, in full.
+async fn capture(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Reply {
+    let url = format!("{}/{id}/capture", app.processor.payments);
+    let body = serde_json::json!({ "amount_minor": null });
+    call_processor(&app.processor, &headers, url, &body).await
+}
+
+/// POSTs `body` to `url` under the request's `Idempotency-Key` and answers with the processor's
+/// payment id and its status named as Bursar names it (`captured` is `succeeded`, `authorized`
+/// is `requires_capture`), which the load tool checks.
+async fn call_processor(p: &Processor, headers: &HeaderMap, url: String, body: &Value) -> Reply {
+    let mut req = p.http.post(url).json(body);
+    if let Some(key) = headers.get("idempotency-key") {
+        req = req.header("idempotency-key", key);
+    }
+    let failed = |e: reqwest::Error| (StatusCode::BAD_GATEWAY, e.to_string());
+    let resp = req.send().await.map_err(failed)?;
+    let status = resp.status();
+    let answer: Value = resp.json().await.map_err(failed)?;
+    if !status.is_success() {
+        return Err((
+            StatusCode::BAD_GATEWAY,
+            format!("processor: {status} {answer}"),
+        ));
+    }
+    let status = match answer["status"].as_str() {
+        Some("captured") => "succeeded",
+        Some("authorized") => "requires_capture",
+        other => {
+            return Err((
+                StatusCode::BAD_GATEWAY,
+                format!("processor status {other:?}"),
+            ));
+        }
+    };
+    let body = serde_json::json!({ "id": answer["id"], "status": status });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
 }

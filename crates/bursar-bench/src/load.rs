@@ -25,6 +25,9 @@ pub struct Target {
     auth: Option<String>,
     /// Body of every create; built once so the client does no per-request work.
     create_body: Bytes,
+    /// Its payments never read the order (the ceiling's): a pay phase needs no supply of
+    /// pending orders and sends made-up order ids.
+    pub any_order: bool,
 }
 
 impl Target {
@@ -63,6 +66,7 @@ impl Target {
             payments_url,
             auth,
             create_body,
+            any_order: false,
         }
     }
 
@@ -226,7 +230,7 @@ pub async fn run_phase(
     s: Settings,
 ) -> Result<Sample> {
     ensure!(
-        !matches!(op, Op::Get | Op::Pay(_)) || !ids.is_empty(),
+        !matches!(op, Op::Get | Op::Pay(_)) || !ids.is_empty() || target.any_order,
         "{}: no orders to {}",
         target.name,
         op.name()
@@ -288,7 +292,8 @@ async fn worker(p: Arc<Phase>, task: usize) -> Sample {
             }
             Op::Pay(flow) => {
                 let taken = p.taken.fetch_add(1, Ordering::Relaxed);
-                let Some(order) = p.ids.get(taken) else {
+                let made_up = (t.any_order).then(|| (taken + 1).to_string());
+                let Some(order) = made_up.as_ref().or(p.ids.get(taken)) else {
                     // The supply was sized too small: stop rather than pay an order twice.
                     if taken == p.ids.len() {
                         eprintln!("error: {} pay: all {taken} pending orders paid", t.name);

@@ -1,8 +1,10 @@
 //! `bursar-bench`: measures Bursar against a bare axum + sqlx baseline in the same run and
 //! prints the ratio. Absolute numbers depend on the machine; the ratio is what compares across
 //! machines and commits, and interleaving the targets (A B A B) keeps drift from favouring one.
-//! The `payments` scenario needs no baseline: both sides of its ratio are Bursar (payments
-//! against its own order creates, phase after phase in each round). Nor does `webhooks`
+//! Both sides of the `payments` scenario's ratio are Bursar (payments against its own order
+//! creates, phase after phase in each round); its baseline is the *ceiling*, the same pay ops
+//! against a bare handler that makes Bursar's processor call and stores nothing (see
+//! `baseline.rs`), reported against Bursar's creates too. `webhooks` needs no baseline
 //! (`webhooks.rs`): its baseline is Bursar's order creates on an account without endpoints.
 //! Nor does `limits` (`limits.rs`): its baseline is Bursar's GETs on a server without limits.
 
@@ -60,9 +62,10 @@ struct Args {
     baseline_only: bool,
     /// `crud`: create then get, against the bare insert and select. `idempotency`: Bursar
     /// creates with a fresh Idempotency-Key each against the bare insert, then Bursar replays
-    /// of one completed key against a hello-world handler. `payments`: Bursar only (no
-    /// baseline), order creates, then pays orders created earlier (create with capture false,
-    /// then capture: one op) through the sandbox processor running inside `bursar serve`.
+    /// of one completed key against a hello-world handler. `payments`: order creates, then
+    /// pays orders created earlier (`--pay-flow`) through the sandbox processor running inside
+    /// `bursar serve`; beside it the ceiling, a bare handler that makes the same processor
+    /// call and stores nothing (its creates are the bare insert).
     /// `webhooks`: Bursar only, webhook fan-out of `order.created` to local receivers: order
     /// creates at a fixed rate (commit-to-delivery latency, every delivery checked, and the
     /// deliveries that arrived inside the measured window against those offered), then
@@ -199,14 +202,16 @@ async fn run(args: &Args) -> Result<Results> {
     // One client for everything: HTTP/1.1 with keep-alive, as a typical API client uses.
     let client = Client::builder().http1_only().no_proxy();
     let client = client.timeout(Duration::from_secs(10)).build()?;
-    if args.scenario == Scenario::Payments {
-        // Both sides of the ratio are Bursar: no baseline to start.
-        let bin = args.bursar_bin.as_deref().context("no --bursar-bin")?;
-        return with_bursar(args, bin, &client, None).await;
-    }
     let url = args.database_url.as_deref();
     let baseline = baseline::Baseline::start(args.backend, url).await?;
-    let base = Arc::new(baseline.target(&client));
+    let name = match args.scenario {
+        Scenario::Payments => "ceiling",
+        _ => "baseline",
+    };
+    let mut base = baseline.target(name, &client);
+    // The ceiling's payments store nothing and read no order.
+    base.any_order = args.scenario == Scenario::Payments;
+    let base = Arc::new(base);
     let results = match args.bursar_bin.as_deref() {
         Some(bin) if !args.baseline_only => with_bursar(args, bin, &client, Some(base)).await,
         _ => measure(args, &[base]).await,
@@ -252,9 +257,11 @@ async fn measure(args: &Args, targets: &[Arc<Target>]) -> Result<Results> {
     };
     let empty = |t: &Arc<Target>| (t.name, Sample::default(), Sample::default());
     let mut results: Results = targets.iter().map(empty).collect();
-    let mut unpaid = Unpaid::default();
+    // Each target pays its own orders.
+    let mut unpaid: Vec<Unpaid> = targets.iter().map(|_| Unpaid::default()).collect();
     for round in 1..=args.rounds {
-        for (t, (_, firsts, seconds)) in targets.iter().zip(&mut results) {
+        let each = targets.iter().zip(&mut results).zip(&mut unpaid);
+        for ((t, (_, firsts, seconds)), unpaid) in each {
             let [(op1, keys1), (op2, keys2)] = args.scenario.phases(t.name, args.pay_flow);
             eprintln!(
                 "round {round}/{}: {} {:?}",
@@ -263,12 +270,13 @@ async fn measure(args: &Args, targets: &[Arc<Target>]) -> Result<Results> {
             let mut first = load::run_phase(t, op1, keys1, vec![], settings).await?;
             let mut ids = std::mem::take(&mut first.ids);
             firsts.absorb(first);
-            if matches!(op2, Op::Pay(_)) {
+            let supplied = matches!(op2, Op::Pay(_)) && !t.any_order;
+            if supplied {
                 ids = unpaid.supply(t, ids, args.concurrency, firsts).await?;
             }
             let given = ids.len();
             let mut second = load::run_phase(t, op2, keys2, ids, settings).await?;
-            if matches!(op2, Op::Pay(_)) {
+            if supplied {
                 unpaid.put_back(given, std::mem::take(&mut second.ids));
             }
             seconds.absorb(second);
@@ -353,10 +361,11 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
     }
     let ratio = |a: &Sample, b: &Sample| a.rate() as f64 / b.rate().max(1) as f64;
     match &results[..] {
-        [(_, creates, pays)] if args.scenario == Scenario::Payments => {
-            let r = ratio(pays, creates);
+        [(_, _, ceiling), (_, creates, pays)] if args.scenario == Scenario::Payments => {
+            let (r, top) = (ratio(pays, creates), ratio(ceiling, creates));
             let flow = format!("{:?}", args.pay_flow).to_lowercase();
             println!("ratio payment(create+capture, {flow})/order create: {r:.2}   (ops/s)");
+            println!("ceiling: storage-free pay ops/Bursar order create: {top:.2}   (ops/s)");
         }
         [(_, base_c, base_g), (_, bursar_c, bursar_g)] => {
             let (c, g) = (ratio(bursar_c, base_c), ratio(bursar_g, base_g));
