@@ -1028,11 +1028,21 @@ impl EventLogStore for PostgresStore {
     }
 
     async fn return_unsent(&self, lease_token: &str, ids: &[i64], now: Timestamp) -> Result<u64> {
+        // The endpoints are share-locked first: a 410 being recorded for one of them (which
+        // locks it `FOR NO KEY UPDATE` and cancels what is due) either commits before and is
+        // seen here, or waits and then cancels what this gives back.
         let done = sqlx::query(
-            "UPDATE webhook_deliveries SET attempt_count = attempt_count - 1, \
-             state = CASE WHEN attempt_count > 1 THEN 'retrying' ELSE 'pending' END, \
+            "WITH ep AS (SELECT id, NOT enabled AND disabled_reason = 'gone' AS gone \
+             FROM webhook_endpoints WHERE id IN (SELECT endpoint_id FROM webhook_deliveries \
+             WHERE id = ANY($2) AND lease_token = $3 AND state = 'in_flight') \
+             ORDER BY id FOR SHARE) \
+             UPDATE webhook_deliveries d SET attempt_count = d.attempt_count - 1, \
+             state = CASE WHEN ep.gone THEN 'cancelled' \
+             WHEN d.attempt_count > 1 THEN 'retrying' ELSE 'pending' END, \
+             last_error = CASE WHEN ep.gone THEN 'gone' ELSE d.last_error END, \
              lease_token = NULL, lease_slot = NULL, lease_expires_at = NULL, updated_at = $1 \
-             WHERE id = ANY($2) AND lease_token = $3 AND state = 'in_flight'",
+             FROM ep WHERE d.endpoint_id = ep.id \
+             AND d.id = ANY($2) AND d.lease_token = $3 AND d.state = 'in_flight'",
         )
         .bind(now.0)
         .bind(ids)

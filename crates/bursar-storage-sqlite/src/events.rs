@@ -917,12 +917,18 @@ impl EventLogStore for SqliteStore {
     /// here; implemented for the trait's contract all the same.
     async fn return_unsent(&self, lease_token: &str, ids: &[i64], now: Timestamp) -> Result<u64> {
         let ids = serde_json::to_string(ids).map_err(|e| StorageError::Internal(Box::new(e)))?;
+        // One writer: a 410 recorded for the endpoint is either before this (and seen) or
+        // after it (and its cancel catches what this gives back).
         let done = sqlx::query(
             "UPDATE webhook_deliveries SET attempt_count = attempt_count - 1, \
-             state = CASE WHEN attempt_count > 1 THEN 'retrying' ELSE 'pending' END, \
+             state = CASE WHEN gone THEN 'cancelled' \
+               WHEN attempt_count > 1 THEN 'retrying' ELSE 'pending' END, \
+             last_error = CASE WHEN gone THEN 'gone' ELSE last_error END, \
              lease_token = NULL, lease_expires_at = NULL, updated_at = ? \
-             WHERE id IN (SELECT value FROM json_each(?)) AND lease_token = ? \
-               AND state = 'in_flight'",
+             FROM (SELECT id AS ep_id, enabled = 0 AND disabled_reason IS 'gone' AS gone \
+               FROM webhook_endpoints) \
+             WHERE ep_id = endpoint_id AND id IN (SELECT value FROM json_each(?)) \
+               AND lease_token = ? AND state = 'in_flight'",
         )
         .bind(now.0)
         .bind(ids)

@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             a_batch_survives_an_endpoint_deleted_under_it,
             fifo_endpoints_get_one_aggregate_at_a_time_in_order,
             a_gone_receiver_disables_its_endpoint,
+            a_delivery_given_back_to_a_gone_endpoint_is_cancelled,
             concurrent_workers_never_claim_one_delivery_twice,
             a_redelivery_answers_what_it_wrote,
             published_events_leave_the_backlog,

@@ -883,8 +883,10 @@ pub trait EventLogStore: Send + Sync {
     }
 
     /// Gives back deliveries leased ahead under `lease_token` that were never sent (a worker
-    /// stopping): each is due again as it was before the claim, its attempt not counted, so
-    /// no attempt that never happened is recorded as lost. Rows no longer under the token are
+    /// stopping, a slot whose last send failed): each is due again as it was before the
+    /// claim, its attempt not counted, so no attempt that never happened is recorded as lost
+    /// — unless its endpoint answered 410 meanwhile: then it is cancelled (`gone`), as the
+    /// 410 cancelled the endpoint's other due deliveries. Rows no longer under the token are
     /// left alone. Returns how many it gave back.
     async fn return_unsent(&self, lease_token: &str, ids: &[i64], now: Timestamp) -> Result<u64>;
 

@@ -374,11 +374,13 @@ struct Pending {
 
 impl Slot<'_> {
     /// Sends what the slot holds, and what completions hand on to it, until it holds nothing,
-    /// the worker stops, or a held delivery's lease could lapse during its send. After a
-    /// success it sends its next held delivery at once, while the success is recorded; after
-    /// a failure it first waits for every record, so the endpoint's health (a circuit opened,
-    /// a backlog deferred) is known before it sends again. What it held and did not send is
-    /// given back once every record is in.
+    /// the worker stops, a held delivery's lease could lapse during its send, or a send
+    /// fails. After a success it sends its next held delivery at once, while the success is
+    /// recorded. After a failure it waits for every record and sends nothing more: the
+    /// failure may have opened the circuit or, a 410, disabled the endpoint, and the next
+    /// claim decides by the endpoint's health whether and when to send again. What it held
+    /// and did not send is given back once every record is in (cancelled if the endpoint
+    /// answered 410).
     async fn run(&self, mut held: std::collections::VecDeque<(ClaimedDelivery, Instant)>) {
         let timeout = Duration::from_millis(self.state.webhooks.config.timeout_ms);
         let mut pending: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
@@ -396,6 +398,7 @@ impl Slot<'_> {
                 while let Some(p) = pending.pop_front() {
                     self.take(&mut held, p).await;
                 }
+                break;
             } else if let Some(p) = pending.pop_front() {
                 self.take(&mut held, p).await;
             } else {

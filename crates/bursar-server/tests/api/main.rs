@@ -86,6 +86,7 @@ api_suite!(
     a_write_wakes_the_relay_before_its_poll,
     many_workers_send_each_delivery_once,
     a_stopped_worker_gives_back_what_a_slot_held_unsent,
+    a_slot_sends_nothing_it_holds_after_a_410,
     sse_resumes_from_the_log_then_goes_live,
     a_revoked_or_expired_key_ends_its_streams,
     a_slow_subscriber_is_dropped_and_resumes,

@@ -291,6 +291,92 @@ pub async fn many_workers_send_each_delivery_once(app: &TestApp) {
     app.stop().await;
 }
 
+/// Serves `router` as a receiver, registers it for `customer.*` with one slot, and makes
+/// three deliveries due to it before any worker runs, so a worker's first claim sees them
+/// together. Returns the endpoint's id.
+async fn one_slot_endpoint_with_three_due(app: &TestApp, router: axum::Router) -> i64 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let resp = app
+        .a
+        .request(reqwest::Method::POST, "/api/webhook_endpoints")
+        .json(&json!({"url": url, "event_types": ["customer.*"], "max_concurrency": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let endpoint_id = resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    for _ in 0..3 {
+        app.a.create_customer(&Default::default()).await.unwrap();
+    }
+    while relay::relay_once(&app.state).await.unwrap() > 0 {}
+    endpoint_id
+}
+
+/// A 410 ends an endpoint's sends at once: the slot that got it sends nothing more of what it
+/// holds (PostgreSQL leases one ahead), and what it held is cancelled with the endpoint's
+/// other due deliveries. The receiver sees exactly one request.
+pub async fn a_slot_sends_nothing_it_holds_after_a_410(app: &TestApp) {
+    let app = without_workers(app, |_| {}).await;
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let n = arrived.clone();
+    let router = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move || {
+            let n = n.clone();
+            async move {
+                n.fetch_add(1, Ordering::SeqCst);
+                StatusCode::GONE
+            }
+        }),
+    );
+    let endpoint_id = one_slot_endpoint_with_three_due(&app, router).await;
+    let all = PageRequest {
+        limit: 100,
+        starting_after: None,
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(worker::run(
+        app.state.clone(),
+        stopped,
+        Duration::from_secs(5),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        let listed = app
+            .store
+            .list_deliveries(app.account_a, endpoint_id, all)
+            .await
+            .unwrap();
+        if listed.iter().all(|d| d.state == delivery::CANCELLED) {
+            break listed;
+        }
+        assert!(Instant::now() < deadline, "{listed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Long enough for a held delivery to have gone out after the 410's record.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(arrived.load(Ordering::SeqCst), 1, "{done:?}");
+    let attempts: Vec<i64> = done.iter().map(|d| d.attempt_count).collect();
+    assert_eq!(attempts.iter().sum::<i64>(), 1, "{done:?}");
+    let ep = app
+        .a
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/webhook_endpoints/{endpoint_id}"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(ep["enabled"], json!(false), "{ep}");
+}
+
 /// A worker stopped while a slot's send hangs past the grace: the delivery the slot held
 /// behind that send (PostgreSQL leases one ahead) goes back as it was, so the next worker
 /// sends it as its first attempt and its log shows no lost attempt that never happened; the
@@ -313,23 +399,7 @@ pub async fn a_stopped_worker_gives_back_what_a_slot_held_unsent(app: &TestApp) 
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    let resp = app
-        .a
-        .request(reqwest::Method::POST, "/api/webhook_endpoints")
-        .json(&json!({"url": url, "event_types": ["customer.*"], "max_concurrency": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let endpoint_id = resp.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
-    for _ in 0..3 {
-        app.a.create_customer(&Default::default()).await.unwrap();
-    }
-    // All three due before a worker runs, so its first claim sees them together.
-    while relay::relay_once(&app.state).await.unwrap() > 0 {}
+    let endpoint_id = one_slot_endpoint_with_three_due(&app, router).await;
     let all = PageRequest {
         limit: 100,
         starting_after: None,

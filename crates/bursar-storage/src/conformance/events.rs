@@ -347,12 +347,7 @@ pub async fn deliveries_are_leased_fenced_and_retried(s: Store) {
     );
     // Succeeded deliveries are never claimed again; redelivery queues it anew.
     let later = Timestamp(T0 + 100_000);
-    assert!(
-        s.claim_deliveries(later, later, "D", 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(nothing_due(&s, later).await);
     let again = s
         .redeliver(a, e.id, &logged[0].event_id, later)
         .await
@@ -671,28 +666,35 @@ pub async fn fifo_endpoints_get_one_aggregate_at_a_time_in_order(s: Store) {
     assert!(!off.fifo_per_aggregate);
 }
 
-pub async fn a_gone_receiver_disables_its_endpoint(s: Store) {
-    let a = account(&s, "a").await;
+/// Whether a claim at `at` finds nothing due (it leases what it finds, under its own token).
+async fn nothing_due(s: &Store, at: Timestamp) -> bool {
+    let found = s.claim_deliveries(at, at, "nothing-due", 10).await.unwrap();
+    found.is_empty()
+}
+
+/// An account with an endpoint for every event and three customers' events due to it; the
+/// first `n` of them leased under `A`.
+async fn three_due_leasing(s: &Store, n: u32) -> (i64, Endpoint, Vec<ClaimedDelivery>) {
+    let a = account(s, "a").await;
     let e = s
         .create_endpoint(a, endpoint(&["*"]), Timestamp(T0))
         .await
         .unwrap();
     for _ in 0..3 {
-        customer(&s, a).await;
+        customer(s, a).await;
     }
-    sequence_all(&s, &ids()).await;
+    sequence_all(s, &ids()).await;
     let claimed = s
-        .claim_deliveries(Timestamp(T0), Timestamp(T0 + 1_000), "A", 1)
+        .claim_deliveries(Timestamp(T0), Timestamp(T0 + 1_000), "A", n)
         .await
         .unwrap();
-    let c = &claimed[0];
-    let gone = Completion {
-        delivery_id: c.delivery_id,
-        lease_token: "A".into(),
-        attempt: attempt(c, Some(410), Some("http_status")),
-        outcome: Outcome::Gone,
-        policy: HealthPolicy::default(),
-    };
+    assert_eq!(claimed.len(), n as usize, "{claimed:?}");
+    (a, e, claimed)
+}
+
+pub async fn a_gone_receiver_disables_its_endpoint(s: Store) {
+    let (a, e, claimed) = three_due_leasing(&s, 1).await;
+    let gone = finish(&claimed[0], "A", Outcome::Gone, HealthPolicy::default());
     assert!(s.complete_delivery(gone, Timestamp(T0)).await.unwrap());
     let ep = s.get_endpoint(a, e.id).await.unwrap().unwrap();
     assert_eq!(
@@ -708,12 +710,56 @@ pub async fn a_gone_receiver_disables_its_endpoint(s: Store) {
         .collect();
     assert_eq!(states, BTreeSet::from(["cancelled".to_owned()]));
     let later = Timestamp(T0 + 100_000);
-    assert!(
-        s.claim_deliveries(later, later, "B", 10)
+    assert!(nothing_due(&s, later).await);
+}
+
+/// A delivery leased and never sent is given back due, its attempt not counted — unless its
+/// endpoint answered 410 meanwhile: then it is cancelled like the endpoint's other due
+/// deliveries, and nothing of that endpoint is due again.
+pub async fn a_delivery_given_back_to_a_gone_endpoint_is_cancelled(s: Store) {
+    let (a, gone, claimed) = three_due_leasing(&s, 2).await;
+    let now = Timestamp(T0);
+    let (sent, held) = (&claimed[0], &claimed[1]);
+    let answer = finish(sent, "A", Outcome::Gone, HealthPolicy::default());
+    assert!(s.complete_delivery(answer, now).await.unwrap());
+    // The 410's cancel leaves the held delivery alone: it is leased.
+    let state_of = |ds: &[Delivery], id: i64| {
+        let d = ds.iter().find(|d| d.id == id).unwrap();
+        (d.state.clone(), d.attempt_count, d.last_error.clone())
+    };
+    let listed = s.list_deliveries(a, gone.id, page(10, None)).await.unwrap();
+    assert_eq!(state_of(&listed, held.delivery_id).0, "in_flight");
+    assert_eq!(
+        s.return_unsent("A", &[held.delivery_id], now)
             .await
-            .unwrap()
-            .is_empty()
+            .unwrap(),
+        1
     );
+    let listed = s.list_deliveries(a, gone.id, page(10, None)).await.unwrap();
+    assert_eq!(
+        state_of(&listed, held.delivery_id),
+        ("cancelled".to_owned(), 0, Some("gone".to_owned()))
+    );
+    assert!(listed.iter().all(|d| d.state == "cancelled"), "{listed:?}");
+    let later = Timestamp(T0 + 100_000);
+    assert!(nothing_due(&s, later).await);
+    // An endpoint in good health gets its delivery back due, as it was before the claim.
+    let healthy = s
+        .create_endpoint(a, endpoint(&["customer.*"]), Timestamp(T0))
+        .await
+        .unwrap();
+    customer(&s, a).await;
+    sequence_all(&s, &ids()).await;
+    let claimed = s.claim_deliveries(later, later, "C", 10).await.unwrap();
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed[0].endpoint_id, healthy.id);
+    let id = claimed[0].delivery_id;
+    assert_eq!(s.return_unsent("C", &[id], later).await.unwrap(), 1);
+    let listed = s
+        .list_deliveries(a, healthy.id, page(10, None))
+        .await
+        .unwrap();
+    assert_eq!(state_of(&listed, id), ("pending".to_owned(), 0, None));
 }
 
 pub async fn concurrent_workers_never_claim_one_delivery_twice(s: Store) {
@@ -1683,12 +1729,7 @@ pub async fn failing_too_long_disables_and_a_success_resets_the_clock(s: Store) 
         .collect();
     assert!(!states.contains("cancelled"), "{states:?}");
     let later = Timestamp(T0 + 100_000);
-    assert!(
-        s.claim_deliveries(later, later, "X", 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(nothing_due(&s, later).await);
     // One `webhook.endpoint.disabled` event, about the endpoint, without its secret.
     let logged = sequence_all(&s, &ids()).await;
     let disabled: Vec<_> = logged
