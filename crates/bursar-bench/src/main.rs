@@ -233,10 +233,45 @@ async fn with_bursar(
         let bursar = bursar.into_iter().map(Arc::new);
         let targets: Vec<_> = base.into_iter().chain(bursar).collect();
         let results = measure(args, &targets).await;
+        if args.scenario == Scenario::Payments
+            && let Some(t) = targets.last()
+        {
+            for writer in ["steps", "creates"] {
+                if let Some(line) = group_commit(t, writer).await {
+                    eprintln!("{line}");
+                }
+            }
+        }
         finish(results, server.kill().await)
     };
     let results = results.await;
     finish(results, scratch.remove().await)
+}
+
+/// One group-commit writer's batches as Bursar's `/metrics` summarised them (its last minute,
+/// so after a pay phase mostly that phase): `None` if they cannot be read or the writer wrote
+/// nothing (PostgreSQL has no `steps` writer).
+async fn group_commit(t: &Target, writer: &str) -> Option<String> {
+    let text = t.client().get(t.server("/metrics")).send().await.ok()?;
+    let text = text.text().await.ok()?;
+    let value = |name: &str, q: &str| {
+        let key = format!("{name}{{writer=\"{writer}\",quantile=\"{q}\"}}");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str())?.trim().parse::<f64>().ok())
+    };
+    let pair = |name: &str| Some((value(name, "0.5")?, value(name, "0.99")?));
+    let (size50, size99) = pair("group_commit_batch_size")?;
+    let (wait50, wait99) = pair("group_commit_wait_seconds")?;
+    let (write50, write99) = pair("group_commit_write_seconds")?;
+    Some(format!(
+        "group commit, writer {writer} (Bursar's /metrics, its last minute): batches of p50 \
+         {size50:.0}, p99 {size99:.0}; a write waited for its batch p50 {:.2} ms, p99 {:.2} ms; \
+         a batch took p50 {:.2} ms, p99 {:.2} ms",
+        wait50 * 1e3,
+        wait99 * 1e3,
+        write50 * 1e3,
+        write99 * 1e3
+    ))
 }
 
 /// The work's error wins; a cleanup error fails an otherwise good run.

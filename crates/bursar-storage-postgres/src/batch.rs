@@ -469,6 +469,7 @@ impl KeyedColumns {
 impl GroupWriter for PgCreates {
     type Item = Create;
     type Out = Written<PgRow>;
+    const NAME: &'static str = "creates";
 
     fn settle(create: &Create, out: Written<PgRow>) -> Result<Written<PgRow>, StorageError> {
         create.settle(out)

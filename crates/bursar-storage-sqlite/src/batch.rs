@@ -140,6 +140,7 @@ pub struct SqliteCreates {
 impl GroupWriter for SqliteCreates {
     type Item = Create;
     type Out = Written<SqliteRow>;
+    const NAME: &'static str = "creates";
 
     fn settle(
         create: &Create,

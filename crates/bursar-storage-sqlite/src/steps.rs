@@ -896,6 +896,7 @@ pub struct SqliteSteps {
 impl GroupWriter for SqliteSteps {
     type Item = StepWrite;
     type Out = StepOut;
+    const NAME: &'static str = "steps";
 
     /// The transaction opens in the batch's first call (`BEGIN IMMEDIATE; …`), which saves
     /// the writer a hand-off per batch, as creates do. A batch that fails is rolled back, and

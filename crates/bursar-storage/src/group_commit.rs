@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -200,6 +201,10 @@ pub trait Batchable: Clone + Send + Sync + 'static {
 pub trait GroupWriter: Send + Sync + 'static {
     type Item: Batchable;
     type Out: Send + 'static;
+    /// The `writer` label of the collector's metrics (`creates`, `steps`): how full its
+    /// batches are, how long a write waits for one, and how long one takes to write, so an
+    /// operator can tell a saturated writer from an idle one.
+    const NAME: &'static str;
     /// Writes every item in one transaction; `Ok` holds one outcome per item, in order.
     /// `Err` means nothing was committed; each item is then written again alone.
     async fn write(
@@ -217,6 +222,7 @@ struct Job<W: GroupWriter> {
     meta: WriteMeta,
     write: W::Item,
     reply: oneshot::Sender<Result<W::Out, StorageError>>,
+    queued: Instant,
 }
 
 /// The queue in front of a [`GroupWriter`].
@@ -254,7 +260,12 @@ impl<W: GroupWriter> GroupCommit<W> {
         let (reply, answer) = oneshot::channel();
         let gone = || StorageError::Unavailable("the writer has stopped".into());
         self.jobs
-            .send(Job { meta, write, reply })
+            .send(Job {
+                meta,
+                write,
+                reply,
+                queued: Instant::now(),
+            })
             .await
             .map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
@@ -323,11 +334,21 @@ async fn collect<W: GroupWriter>(
 }
 
 async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>) {
+    let started = Instant::now();
+    let waited = metrics::histogram!("group_commit_wait_seconds", "writer" => W::NAME);
+    for job in &batch {
+        waited.record(started.duration_since(job.queued));
+    }
+    let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+    metrics::histogram!("group_commit_batch_size", "writer" => W::NAME).record(size);
     let inputs: Vec<_> = batch
         .iter()
         .map(|j| (j.meta.clone(), j.write.clone()))
         .collect();
-    match writer.write(&inputs).await {
+    let written = writer.write(&inputs).await;
+    metrics::histogram!("group_commit_write_seconds", "writer" => W::NAME)
+        .record(started.elapsed());
+    match written {
         Ok(rows) => answer(batch, rows),
         Err(e) if batch.len() == 1 => {
             if let Some(job) = batch.into_iter().next() {

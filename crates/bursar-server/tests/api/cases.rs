@@ -5,7 +5,7 @@ use bursar_sdk::{ListOrders, PageParams};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::harness::{TestApp, error_body};
+use crate::harness::{TestApp, error_body, metric};
 
 pub async fn canonical_order_request(app: &TestApp) {
     let customer = app.customer(&app.a).await;
@@ -833,6 +833,22 @@ pub async fn request_ids_and_trace_context(app: &TestApp) {
     assert_eq!(events[0].event_type, "order.created");
     assert_eq!(events[0].request_id, inbound_id);
     assert_eq!(events[0].trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+}
+
+/// Group commit is visible where an operator looks: after a create, `/metrics` has the
+/// creates writer's batch sizes, queue waits and write times.
+pub async fn group_commit_is_measured(app: &TestApp) {
+    app.a.create_customer(&Default::default()).await.unwrap();
+    let metrics = app.metrics().await;
+    for name in [
+        "group_commit_batch_size",
+        "group_commit_wait_seconds",
+        "group_commit_write_seconds",
+    ] {
+        let count = format!("{name}_count{{writer=\"creates\"}}");
+        let seen = metric(&metrics, &count);
+        assert!(seen.is_some_and(|n| n >= 1.0), "{count} in:\n{metrics}");
+    }
 }
 
 pub async fn health_readiness_and_docs(app: &TestApp) {

@@ -228,14 +228,20 @@ impl TestApp {
         }
     }
 
-    /// A raw request without any credentials.
     /// The database URL the server runs on (its SQLite file, for a test that locks it).
     pub fn database_url(&self) -> String {
         self.config.effective_database_url()
     }
 
+    /// A raw request without any credentials.
     pub fn anon(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, format!("{}{path}", self.url))
+    }
+
+    /// The server's `GET /metrics` text.
+    pub async fn metrics(&self) -> String {
+        let resp = self.anon(reqwest::Method::GET, "/metrics").send().await;
+        resp.unwrap().text().await.unwrap()
     }
 
     pub async fn customer(&self, client: &Client) -> i64 {
@@ -304,4 +310,11 @@ impl Clock for ManualClock {
     fn now(&self) -> Timestamp {
         Timestamp(self.0.load(Ordering::SeqCst))
     }
+}
+
+/// The value of the series `series` (its name and labels, as `/metrics` prints them) in a
+/// `/metrics` text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }

@@ -59,6 +59,7 @@ api_suite!(
     problem_json_has_the_same_members,
     request_ids_and_trace_context,
     health_readiness_and_docs,
+    group_commit_is_measured,
     retries_replay_the_first_response,
     malformed_keys_are_400_and_store_nothing,
     scope_and_what_is_stored,

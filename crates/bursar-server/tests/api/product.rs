@@ -15,7 +15,7 @@ use bursar_storage::UsageRow;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::harness::{ManualClock, TestApp};
+use crate::harness::{ManualClock, TestApp, metric};
 
 /// One request with `key` from client address `ip` (the test servers trust the loopback
 /// proxy, so `X-Forwarded-For` names the client).
@@ -1233,19 +1233,8 @@ pub async fn a_redis_outage_follows_the_fail_mode(app: &TestApp) {
         "{other:?}"
     );
     // The fallback is counted where an operator alerts on it.
-    let metrics = open
-        .anon(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let fallbacks = metrics
-        .lines()
-        .find(|l| l.starts_with("ratelimit_fallback_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok());
+    let metrics = open.metrics().await;
+    let fallbacks = metric(&metrics, "ratelimit_fallback_total");
     assert!(fallbacks.is_some_and(|n| n >= 3.0), "{metrics}");
     // Closed: 503 with Retry-After, never a 429 or a 500.
     let resp = call(
