@@ -292,7 +292,7 @@ async fn worker(p: Arc<Phase>, task: usize) -> Sample {
             }
             Op::Pay(flow) => {
                 let taken = p.taken.fetch_add(1, Ordering::Relaxed);
-                let made_up = (t.any_order).then(|| (taken + 1).to_string());
+                let made_up = t.any_order.then(|| (taken + 1).to_string());
                 let Some(order) = made_up.as_ref().or(p.ids.get(taken)) else {
                     // The supply was sized too small: stop rather than pay an order twice.
                     if taken == p.ids.len() {

@@ -116,9 +116,10 @@ const STORE_AND_FAN_OUT: &str = concat!(
     ON CONFLICT (event_id, endpoint_id) DO NOTHING"
 );
 
-/// The slots of an endpoint's rows under a live lease, in a `GROUP BY endpoint_id`: each a
-/// lease token with its slot number (`claim_ahead`), a row leased before slots existed a slot
-/// of its own.
+/// The slots of an endpoint's rows under a live lease, counted over those rows (a `GROUP BY
+/// endpoint_id`, or a subquery over one endpoint's rows, whose own columns the unqualified
+/// names resolve to): each a lease token with its slot number (`claim_ahead`), a row leased
+/// before slots existed a slot of its own.
 macro_rules! live_slots {
     () => {
         "count(DISTINCT (lease_token, COALESCE(lease_slot, -id)))"
@@ -1304,9 +1305,9 @@ const COMPLETE_PLAIN: &str = concat!(
        SELECT f.endpoint_id, f.k FROM \
        (SELECT endpoint_id, count(*) AS k FROM freed GROUP BY endpoint_id) f \
        JOIN webhook_endpoints ep ON ep.id = f.endpoint_id \
-       WHERE ep.enabled AND (\
-              SELECT count(DISTINCT (l.lease_token, COALESCE(l.lease_slot, -l.id))) \
-              FROM webhook_deliveries l WHERE l.endpoint_id = ep.id \
+       WHERE ep.enabled AND (SELECT ",
+    live_slots!(),
+    " FROM webhook_deliveries l WHERE l.endpoint_id = ep.id \
               AND l.state = 'in_flight' AND l.lease_expires_at >= $9) <= ep.max_concurrency), \
      next AS MATERIALIZED (\
        SELECT n.id, n.endpoint_id, \

@@ -913,8 +913,8 @@ impl EventLogStore for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    /// SQLite leases nothing ahead (the default `claim_ahead`), so a worker gives nothing back
-    /// here; implemented for the trait's contract all the same.
+    /// SQLite leases nothing ahead (the default `claim_ahead`): what a worker gives back here
+    /// is a slot's one delivery that it had not sent when the worker stopped.
     async fn return_unsent(&self, lease_token: &str, ids: &[i64], now: Timestamp) -> Result<u64> {
         let ids = serde_json::to_string(ids).map_err(|e| StorageError::Internal(Box::new(e)))?;
         // One writer: a 410 recorded for the endpoint is either before this (and seen) or

@@ -138,16 +138,8 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>, grace: Durati
         for (token, held) in left {
             // What slots held ahead and never sent goes back as it was, its attempt not
             // counted; then what is still leased (sends cut off by the grace) lapses now.
-            if !held.is_empty() {
-                let ids: Vec<i64> = held.into_iter().collect();
-                if let Err(e) = state
-                    .store
-                    .return_unsent(&token, &ids, state.clock.now())
-                    .await
-                {
-                    tracing::warn!(error = %e, "giving back unsent webhook deliveries failed");
-                }
-            }
+            let ids: Vec<i64> = held.into_iter().collect();
+            give_back(&state, &token, &ids).await;
             match state
                 .store
                 .release_deliveries(&token, state.clock.now())
@@ -405,21 +397,9 @@ impl Slot<'_> {
                 break;
             }
         }
-        if !held.is_empty() {
-            let ids: Vec<i64> = held.iter().map(|(c, _)| c.delivery_id).collect();
-            let now = self.state.clock.now();
-            match self
-                .state
-                .store
-                .return_unsent(&self.batch.token, &ids, now)
-                .await
-            {
-                Ok(_) => ids.iter().for_each(|id| self.batch.holds(*id, false)),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "giving back unsent webhook deliveries failed; their leases lapse"
-                ),
-            }
+        let ids: Vec<i64> = held.iter().map(|(c, _)| c.delivery_id).collect();
+        if give_back(self.state, &self.batch.token, &ids).await {
+            ids.iter().for_each(|id| self.batch.holds(*id, false));
         }
     }
 
@@ -474,7 +454,7 @@ impl Slot<'_> {
         });
         // How long a sent delivery waits for its record (and for the delivery handed on to
         // it): with the send, one turn of a slot that holds nothing ahead (`GET /metrics`).
-        metrics::histogram!("webhook_record_wait_seconds").record(queued.elapsed().as_secs_f64());
+        metrics::histogram!("webhook_record_wait_seconds").record(queued.elapsed());
         match result {
             Ok((true, next)) => return next,
             Ok((false, _)) => tracing::warn!(
@@ -489,6 +469,29 @@ impl Slot<'_> {
             ),
         }
         None
+    }
+}
+
+/// Gives back deliveries leased under `token` and never sent (`EventLogStore::return_unsent`);
+/// whether that was done. Nothing to give back is done at once. On failure their leases
+/// lapse instead, and they are sent when a claim takes them again.
+async fn give_back(state: &AppState, token: &str, ids: &[i64]) -> bool {
+    if ids.is_empty() {
+        return true;
+    }
+    match state
+        .store
+        .return_unsent(token, ids, state.clock.now())
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "giving back unsent webhook deliveries failed; their leases lapse"
+            );
+            false
+        }
     }
 }
 
