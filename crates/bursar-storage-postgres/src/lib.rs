@@ -46,6 +46,8 @@ pub struct PostgresStore {
     completions: PgPool,
     /// Creates go through group commit (see `batch`).
     creates: GroupCommit<batch::PgCreates>,
+    /// Payments' records, group-committed (`recording`).
+    records: GroupCommit<recording::PgRecords>,
     /// Payment ids drawn ahead: a payment's record is one statement whose stored response
     /// names the payment, so its id is known before the write (`money::record_payment`).
     payment_ids: batch::DrawnIds,
@@ -145,10 +147,17 @@ impl PostgresStore {
             batch::STATEMENT_BYTES,
             (opts.max_connections / 8).max(1) as usize,
         );
+        let records = GroupCommit::spawn(
+            recording::PgRecords { pool: pool.clone() },
+            recording::MAX_BATCH,
+            recording::STATEMENT_BYTES,
+            (opts.max_connections / 8).max(1) as usize,
+        );
         Ok(PostgresStore {
             pool,
             completions,
             creates,
+            records,
             payment_ids: batch::DrawnIds::payments(),
         })
     }
@@ -238,6 +247,7 @@ mod events;
 mod money;
 mod ops;
 mod product;
+mod recording;
 
 #[derive(FromRow)]
 struct CustomerRow {

@@ -1,7 +1,7 @@
 //! PostgreSQL's side of payments, refunds, the ledger and conversions (`bursar_storage::money`).
 //! Every command is one READ COMMITTED transaction whose step's fenced `UPDATE` is its last
 //! statement, or whose last statement starts with it and gates every write on it (a
-//! payment's record, which is that one statement alone, and a capture's).
+//! capture's; a payment's record is group-committed, `recording`).
 //! No writer lock serialises commands as SQLite's `BEGIN IMMEDIATE` does, so each rule is
 //! checked under the row lock of what it guards: a refund's reservation is one conditional
 //! `UPDATE` of the payment, a conversion locks its quote and the balances it moves before
@@ -10,11 +10,11 @@
 //! Lock order, the same in every command, so concurrent commands wait instead of
 //! deadlocking: the payment, refund or quote first; then the balance rows, sorted by
 //! (currency, ledger account) bytewise; then the order; the idempotency record last.
-//! The exception, the statements that start with their step (`finishing_statement`: a
-//! payment's record, and a capture's after its settlement), lock their own idempotency record
-//! before the balances and the order: only the same work's claim and takeovers touch that
-//! row, and they lock it first too (then, at most, the order), so no cycle can form through
-//! it.
+//! The exception, the statements that start with their step (`finishing_statement`, a
+//! capture's after its settlement, and a batch of payments' records, `recording`), lock their
+//! own idempotency records before the balances and the order: only the same work's claim and
+//! takeovers touch such a row, and they lock it first too (then, at most, the order), so no
+//! cycle can form through it.
 
 use std::collections::BTreeMap;
 
@@ -569,89 +569,55 @@ async fn try_reserve(
     row.as_ref().map(payment).transpose()
 }
 
-/// What a finishing statement does to the payment's order.
-#[derive(Clone, Copy)]
-enum OrderMove {
-    /// Nothing.
-    Stay,
-    /// Pending to paid (with `order.paid`) if the payment captured the order's whole amount.
-    Follow,
-    /// The order's claim by this work goes (the payment failed).
-    Release,
-}
-
-/// One statement that finishes a payment's work: the step's fenced `UPDATE` first, storing
+/// One statement that finishes a capture's work: the step's fenced `UPDATE` first, storing
 /// the response; then, as data-modifying `WITH` parts that write once per row the step
-/// returns (so a fenced step writes nothing at all), the payment's insert when `insert`, its
-/// event, its `entries` with their postings and balance moves, and the order's `order` move
-/// with its event. PostgreSQL runs a statement's parts in no set order, so a part that must
-/// follow another reads it: the entries follow the payment (their ids in order) and the
-/// order's event follows the payment's (their `seq`s in order). Returns the step's row count.
+/// returns (so a fenced step writes nothing at all), the payment's event, its `entries` with
+/// their postings and balance moves, and the order's move to paid with its event when the
+/// capture took the order's whole amount. PostgreSQL runs a statement's parts in no set
+/// order, so the order's event reads the payment's (their `seq`s in order). Returns the
+/// step's row count. A payment's own record is group-committed instead (`recording`).
 ///
 /// Parameters ([`finishing`]): `$1`–`$8` as [`bind_entries`] (the payment as the
 /// reference); the step `$9`–`$18`; the order `$19` and the captured amount `$20`; the
-/// payment's event `$21`–`$26`; then, when `insert`, the payment's other columns `$27`–`$33`;
-/// then the entries (four each).
-fn finishing_statement(insert: bool, entries: usize, order: OrderMove) -> String {
-    let gate = if insert { "pay" } else { "step" };
+/// payment's event `$21`–`$26`; then the entries (four each).
+fn finishing_statement(entries: usize) -> String {
     let mut sql = String::from(
         "WITH step AS (UPDATE idempotency_keys SET recovery_point = $12, phase_state = $13, \
          response_status = $14, response_headers = $15, response_body = $16, resource_id = $5, \
          locked_until = NULL, last_run_at = $17, expires_at = $18 \
-         WHERE id = $9 AND fence = $10 AND recovery_point = $11 RETURNING id)",
-    );
-    if insert {
-        sql.push_str(
-            ", pay AS (INSERT INTO payments (id, account_id, order_id, operation_id, \
-             processor_id, payment_method, amount_minor, currency, status, captured_minor, \
-             failure_code, failure_message, created_at, updated_at) OVERRIDING SYSTEM VALUE \
-             SELECT $5, $1, $19, $9, $27, $28, $29, $30, $31, $20, $32, $33, $3, $3 FROM step \
-             RETURNING id)",
-        );
-    }
-    sql.push_str(&format!(
-        ", ev AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+         WHERE id = $9 AND fence = $10 AND recovery_point = $11 RETURNING id), \
+         ev AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
          aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-         SELECT $1, $21, $26, $5, $22, $23::jsonb, $24, $25, $3 FROM {gate} RETURNING id)"
-    ));
+         SELECT $1, $21, $26, $5, $22, $23::jsonb, $24, $25, $3 FROM step RETURNING id)",
+    );
     if entries > 0 {
-        let first = if insert { 34 } else { 27 };
         sql.push_str(&format!(
             ", {}, bal AS ({})",
-            entry_parts(entries, first, Some(gate)),
-            balance_upsert(Some(gate))
+            entry_parts(entries, 27, Some("step")),
+            balance_upsert(Some("step"))
         ));
     }
-    match order {
-        OrderMove::Stay => {}
-        OrderMove::Release => sql.push_str(&format!(
-            ", rel AS (UPDATE orders SET payment_operation_id = NULL \
-             WHERE account_id = $1 AND id = $19 AND payment_operation_id = $9 \
-             AND EXISTS (SELECT 1 FROM {gate}))"
-        )),
-        OrderMove::Follow => sql.push_str(&format!(
-            concat!(
-                ", o AS (UPDATE orders SET status = '{to}', version = version + 1, \
-                 updated_at = $3 WHERE account_id = $1 AND id = $19 AND status = '{from}' \
-                 AND amount_minor = $20 AND EXISTS (SELECT 1 FROM ev) RETURNING *), \
-                 oe AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
-                 aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
-                 SELECT account_id, 'order.' || status, 'order', id, version, ",
-                order_json!(),
-                ", $24, $25, $3 FROM o)"
-            ),
-            from = PAID.0,
-            to = PAID.1
-        )),
-    }
+    sql.push_str(&format!(
+        concat!(
+            ", o AS (UPDATE orders SET status = '{to}', version = version + 1, \
+             updated_at = $3 WHERE account_id = $1 AND id = $19 AND status = '{from}' \
+             AND amount_minor = $20 AND EXISTS (SELECT 1 FROM ev) RETURNING *), \
+             oe AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+             aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+             SELECT account_id, 'order.' || status, 'order', id, version, ",
+            order_json!(),
+            ", $24, $25, $3 FROM o)"
+        ),
+        from = PAID.0,
+        to = PAID.1
+    ));
     sql.push_str(" SELECT count(*) FROM step");
     sql
 }
 
-/// A [`finishing_statement`] (`insert`, `order`) for payment `p` with `$1`–`$26` bound; the
-/// caller binds the payment's columns (an insert) and runs it ([`run_finishing`]).
+/// A [`finishing_statement`] for payment `p` with `$1`–`$26` bound; the caller runs it
+/// ([`run_finishing`]).
 fn finishing<'q>(
-    (insert, order): (bool, OrderMove),
     (meta, step): (&'q WriteMeta, &'q Step),
     p: &Payment,
     entries: &[Entry],
@@ -662,7 +628,7 @@ fn finishing<'q>(
             "this command finishes its work".into(),
         ));
     };
-    let sql = finishing_statement(insert, entries.len(), order);
+    let sql = finishing_statement(entries.len());
     Ok(bind_entries(
         sqlx::query(sqlx::AssertSqlSafe(sql)),
         meta.account_id,
@@ -713,8 +679,8 @@ impl MoneyStore for PostgresStore {
         tx.commit().await.map_err(err)
     }
 
-    /// One statement, in autocommit (`finishing_statement`), with the payment's id drawn
-    /// ahead (`payment_ids`) so its response and event are rendered before the write.
+    /// Group-committed with other records (`recording`), with the payment's id drawn ahead
+    /// (`payment_ids`) so its response and event are rendered before the write.
     async fn record_payment(
         &self,
         meta: &WriteMeta,
@@ -740,37 +706,14 @@ impl MoneyStore for PostgresStore {
             created_at: meta.at,
             updated_at: meta.at,
         };
-        // Both entries in one posting, so their balances are locked in the one order.
-        let mut entries = Vec::new();
-        if p.status != PaymentStatus::Failed {
-            entries.push(Entry::authorization(p.amount));
+        let rendered = (NewEvent::for_recorded_payment(&p), respond(&p));
+        let record =
+            crate::recording::record(step, p.clone(), rendered, shard_of(step.lease.record_id));
+        if self.records.submit(meta.clone(), record).await? {
+            Ok(p)
+        } else {
+            Err(StorageError::Fenced)
         }
-        if p.status == PaymentStatus::Succeeded {
-            entries.push(Entry::capture(p.amount, p.captured_minor));
-        }
-        let order = match p.status {
-            PaymentStatus::Failed => OrderMove::Release,
-            PaymentStatus::Succeeded => OrderMove::Follow,
-            PaymentStatus::RequiresCapture | PaymentStatus::Canceled => OrderMove::Stay,
-        };
-        let event = NewEvent::for_recorded_payment(&p);
-        let response = respond(&p);
-        let q = finishing(
-            (true, order),
-            (meta, step),
-            &p,
-            &entries,
-            (&response, &event),
-        )?
-        .bind(&p.processor_id)
-        .bind(&p.payment_method)
-        .bind(p.amount.minor)
-        .bind(p.amount.currency.code())
-        .bind(p.status.as_str())
-        .bind(&p.failure_code)
-        .bind(&p.failure_message);
-        run_finishing(q, &entries, &self.pool).await?;
-        Ok(p)
     }
 
     async fn capture_payment(
@@ -796,8 +739,7 @@ impl MoneyStore for PostgresStore {
         let entries = [Entry::capture(p.amount, p.captured_minor)];
         let event = NewEvent::for_payment("captured", &p);
         let response = respond(&p);
-        let move_order = (false, OrderMove::Follow);
-        let q = finishing(move_order, (meta, step), &p, &entries, (&response, &event))?;
+        let q = finishing((meta, step), &p, &entries, (&response, &event))?;
         run_finishing(q, &entries, &mut *tx).await?;
         tx.commit().await.map_err(err)?;
         Ok(p)

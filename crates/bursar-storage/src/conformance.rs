@@ -52,6 +52,7 @@ macro_rules! conformance_tests {
             concurrent_begins_of_one_key_lease_once,
             unfinished_work_is_never_swept,
             payments_post_balanced_entries_and_follow_the_order,
+            records_written_together_keep_their_own_outcomes,
             captures_and_voids_settle_an_authorization_once,
             concurrent_refunds_never_exceed_the_capture,
             conversions_move_available_funds_once,

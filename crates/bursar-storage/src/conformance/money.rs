@@ -339,6 +339,131 @@ pub async fn payments_post_balanced_entries_and_follow_the_order(s: Store) {
     check_ledger(&s, a).await;
 }
 
+/// Records that arrive together (a backend may write them in one statement) keep their own
+/// outcomes: a fenced one writes nothing and is answered `Fenced`, the others are written as
+/// if alone, each payment's event before its order's, each one's entries in order.
+pub async fn records_written_together_keep_their_own_outcomes(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let statuses = [
+        PaymentStatus::Succeeded,
+        PaymentStatus::Failed,
+        PaymentStatus::Succeeded,
+        PaymentStatus::RequiresCapture,
+        PaymentStatus::Succeeded,
+        PaymentStatus::Succeeded,
+    ];
+    let fenced_at = 2;
+    let mut writes = Vec::new();
+    let mut orders = Vec::new();
+    for (i, status) in statuses.into_iter().enumerate() {
+        let o = order(&s, a, c.id, 1000 + i64::try_from(i).unwrap()).await;
+        let l = lease(&s, a, &format!("together-{i}")).await;
+        let step = finish(if i == fenced_at { overtaken(l) } else { l });
+        let captured = if status == PaymentStatus::Succeeded {
+            o.amount.minor
+        } else {
+            0
+        };
+        writes.push((step, new_payment(&o, status, captured)));
+        orders.push(o);
+    }
+    // All at once, so that they wait for the writer together.
+    let start = Arc::new(tokio::sync::Barrier::new(writes.len()));
+    let mut tasks = Vec::new();
+    for (step, new) in writes {
+        let (s, start) = (s.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            s.record_payment(&meta(a), &step, new, payment_answer())
+                .await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let mut available = 0;
+    let mut pending = 0;
+    for (i, (outcome, o)) in outcomes.iter().zip(&orders).enumerate() {
+        let stored = s.get_order(a, o.id).await.unwrap().unwrap();
+        if i == fenced_at {
+            assert!(matches!(outcome, Err(StorageError::Fenced)), "{outcome:?}");
+            assert_eq!(stored.status, OrderStatus::Pending);
+            let none = PaymentFilter {
+                page: page(10, None),
+                order_id: Some(o.id),
+            };
+            assert!(s.list_payments(a, none).await.unwrap().items.is_empty());
+            continue;
+        }
+        let p = outcome.as_ref().unwrap();
+        assert_eq!(s.get_payment(a, p.id).await.unwrap().as_ref(), Some(p));
+        assert_eq!((p.order_id, p.status), (o.id, statuses[i]));
+        let paid = statuses[i] == PaymentStatus::Succeeded;
+        let want = if paid {
+            OrderStatus::Paid
+        } else {
+            OrderStatus::Pending
+        };
+        assert_eq!(stored.status, want, "order of payment {i}");
+        match statuses[i] {
+            PaymentStatus::Succeeded => available += o.amount.minor,
+            PaymentStatus::RequiresCapture => pending += o.amount.minor,
+            _ => {}
+        }
+    }
+    // Each payment's entries, in id order: its authorization, then its capture.
+    let journal = s.journal(a, page(100, None)).await.unwrap().items;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let Ok(p) = outcome else { continue };
+        let mut mine: Vec<&JournalEntry> = journal
+            .iter()
+            .filter(|e| e.reference_type == "payment" && e.reference_id == p.id)
+            .collect();
+        mine.sort_by_key(|e| e.id);
+        let kinds: Vec<EntryKind> = mine.iter().map(|e| e.kind).collect();
+        let want: &[EntryKind] = match statuses[i] {
+            PaymentStatus::Succeeded => &[EntryKind::Authorization, EntryKind::Capture],
+            PaymentStatus::RequiresCapture => &[EntryKind::Authorization],
+            _ => &[],
+        };
+        assert_eq!(kinds, want, "entries of payment {i}");
+    }
+    // Each paid order's move comes after its payment's event in the account's sequence.
+    let mut logged = super::events::sequence_all(&s, &super::events::ids()).await;
+    logged.sort_by_key(|e| e.seq);
+    for (outcome, o) in outcomes.iter().zip(&orders) {
+        let Ok(p) = outcome else { continue };
+        let at = |kind: &str, id: i64| {
+            logged
+                .iter()
+                .position(|e| e.event_type == kind && e.aggregate_id == id)
+        };
+        let payment_event = at(&format!("payment.{}", kind_of(p.status)), p.id);
+        assert!(payment_event.is_some(), "the event of payment {}", p.id);
+        if p.status == PaymentStatus::Succeeded {
+            assert!(at("order.paid", o.id) > payment_event, "order {}", o.id);
+        }
+    }
+    let balances = s.balances(a).await.unwrap();
+    assert_eq!(
+        balance(&balances, LedgerAccount::Available, "USD"),
+        available
+    );
+    assert_eq!(balance(&balances, LedgerAccount::Pending, "USD"), pending);
+    check_ledger(&s, a).await;
+}
+
+/// The event a recorded payment of `status` appends (`payment.<kind>`).
+fn kind_of(status: PaymentStatus) -> &'static str {
+    match status {
+        PaymentStatus::Failed => "failed",
+        PaymentStatus::RequiresCapture => "authorized",
+        PaymentStatus::Succeeded | PaymentStatus::Canceled => "succeeded",
+    }
+}
+
 pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     let a = account(&s, "a").await;
     let c = customer(&s, a).await;
