@@ -236,7 +236,7 @@ async fn with_bursar(
         if args.scenario == Scenario::Payments
             && let Some(t) = targets.last()
         {
-            for writer in ["steps", "records", "creates"] {
+            for writer in ["steps", "claims", "records", "creates"] {
                 if let Some(line) = group_commit(t, writer).await {
                     eprintln!("{line}");
                 }
@@ -250,7 +250,7 @@ async fn with_bursar(
 
 /// One group-commit writer's batches as Bursar's `/metrics` summarised them (its last minute,
 /// so after a pay phase mostly that phase): `None` if they cannot be read or the writer wrote
-/// nothing (PostgreSQL has no `steps` writer, SQLite no `records` writer).
+/// nothing (PostgreSQL has no `steps` writer, SQLite no `claims` or `records` writer).
 async fn group_commit(t: &Target, writer: &str) -> Option<String> {
     let text = t.client().get(t.server("/metrics")).send().await.ok()?;
     let text = text.text().await.ok()?;

@@ -48,6 +48,8 @@ pub struct PostgresStore {
     creates: GroupCommit<batch::PgCreates>,
     /// Payments' records, group-committed (`recording`).
     records: GroupCommit<recording::PgRecords>,
+    /// Claims of new phased work, group-committed (`claiming`).
+    claims: GroupCommit<claiming::PgClaims>,
     /// Payment ids drawn ahead: a payment's record is one statement whose stored response
     /// names the payment, so its id is known before the write (`money::record_payment`).
     payment_ids: batch::DrawnIds,
@@ -153,11 +155,18 @@ impl PostgresStore {
             recording::STATEMENT_BYTES,
             (opts.max_connections / 8).max(1) as usize,
         );
+        let claims = GroupCommit::spawn(
+            claiming::PgClaims { pool: pool.clone() },
+            claiming::MAX_BATCH,
+            claiming::STATEMENT_BYTES,
+            (opts.max_connections / 8).max(1) as usize,
+        );
         Ok(PostgresStore {
             pool,
             completions,
             creates,
             records,
+            claims,
             payment_ids: batch::DrawnIds::payments(),
         })
     }
@@ -215,6 +224,14 @@ macro_rules! customer_cols {
         "id, account_id, name, email, metadata::text AS metadata, version, created_at, updated_at"
     };
 }
+/// The columns a claimed record's lease is read from (`ops::leased`).
+macro_rules! leased_cols {
+    () => {
+        "id, fence, account_id, method, route, recovery_point, phase_state, request_body, \
+         request_id, trace_id, attempts"
+    };
+}
+
 macro_rules! order_cols {
     () => {
         "id, account_id, customer_id, amount_minor, currency, status, description, \
@@ -243,6 +260,7 @@ async fn order_by_id<'e>(
 
 // Declared after the SQL macros above, which it uses.
 mod batch;
+mod claiming;
 mod events;
 mod money;
 mod ops;

@@ -1,7 +1,8 @@
 //! PostgreSQL's side of phased work (`bursar_storage::operations`). Every statement that writes
 //! under a lease names the fencing token in its `WHERE`, so a replaced driver changes
 //! nothing; takeovers are single conditional `UPDATE`s, so two drivers cannot both win.
-//! Single-statement writes run in autocommit.
+//! Single-statement writes run in autocommit. New work with a free key is claimed with the
+//! claims waiting (`claiming`); what that leaves, here.
 
 use async_trait::async_trait;
 use bursar_domain::Timestamp;
@@ -15,16 +16,11 @@ use sqlx::{Postgres, Row, Transaction};
 
 use bursar_storage::operations::fenced_unless_one;
 
+use crate::claiming::Claim;
 use crate::{PostgresStore, clear_expired_key, err, find_key};
 
-macro_rules! leased_cols {
-    () => {
-        "id, fence, account_id, method, route, recovery_point, phase_state, request_body, \
-         request_id, trace_id, attempts"
-    };
-}
-
-fn leased(r: &PgRow) -> Result<LeasedOperation> {
+/// A claimed record as the lease it gives, from a row of `leased_cols!()`.
+pub(crate) fn leased(r: &PgRow) -> Result<LeasedOperation> {
     let get = || -> Result<LeasedOperation, sqlx::Error> {
         Ok(LeasedOperation {
             lease: Lease {
@@ -65,6 +61,20 @@ impl OperationStore for PostgresStore {
         prefetch: Option<Prefetch>,
         first: Option<FirstPhase>,
     ) -> Result<Begun> {
+        // New work with a free key goes with the claims waiting (`claiming`); the rest, and
+        // a claim it could not take, here.
+        if let Some(order) = crate::claiming::batchable(prefetch) {
+            let batched = Claim {
+                claim: claim.clone(),
+                request: request.to_vec(),
+                lease_until,
+                order,
+                first: first.clone(),
+            };
+            if let Some(op) = self.claims.submit(meta.clone(), batched).await? {
+                return Ok(Begun::Leased(op));
+            }
+        }
         let mut tx = self.write_tx().await?;
         let mut fresh = claim_key(&mut tx, meta, claim, request, lease_until).await?;
         // Only a finished record expires (an unfinished one's expiry is the largest integer).

@@ -60,6 +60,7 @@ macro_rules! conformance_tests {
             money_is_scoped_to_its_account,
             a_claim_prefetches_what_its_first_phase_reads,
             a_claims_first_step_is_written_with_it,
+            claims_made_together_keep_their_own_outcomes,
             an_order_takes_one_payment_at_a_time,
             events_are_sequenced_per_account_once,
             concurrent_sequencers_never_share_a_seq,

@@ -914,13 +914,10 @@ pub async fn a_claim_prefetches_what_its_first_phase_reads(s: Store) {
 /// work comes back at the step's recovery point with its state, and the order is claimed by
 /// it. Refused (the order is another work's, or another account's) or not decided, the work
 /// comes back at `started`, unchanged, and nothing but the key is written.
-pub async fn a_claims_first_step_is_written_with_it(s: Store) {
-    let a = account(&s, "a").await;
-    let b = account(&s, "b").await;
-    let c = customer(&s, a).await;
-    let o = order(&s, a, c.id, 1000).await;
-    // Claims the prefetched order if it was found pending, as a payment's first phase does.
-    let first: FirstPhase = std::sync::Arc::new(|op: &LeasedOperation| {
+/// A first phase that claims the prefetched order if it was found pending, as a payment's
+/// does, moving its work to `authorizing` with the order's id as its state.
+fn claims_pending_order() -> FirstPhase {
+    std::sync::Arc::new(|op: &LeasedOperation| {
         let Some(Prefetched::Order(id, Some(order))) = op.prefetched.as_deref() else {
             return None;
         };
@@ -935,7 +932,15 @@ pub async fn a_claims_first_step_is_written_with_it(s: Store) {
             },
             order_id: *id,
         })
-    });
+    })
+}
+
+pub async fn a_claims_first_step_is_written_with_it(s: Store) {
+    let a = account(&s, "a").await;
+    let b = account(&s, "b").await;
+    let c = customer(&s, a).await;
+    let o = order(&s, a, c.id, 1000).await;
+    let first = claims_pending_order();
     let begin = |account: i64, key: &'static str, order_id: i64, first: Option<FirstPhase>| {
         let s = s.clone();
         async move { leased_with(&s, account, key, Some(Prefetch::Order(order_id)), first).await }
@@ -991,6 +996,116 @@ pub async fn a_claims_first_step_is_written_with_it(s: Store) {
     // Neither claimed the order: a later first step takes it.
     let later = begin(a, "k6", o2.id, Some(first)).await;
     assert_eq!(later.recovery_point, "authorizing");
+}
+
+/// Claims that arrive together (a backend may write them in one transaction) each get what
+/// a lone claim would: their own lease, their order claimed by exactly one of them when two
+/// want it, a refusal left to the phase, and one lease for a key sent twice.
+pub async fn claims_made_together_keep_their_own_outcomes(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let free: Vec<Order> = [
+        order(&s, a, c.id, 100).await,
+        order(&s, a, c.id, 200).await,
+        order(&s, a, c.id, 300).await,
+    ]
+    .into();
+    let contested = order(&s, a, c.id, 400).await;
+    let paid = order(&s, a, c.id, 500).await;
+    let l = lease(&s, a, "paid-before").await;
+    s.record_payment(
+        &meta(a),
+        &finish(l),
+        new_payment(&paid, PaymentStatus::Succeeded, paid.amount.minor),
+        payment_answer(),
+    )
+    .await
+    .unwrap();
+    let first = claims_pending_order();
+    let mut wanted: Vec<(String, i64)> = free
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (format!("free-{i}"), o.id))
+        .collect();
+    wanted.push(("contested-1".into(), contested.id));
+    wanted.push(("contested-2".into(), contested.id));
+    wanted.push(("paid".into(), paid.id));
+    wanted.push(("twice".into(), free[0].id + 1_000_000));
+    wanted.push(("twice".into(), free[0].id + 1_000_000));
+    // Every claim of `wanted` at once, so that they wait for the writer together.
+    let together = |wanted: Vec<(String, i64)>| {
+        let (s, first) = (s.clone(), first.clone());
+        async move {
+            let start = Arc::new(tokio::sync::Barrier::new(wanted.len()));
+            let mut tasks = Vec::new();
+            for (key, order_id) in wanted {
+                let (s, start, first) = (s.clone(), start.clone(), first.clone());
+                tasks.push(tokio::spawn(async move {
+                    start.wait().await;
+                    s.begin_operation(
+                        &meta(a),
+                        &claim(&key),
+                        b"{}",
+                        Timestamp(NOW + LEASE),
+                        Some(Prefetch::Order(order_id)),
+                        Some(first),
+                    )
+                    .await
+                    .unwrap()
+                }));
+            }
+            let mut begun = Vec::new();
+            for t in tasks {
+                begun.push(t.await.unwrap());
+            }
+            begun
+        }
+    };
+    let begun = together(wanted).await;
+    let point = |b: &Begun| match b {
+        Begun::Leased(op) => op.recovery_point.clone(),
+        Begun::Existing(r) if r.in_flight.is_some() => "in flight".into(),
+        Begun::Existing(_) => "finished".into(),
+    };
+    for (i, o) in free.iter().enumerate() {
+        let Begun::Leased(op) = &begun[i] else {
+            panic!("free-{i}: {:?}", point(&begun[i]));
+        };
+        assert_eq!(op.recovery_point, "authorizing", "free-{i}");
+        assert_eq!(op.state, format!("{{\"order_id\":{}}}", o.id));
+        assert_eq!(
+            Prefetched::order(op.prefetched.as_deref(), o.id),
+            Some(Some(o.clone()))
+        );
+    }
+    // The contested order goes to one of its two claims; the other stays at the start.
+    let mut contest = [point(&begun[3]), point(&begun[4])];
+    contest.sort();
+    assert_eq!(contest, ["authorizing", STARTED]);
+    // A paid order refuses the first step, which the phase then answers.
+    assert_eq!(point(&begun[5]), STARTED);
+    // A key sent twice at once: one lease, and the other finds it in flight.
+    let mut twice = [point(&begun[6]), point(&begun[7])];
+    twice.sort();
+    assert_eq!(twice, ["in flight", STARTED]);
+    // What the leases say is what is stored: later claims of the claimed orders, together or
+    // alone, are refused.
+    let later: Vec<(String, i64)> = free
+        .iter()
+        .chain([&contested])
+        .map(|o| (format!("later-{}", o.id), o.id))
+        .collect();
+    for b in together(later).await {
+        assert_eq!(point(&b), STARTED);
+    }
+    for o in free.iter().chain([&contested]) {
+        let late = leased_with(&s, a, &format!("late-{}", o.id), None, None).await;
+        assert!(matches!(
+            s.claim_order(&meta(a), &advance(late.lease, "authorizing"), o.id)
+                .await,
+            Err(StorageError::Rule(Rule::OrderPaymentInProgress))
+        ));
+    }
 }
 
 pub async fn money_is_scoped_to_its_account(s: Store) {
