@@ -4,14 +4,15 @@
 //! A claim on its own is a transaction of six round trips: the key's insert, the prefetched
 //! order's read, the order's claim and the step to the first recovery point (ADR 0007), with
 //! `BEGIN` and `COMMIT`. Claims waiting together share one transaction of five: every key
-//! inserted by one `unnest` statement, every prefetched order read by one, the first steps
-//! decided in Rust between them (the service's pure `FirstPhase`), and every order claimed
-//! and step written by one.
+//! inserted by one `unnest` statement, every prefetched order read by one (and every
+//! prefetched payment, a capture's or a cancel's, by one more), the first steps decided in
+//! Rust between them (the service's pure `FirstPhase`), and every order claimed and step
+//! written by one.
 //!
-//! Only the common case is batched: new work whose key is free, with no prefetch or an
-//! order's. Anything else — a key already taken (a retry, a takeover, an expired record to
-//! clear), a key twice in one batch, a payment to prefetch — is answered `None` and the
-//! caller claims it alone (`ops`), as before; nothing of it was written here.
+//! Only the common case is batched: new work whose key is free. Anything else — a key already
+//! taken (a retry, a takeover, an expired record to clear), a key twice in one batch — is
+//! answered `None` and the caller claims it alone (`ops`), as before; nothing of it was
+//! written here.
 //!
 //! Per claim, the outcome is what the lone path gives: an order the first step may not claim
 //! (not pending, being paid by other work, gone, or claimed by another claim of the same
@@ -44,8 +45,8 @@ pub(crate) struct Claim {
     pub claim: IdempotencyClaim,
     pub request: Vec<u8>,
     pub lease_until: Timestamp,
-    /// The order to read with the claim, if any (a payment's prefetch is claimed alone).
-    pub order: Option<i64>,
+    /// What to read with the claim, if anything.
+    pub prefetch: Option<Prefetch>,
     pub first: Option<FirstPhase>,
 }
 
@@ -184,10 +185,19 @@ impl GroupWriter for PgClaims {
             }
         }
         // What the first phases read, as it stands now that the keys are held.
-        let wanted: Vec<(i64, i64)> = claimed
-            .iter()
-            .filter_map(|(i, op)| batch[*i].1.order.map(|id| (op.account_id, id)))
-            .collect();
+        let wanted = |kind: fn(Prefetch) -> Option<i64>| -> Vec<(i64, i64)> {
+            claimed
+                .iter()
+                .filter_map(|(i, op)| Some((op.account_id, kind(batch[*i].1.prefetch?)?)))
+                .collect()
+        };
+        let (wanted_payments, wanted) = (wanted(payment_of), wanted(order_of));
+        let mut payments = HashMap::new();
+        if !wanted_payments.is_empty() {
+            for p in crate::money::payments_by_ids(&mut tx, &wanted_payments).await? {
+                payments.insert((p.account_id, p.id), p);
+            }
+        }
         let mut orders = HashMap::new();
         if !wanted.is_empty() {
             let found: Vec<OrderRow> = sqlx::query_as(READ_ORDERS)
@@ -204,10 +214,15 @@ impl GroupWriter for PgClaims {
         // The first steps, decided from the work as claimed.
         let mut steps: Vec<(usize, FirstStep)> = Vec::new();
         for (i, op) in &mut claimed {
-            if let Some(id) = batch[*i].1.order {
-                let found = orders.get(&(op.account_id, id)).cloned();
-                op.prefetched = Some(Box::new(Prefetched::Order(id, found)));
-            }
+            let key = |id| (op.account_id, id);
+            op.prefetched = batch[*i].1.prefetch.map(|wanted| {
+                Box::new(match wanted {
+                    Prefetch::Order(id) => Prefetched::Order(id, orders.get(&key(id)).cloned()),
+                    Prefetch::Payment(id) => {
+                        Prefetched::Payment(id, payments.get(&key(id)).cloned())
+                    }
+                })
+            });
             if let Some(step) = batch[*i].1.first.as_ref().and_then(|decide| decide(op)) {
                 steps.push((*i, step));
             }
@@ -275,12 +290,18 @@ struct StepColumns<'a> {
     at: Vec<i64>,
 }
 
-/// Whether `begin_operation` may send this claim to the batch: new work with nothing to
-/// prefetch, or an order.
-pub(crate) fn batchable(prefetch: Option<Prefetch>) -> Option<Option<i64>> {
+/// The order a prefetch names, if it names one.
+fn order_of(prefetch: Prefetch) -> Option<i64> {
     match prefetch {
-        None => Some(None),
-        Some(Prefetch::Order(id)) => Some(Some(id)),
-        Some(Prefetch::Payment(_)) => None,
+        Prefetch::Order(id) => Some(id),
+        Prefetch::Payment(_) => None,
+    }
+}
+
+/// The payment a prefetch names, if it names one.
+fn payment_of(prefetch: Prefetch) -> Option<i64> {
+    match prefetch {
+        Prefetch::Payment(id) => Some(id),
+        Prefetch::Order(_) => None,
     }
 }

@@ -485,6 +485,23 @@ pub(crate) async fn payment_in(tx: &mut Tx, account: AccountId, id: i64) -> Resu
     found.ok_or(StorageError::NotFound)
 }
 
+/// The payments named by the pairs (account, id), read in the caller's transaction: what
+/// claims made together prefetch (`claiming`).
+pub(crate) async fn payments_by_ids(tx: &mut Tx, pairs: &[(i64, i64)]) -> Result<Vec<Payment>> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        payment_cols!(),
+        " FROM payments WHERE (account_id, id) IN \
+         (SELECT * FROM unnest($1::bigint[], $2::bigint[]))"
+    ))
+    .bind(pairs.iter().map(|p| p.0).collect::<Vec<_>>())
+    .bind(pairs.iter().map(|p| p.1).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(err)?;
+    rows.iter().map(payment).collect()
+}
+
 /// `payment_in`, holding the payment's row lock until the transaction ends: what is decided
 /// from it stays true until then. The lock an `UPDATE` of the payment takes (`NO KEY`: it
 /// does not hold up the foreign-key checks of refunds being inserted for the payment).

@@ -63,17 +63,15 @@ impl OperationStore for PostgresStore {
     ) -> Result<Begun> {
         // New work with a free key goes with the claims waiting (`claiming`); the rest, and
         // a claim it could not take, here.
-        if let Some(order) = crate::claiming::batchable(prefetch) {
-            let batched = Claim {
-                claim: claim.clone(),
-                request: request.to_vec(),
-                lease_until,
-                order,
-                first: first.clone(),
-            };
-            if let Some(op) = self.claims.submit(meta.clone(), batched).await? {
-                return Ok(Begun::Leased(op));
-            }
+        let batched = Claim {
+            claim: claim.clone(),
+            request: request.to_vec(),
+            lease_until,
+            prefetch,
+            first: first.clone(),
+        };
+        if let Some(op) = self.claims.submit(meta.clone(), batched).await? {
+            return Ok(Begun::Leased(op));
         }
         let mut tx = self.write_tx().await?;
         let mut fresh = claim_key(&mut tx, meta, claim, request, lease_until).await?;

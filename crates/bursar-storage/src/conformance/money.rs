@@ -1013,32 +1013,36 @@ pub async fn claims_made_together_keep_their_own_outcomes(s: Store) {
     let contested = order(&s, a, c.id, 400).await;
     let paid = order(&s, a, c.id, 500).await;
     let l = lease(&s, a, "paid-before").await;
-    s.record_payment(
-        &meta(a),
-        &finish(l),
-        new_payment(&paid, PaymentStatus::Succeeded, paid.amount.minor),
-        payment_answer(),
-    )
-    .await
-    .unwrap();
+    let payment = s
+        .record_payment(
+            &meta(a),
+            &finish(l),
+            new_payment(&paid, PaymentStatus::Succeeded, paid.amount.minor),
+            payment_answer(),
+        )
+        .await
+        .unwrap();
     let first = claims_pending_order();
-    let mut wanted: Vec<(String, i64)> = free
+    let mut wanted: Vec<(String, Prefetch)> = free
         .iter()
         .enumerate()
-        .map(|(i, o)| (format!("free-{i}"), o.id))
+        .map(|(i, o)| (format!("free-{i}"), Prefetch::Order(o.id)))
         .collect();
-    wanted.push(("contested-1".into(), contested.id));
-    wanted.push(("contested-2".into(), contested.id));
-    wanted.push(("paid".into(), paid.id));
-    wanted.push(("twice".into(), free[0].id + 1_000_000));
-    wanted.push(("twice".into(), free[0].id + 1_000_000));
+    wanted.push(("contested-1".into(), Prefetch::Order(contested.id)));
+    wanted.push(("contested-2".into(), Prefetch::Order(contested.id)));
+    wanted.push(("paid".into(), Prefetch::Order(paid.id)));
+    let absent = Prefetch::Order(free[0].id + 1_000_000);
+    wanted.push(("twice".into(), absent));
+    wanted.push(("twice".into(), absent));
+    // A capture's claim reads the payment it settles.
+    wanted.push(("capture".into(), Prefetch::Payment(payment.id)));
     // Every claim of `wanted` at once, so that they wait for the writer together.
-    let together = |wanted: Vec<(String, i64)>| {
+    let together = |wanted: Vec<(String, Prefetch)>| {
         let (s, first) = (s.clone(), first.clone());
         async move {
             let start = Arc::new(tokio::sync::Barrier::new(wanted.len()));
             let mut tasks = Vec::new();
-            for (key, order_id) in wanted {
+            for (key, prefetch) in wanted {
                 let (s, start, first) = (s.clone(), start.clone(), first.clone());
                 tasks.push(tokio::spawn(async move {
                     start.wait().await;
@@ -1047,7 +1051,7 @@ pub async fn claims_made_together_keep_their_own_outcomes(s: Store) {
                         &claim(&key),
                         b"{}",
                         Timestamp(NOW + LEASE),
-                        Some(Prefetch::Order(order_id)),
+                        Some(prefetch),
                         Some(first),
                     )
                     .await
@@ -1088,12 +1092,25 @@ pub async fn claims_made_together_keep_their_own_outcomes(s: Store) {
     let mut twice = [point(&begun[6]), point(&begun[7])];
     twice.sort();
     assert_eq!(twice, ["in flight", STARTED]);
+    let Begun::Leased(capture) = &begun[8] else {
+        panic!("capture: {:?}", point(&begun[8]));
+    };
+    assert_eq!(
+        (
+            capture.recovery_point.as_str(),
+            capture.prefetched.as_deref()
+        ),
+        (
+            STARTED,
+            Some(&Prefetched::Payment(payment.id, Some(payment.clone())))
+        )
+    );
     // What the leases say is what is stored: later claims of the claimed orders, together or
     // alone, are refused.
-    let later: Vec<(String, i64)> = free
+    let later: Vec<(String, Prefetch)> = free
         .iter()
         .chain([&contested])
-        .map(|o| (format!("later-{}", o.id), o.id))
+        .map(|o| (format!("later-{}", o.id), Prefetch::Order(o.id)))
         .collect();
     for b in together(later).await {
         assert_eq!(point(&b), STARTED);
