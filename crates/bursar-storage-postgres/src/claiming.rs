@@ -25,11 +25,13 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use bursar_domain::Timestamp;
 use bursar_storage::group_commit::{Batchable, GroupWriter};
+use bursar_storage::money::Payment;
 use bursar_storage::money::StepEnd;
 use bursar_storage::operations::{FirstPhase, FirstStep, Prefetch, Prefetched, STARTED};
-use bursar_storage::{IdempotencyClaim, LeasedOperation, StorageError, WriteMeta};
+use bursar_storage::{IdempotencyClaim, LeasedOperation, Order, StorageError, WriteMeta};
 use sqlx::Row;
 use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Transaction};
 
 use crate::{OrderRow, err};
 
@@ -184,35 +186,10 @@ impl GroupWriter for PgClaims {
                 claimed.push((i, op));
             }
         }
-        // What the first phases read, as it stands now that the keys are held.
-        let wanted = |kind: fn(Prefetch) -> Option<i64>| -> Vec<(i64, i64)> {
-            claimed
-                .iter()
-                .filter_map(|(i, op)| Some((op.account_id, kind(batch[*i].1.prefetch?)?)))
-                .collect()
-        };
-        let (wanted_payments, wanted) = (wanted(payment_of), wanted(order_of));
-        let mut payments = HashMap::new();
-        if !wanted_payments.is_empty() {
-            for p in crate::money::payments_by_ids(&mut tx, &wanted_payments).await? {
-                payments.insert((p.account_id, p.id), p);
-            }
-        }
-        let mut orders = HashMap::new();
-        if !wanted.is_empty() {
-            let found: Vec<OrderRow> = sqlx::query_as(READ_ORDERS)
-                .bind(wanted.iter().map(|w| w.0).collect::<Vec<_>>())
-                .bind(wanted.iter().map(|w| w.1).collect::<Vec<_>>())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err)?;
-            for row in found {
-                let order = row.into_record()?;
-                orders.insert((order.account_id, order.id), order);
-            }
-        }
-        // The first steps, decided from the work as claimed.
-        let mut steps: Vec<(usize, FirstStep)> = Vec::new();
+        // What the first phases read, as it stands now that the keys are held; then the first
+        // steps, decided from the work as claimed.
+        let (orders, payments) = read_prefetched(&mut tx, batch, &claimed).await?;
+        let mut steps: Vec<Option<FirstStep>> = Vec::with_capacity(claimed.len());
         for (i, op) in &mut claimed {
             let key = |id| (op.account_id, id);
             op.prefetched = batch[*i].1.prefetch.map(|wanted| {
@@ -223,50 +200,14 @@ impl GroupWriter for PgClaims {
                     }
                 })
             });
-            if let Some(step) = batch[*i].1.first.as_ref().and_then(|decide| decide(op)) {
-                steps.push((*i, step));
-            }
+            steps.push(batch[*i].1.first.as_ref().and_then(|decide| decide(op)));
         }
-        let mut took = HashSet::new();
-        if !steps.is_empty() {
-            let mut c = StepColumns::default();
-            for (_, FirstStep::ClaimOrder { step, order_id }) in &steps {
-                let StepEnd::Advance { to, lease_until } = &step.end else {
-                    return Err(StorageError::Internal(
-                        "a first step advances its work".into(),
-                    ));
-                };
-                c.records.push(step.lease.record_id);
-                c.orders.push(*order_id);
-                c.fences.push(step.lease.fence);
-                c.froms.push(step.from.as_str());
-                c.tos.push(to.as_str());
-                c.states.push(step.state.as_str());
-                c.leases.push(lease_until.0);
-                c.at.push(step.now.0);
-            }
-            let accounts: Vec<i64> = steps.iter().map(|(i, _)| batch[*i].0.account_id).collect();
-            let rows = sqlx::query(CLAIM_ORDERS)
-                .bind(&c.records)
-                .bind(&accounts)
-                .bind(&c.orders)
-                .bind(&c.fences)
-                .bind(&c.froms)
-                .bind(&c.tos)
-                .bind(&c.states)
-                .bind(&c.leases)
-                .bind(&c.at)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err)?;
-            for row in rows {
-                took.insert(row.try_get::<i64, _>("id").map_err(err)?);
-            }
-        }
+        let decided = claimed.iter().zip(&steps);
+        let decided = decided.filter_map(|((_, op), step)| Some((op.account_id, step.as_ref()?)));
+        let took = claim_orders(&mut tx, decided).await?;
         tx.commit().await.map_err(err)?;
-        let mut steps: HashMap<usize, FirstStep> = steps.into_iter().collect();
-        for (i, mut op) in claimed {
-            if let Some(step) = steps.remove(&i)
+        for ((i, mut op), step) in claimed.into_iter().zip(steps) {
+            if let Some(step) = step
                 && took.contains(&op.lease.record_id)
             {
                 op.advanced_by(&step);
@@ -277,10 +218,90 @@ impl GroupWriter for PgClaims {
     }
 }
 
+/// The orders and payments the claimed work asked to read with its claim, by (account, id).
+async fn read_prefetched(
+    tx: &mut Transaction<'static, Postgres>,
+    batch: &[(WriteMeta, Claim)],
+    claimed: &[(usize, LeasedOperation)],
+) -> Result<(HashMap<(i64, i64), Order>, HashMap<(i64, i64), Payment>), StorageError> {
+    let wanted = |kind: fn(Prefetch) -> Option<i64>| -> Vec<(i64, i64)> {
+        claimed
+            .iter()
+            .filter_map(|(i, op)| Some((op.account_id, kind(batch[*i].1.prefetch?)?)))
+            .collect()
+    };
+    let (wanted_orders, wanted_payments) = (wanted(order_of), wanted(payment_of));
+    let mut orders = HashMap::new();
+    if !wanted_orders.is_empty() {
+        let found: Vec<OrderRow> = sqlx::query_as(READ_ORDERS)
+            .bind(wanted_orders.iter().map(|w| w.0).collect::<Vec<_>>())
+            .bind(wanted_orders.iter().map(|w| w.1).collect::<Vec<_>>())
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(err)?;
+        for row in found {
+            let order = row.into_record()?;
+            orders.insert((order.account_id, order.id), order);
+        }
+    }
+    let mut payments = HashMap::new();
+    if !wanted_payments.is_empty() {
+        for p in crate::money::payments_by_ids(tx, &wanted_payments).await? {
+            payments.insert((p.account_id, p.id), p);
+        }
+    }
+    Ok((orders, payments))
+}
+
+/// Claims each step's order in its account and writes the step where the claim took
+/// ([`CLAIM_ORDERS`]); returns the records stepped.
+async fn claim_orders<'s>(
+    tx: &mut Transaction<'static, Postgres>,
+    steps: impl Iterator<Item = (i64, &'s FirstStep)>,
+) -> Result<HashSet<i64>, StorageError> {
+    let mut c = StepColumns::default();
+    for (account, FirstStep::ClaimOrder { step, order_id }) in steps {
+        let StepEnd::Advance { to, lease_until } = &step.end else {
+            return Err(StorageError::Internal(
+                "a first step advances its work".into(),
+            ));
+        };
+        c.records.push(step.lease.record_id);
+        c.accounts.push(account);
+        c.orders.push(*order_id);
+        c.fences.push(step.lease.fence);
+        c.froms.push(step.from.as_str());
+        c.tos.push(to.as_str());
+        c.states.push(step.state.as_str());
+        c.leases.push(lease_until.0);
+        c.at.push(step.now.0);
+    }
+    if c.records.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = sqlx::query(CLAIM_ORDERS)
+        .bind(&c.records)
+        .bind(&c.accounts)
+        .bind(&c.orders)
+        .bind(&c.fences)
+        .bind(&c.froms)
+        .bind(&c.tos)
+        .bind(&c.states)
+        .bind(&c.leases)
+        .bind(&c.at)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(err)?;
+    rows.iter()
+        .map(|row| row.try_get::<i64, _>("id").map_err(err))
+        .collect()
+}
+
 /// The first steps' arrays of [`CLAIM_ORDERS`], one element per step.
 #[derive(Default)]
 struct StepColumns<'a> {
     records: Vec<i64>,
+    accounts: Vec<i64>,
     orders: Vec<i64>,
     fences: Vec<i64>,
     froms: Vec<&'a str>,

@@ -50,8 +50,8 @@ pub struct PostgresStore {
     records: GroupCommit<recording::PgRecords>,
     /// Claims of new phased work, group-committed (`claiming`).
     claims: GroupCommit<claiming::PgClaims>,
-    /// Payment ids drawn ahead: a payment's record is one statement whose stored response
-    /// names the payment, so its id is known before the write (`money::record_payment`).
+    /// Payment ids drawn ahead: a payment's record stores a response that names the payment
+    /// and is rendered before its batch is written (`recording`), so the id is known first.
     payment_ids: batch::DrawnIds,
 }
 

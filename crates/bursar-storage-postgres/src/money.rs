@@ -706,13 +706,13 @@ impl MoneyStore for PostgresStore {
         respond: Responder<Payment>,
     ) -> Result<Payment> {
         let id = self.payment_ids.take(&self.pool, 1).await?[0];
-        let (failure_code, failure_message) = new.failure.unzip();
+        let (failure_code, failure_message) = new.failure.clone().unzip();
         let p = Payment {
             id,
             account_id: meta.account_id,
             order_id: new.order_id,
-            processor_id: new.processor_id,
-            payment_method: new.payment_method,
+            processor_id: new.processor_id.clone(),
+            payment_method: new.payment_method.clone(),
             amount: new.amount,
             status: new.status,
             captured_minor: new.captured_minor,
@@ -724,8 +724,8 @@ impl MoneyStore for PostgresStore {
             updated_at: meta.at,
         };
         let rendered = (NewEvent::for_recorded_payment(&p), respond(&p));
-        let record =
-            crate::recording::record(step, p.clone(), rendered, shard_of(step.lease.record_id));
+        let shard = shard_of(step.lease.record_id);
+        let record = crate::recording::record(step, (&new, p.clone()), rendered, shard);
         if self.records.submit(meta.clone(), record).await? {
             Ok(p)
         } else {

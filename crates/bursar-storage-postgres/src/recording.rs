@@ -23,7 +23,7 @@
 use async_trait::async_trait;
 use bursar_domain::ledger::Entry;
 use bursar_storage::group_commit::{Batchable, GroupWriter};
-use bursar_storage::money::{Payment, Step, StepEnd};
+use bursar_storage::money::{NewPayment, Payment, PaymentStatus, Step, StepEnd};
 use bursar_storage::{NewEvent, StorageError, StoredResponse, WriteMeta, decode};
 use sqlx::Row;
 use sqlx::postgres::PgPool;
@@ -338,22 +338,13 @@ impl GroupWriter for PgRecords {
     }
 }
 
-/// A [`Record`] of `payment` finishing `step`, with what its work stores.
+/// A [`Record`] of `payment`, recorded as `new`, finishing `step`, with what its work stores.
 pub(crate) fn record(
     step: &Step,
-    payment: Payment,
+    (new, payment): (&NewPayment, Payment),
     (event, response): (NewEvent, StoredResponse),
     shard: i16,
 ) -> Record {
-    use bursar_storage::money::PaymentStatus;
-    // An authorization, and its capture when the payment was captured at once.
-    let mut entries = Vec::new();
-    if payment.status != PaymentStatus::Failed {
-        entries.push(Entry::authorization(payment.amount));
-    }
-    if payment.status == PaymentStatus::Succeeded {
-        entries.push(Entry::capture(payment.amount, payment.captured_minor));
-    }
     let order = match payment.status {
         PaymentStatus::Failed => OrderMove::Release,
         PaymentStatus::Succeeded => OrderMove::Follow,
@@ -362,7 +353,7 @@ pub(crate) fn record(
     Record {
         step: step.clone(),
         payment,
-        entries,
+        entries: new.entries(),
         order,
         headers: decode::headers_json(&response.headers),
         event,

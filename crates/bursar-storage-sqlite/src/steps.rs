@@ -759,19 +759,12 @@ fn record_sql(slot: usize, meta: &WriteMeta, step: &Step, new: &NewPayment, sql:
     guard(sql, step);
     sql.push(&format!(" RETURNING {slot} AS slot, 'payment' AS kind, "))
         .push(concat!(payment_cols!(), "; "));
-    // An authorization, and its capture when the payment was captured at once: one
-    // movement's entries, written together.
-    let auth = Entry::authorization(new.amount);
-    let capture = Entry::capture(new.amount, new.captured_minor);
-    let entries: &[&Entry] = match new.status {
-        PaymentStatus::Failed => &[],
-        PaymentStatus::Succeeded => &[&auth, &capture],
-        PaymentStatus::RequiresCapture | PaymentStatus::Canceled => &[&auth],
-    };
+    // One movement's entries, written together.
+    let entries = new.entries();
     entries_sql(
         sql,
         meta.account_id,
-        entries,
+        &entries.iter().collect::<Vec<_>>(),
         ("payment", Reference::NewestPayment),
         meta.at,
         &Gate::Step(step),

@@ -116,6 +116,22 @@ pub struct NewPayment {
     pub failure: Option<(String, String)>,
 }
 
+impl NewPayment {
+    /// The journal entries its record posts, the booking rule both backends write: an
+    /// authorization unless it failed, and its capture when it was captured at once.
+    pub fn entries(&self) -> Vec<bursar_domain::ledger::Entry> {
+        use bursar_domain::ledger::Entry;
+        let mut entries = Vec::new();
+        if self.status != PaymentStatus::Failed {
+            entries.push(Entry::authorization(self.amount));
+        }
+        if self.status == PaymentStatus::Succeeded {
+            entries.push(Entry::capture(self.amount, self.captured_minor));
+        }
+        entries
+    }
+}
+
 /// Where a refund is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1012,16 +1012,7 @@ pub async fn claims_made_together_keep_their_own_outcomes(s: Store) {
     .into();
     let contested = order(&s, a, c.id, 400).await;
     let paid = order(&s, a, c.id, 500).await;
-    let l = lease(&s, a, "paid-before").await;
-    let payment = s
-        .record_payment(
-            &meta(a),
-            &finish(l),
-            new_payment(&paid, PaymentStatus::Succeeded, paid.amount.minor),
-            payment_answer(),
-        )
-        .await
-        .unwrap();
+    let payment = pay(&s, a, "paid-before", &paid, PaymentStatus::Succeeded).await;
     let first = claims_pending_order();
     let mut wanted: Vec<(String, Prefetch)> = free
         .iter()
