@@ -236,7 +236,7 @@ async fn with_bursar(
         if args.scenario == Scenario::Payments
             && let Some(t) = targets.last()
         {
-            for writer in ["steps", "claims", "records", "creates"] {
+            for writer in ["steps", "claims", "records", "captures", "creates"] {
                 if let Some(line) = group_commit(t, writer).await {
                     eprintln!("{line}");
                 }

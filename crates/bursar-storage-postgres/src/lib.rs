@@ -48,6 +48,8 @@ pub struct PostgresStore {
     creates: GroupCommit<batch::PgCreates>,
     /// Payments' records, group-committed (`recording`).
     records: GroupCommit<recording::PgRecords>,
+    /// Captures of authorized payments, group-committed (`recording`).
+    captures: GroupCommit<recording::PgCaptures>,
     /// Claims of new phased work, group-committed (`claiming`).
     claims: GroupCommit<claiming::PgClaims>,
     /// Payment ids drawn ahead: a payment's record stores a response that names the payment
@@ -155,6 +157,15 @@ impl PostgresStore {
             recording::STATEMENT_BYTES,
             (opts.max_connections / 8).max(1) as usize,
         );
+        // One capture batch at a time: side by side, as records are written, captures
+        // measured no faster than written alone; one at a time, half as fast again
+        // (docs/PERFORMANCE.md).
+        let captures = GroupCommit::spawn(
+            recording::PgCaptures { pool: pool.clone() },
+            recording::MAX_BATCH,
+            recording::STATEMENT_BYTES,
+            1,
+        );
         let claims = GroupCommit::spawn(
             claiming::PgClaims { pool: pool.clone() },
             claiming::MAX_BATCH,
@@ -166,6 +177,7 @@ impl PostgresStore {
             completions,
             creates,
             records,
+            captures,
             claims,
             payment_ids: batch::DrawnIds::payments(),
         })

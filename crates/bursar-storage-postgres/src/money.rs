@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use bursar_domain::ledger::{Entry, LedgerAccount, Posting};
-use bursar_domain::{AccountId, Currency, Money, OrderStatus, Timestamp};
+use bursar_domain::{AccountId, Currency, OrderStatus, Timestamp};
 use bursar_storage::money::*;
 use bursar_storage::operations::{FINISHED, fenced_unless_one};
 use bursar_storage::{
@@ -592,7 +592,8 @@ async fn try_reserve(
 /// their postings and balance moves, and the order's move to paid with its event when the
 /// capture took the order's whole amount. PostgreSQL runs a statement's parts in no set
 /// order, so the order's event reads the payment's (their `seq`s in order). Returns the
-/// step's row count. A payment's own record is group-committed instead (`recording`).
+/// step's row count. For a capture the batch did not take (`recording::CAPTURES`), settled
+/// alone; a payment's own record is always group-committed.
 ///
 /// Parameters ([`finishing`]): `$1`–`$8` as [`bind_entries`] (the payment as the
 /// reference); the step `$9`–`$18`; the order `$19` and the captured amount `$20`; the
@@ -733,15 +734,39 @@ impl MoneyStore for PostgresStore {
         }
     }
 
+    /// Group-committed with other captures (`recording`) while the payment is as `read`;
+    /// otherwise, or when the key's lease no longer holds, settled alone from the payment as
+    /// stored, which says why not.
     async fn capture_payment(
         &self,
         meta: &WriteMeta,
         step: &Step,
-        payment_id: i64,
-        _authorized: Money,
+        read: &Payment,
         captured_minor: i64,
         respond: Responder<Payment>,
     ) -> Result<Payment> {
+        let settled = Payment {
+            status: PaymentStatus::Succeeded,
+            captured_minor,
+            version: read.version + 1,
+            updated_at: meta.at,
+            ..read.clone()
+        };
+        let response = respond(&settled);
+        let captured = crate::recording::Record {
+            step: step.clone(),
+            entries: vec![Entry::capture(read.amount, captured_minor)],
+            order: crate::recording::OrderMove::Follow,
+            event: NewEvent::for_payment("captured", &settled),
+            headers: decode::headers_json(&response.headers),
+            response,
+            shard: shard_of(step.lease.record_id),
+            payment: settled.clone(),
+        };
+        if self.captures.submit(meta.clone(), captured).await? {
+            return Ok(settled);
+        }
+        let payment_id = read.id;
         let mut tx = self.write_tx().await?;
         let p = settle_authorization(
             &mut tx,

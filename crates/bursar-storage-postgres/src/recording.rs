@@ -1,5 +1,5 @@
-//! Group commit for the record of a payment's charge (`MoneyStore::record_payment`), as
-//! creates have it (`batch`).
+//! Group commit for the record of a payment's charge (`MoneyStore::record_payment`) and of
+//! its capture (`MoneyStore::capture_payment`), as creates have it (`batch`).
 //!
 //! A payment's record was one statement per payment, in autocommit. Measured, that statement
 //! cost more than the key's whole claim transaction, while dropping its ledger rows changed
@@ -19,6 +19,13 @@
 //! single command's order (currency, ledger account on its shard) is a part, so a batch and a
 //! command wait for each other instead of deadlocking. The records' own rows are locked first:
 //! only the same work's takeovers touch them, and those lock the record first too.
+//!
+//! A capture goes the same way ([`CAPTURES`], writer `captures`), with the payment's move to
+//! succeeded in place of its insert. Its response and event are rendered before the write
+//! from the payment as the caller read it, so a capture writes only where the payment is
+//! still at the version read and its work's key still held (locked first). One that did not
+//! take wrote nothing, and the caller settles it alone from the payment as stored, which
+//! answers exactly: fenced, no longer capturable, or captured after all.
 
 use async_trait::async_trait;
 use bursar_domain::ledger::Entry;
@@ -111,78 +118,168 @@ pub(crate) struct PgRecords {
     pub pool: PgPool,
 }
 
-/// One payment per row of the arrays `$1`–`$28` (`slot` is its place, from 1), its entries
-/// in `$29`–`$30` and their postings in `$31`–`$35`, each found by slot (and by kind, which
-/// is unique within a payment's entries). The statement returns the slots whose step took.
+/// The fenced step of each input row whose other conditions `$from` joins in, storing its
+/// response and finishing its work, then the rows whose step took (`stepped`), which every
+/// later part joins on: a row whose step did not take writes nothing.
+macro_rules! step_parts {
+    ($from:literal) => {
+        concat!(
+            "step AS (UPDATE idempotency_keys k SET recovery_point = 'finished', \
+               phase_state = i.state, response_status = i.status, \
+               response_headers = i.headers, response_body = i.body, \
+               resource_id = i.payment_id, locked_until = NULL, last_run_at = i.at, \
+               expires_at = i.expires_at \
+             FROM ",
+            $from,
+            " WHERE k.id = i.record_id AND k.fence = i.fence \
+               AND k.recovery_point = i.from_point \
+             RETURNING i.slot), \
+           stepped AS MATERIALIZED (SELECT i.* FROM input i JOIN step USING (slot)), "
+        )
+    };
+}
+
+/// For every row that `stepped`: the payment's event, its journal entries (the entries' arrays
+/// `$e`, `$k`, ordered) with their postings (the postings' arrays `$ps` to `$pm`) and the
+/// balances they move, locked in the one total order.
+macro_rules! ledger_parts {
+    ($e:literal, $k:literal, $ps:literal, $pk:literal, $pl:literal, $pc:literal, $pm:literal) => {
+        concat!(
+            "ev AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+               aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+             SELECT account_id, event_type, aggregate_type, payment_id, event_version, \
+               payload::jsonb, request_id, trace_id, at FROM stepped ORDER BY slot \
+             RETURNING id), \
+           ein AS (SELECT * FROM unnest($",
+            $e,
+            "::bigint[], $",
+            $k,
+            "::text[]) WITH ORDINALITY AS e(slot, kind, n)), \
+           je AS (INSERT INTO journal_entries (account_id, kind, reference_type, \
+               reference_id, created_at) \
+             SELECT s.account_id, e.kind, 'payment', s.payment_id, s.at \
+             FROM ein e JOIN stepped s USING (slot) ORDER BY e.n \
+             RETURNING id, reference_id, kind), \
+           pin AS (SELECT * FROM unnest($",
+            $ps,
+            "::bigint[], $",
+            $pk,
+            "::text[], $",
+            $pl,
+            "::text[], $",
+            $pc,
+            "::text[], $",
+            $pm,
+            "::bigint[]) WITH ORDINALITY AS p(slot, kind, l, c, m, n)), \
+           pst AS (INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
+               amount_minor) \
+             SELECT je.id, s.account_id, p.l, p.c, p.m \
+             FROM pin p JOIN stepped s USING (slot) \
+               JOIN je ON je.reference_id = s.payment_id AND je.kind = p.kind \
+             ORDER BY p.n), \
+           bal AS (INSERT INTO balances (account_id, ledger_account, currency, shard, \
+               amount_minor, updated_at) \
+             SELECT s.account_id, p.l, p.c, s.shard, sum(p.m)::bigint, max(s.at) \
+             FROM pin p JOIN stepped s USING (slot) \
+             GROUP BY s.account_id, p.c, p.l, s.shard \
+             ORDER BY s.account_id, p.c COLLATE \"C\", p.l COLLATE \"C\", s.shard \
+             ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
+               amount_minor = balances.amount_minor + EXCLUDED.amount_minor, \
+               updated_at = EXCLUDED.updated_at), "
+        )
+    };
+}
+
+/// For every row that `stepped` with `order_move` follow: its pending order moves to paid
+/// when the payment captured the order's whole amount, with `order.paid`. The move reads the
+/// whole of `ev`, so every payment's event gets its id before any order's.
+macro_rules! order_parts {
+    () => {
+        concat!(
+            "paid AS (UPDATE orders r SET status = 'paid', version = r.version + 1, \
+               updated_at = s.at FROM stepped s \
+             WHERE s.order_move = 'follow' AND r.account_id = s.account_id \
+               AND r.id = s.order_id AND r.status = 'pending' \
+               AND r.amount_minor = s.captured_minor AND (SELECT count(*) FROM ev) > 0 \
+             RETURNING r.*, s.request_id AS rid, s.trace_id AS tid, s.slot), \
+           oe AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, \
+               aggregate_id, aggregate_version, payload, request_id, trace_id, created_at) \
+             SELECT account_id, 'order.' || status, 'order', id, version, ",
+            order_json!(),
+            ", rid, tid, updated_at FROM paid ORDER BY slot) "
+        )
+    };
+}
+
+/// One row per payment from the arrays `$1`–`$28` (`slot` is its place, from 1), as
+/// [`Columns`] binds them.
+macro_rules! input_part {
+    ($more:literal, $names:literal) => {
+        concat!(
+            "WITH input AS MATERIALIZED (\
+               SELECT t.* FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
+                 $5::text[], $6::int[], $7::text[], $8::bytea[], $9::bigint[], $10::bigint[], \
+                 $11::bigint[], $12::bigint[], $13::text[], $14::text[], $15::bigint[], \
+                 $16::text[], $17::text[], $18::bigint[], $19::text[], $20::text[], \
+                 $21::text[], $22::text[], $23::bigint[], $24::text[], $25::text[], \
+                 $26::text[], $27::text[], $28::smallint[]",
+            $more,
+            ") WITH ORDINALITY AS t(account_id, record_id, fence, from_point, state, status, \
+                 headers, body, at, expires_at, payment_id, order_id, processor_id, method, \
+                 amount_minor, currency, pstatus, captured_minor, failure_code, \
+                 failure_message, event_type, aggregate_type, event_version, payload, \
+                 request_id, trace_id, order_move, shard",
+            $names,
+            ", slot)), "
+        )
+    };
+}
+
+/// One payment per input row, its entries in `$29`–`$30` and their postings in `$31`–`$35`,
+/// each found by slot (and by kind, which is unique within a payment's entries). The
+/// statement returns the slots whose step took.
 const RECORDS: &str = concat!(
-    "WITH input AS MATERIALIZED (\
-       SELECT t.* FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
-           $5::text[], $6::int[], $7::text[], $8::bytea[], $9::bigint[], $10::bigint[], \
-           $11::bigint[], $12::bigint[], $13::text[], $14::text[], $15::bigint[], $16::text[], \
-           $17::text[], $18::bigint[], $19::text[], $20::text[], $21::text[], $22::text[], \
-           $23::bigint[], $24::text[], $25::text[], $26::text[], $27::text[], $28::smallint[]) \
-         WITH ORDINALITY AS t(account_id, record_id, fence, from_point, state, status, \
-           headers, body, at, expires_at, payment_id, order_id, processor_id, method, \
-           amount_minor, currency, pstatus, captured_minor, failure_code, failure_message, \
-           event_type, aggregate_type, event_version, payload, request_id, trace_id, \
-           order_move, shard, slot)), \
-     step AS (UPDATE idempotency_keys k SET recovery_point = 'finished', \
-           phase_state = i.state, response_status = i.status, response_headers = i.headers, \
-           response_body = i.body, resource_id = i.payment_id, locked_until = NULL, \
-           last_run_at = i.at, expires_at = i.expires_at \
-         FROM input i WHERE k.id = i.record_id AND k.fence = i.fence \
-           AND k.recovery_point = i.from_point \
-         RETURNING i.slot), \
-     stepped AS MATERIALIZED (SELECT i.* FROM input i JOIN step USING (slot)), \
-     pay AS (INSERT INTO payments (id, account_id, order_id, operation_id, processor_id, \
+    input_part!("", ""),
+    step_parts!("input i"),
+    "pay AS (INSERT INTO payments (id, account_id, order_id, operation_id, processor_id, \
            payment_method, amount_minor, currency, status, captured_minor, failure_code, \
            failure_message, created_at, updated_at) OVERRIDING SYSTEM VALUE \
          SELECT payment_id, account_id, order_id, record_id, processor_id, method, \
            amount_minor, currency, pstatus, captured_minor, failure_code, failure_message, \
-           at, at FROM stepped ORDER BY slot), \
-     ev AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
-           aggregate_version, payload, request_id, trace_id, created_at) \
-         SELECT account_id, event_type, aggregate_type, payment_id, event_version, \
-           payload::jsonb, request_id, trace_id, at FROM stepped ORDER BY slot RETURNING id), \
-     ein AS (SELECT * FROM unnest($29::bigint[], $30::text[]) WITH ORDINALITY \
-           AS e(slot, kind, n)), \
-     je AS (INSERT INTO journal_entries (account_id, kind, reference_type, reference_id, \
-           created_at) \
-         SELECT s.account_id, e.kind, 'payment', s.payment_id, s.at \
-         FROM ein e JOIN stepped s USING (slot) ORDER BY e.n \
-         RETURNING id, reference_id, kind), \
-     pin AS (SELECT * FROM unnest($31::bigint[], $32::text[], $33::text[], $34::text[], \
-           $35::bigint[]) WITH ORDINALITY AS p(slot, kind, l, c, m, n)), \
-     pst AS (INSERT INTO postings (entry_id, account_id, ledger_account, currency, \
-           amount_minor) \
-         SELECT je.id, s.account_id, p.l, p.c, p.m \
-         FROM pin p JOIN stepped s USING (slot) \
-           JOIN je ON je.reference_id = s.payment_id AND je.kind = p.kind \
-         ORDER BY p.n), \
-     bal AS (INSERT INTO balances (account_id, ledger_account, currency, shard, \
-           amount_minor, updated_at) \
-         SELECT s.account_id, p.l, p.c, s.shard, sum(p.m)::bigint, max(s.at) \
-         FROM pin p JOIN stepped s USING (slot) \
-         GROUP BY s.account_id, p.c, p.l, s.shard \
-         ORDER BY s.account_id, p.c COLLATE \"C\", p.l COLLATE \"C\", s.shard \
-         ON CONFLICT (account_id, currency, ledger_account, shard) DO UPDATE SET \
-           amount_minor = balances.amount_minor + EXCLUDED.amount_minor, \
-           updated_at = EXCLUDED.updated_at), \
-     rel AS (UPDATE orders r SET payment_operation_id = NULL FROM stepped s \
+           at, at FROM stepped ORDER BY slot), ",
+    ledger_parts!(29, 30, 31, 32, 33, 34, 35),
+    "rel AS (UPDATE orders r SET payment_operation_id = NULL FROM stepped s \
          WHERE s.order_move = 'release' AND r.account_id = s.account_id \
-           AND r.id = s.order_id AND r.payment_operation_id = s.record_id), \
-     paid AS (UPDATE orders r SET status = 'paid', version = r.version + 1, \
-           updated_at = s.at FROM stepped s \
-         WHERE s.order_move = 'follow' AND r.account_id = s.account_id \
-           AND r.id = s.order_id AND r.status = 'pending' \
-           AND r.amount_minor = s.captured_minor AND (SELECT count(*) FROM ev) > 0 \
-         RETURNING r.*, s.request_id AS rid, s.trace_id AS tid, s.slot), \
-     oe AS (INSERT INTO outbox_events (account_id, event_type, aggregate_type, aggregate_id, \
-           aggregate_version, payload, request_id, trace_id, created_at) \
-         SELECT account_id, 'order.' || status, 'order', id, version, ",
-    order_json!(),
-    ", rid, tid, updated_at FROM paid ORDER BY slot) \
-     SELECT slot FROM stepped"
+           AND r.id = s.order_id AND r.payment_operation_id = s.record_id), ",
+    order_parts!(),
+    "SELECT slot FROM stepped"
+);
+
+/// Captures, one per input row: the payment as the capture leaves it, its version before in
+/// `$36`; the capture's entry and postings as [`RECORDS`] has them. Each row's key record is
+/// locked first, and only if its lease still holds; the payment moves to succeeded only
+/// where it did and the payment is still the authorization that was read (same version,
+/// amount and order); the step then cannot miss. Payments are locked after their keys, as a
+/// capture alone locks its payment before its key: the two meet only on one work's own rows
+/// under two drivers, one of which the fence already turned away. Returns the slots that
+/// took; the others wrote nothing.
+const CAPTURES: &str = concat!(
+    input_part!(", $36::bigint[]", ", read_version"),
+    "held AS MATERIALIZED (SELECT i.slot FROM input i JOIN idempotency_keys k \
+         ON k.id = i.record_id AND k.fence = i.fence AND k.recovery_point = i.from_point \
+         ORDER BY k.id FOR NO KEY UPDATE OF k), \
+     settled AS (UPDATE payments p SET status = 'succeeded', \
+           captured_minor = i.captured_minor, version = p.version + 1, updated_at = i.at \
+         FROM input i JOIN held USING (slot) \
+         WHERE p.account_id = i.account_id AND p.id = i.payment_id \
+           AND p.status = 'requires_capture' AND p.version = i.read_version \
+           AND p.amount_minor = i.amount_minor AND p.currency = i.currency \
+           AND p.order_id = i.order_id AND i.captured_minor BETWEEN 0 AND p.amount_minor \
+         RETURNING i.slot), ",
+    step_parts!("input i JOIN settled USING (slot)"),
+    ledger_parts!(29, 30, 31, 32, 33, 34, 35),
+    order_parts!(),
+    "SELECT slot FROM stepped"
 );
 
 /// The arrays of [`RECORDS`], one element per payment (`$1`–`$28`), per entry (`$29`–`$30`)
@@ -284,58 +381,89 @@ impl GroupWriter for PgRecords {
     const NAME: &'static str = "records";
 
     async fn write(&self, batch: &[(WriteMeta, Record)]) -> Result<Vec<bool>, StorageError> {
-        let mut c = Columns::default();
-        for (slot, (meta, record)) in (1..).zip(batch) {
-            c.push(slot, meta, record)?;
-        }
-        let rows = sqlx::query(RECORDS)
-            .bind(&c.accounts)
-            .bind(&c.records)
-            .bind(&c.fences)
-            .bind(&c.froms)
-            .bind(&c.states)
-            .bind(&c.statuses)
-            .bind(&c.headers)
-            .bind(&c.bodies)
-            .bind(&c.at)
-            .bind(&c.expires)
-            .bind(&c.payments)
-            .bind(&c.orders)
-            .bind(&c.processor_ids)
-            .bind(&c.methods)
-            .bind(&c.amounts)
-            .bind(&c.currencies)
-            .bind(&c.payment_statuses)
-            .bind(&c.captured)
-            .bind(&c.failure_codes)
-            .bind(&c.failure_messages)
-            .bind(&c.event_types)
-            .bind(&c.aggregate_types)
-            .bind(&c.event_versions)
-            .bind(&c.payloads)
-            .bind(&c.request_ids)
-            .bind(&c.trace_ids)
-            .bind(&c.order_moves)
-            .bind(&c.shards)
-            .bind(&c.entry_slots)
-            .bind(&c.entry_kinds)
-            .bind(&c.posting_slots)
-            .bind(&c.posting_kinds)
-            .bind(&c.posting_accounts)
-            .bind(&c.posting_currencies)
-            .bind(&c.posting_minors)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(err)?;
-        let mut took = vec![false; batch.len()];
-        for row in rows {
-            let slot: i64 = row.try_get("slot").map_err(err)?;
-            if let Some(t) = usize::try_from(slot - 1).ok().and_then(|s| took.get_mut(s)) {
-                *t = true;
-            }
-        }
-        Ok(took)
+        write(&self.pool, RECORDS, batch, false).await
     }
+}
+
+/// The captures' group-commit writer: a [`Record`] of the payment as its capture leaves it
+/// (`MoneyStore::capture_payment`), written only if the payment is still as read.
+pub(crate) struct PgCaptures {
+    pub pool: PgPool,
+}
+
+#[async_trait]
+impl GroupWriter for PgCaptures {
+    type Item = Record;
+    /// Whether the capture took; if not, it wrote nothing.
+    type Out = bool;
+    const NAME: &'static str = "captures";
+
+    async fn write(&self, batch: &[(WriteMeta, Record)]) -> Result<Vec<bool>, StorageError> {
+        write(&self.pool, CAPTURES, batch, true).await
+    }
+}
+
+/// Runs `statement` over `batch` ([`RECORDS`] or [`CAPTURES`], which also takes each
+/// payment's version before, `$36`) and says which rows took.
+async fn write(
+    pool: &PgPool,
+    statement: &'static str,
+    batch: &[(WriteMeta, Record)],
+    read_versions: bool,
+) -> Result<Vec<bool>, StorageError> {
+    let mut c = Columns::default();
+    for (slot, (meta, record)) in (1..).zip(batch) {
+        c.push(slot, meta, record)?;
+    }
+    let mut q = sqlx::query(statement)
+        .bind(&c.accounts)
+        .bind(&c.records)
+        .bind(&c.fences)
+        .bind(&c.froms)
+        .bind(&c.states)
+        .bind(&c.statuses)
+        .bind(&c.headers)
+        .bind(&c.bodies)
+        .bind(&c.at)
+        .bind(&c.expires)
+        .bind(&c.payments)
+        .bind(&c.orders)
+        .bind(&c.processor_ids)
+        .bind(&c.methods)
+        .bind(&c.amounts)
+        .bind(&c.currencies)
+        .bind(&c.payment_statuses)
+        .bind(&c.captured)
+        .bind(&c.failure_codes)
+        .bind(&c.failure_messages)
+        .bind(&c.event_types)
+        .bind(&c.aggregate_types)
+        .bind(&c.event_versions)
+        .bind(&c.payloads)
+        .bind(&c.request_ids)
+        .bind(&c.trace_ids)
+        .bind(&c.order_moves)
+        .bind(&c.shards)
+        .bind(&c.entry_slots)
+        .bind(&c.entry_kinds)
+        .bind(&c.posting_slots)
+        .bind(&c.posting_kinds)
+        .bind(&c.posting_accounts)
+        .bind(&c.posting_currencies)
+        .bind(&c.posting_minors);
+    if read_versions {
+        let before: Vec<i64> = batch.iter().map(|(_, r)| r.payment.version - 1).collect();
+        q = q.bind(before);
+    }
+    let rows = q.fetch_all(pool).await.map_err(err)?;
+    let mut took = vec![false; batch.len()];
+    for row in rows {
+        let slot: i64 = row.try_get("slot").map_err(err)?;
+        if let Some(t) = usize::try_from(slot - 1).ok().and_then(|s| took.get_mut(s)) {
+            *t = true;
+        }
+    }
+    Ok(took)
 }
 
 /// A [`Record`] of `payment`, recorded as `new`, finishing `step`, with what its work stores.

@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use bursar_domain::ledger::{Entry, Posting};
-use bursar_domain::{AccountId, Currency, Money, Timestamp};
+use bursar_domain::{AccountId, Currency, Timestamp};
 use bursar_storage::money::*;
 use bursar_storage::operations::fenced_unless_one;
 use bursar_storage::{
@@ -289,15 +289,14 @@ impl MoneyStore for SqliteStore {
         &self,
         meta: &WriteMeta,
         step: &Step,
-        payment_id: i64,
-        authorized: Money,
+        read: &Payment,
         captured_minor: i64,
         respond: Responder<Payment>,
     ) -> Result<Payment> {
         let write = StepWrite::CapturePayment {
             step: step.clone(),
-            payment_id,
-            authorized,
+            payment_id: read.id,
+            authorized: read.amount,
             captured_minor,
             respond,
         };

@@ -54,6 +54,7 @@ macro_rules! conformance_tests {
             payments_post_balanced_entries_and_follow_the_order,
             records_written_together_keep_their_own_outcomes,
             captures_and_voids_settle_an_authorization_once,
+            captures_made_together_keep_their_own_outcomes,
             concurrent_refunds_never_exceed_the_capture,
             conversions_move_available_funds_once,
             concurrent_conversions_never_overdraw,

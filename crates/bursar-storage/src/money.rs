@@ -300,16 +300,17 @@ pub trait MoneyStore: Send + Sync {
         respond: Responder<Payment>,
     ) -> Result<Payment>;
 
-    /// Records the processor's capture of `captured_minor` of an authorized payment of
-    /// `authorized` (as the caller read it: the capture's ledger entry releases the rest of
-    /// it), `payment.captured`, the order's move to paid when captured in full, and `step`.
-    /// `Rule(PaymentState)` unless the payment requires capture.
+    /// Records the processor's capture of `captured_minor` of the authorized payment `read`
+    /// (as the caller read it: the capture's ledger entry releases the rest of its amount),
+    /// `payment.captured`, the order's move to paid when captured in full, and `step`.
+    /// `Rule(PaymentState)` unless the payment requires capture. A backend may write against
+    /// `read` when the payment is still as read (its version), and must otherwise settle
+    /// from the payment as stored.
     async fn capture_payment(
         &self,
         meta: &WriteMeta,
         step: &Step,
-        payment_id: i64,
-        authorized: Money,
+        read: &Payment,
         captured_minor: i64,
         respond: Responder<Payment>,
     ) -> Result<Payment>;

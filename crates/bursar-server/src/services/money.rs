@@ -553,7 +553,7 @@ impl Operation for SettlePaymentOp {
         let recorded = if self.capture {
             let captured = settled.captured_minor;
             store
-                .capture_payment(&meta, &step, p.id, p.amount, captured, respond.clone())
+                .capture_payment(&meta, &step, &p, captured, respond.clone())
                 .await
         } else {
             store

@@ -417,12 +417,7 @@ pub async fn records_written_together_keep_their_own_outcomes(s: Store) {
     let journal = s.journal(a, page(100, None)).await.unwrap().items;
     for (i, outcome) in outcomes.iter().enumerate() {
         let Ok(p) = outcome else { continue };
-        let mut mine: Vec<&JournalEntry> = journal
-            .iter()
-            .filter(|e| e.reference_type == "payment" && e.reference_id == p.id)
-            .collect();
-        mine.sort_by_key(|e| e.id);
-        let kinds: Vec<EntryKind> = mine.iter().map(|e| e.kind).collect();
+        let kinds = entry_kinds(&journal, p.id);
         let want: &[EntryKind] = match statuses[i] {
             PaymentStatus::Succeeded => &[EntryKind::Authorization, EntryKind::Capture],
             PaymentStatus::RequiresCapture => &[EntryKind::Authorization],
@@ -455,6 +450,16 @@ pub async fn records_written_together_keep_their_own_outcomes(s: Store) {
     check_ledger(&s, a).await;
 }
 
+/// The kinds of payment `id`'s journal entries in `journal`, in id order.
+fn entry_kinds(journal: &[JournalEntry], id: i64) -> Vec<EntryKind> {
+    let mut mine: Vec<&JournalEntry> = journal
+        .iter()
+        .filter(|e| e.reference_type == "payment" && e.reference_id == id)
+        .collect();
+    mine.sort_by_key(|e| e.id);
+    mine.iter().map(|e| e.kind).collect()
+}
+
 /// The event a recorded payment of `status` appends (`payment.<kind>`).
 fn kind_of(status: PaymentStatus) -> &'static str {
     match status {
@@ -462,6 +467,174 @@ fn kind_of(status: PaymentStatus) -> &'static str {
         PaymentStatus::RequiresCapture => "authorized",
         PaymentStatus::Succeeded | PaymentStatus::Canceled => "succeeded",
     }
+}
+
+/// Captures that wait for the writer together each keep their own outcome: a full capture
+/// pays its order and a partial one does not; one whose read is out of date settles from the
+/// payment as stored; one of a payment captured meanwhile and one whose lease was taken over
+/// write nothing; of two captures of one payment exactly one takes.
+pub async fn captures_made_together_keep_their_own_outcomes(s: Store) {
+    let a = account(&s, "a").await;
+    let c = customer(&s, a).await;
+    let mut orders = Vec::new();
+    let mut read = Vec::new();
+    for i in 0..6 {
+        let o = order(&s, a, c.id, 1000 + i).await;
+        read.push(
+            pay(
+                &s,
+                a,
+                &format!("auth-{i}"),
+                &o,
+                PaymentStatus::RequiresCapture,
+            )
+            .await,
+        );
+        orders.push(o);
+    }
+    let whole = |i: usize| read[i].amount.minor;
+    // Payment 3 is captured before the others start, from the same read.
+    let l = lease(&s, a, "before").await;
+    s.capture_payment(&meta(a), &finish(l), &read[3], whole(3), payment_answer())
+        .await
+        .unwrap();
+    let out_of_date = Payment {
+        version: read[2].version + 7,
+        ..read[2].clone()
+    };
+    let wanted = [
+        ("full", read[0].clone(), whole(0), false),
+        ("partial", read[1].clone(), 600, false),
+        ("out-of-date", out_of_date, whole(2), false),
+        ("late", read[3].clone(), whole(3), false),
+        ("fenced", read[4].clone(), whole(4), true),
+        ("twice-1", read[5].clone(), whole(5), false),
+        ("twice-2", read[5].clone(), whole(5), false),
+    ];
+    let mut captures = Vec::new();
+    for (key, read, minor, fenced) in wanted {
+        let l = lease(&s, a, key).await;
+        captures.push((
+            key,
+            finish(if fenced { overtaken(l) } else { l }),
+            read,
+            minor,
+        ));
+    }
+    // All at once, so that they wait for the writer together.
+    let start = Arc::new(tokio::sync::Barrier::new(captures.len()));
+    let mut tasks = Vec::new();
+    for (_, step, read, minor) in captures.clone() {
+        let (s, start) = (s.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            s.capture_payment(&meta(a), &step, &read, minor, payment_answer())
+                .await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let refused = |o: &Result<Payment>, why: &str| {
+        matches!(
+            (o, why),
+            (Err(StorageError::Fenced), "fenced")
+                | (
+                    Err(StorageError::Rule(Rule::PaymentState(
+                        PaymentStatus::Succeeded
+                    ))),
+                    "captured"
+                )
+        )
+    };
+    for (i, want) in [(0, whole(0)), (1, 600), (2, whole(2))] {
+        let p = outcomes[i].as_ref().unwrap();
+        assert_eq!(
+            (p.status, p.captured_minor, p.version),
+            (PaymentStatus::Succeeded, want, 2),
+            "capture {i}"
+        );
+        assert_eq!(s.get_payment(a, p.id).await.unwrap().as_ref(), Some(p));
+    }
+    assert!(refused(&outcomes[3], "captured"), "{:?}", outcomes[3]);
+    assert!(refused(&outcomes[4], "fenced"), "{:?}", outcomes[4]);
+    let took: Vec<&Payment> = outcomes[5..]
+        .iter()
+        .filter_map(|o| o.as_ref().ok())
+        .collect();
+    assert_eq!(took.len(), 1, "{:?}", &outcomes[5..]);
+    assert!(outcomes[5..].iter().any(|o| refused(o, "captured")));
+    // What each left behind: the payment, its order, its work's record.
+    let stored = |i: usize| {
+        let s = s.clone();
+        let id = read[i].id;
+        async move { s.get_payment(a, id).await.unwrap().unwrap() }
+    };
+    assert_eq!(
+        (stored(3).await.captured_minor, stored(3).await.version),
+        (whole(3), 2)
+    );
+    assert_eq!(stored(4).await.status, PaymentStatus::RequiresCapture);
+    assert_eq!(stored(5).await.version, 2);
+    for (i, want) in [
+        OrderStatus::Paid,
+        OrderStatus::Pending,
+        OrderStatus::Paid,
+        OrderStatus::Paid,
+        OrderStatus::Pending,
+        OrderStatus::Paid,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let o = s.get_order(a, orders[i].id).await.unwrap().unwrap();
+        assert_eq!(o.status, want, "order {i}");
+    }
+    for ((key, ..), outcome) in captures.iter().zip(&outcomes) {
+        let record = s.find_idempotency(a, key, Timestamp(NOW)).await.unwrap();
+        let in_flight = record.unwrap().in_flight.is_some();
+        assert_eq!(in_flight, outcome.is_err(), "the record of {key}");
+    }
+    // Each payment captured once: its authorization, then one capture, in id order, and
+    // `payment.captured` before the order's move it caused.
+    let journal = s.journal(a, page(100, None)).await.unwrap().items;
+    let mut logged = super::events::sequence_all(&s, &super::events::ids()).await;
+    logged.sort_by_key(|e| e.seq);
+    for (i, (p, o)) in read.iter().zip(&orders).enumerate() {
+        let kinds = entry_kinds(&journal, p.id);
+        let captured = i != 4;
+        let want: &[EntryKind] = if captured {
+            &[EntryKind::Authorization, EntryKind::Capture]
+        } else {
+            &[EntryKind::Authorization]
+        };
+        assert_eq!(kinds, want, "entries of payment {i}");
+        let at = |kind: &str, aggregate: &str, id: i64| {
+            let found = logged
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.event_type == kind && e.aggregate_type == aggregate)
+                .filter(|(_, e)| e.aggregate_id == id)
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>();
+            assert!(found.len() <= 1, "{kind} of {id} twice");
+            found.first().copied()
+        };
+        let event = at("payment.captured", "payment", p.id);
+        assert_eq!(event.is_some(), captured, "payment {i}");
+        if i != 1 && captured {
+            assert!(at("order.paid", "order", o.id) > event, "order {i}");
+        }
+    }
+    let balances = s.balances(a).await.unwrap();
+    let available = whole(0) + 600 + whole(2) + whole(3) + whole(5);
+    assert_eq!(
+        balance(&balances, LedgerAccount::Available, "USD"),
+        available
+    );
+    assert_eq!(balance(&balances, LedgerAccount::Pending, "USD"), whole(4));
+    check_ledger(&s, a).await;
 }
 
 pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
@@ -474,7 +647,7 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     // A partial capture releases the rest and does not pay the order.
     let l = lease(&s, a, "cap-1").await;
     let captured = s
-        .capture_payment(&meta(a), &finish(l), p.id, p.amount, 600, payment_answer())
+        .capture_payment(&meta(a), &finish(l), &p, 600, payment_answer())
         .await
         .unwrap();
     assert_eq!(
@@ -498,7 +671,7 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     );
     let l = lease(&s, a, "cap-2").await;
     let twice = s
-        .capture_payment(&meta(a), &finish(l), p.id, p.amount, 400, payment_answer())
+        .capture_payment(&meta(a), &finish(l), &p, 400, payment_answer())
         .await;
     assert!(
         matches!(
@@ -540,30 +713,16 @@ pub async fn captures_and_voids_settle_an_authorization_once(s: Store) {
     // A capture whose step is fenced out settles nothing (also where a backend settles
     // before it writes the step).
     let fenced = s
-        .capture_payment(
-            &meta(a),
-            &finish(overtaken(l)),
-            p3.id,
-            p3.amount,
-            300,
-            payment_answer(),
-        )
+        .capture_payment(&meta(a), &finish(overtaken(l)), &p3, 300, payment_answer())
         .await;
     assert!(matches!(fenced, Err(StorageError::Fenced)), "{fenced:?}");
     assert_eq!(
         s.get_payment(a, p3.id).await.unwrap().unwrap().status,
         PaymentStatus::RequiresCapture
     );
-    s.capture_payment(
-        &meta(a),
-        &finish(l),
-        p3.id,
-        p3.amount,
-        300,
-        payment_answer(),
-    )
-    .await
-    .unwrap();
+    s.capture_payment(&meta(a), &finish(l), &p3, 300, payment_answer())
+        .await
+        .unwrap();
     assert_eq!(
         s.get_order(a, o3.id).await.unwrap().unwrap().status,
         OrderStatus::Paid
@@ -1125,15 +1284,8 @@ pub async fn money_is_scoped_to_its_account(s: Store) {
     assert_eq!(s.get_payment(other, p.id).await.unwrap(), None);
     let l = lease(&s, other, "cap").await;
     assert!(matches!(
-        s.capture_payment(
-            &meta(other),
-            &finish(l),
-            p.id,
-            p.amount,
-            1000,
-            payment_answer()
-        )
-        .await,
+        s.capture_payment(&meta(other), &finish(l), &p, 1000, payment_answer())
+            .await,
         Err(StorageError::NotFound)
     ));
     let l = lease(&s, other, "refund").await;
