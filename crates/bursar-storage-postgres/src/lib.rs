@@ -39,6 +39,13 @@ impl Default for PostgresOptions {
     }
 }
 
+/// How many batches each of a payment's group-commit writers (claims, records, captures)
+/// writes at once. One: what waits meanwhile gathers into the next batch, and one-step and
+/// two-step payments both measured a quarter to a half faster than with an eighth of the
+/// pool each (docs/PERFORMANCE.md). Why batches side by side lose was not pinned down; a
+/// payment's steps meet on the account's balance rows and on its orders.
+const PAYMENT_BATCHES_AT_ONCE: usize = 1;
+
 pub struct PostgresStore {
     pool: PgPool,
     /// The worker's completion batches (`COMPLETE_PLAIN`) run here, on sessions of their own
@@ -155,22 +162,19 @@ impl PostgresStore {
             recording::PgRecords { pool: pool.clone() },
             recording::MAX_BATCH,
             recording::STATEMENT_BYTES,
-            (opts.max_connections / 8).max(1) as usize,
+            PAYMENT_BATCHES_AT_ONCE,
         );
-        // One capture batch at a time: side by side, as records are written, captures
-        // measured no faster than written alone; one at a time, half as fast again
-        // (docs/PERFORMANCE.md).
         let captures = GroupCommit::spawn(
             recording::PgCaptures { pool: pool.clone() },
             recording::MAX_BATCH,
             recording::STATEMENT_BYTES,
-            1,
+            PAYMENT_BATCHES_AT_ONCE,
         );
         let claims = GroupCommit::spawn(
             claiming::PgClaims { pool: pool.clone() },
             claiming::MAX_BATCH,
             claiming::STATEMENT_BYTES,
-            (opts.max_connections / 8).max(1) as usize,
+            PAYMENT_BATCHES_AT_ONCE,
         );
         Ok(PostgresStore {
             pool,
