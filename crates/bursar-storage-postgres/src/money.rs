@@ -745,24 +745,10 @@ impl MoneyStore for PostgresStore {
         captured_minor: i64,
         respond: Responder<Payment>,
     ) -> Result<Payment> {
-        let settled = Payment {
-            status: PaymentStatus::Succeeded,
-            captured_minor,
-            version: read.version + 1,
-            updated_at: meta.at,
-            ..read.clone()
-        };
-        let response = respond(&settled);
-        let captured = crate::recording::Record {
-            step: step.clone(),
-            entries: vec![Entry::capture(read.amount, captured_minor)],
-            order: crate::recording::OrderMove::Follow,
-            event: NewEvent::for_payment("captured", &settled),
-            headers: decode::headers_json(&response.headers),
-            response,
-            shard: shard_of(step.lease.record_id),
-            payment: settled.clone(),
-        };
+        let shard = shard_of(step.lease.record_id);
+        let captured =
+            crate::recording::capture((meta, step), read, captured_minor, &respond, shard);
+        let settled = captured.payment.clone();
         if self.captures.submit(meta.clone(), captured).await? {
             return Ok(settled);
         }

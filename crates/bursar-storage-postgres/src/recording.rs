@@ -30,7 +30,7 @@
 use async_trait::async_trait;
 use bursar_domain::ledger::Entry;
 use bursar_storage::group_commit::{Batchable, GroupWriter};
-use bursar_storage::money::{NewPayment, Payment, PaymentStatus, Step, StepEnd};
+use bursar_storage::money::{NewPayment, Payment, PaymentStatus, Responder, Step, StepEnd};
 use bursar_storage::{NewEvent, StorageError, StoredResponse, WriteMeta, decode};
 use sqlx::Row;
 use sqlx::postgres::PgPool;
@@ -487,5 +487,35 @@ pub(crate) fn record(
         event,
         response,
         shard,
+    }
+}
+
+/// A [`Record`] of the capture of `captured_minor` of the authorization `read`, finishing
+/// `step` at `meta.at`: the payment as the capture leaves it (one version on), with its
+/// entry, `payment.captured` and the answer rendered from it before the write.
+pub(crate) fn capture(
+    (meta, step): (&WriteMeta, &Step),
+    read: &Payment,
+    captured_minor: i64,
+    respond: &Responder<Payment>,
+    shard: i16,
+) -> Record {
+    let payment = Payment {
+        status: PaymentStatus::Succeeded,
+        captured_minor,
+        version: read.version + 1,
+        updated_at: meta.at,
+        ..read.clone()
+    };
+    let response = respond(&payment);
+    Record {
+        step: step.clone(),
+        entries: vec![Entry::capture(read.amount, captured_minor)],
+        order: OrderMove::Follow,
+        event: NewEvent::for_payment("captured", &payment),
+        headers: decode::headers_json(&response.headers),
+        response,
+        shard,
+        payment,
     }
 }
