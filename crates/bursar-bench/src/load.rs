@@ -13,6 +13,8 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Client, RequestBuilder};
 use serde_json::Value;
 
+use crate::costs::{Cost, Meter};
+
 /// How the load generator talks to one server (the baseline or Bursar).
 pub struct Target {
     pub name: &'static str,
@@ -28,6 +30,8 @@ pub struct Target {
     /// Its payments never read the order (the ceiling's): a pay phase needs no supply of
     /// pending orders and sends made-up order ids.
     pub any_order: bool,
+    /// What its measured windows cost is read here, if anywhere (Bursar's targets).
+    pub meter: Option<Arc<Meter>>,
 }
 
 impl Target {
@@ -67,6 +71,7 @@ impl Target {
             auth,
             create_body,
             any_order: false,
+            meter: None,
         }
     }
 
@@ -151,6 +156,8 @@ pub struct Sample {
     /// Ids of the orders created (create phases), for the get or pay phase; after a pay phase,
     /// the ids it was given and did not pay.
     pub ids: Vec<String>,
+    /// What the measured windows cost, if the target is metered.
+    pub cost: Cost,
 }
 
 impl Sample {
@@ -159,6 +166,7 @@ impl Sample {
         self.errors += other.errors;
         self.measured += other.measured;
         self.ids.extend(other.ids);
+        self.cost.absorb(other.cost);
     }
 
     /// Successful requests per second over the measured windows.
@@ -252,11 +260,25 @@ pub async fn run_phase(
     });
     let spawn = |i| tokio::spawn(worker(phase.clone(), i));
     let tasks: Vec<_> = (0..concurrency).map(spawn).collect();
+    let meter = phase.target.meter.as_deref();
+    let first = match meter {
+        Some(meter) => {
+            tokio::time::sleep_until(warm_end.into()).await;
+            Some(meter.read().await)
+        }
+        None => None,
+    };
     let mut sample = Sample::default();
     for task in tasks {
         sample.absorb(task.await.context("load task panicked")?);
     }
     sample.measured = s.duration;
+    if let (Some(meter), Some(first)) = (meter, first) {
+        // The last requests of the window end a little after it; their cost is counted, and
+        // so is their op.
+        let ops = sample.latencies_us.len() as u64;
+        sample.cost = Cost::window(&first, &meter.read().await, ops);
+    }
     if matches!(op, Op::Pay(_)) {
         let taken = phase.taken.load(Ordering::Relaxed).min(phase.ids.len());
         sample.ids = phase.ids[taken..].to_vec();

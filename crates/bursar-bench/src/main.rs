@@ -10,6 +10,7 @@
 
 mod baseline;
 mod bursar;
+mod costs;
 mod limits;
 mod live;
 mod load;
@@ -229,7 +230,14 @@ async fn with_bursar(
     let (scratch, flags) = bursar::store(args.backend, args.database_url.as_deref()).await?;
     let results = async {
         let accounts = [("bursar", "bench")];
-        let (server, bursar) = bursar::start(bin, &flags, client, "", &accounts).await?;
+        let (server, mut bursar) = bursar::start(bin, &flags, client, "", &accounts).await?;
+        let pid = server.pid().context("bursar's pid")?;
+        let server_url = args.database_url.as_deref();
+        let wal = server_url.filter(|_| args.backend == Backend::Postgres);
+        let meter = Arc::new(costs::Meter::new(pid, wal).await?);
+        for t in &mut bursar {
+            t.meter = Some(meter.clone());
+        }
         let bursar = bursar.into_iter().map(Arc::new);
         let targets: Vec<_> = base.into_iter().chain(bursar).collect();
         let results = measure(args, &targets).await;
@@ -394,6 +402,7 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
             errors += e;
         }
     }
+    costs(args, &results);
     let ratio = |a: &Sample, b: &Sample| a.rate() as f64 / b.rate().max(1) as f64;
     match &results[..] {
         [(_, _, ceiling), (_, creates, pays)] if args.scenario == Scenario::Payments => {
@@ -414,6 +423,44 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// What each metered (target, op) cost per op and, for payments, a pay op against a create in
+/// each resource: the ratio cannot pass 0.5× while a pay op costs more than twice a create in
+/// a resource that is saturated.
+fn costs(args: &Args, results: &Results) {
+    let metered = results
+        .iter()
+        .filter(|(_, a, b)| !(a.cost.is_empty() && b.cost.is_empty()));
+    let metered: Vec<_> = metered.collect();
+    if metered.is_empty() {
+        return;
+    }
+    println!(
+        "cost per op, measured windows only (CPU from /proc; written: PostgreSQL's WAL, or on SQLite Bursar's disk writes):"
+    );
+    println!("{}", costs::HEADER);
+    let [l1, l2] = args.scenario.labels();
+    for (name, first, second) in &metered {
+        println!("{}", first.cost.row(name, l1));
+        println!("{}", second.cost.row(name, l2));
+    }
+    if args.scenario != Scenario::Payments {
+        return;
+    }
+    for (_, creates, pays) in metered {
+        let (c, p) = (&creates.cost, &pays.cost);
+        let times = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) if a > 0 => format!("{:.1}x", b as f64 / a as f64),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "a pay op against a create: Bursar CPU {}, database CPU {}, written {}",
+            times(c.bursar_us(), p.bursar_us()),
+            times(c.database_us(), p.database_us()),
+            times(c.written_per_op(), p.written_per_op()),
+        );
+    }
 }
 
 /// Microseconds as milliseconds with two decimals, in integer math.
