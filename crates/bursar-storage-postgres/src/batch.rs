@@ -566,6 +566,10 @@ impl GroupWriter for PgCreates {
             .map(|row| row.map_or(Written::Missing, Written::Row))
             .collect())
     }
+
+    fn took(out: &Written<PgRow>) -> bool {
+        out.took()
+    }
 }
 
 #[cfg(test)]

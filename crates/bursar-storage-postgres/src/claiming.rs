@@ -216,6 +216,10 @@ impl GroupWriter for PgClaims {
         }
         Ok(out)
     }
+
+    fn took(out: &Option<LeasedOperation>) -> bool {
+        out.is_some()
+    }
 }
 
 /// The orders and payments the claimed work asked to read with its claim, by (account, id).

@@ -968,4 +968,11 @@ impl Storage for PostgresStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+
+    fn writes_taken_together(&self) -> u64 {
+        self.creates.taken_together()
+            + self.records.taken_together()
+            + self.captures.taken_together()
+            + self.claims.taken_together()
+    }
 }

@@ -383,6 +383,10 @@ impl GroupWriter for PgRecords {
     async fn write(&self, batch: &[(WriteMeta, Record)]) -> Result<Vec<bool>, StorageError> {
         write(&self.pool, RECORDS, batch, false).await
     }
+
+    fn took(out: &bool) -> bool {
+        *out
+    }
 }
 
 /// The captures' group-commit writer: a [`Record`] of the payment as its capture leaves it
@@ -400,6 +404,10 @@ impl GroupWriter for PgCaptures {
 
     async fn write(&self, batch: &[(WriteMeta, Record)]) -> Result<Vec<bool>, StorageError> {
         write(&self.pool, CAPTURES, batch, true).await
+    }
+
+    fn took(out: &bool) -> bool {
+        *out
     }
 }
 

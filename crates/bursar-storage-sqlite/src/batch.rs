@@ -188,6 +188,10 @@ impl GroupWriter for SqliteCreates {
         }
         outcome
     }
+
+    fn took(out: &Written<SqliteRow>) -> bool {
+        out.took()
+    }
 }
 
 /// Rows of one `kind` by their slot (rows without a `kind` column count as `"row"`).

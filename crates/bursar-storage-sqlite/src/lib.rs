@@ -897,4 +897,8 @@ impl Storage for SqliteStore {
         self.readers.close().await;
         self.writer.close().await;
     }
+
+    fn writes_taken_together(&self) -> u64 {
+        self.creates.taken_together() + self.steps.taken_together()
+    }
 }

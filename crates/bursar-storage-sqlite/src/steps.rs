@@ -908,6 +908,15 @@ impl GroupWriter for SqliteSteps {
             }
         }
     }
+
+    fn took(out: &StepOut) -> bool {
+        match out {
+            StepOut::Begun(done) => done.is_ok(),
+            StepOut::BegunFirst(..) => true,
+            StepOut::Claimed(done) => done.is_ok(),
+            StepOut::Recorded(done) => done.is_ok(),
+        }
+    }
 }
 
 /// `slots` cut into runs of falling powers of two (13 → 8, 4, 1): the multi-statement

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -67,6 +68,13 @@ pub enum Written<R> {
     /// A keyed create found its key already claimed: nothing was written; the caller reads
     /// the record (after the claimer commits) instead.
     Conflict,
+}
+
+impl<R> Written<R> {
+    /// Whether the write took effect: a row inserted or a keyed create's response stored.
+    pub fn took(&self) -> bool {
+        matches!(self, Written::Row(_) | Written::Stored(_))
+    }
 }
 
 impl Create {
@@ -216,6 +224,13 @@ pub trait GroupWriter: Send + Sync + 'static {
         let _ = item;
         Ok(out)
     }
+    /// Whether `out` says the item took effect in its batch, rather than writing nothing
+    /// (fenced, refused) or being handed back to be written alone. Counted by
+    /// [`GroupCommit::taken_together`].
+    fn took(out: &Self::Out) -> bool {
+        let _ = out;
+        true
+    }
 }
 
 struct Job<W: GroupWriter> {
@@ -228,6 +243,7 @@ struct Job<W: GroupWriter> {
 /// The queue in front of a [`GroupWriter`].
 pub struct GroupCommit<W: GroupWriter> {
     jobs: mpsc::Sender<Job<W>>,
+    together: Arc<AtomicU64>,
 }
 
 impl<W: GroupWriter> GroupCommit<W> {
@@ -242,6 +258,7 @@ impl<W: GroupWriter> GroupCommit<W> {
         concurrency: usize,
     ) -> GroupCommit<W> {
         let (jobs, rx) = mpsc::channel(4 * max_batch.max(1));
+        let together = Arc::new(AtomicU64::new(0));
         tokio::spawn(collect(
             Arc::new(writer),
             rx,
@@ -250,8 +267,17 @@ impl<W: GroupWriter> GroupCommit<W> {
                 bytes: max_bytes,
             },
             concurrency.max(1),
+            together.clone(),
         ));
-        GroupCommit { jobs }
+        GroupCommit { jobs, together }
+    }
+
+    /// How many writes so far took effect ([`GroupWriter::took`]) in a batch that held more
+    /// than one. The outcomes of writes made together are the same whether they shared a
+    /// transaction or each fell back to being written alone, so a test that means to cover
+    /// the shared path reads this to show that it ran.
+    pub fn taken_together(&self) -> u64 {
+        self.together.load(Ordering::Relaxed)
     }
 
     /// Queues one write and waits until it is committed (or refused), with its outcome as
@@ -283,6 +309,7 @@ async fn collect<W: GroupWriter>(
     mut rx: mpsc::Receiver<Job<W>>,
     limits: Limits,
     concurrency: usize,
+    together: Arc<AtomicU64>,
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
     // Writes that arrived but have not been written yet, oldest first. Each kind is batched
@@ -325,15 +352,15 @@ async fn collect<W: GroupWriter>(
             }
         }
         waiting = rest;
-        let writer = writer.clone();
+        let (writer, together) = (writer.clone(), together.clone());
         tokio::spawn(async move {
-            run(writer.as_ref(), batch).await;
+            run(writer.as_ref(), batch, &together).await;
             drop(permit);
         });
     }
 }
 
-async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>) {
+async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>, together: &AtomicU64) {
     let started = Instant::now();
     let waited = metrics::histogram!("group_commit_wait_seconds", "writer" => W::NAME);
     for job in &batch {
@@ -349,7 +376,13 @@ async fn run<W: GroupWriter>(writer: &W, batch: Vec<Job<W>>) {
     metrics::histogram!("group_commit_write_seconds", "writer" => W::NAME)
         .record(started.elapsed());
     match written {
-        Ok(rows) => answer(batch, rows),
+        Ok(rows) => {
+            if batch.len() > 1 {
+                let took = rows.iter().filter(|out| W::took(out)).count();
+                together.fetch_add(u64::try_from(took).unwrap_or(u64::MAX), Ordering::Relaxed);
+            }
+            answer(batch, rows)
+        }
         Err(e) if batch.len() == 1 => {
             if let Some(job) = batch.into_iter().next() {
                 let _ = job.reply.send(Err(e));

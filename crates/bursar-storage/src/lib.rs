@@ -165,4 +165,9 @@ pub trait Storage:
     async fn ping(&self) -> Result<()>;
     /// Waits for checked-out connections and closes the pools.
     async fn close(&self);
+    /// How many writes so far took effect in a group-commit batch with others, over every
+    /// writer of this store ([`group_commit::GroupCommit::taken_together`]): lets the
+    /// conformance cases of writes made together show that they shared a transaction, which
+    /// their outcomes alone cannot.
+    fn writes_taken_together(&self) -> u64;
 }

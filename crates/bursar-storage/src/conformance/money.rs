@@ -369,6 +369,7 @@ pub async fn records_written_together_keep_their_own_outcomes(s: Store) {
         orders.push(o);
     }
     // All at once, so that they wait for the writer together.
+    let before = s.writes_taken_together();
     let start = Arc::new(tokio::sync::Barrier::new(writes.len()));
     let mut tasks = Vec::new();
     for (step, new) in writes {
@@ -383,6 +384,7 @@ pub async fn records_written_together_keep_their_own_outcomes(s: Store) {
     for t in tasks {
         outcomes.push(t.await.unwrap());
     }
+    shared_a_batch(&s, before);
     let mut available = 0;
     let mut pending = 0;
     for (i, (outcome, o)) in outcomes.iter().zip(&orders).enumerate() {
@@ -460,6 +462,15 @@ fn entry_kinds(journal: &[JournalEntry], id: i64) -> Vec<EntryKind> {
     mine.iter().map(|e| e.kind).collect()
 }
 
+/// Writes made together must have shared a transaction at least once since `before` (a
+/// reading of [`Storage::writes_taken_together`]): their outcomes are the same when each
+/// falls back to being written alone, so only this shows that the shared path ran. At least
+/// one, not all: the first to arrive may find the writer idle and go alone.
+fn shared_a_batch(s: &Store, before: u64) {
+    let taken = s.writes_taken_together() - before;
+    assert!(taken >= 1, "no write took effect in a batch with others");
+}
+
 /// The event a recorded payment of `status` appends (`payment.<kind>`).
 fn kind_of(status: PaymentStatus) -> &'static str {
     match status {
@@ -522,6 +533,7 @@ pub async fn captures_made_together_keep_their_own_outcomes(s: Store) {
         ));
     }
     // All at once, so that they wait for the writer together.
+    let before = s.writes_taken_together();
     let start = Arc::new(tokio::sync::Barrier::new(captures.len()));
     let mut tasks = Vec::new();
     for (_, step, read, minor) in captures.clone() {
@@ -536,6 +548,7 @@ pub async fn captures_made_together_keep_their_own_outcomes(s: Store) {
     for t in tasks {
         outcomes.push(t.await.unwrap());
     }
+    shared_a_batch(&s, before);
     let refused = |o: &Result<Payment>, why: &str| {
         matches!(
             (o, why),
@@ -1215,7 +1228,9 @@ pub async fn claims_made_together_keep_their_own_outcomes(s: Store) {
             begun
         }
     };
+    let before = s.writes_taken_together();
     let begun = together(wanted).await;
+    shared_a_batch(&s, before);
     let point = |b: &Begun| match b {
         Begun::Leased(op) => op.recovery_point.clone(),
         Begun::Existing(r) if r.in_flight.is_some() => "in flight".into(),
