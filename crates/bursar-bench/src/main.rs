@@ -402,7 +402,7 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
             errors += e;
         }
     }
-    costs(args, &results);
+    print_costs(args, &results);
     let ratio = |a: &Sample, b: &Sample| a.rate() as f64 / b.rate().max(1) as f64;
     match &results[..] {
         [(_, _, ceiling), (_, creates, pays)] if args.scenario == Scenario::Payments => {
@@ -428,7 +428,7 @@ fn report(args: &Args, mut results: Results) -> ExitCode {
 /// What each metered (target, op) cost per op and, for payments, a pay op against a create in
 /// each resource: the ratio cannot pass 0.5× while a pay op costs more than twice a create in
 /// a resource that is saturated.
-fn costs(args: &Args, results: &Results) {
+fn print_costs(args: &Args, results: &Results) {
     let metered = results
         .iter()
         .filter(|(_, a, b)| !(a.cost.is_empty() && b.cost.is_empty()));
